@@ -1,0 +1,356 @@
+"""Preflight: can this host build the image and give the kernel its GPUs?
+
+Two halves. `probe_*` functions read the world (Docker engine, NVML) into typed facts;
+`evaluate` turns facts plus the environment's CUDA plus the `--gpus` request into
+findings and a GPU plan. `evaluate` is pure, so the decision table is unit-tested by data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from kbundle.build.compat import CompatTables, cuda_key, fmt, load_tables, parse_version
+from kbundle.errors import KbundleError, UsageError
+
+OK, WARN, ERROR = "ok", "warn", "error"
+
+# Where NVIDIA's container toolkit writes CDI specs (nvidia-ctk cdi generate).
+CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
+# Docker (19.03+) offers `--gpus` when this hook is on the daemon's PATH.
+NVIDIA_HOOKS = ("nvidia-container-runtime-hook", "nvidia-container-toolkit")
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # ok | warn | error
+    topic: str  # docker | nvml | driver | gpu | runtime
+    message: str
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    capability: str  # "8.6"
+
+
+@dataclass(frozen=True)
+class NvmlFacts:
+    available: bool
+    reason: str = ""  # why NVML could not be read
+    driver_version: Optional[str] = None
+    driver_cuda: Optional[str] = None  # highest CUDA the driver supports, e.g. "12.2"
+    gpus: tuple[GpuInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    reachable: bool
+    host: str
+    version: Optional[str] = None
+    runtimes: tuple[str, ...] = ()
+    cdi_nvidia: bool = False
+    nvidia_hook: bool = False
+    local: bool = True  # unix socket: host-side checks speak for the daemon
+
+    @property
+    def gpu_capable(self) -> bool:
+        return "nvidia" in self.runtimes or self.cdi_nvidia or self.nvidia_hook
+
+    def describe_gpu_support(self) -> str:
+        if self.gpu_capable:
+            how = [n for n, on in (("nvidia runtime", "nvidia" in self.runtimes), ("CDI", self.cdi_nvidia),
+                                   ("nvidia-container-toolkit hook", self.nvidia_hook)) if on]
+            return "the Docker engine can pass GPUs through (" + ", ".join(how) + ")"
+        runtimes = ", ".join(self.runtimes) or "none"
+        return f"the Docker engine has no NVIDIA runtime (runtimes: {runtimes}; no NVIDIA CDI spec, no nvidia-container-toolkit)"
+
+
+@dataclass(frozen=True)
+class GpuRequest:
+    mode: str  # auto | all | none | count | devices
+    count: Optional[int] = None
+    devices: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "GpuRequest":
+        value = (text or "auto").strip()
+        if value in ("auto", "all", "none"):
+            return cls(value)
+        if value.isdigit():
+            return cls("none") if int(value) == 0 else cls("count", count=int(value))
+        if value.startswith("device="):
+            ids = tuple(p.strip() for p in value[len("device="):].split(",") if p.strip())
+            if ids:
+                return cls("devices", devices=ids)
+        raise UsageError(f"--gpus {value!r}: use auto, all, none, a count (e.g. 2) or device=0,1")
+
+    def __str__(self) -> str:
+        return {"count": str(self.count), "devices": "device=" + ",".join(self.devices)}.get(self.mode, self.mode)
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """What the kernel container gets. `gpus` is empty for CPU; `docker` is the device request."""
+
+    gpus: tuple[str, ...] = ()
+    docker: Optional[dict[str, Any]] = None  # {"count": -1} or {"device_ids": [...]}, capabilities [["gpu"]]
+
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.gpus)
+
+
+@dataclass
+class Report:
+    engine: EngineFacts
+    nvml: NvmlFacts
+    cuda: Optional[str]
+    request: GpuRequest
+    plan: GpuPlan
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == WARN]
+
+    def raise_for_errors(self) -> None:
+        if self.errors:
+            raise KbundleError("; ".join(f.message for f in self.errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": not self.errors,
+            "docker": asdict(self.engine) | {"gpu_capable": self.engine.gpu_capable},
+            "nvml": asdict(self.nvml),
+            "cuda": self.cuda,
+            "gpus_requested": str(self.request),
+            "gpus": list(self.plan.gpus),
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+
+# ---------------------------------------------------------------- pure decisions
+
+
+def check_driver(nvml: NvmlFacts, cuda: str, tables: CompatTables) -> Finding:
+    """Refuse a driver too old for the environment's CUDA; warn on minor-version compatibility."""
+    driver = nvml.driver_version
+    need = tables.min_driver(cuda)
+    if need is None:
+        return Finding(WARN, "driver", f"kbundle's table does not know CUDA {cuda} yet; driver {driver} may be too old")
+    _, minimum = need
+    if parse_version(driver) >= parse_version(minimum):
+        return Finding(OK, "driver", f"NVIDIA driver {driver} supports CUDA {cuda} (needs >= {minimum})")
+    major = cuda_key(cuda)[0]
+    compat = tables.minor_compat.get(major)
+    if compat and parse_version(driver) >= parse_version(compat):
+        return Finding(WARN, "driver",
+                       f"NVIDIA driver {driver} runs CUDA {cuda} only through minor-version compatibility "
+                       f"(no PTX JIT); upgrade the driver to >= {minimum} for full support")
+    supports = nvml.driver_cuda or (fmt(v) if (v := tables.highest_cuda_for_driver(driver)) else "none")
+    return Finding(ERROR, "driver",
+                   f"NVIDIA driver {driver} is too old for this environment's CUDA {cuda} "
+                   f"(it supports CUDA up to {supports}; CUDA {cuda} needs >= {minimum}): upgrade the driver, "
+                   f"or pass --gpus none to run on CPU")
+
+
+def check_arch(gpu: GpuInfo, cuda: str, tables: CompatTables) -> Finding:
+    """Warn when the GPU is newer than the env's CUDA compiles for, or older than it still supports."""
+    label = f"GPU {gpu.index} ({gpu.name}, sm_{gpu.capability.replace('.', '')})"
+    arch = tables.arch(gpu.capability)
+    have = cuda_key(cuda)
+    if arch is None:
+        return Finding(WARN, "gpu", f"{label}: kbundle's table does not know compute capability {gpu.capability}")
+    if have < arch.first:
+        return Finding(WARN, "gpu",
+                       f"{label} is newer than CUDA {cuda} supports natively (first: CUDA {fmt(arch.first)}): "
+                       f"code runs only through PTX JIT, slow to start or failing")
+    if arch.last is not None and have > arch.last:
+        return Finding(WARN, "gpu",
+                       f"{label} is no longer supported by CUDA {cuda} (last: CUDA {fmt(arch.last)}): "
+                       f"frameworks built with it will not use this GPU")
+    return Finding(OK, "gpu", f"{label} is supported natively by CUDA {cuda}")
+
+
+def plan_gpus(request: GpuRequest, engine: EngineFacts, nvml: NvmlFacts) -> tuple[GpuPlan, list[Finding]]:
+    """Decide which GPUs the kernel gets. Never a silent CPU fallback: auto says so in a warning."""
+    if request.mode == "none":
+        return GpuPlan(), [Finding(OK, "runtime", "GPUs off (--gpus none): the kernel runs on CPU")]
+    visible = [str(g.index) for g in nvml.gpus]
+    if request.mode == "auto":
+        if not nvml.gpus and not (nvml.reason and _device_nodes()):
+            why = nvml.reason or "NVML reports no GPU"
+            return GpuPlan(), [Finding(WARN, "runtime", f"no NVIDIA GPU found ({why}): the kernel runs on CPU")]
+        if not engine.gpu_capable:
+            return GpuPlan(), [Finding(WARN, "runtime",
+                                       f"GPUs found but {engine.describe_gpu_support()}: the kernel runs on CPU; "
+                                       f"install the NVIDIA Container Toolkit to use them")]
+        gpus = tuple(visible) or ("all",)
+        return GpuPlan(gpus, {"count": -1}), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
+    if not engine.gpu_capable:
+        return GpuPlan(), [Finding(ERROR, "runtime",
+                                   f"--gpus {request} needs GPU passthrough but {engine.describe_gpu_support()}: "
+                                   f"install the NVIDIA Container Toolkit, or pass --gpus none to run on CPU")]
+    if request.mode == "all":
+        gpus = tuple(visible) or ("all",)
+        return GpuPlan(gpus, {"count": -1}), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
+    if request.mode == "count":
+        if nvml.available and request.count > len(visible):
+            return GpuPlan(), [Finding(ERROR, "runtime", f"--gpus {request.count}: this host has {len(visible)} GPU(s)")]
+        gpus = tuple(visible[: request.count]) if visible else tuple(str(i) for i in range(request.count))
+        return GpuPlan(gpus, {"count": request.count}), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
+    known = set(visible) | {g.uuid for g in nvml.gpus}
+    missing = [d for d in request.devices if nvml.available and d not in known]
+    if missing:
+        return GpuPlan(), [Finding(ERROR, "runtime",
+                                   f"--gpus {request}: no GPU {', '.join(missing)} on this host "
+                                   f"(GPUs: {', '.join(visible) or 'none'})")]
+    return GpuPlan(request.devices, {"device_ids": list(request.devices)}), [
+        Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(request.devices)}")]
+
+
+def evaluate(engine: EngineFacts, nvml: NvmlFacts, cuda: Optional[str], request: GpuRequest,
+             tables: Optional[CompatTables] = None) -> Report:
+    tables = tables or load_tables()
+    findings = [Finding(OK, "docker", f"Docker engine {engine.version} at {engine.host}")]
+    if nvml.available:
+        findings.append(Finding(OK, "nvml", f"NVIDIA driver {nvml.driver_version} (CUDA {nvml.driver_cuda}), "
+                                            f"{len(nvml.gpus)} GPU(s)"))
+    plan, gpu_findings = plan_gpus(request, engine, nvml)
+    findings += gpu_findings
+    if plan.on_gpu and cuda and nvml.driver_version:
+        findings.append(check_driver(nvml, cuda, tables))
+        chosen = [g for g in nvml.gpus if str(g.index) in plan.gpus or g.uuid in plan.gpus or "all" in plan.gpus]
+        findings += [check_arch(g, cuda, tables) for g in (chosen or nvml.gpus)]
+    elif plan.on_gpu and not cuda:
+        findings.append(Finding(WARN, "driver", "this environment has no CUDA: the GPUs are passed through unused"))
+    return Report(engine, nvml, cuda, request, plan, findings)
+
+
+# ---------------------------------------------------------------- probes (impure)
+
+
+def _device_nodes() -> bool:
+    return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
+
+
+def docker_host() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+
+def describe_docker_error(exc: BaseException, host: str) -> str:
+    text = str(exc)
+    if isinstance(exc, PermissionError) or "Permission denied" in text or "PermissionError" in text:
+        return (f"permission denied on the Docker socket {host}: add your user to the 'docker' group "
+                f"(sudo usermod -aG docker $USER, then log in again)")
+    if any(s in text for s in ("No such file", "FileNotFoundError", "Connection refused", "ConnectionRefused",
+                               "Connection aborted", "Max retries", "timed out")):
+        return (f"cannot reach the Docker daemon at {host}: is it running? "
+                f"(start it, e.g. sudo systemctl start docker, or fix DOCKER_HOST)")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"cannot use the Docker daemon at {host}: {first}"
+
+
+def connect():
+    """A docker client for a reachable daemon, or a one-line KbundleError saying what to do."""
+    import docker
+
+    host = docker_host()
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except Exception as exc:  # docker wraps transport errors in several types
+        raise KbundleError(describe_docker_error(exc, host)) from None
+    return client
+
+
+def _has_nvidia_cdi() -> bool:
+    for d in CDI_DIRS:
+        try:
+            if any("nvidia" in p.name for p in Path(d).iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def probe_engine(client) -> EngineFacts:
+    info = client.info()
+    host = docker_host()
+    local = host.startswith("unix://")
+    cdi_dirs = info.get("CDISpecDirs") or []
+    return EngineFacts(
+        reachable=True,
+        host=host,
+        version=info.get("ServerVersion"),
+        runtimes=tuple(sorted((info.get("Runtimes") or {}).keys())),
+        cdi_nvidia=_has_nvidia_cdi() if local or cdi_dirs else False,
+        nvidia_hook=local and any(shutil.which(h, path=os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin")
+                                  for h in NVIDIA_HOOKS),
+        local=local,
+    )
+
+
+def probe_nvml() -> NvmlFacts:
+    """Driver, its CUDA and each GPU's compute capability; `available=False` with a reason otherwise."""
+    try:
+        import pynvml  # from nvidia-ml-py, the optional `gpu` extra
+    except ImportError:
+        return NvmlFacts(False, "nvidia-ml-py not installed" + (", but /dev/nvidia* exists" if _device_nodes() else ""))
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return NvmlFacts(False, f"NVML unavailable: {exc}")
+    try:
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        raw = pynvml.nvmlSystemGetCudaDriverVersion()
+        driver_cuda = f"{raw // 1000}.{(raw % 1000) // 10}"
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
+            gpus.append(GpuInfo(i, _text(pynvml.nvmlDeviceGetName(h)), _text(pynvml.nvmlDeviceGetUUID(h)),
+                                f"{major}.{minor}"))
+        return NvmlFacts(True, "", driver, driver_cuda, tuple(gpus))
+    except Exception as exc:
+        return NvmlFacts(False, f"NVML error: {exc}")
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def probe_gpu_run(client, image: str, plan: GpuPlan) -> Optional[str]:
+    """Start a throwaway container with the planned GPUs; the engine's own error text, or None.
+
+    Used before building when the static checks cannot speak for the daemon (remote engines)."""
+    import docker
+
+    request = docker.types.DeviceRequest(capabilities=[["gpu"]], **(plan.docker or {}))
+    try:
+        client.containers.run(image, ["true"], device_requests=[request], remove=True, entrypoint=[],
+                              labels={"kbundle.probe": "1"})
+    except docker.errors.APIError as exc:
+        return str(exc.explanation or exc)
+    except docker.errors.ContainerError:
+        return None
+    return None
+
+
+def run_preflight(client, cuda: Optional[str], request: GpuRequest) -> Report:
+    return evaluate(probe_engine(client), probe_nvml(), cuda, request)
