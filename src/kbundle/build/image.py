@@ -1,0 +1,246 @@
+"""Build the bundle's image through the docker SDK's low-level API, with live progress.
+
+The tag is a content hash of what goes into the image (the resolved environment, the pip
+pins, the Dockerfile, the context layout version and the base image's id), so an existing
+tag means "already built": no build starts. The build itself runs untagged and the tag is
+applied only after it succeeded, so a failed or interrupted build leaves no tagged image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from kbundle import __version__
+from kbundle.errors import KbundleError
+
+# Bump when the build context's layout (docs/architecture.md) changes meaning.
+CONTEXT_VERSION = "1"
+LABEL_PREFIX = "kbundle."
+
+
+@dataclass(frozen=True)
+class ImageKey:
+    """Everything the image's content depends on; its hash is the tag."""
+
+    name: str
+    env_hash: str
+    pip: tuple[str, ...]
+    dockerfile: str
+    base_image: str
+    base_id: str
+
+    @property
+    def digest(self) -> str:
+        payload = json.dumps({"context": CONTEXT_VERSION, "env": self.env_hash, "pip": list(self.pip),
+                              "dockerfile": self.dockerfile, "base_id": self.base_id}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @property
+    def tag(self) -> str:
+        return f"kbundle/{slug(self.name)}:{self.digest[:16]}"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    tag: str
+    image_id: str
+    built: bool
+    seconds: float
+    log: Optional[Path] = None
+
+
+def slug(name: str) -> str:
+    """A Docker repository / kernel name component: lower-case [a-z0-9._-], starting alphanumeric."""
+    text = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
+    return text[:60] or "bundle"
+
+
+def with_base_image(dockerfile: str, base_image: str) -> str:
+    """The Dockerfile with its base replaced: an `ARG BASE_IMAGE=` default, else the first FROM."""
+    arg = re.compile(r"^(\s*ARG\s+BASE_IMAGE\s*=\s*)(\S+)(.*)$", re.MULTILINE | re.IGNORECASE)
+    if arg.search(dockerfile):
+        return arg.sub(lambda m: m.group(1) + base_image + m.group(3), dockerfile, count=1)
+    first_from = re.compile(r"^(\s*FROM\s+(?:--platform=\S+\s+)?)(\S+)(.*)$", re.MULTILINE | re.IGNORECASE)
+    if not first_from.search(dockerfile):
+        raise KbundleError("the bundle's Dockerfile has no FROM line")
+    return first_from.sub(lambda m: m.group(1) + base_image + m.group(3), dockerfile, count=1)
+
+
+def labels(key: ImageKey, bundle_hash: str) -> dict[str, str]:
+    return {
+        LABEL_PREFIX + "bundle_hash": bundle_hash,
+        LABEL_PREFIX + "version": __version__,
+        LABEL_PREFIX + "name": key.name,
+        LABEL_PREFIX + "env_hash": key.env_hash,
+        LABEL_PREFIX + "base_image": key.base_image,
+    }
+
+
+# ----------------------------------------------------------------- engine calls
+
+
+def base_image_id(client, image: str, console=None) -> str:
+    """The base image's id; pulled (with progress) when it is not on this engine yet."""
+    import docker
+
+    try:
+        return client.images.get(image).id
+    except docker.errors.ImageNotFound:
+        pass
+    except docker.errors.APIError as exc:
+        raise KbundleError(f"cannot inspect base image {image}: {exc.explanation or exc}") from None
+    _pull(client, image, console)
+    try:
+        return client.images.get(image).id
+    except docker.errors.DockerException as exc:
+        raise KbundleError(f"base image {image} is still missing after the pull: {exc}") from None
+
+
+def _pull(client, image: str, console) -> None:
+    import docker
+
+    repo, _, tag = image.rpartition(":") if ":" in image.split("/")[-1] else (image, "", "latest")
+    status = console.status(f"pulling {image}") if console else _Null()
+    try:
+        with status:
+            for event in client.api.pull(repo, tag=tag or "latest", stream=True, decode=True):
+                if "error" in event:
+                    raise KbundleError(f"cannot pull base image {image}: {event['error']}")
+                if console and event.get("status"):
+                    status.update(f"pulling {image}: {event.get('status')} {event.get('progress', '')}")
+    except docker.errors.APIError as exc:
+        raise KbundleError(f"base image {image} is not on this engine and cannot be pulled: "
+                           f"{exc.explanation or exc}; pull or load it, or pass --base-image") from None
+
+
+def existing_image(client, tag: str) -> Optional[str]:
+    import docker
+
+    try:
+        return client.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def build(client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path, console=None) -> BuildResult:
+    """Build `context` untagged, stream its steps to a live progress line, then tag it.
+
+    On failure the error names the failing step and where the full log is; on Ctrl-C the
+    stream is closed (the engine cancels the build) and nothing is tagged."""
+    t0 = time.perf_counter()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=15)
+    image_id: Optional[str] = None
+    step = ""
+    stream = client.api.build(path=str(context), rm=True, forcerm=True, pull=False, decode=True,
+                              labels=labels(key, bundle_hash), nocache=False)
+    progress = _BuildProgress(console, key.tag)
+    try:
+        with open(log_path, "w", encoding="utf-8") as log, progress:
+            for event in stream:
+                if "stream" in event:
+                    text = event["stream"]
+                    log.write(text)
+                    for line in text.splitlines():
+                        if line.strip():
+                            tail.append(line.rstrip())
+                            if line.startswith("Step "):
+                                step = line.strip()
+                                progress.step(step)
+                            found = re.match(r"Successfully built ([0-9a-f]+)", line.strip())
+                            if found:
+                                image_id = found.group(1)
+                            progress.line(line.strip())
+                if "aux" in event and isinstance(event["aux"], dict) and event["aux"].get("ID"):
+                    image_id = event["aux"]["ID"]
+                if "error" in event:
+                    log.write(event["error"] + "\n")
+                    detail = (event.get("errorDetail") or {}).get("message") or event["error"]
+                    raise KbundleError(f"the image build failed at {step or 'the start'}: "
+                                       f"{detail.strip().splitlines()[-1]} (full log: {log_path})")
+    except KeyboardInterrupt:
+        _close(stream)
+        raise
+    except KbundleError:
+        _close(stream)
+        raise
+    except Exception as exc:
+        _close(stream)
+        raise KbundleError(f"the image build failed: {exc} (full log: {log_path})") from None
+    if not image_id:
+        raise KbundleError(f"the image build ended without an image (full log: {log_path})")
+    repo, _, tag = key.tag.rpartition(":")
+    client.api.tag(image_id, repo, tag)
+    return BuildResult(key.tag, client.images.get(key.tag).id, True, time.perf_counter() - t0, log_path)
+
+
+def _close(stream) -> None:
+    try:
+        stream.close()
+    except Exception:
+        pass
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, *args, **kwargs):
+        pass
+
+
+class _BuildProgress:
+    """A rich progress bar over the Dockerfile's steps, with the latest output line beside it."""
+
+    def __init__(self, console, tag: str):
+        self.console = console
+        self.tag = tag
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if self.console is None:
+            return self
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]building[/] {task.fields[step]}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[line]}"),
+                                 console=self.console, transient=True)
+        self.progress.__enter__()
+        self.task = self.progress.add_task("build", total=None, step=self.tag, line="")
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+    def step(self, text: str) -> None:
+        if self.progress is None:
+            return
+        found = re.match(r"Step (\d+)/(\d+) : (.*)", text)
+        if found:
+            done, total, what = int(found.group(1)) - 1, int(found.group(2)), found.group(3)
+            self.progress.update(self.task, completed=done, total=total, step=what[:50], line="")
+
+    def line(self, text: str) -> None:
+        if self.progress is not None and not text.startswith("Step "):
+            self.progress.update(self.task, line=text[:60])
+
+
+def remove_images(client, tags: Sequence[str]) -> None:
+    for tag in tags:
+        try:
+            client.images.remove(tag, force=True)
+        except Exception:
+            pass
