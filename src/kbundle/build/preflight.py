@@ -226,6 +226,7 @@ def evaluate(engine: EngineFacts, nvml: NvmlFacts, cuda: Optional[str], request:
     if nvml.available:
         findings.append(Finding(OK, "nvml", f"NVIDIA driver {nvml.driver_version} (CUDA {nvml.driver_cuda}), "
                                             f"{len(nvml.gpus)} GPU(s)"))
+    findings.append(Finding(OK, "engine", engine.describe_gpu_support()))
     plan, gpu_findings = plan_gpus(request, engine, nvml)
     findings += gpu_findings
     if plan.on_gpu and cuda and nvml.driver_version:
@@ -306,7 +307,8 @@ def probe_nvml() -> NvmlFacts:
     try:
         import pynvml  # from nvidia-ml-py, the optional `gpu` extra
     except ImportError:
-        return NvmlFacts(False, "nvidia-ml-py not installed" + (", but /dev/nvidia* exists" if _device_nodes() else ""))
+        return NvmlFacts(False, "nvidia-ml-py is not installed; `pip install 'kbundle[gpu]'` lets kbundle read GPUs"
+                         + (", and /dev/nvidia* exists" if _device_nodes() else ""))
     try:
         pynvml.nvmlInit()
     except Exception as exc:

@@ -1,0 +1,132 @@
+"""`kbundle run`, `kbundle doctor`, `kbundle kernels list|remove`: thin typer commands.
+
+Progress and warnings go to stderr; stdout carries only the summary or the `--json` object,
+so scripts can read it. Heavy imports (docker, rattler, jupyter_client) stay inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from kbundle.app import app
+
+kernels_app = typer.Typer(help="List or remove the kernels kbundle registered.", no_args_is_help=True)
+app.add_typer(kernels_app, name="kernels")
+
+
+def _stderr_console(quiet: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet, highlight=False)
+
+
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@app.command()
+def run(
+    bundle: Path = typer.Argument(..., help="The .kbundle file to rebuild and register as a kernel."),
+    gpus: str = typer.Option("auto", "--gpus", help="auto | all | none | N | device=I,J"),
+    base_image: Optional[str] = typer.Option(None, "--base-image", help="Build FROM this image instead of the bundle's."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the notebook goes (default ./<name>/)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Build without asking (you reviewed the bundle)."),
+    execute: bool = typer.Option(False, "--execute", help="Run the notebook headless in the kernel and compare outputs."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --execute: where the executed copy goes."),
+    lab: bool = typer.Option(False, "--lab", help="Open JupyterLab on the notebook with the kernel selected."),
+) -> None:
+    """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it."""
+    from kbundle.build.run import RunOptions, run_bundle, summary_lines
+    from kbundle.errors import UsageError
+
+    if output is not None and not execute:
+        raise UsageError("-o/--output goes with --execute")
+    console = _stderr_console()
+    result = run_bundle(RunOptions(bundle, gpus, base_image, workdir, yes), console)
+    data = result.to_dict()
+    code = 0
+    if execute:
+        report, code = _execute(result, output, console)
+        data["execute"] = report
+    if as_json:
+        _print_json(data)
+    else:
+        for line in summary_lines(result):
+            typer.echo(line)
+    if lab:
+        from kbundle.kernel.lab import open_lab
+
+        open_lab(result.workdir, result.notebook, result.kernel_name)
+    if code:
+        raise typer.Exit(code)
+
+
+def _execute(result, output: Optional[Path], console):
+    """Hand over to the kernel stage's headless execution; returns (report data, exit code)."""
+    from kbundle.kernel.execute import execute_notebook
+
+    target = output or result.notebook.with_name(result.notebook.stem + ".executed" + result.notebook.suffix)
+    report = execute_notebook(result.notebook, result.kernel_name, target)
+    data = report.to_dict() if hasattr(report, "to_dict") else report
+    failed = bool(getattr(report, "errors", None) or getattr(report, "failed", False))
+    if hasattr(report, "exit_code"):
+        failed = bool(report.exit_code)
+    if hasattr(report, "render"):
+        console.print(report.render())
+    return data, (1 if failed else 0)
+
+
+@app.command()
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
+    from kbundle.build import preflight
+
+    client = preflight.connect()
+    report = preflight.run_preflight(client, None, preflight.GpuRequest.parse("auto"))
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    marks = {preflight.OK: "ok   ", preflight.WARN: "warn ", preflight.ERROR: "error"}
+    for finding in report.findings:
+        typer.echo(f"{marks[finding.level]}  {finding.topic:<8} {finding.message}")
+    for gpu in report.nvml.gpus:
+        arch = preflight.load_tables().arch(gpu.capability)
+        native = f"CUDA {_fmt(arch.first)}..{_fmt(arch.last) if arch.last else 'latest'}" if arch else "unknown"
+        typer.echo(f"gpu {gpu.index}  {gpu.name}  sm_{gpu.capability.replace('.', '')}  native: {native}")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+def _fmt(version) -> str:
+    return ".".join(str(p) for p in version)
+
+
+@kernels_app.command("list")
+def kernels_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """The kernels kbundle registered, with their images and working directories."""
+    from kbundle.kernel.spec import list_kernelspecs
+
+    records = list_kernelspecs()
+    if as_json:
+        _print_json([r.to_dict() for r in records])
+        return
+    if not records:
+        typer.echo("no kbundle kernels (register one with `kbundle run BUNDLE`)")
+        return
+    for r in records:
+        where = ",".join(r.gpus) if r.gpus else "cpu"
+        typer.echo(f"{r.name}\t{r.image}\t{where}\t{r.workdir}")
+
+
+@kernels_app.command("remove")
+def kernels_remove(name: str = typer.Argument(..., help="The kernel's name, as `kbundle kernels list` shows it.")) -> None:
+    """Unregister one of kbundle's kernels (its image stays until `kbundle gc`)."""
+    from kbundle.kernel.spec import remove_kernelspec
+
+    path = remove_kernelspec(name)
+    typer.echo(f"removed kernel {name} ({path})")
