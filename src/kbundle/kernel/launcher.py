@@ -1,0 +1,450 @@
+"""`kbundle-kernel`: the process a kbundle kernelspec starts. It runs ipykernel in a container.
+
+    kbundle-kernel --image IMAGE [--workdir DIR] [--gpus none|all|0,1] [--kernel-name NAME]
+                   [--network host|bridge] -f CONNECTION_FILE
+
+One foreground process per kernel, talking to the Docker engine through the SDK (no
+`docker` CLI child), so that Jupyter's signals land on a process that understands them:
+
+- The container is named from the connection file (a restart replaces it), runs with an
+  init process and auto-removes. It runs as the invoking uid:gid (plus supplementary
+  groups), with the notebook directory mounted at the same path as working directory.
+  Its command is `python -c SHIM`; the image's ENTRYPOINT activates the environment.
+- The connection info, with its HMAC key, goes through the container's stdin: never in
+  argv, environment, labels or mounts that `docker inspect` shows. The shim writes it to
+  a 0600 file inside the container and runs ipykernel in the same process. When stdin
+  reaches EOF (this launcher is gone, even by SIGKILL) the shim ends the kernel, and
+  auto-remove deletes the container.
+- Network: the host's network on Linux with the kernel bound to 127.0.0.1; otherwise
+  (Docker Desktop, rootless engines, or `KBUNDLE_KERNEL_NETWORK=bridge`) a bridge with the
+  five ports published on 127.0.0.1 only.
+- Signals: SIGINT is sent to the kernel process (through tini), so running code gets
+  KeyboardInterrupt. SIGTERM/SIGHUP stop the container: SIGTERM, then SIGKILL after
+  STOP_GRACE_S, well before jupyter_client's own SIGKILL (2.5 s after its SIGTERM by
+  default). The launcher exits with the container's exit code, once it is removed.
+- `JPY_PARENT_PID` is not forwarded: under tini the kernel's parent is PID 1, which
+  ipykernel's parent poller reads as "orphaned" and exits.
+
+Containers carry labels (`kbundle.kernel=1`, the launcher's pid, its start time and the
+host) so that `kbundle gc` can find leftovers whose launcher is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# device_requests need 1.40. Pinning the version saves the /version round trip at start.
+API_VERSION = "1.40"
+STOP_GRACE_S = 1
+NAME_PREFIX = "kbundle-kernel-"
+LABEL_KERNEL = "kbundle.kernel"
+LABEL_KERNEL_NAME = "kbundle.kernel.name"
+LABEL_PID = "kbundle.launcher.pid"
+LABEL_START = "kbundle.launcher.start"
+LABEL_HOST = "kbundle.launcher.host"
+PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+LOOPBACK = ("127.0.0.1", "localhost")
+# A bind mount at (or above) these paths would hide the container's own system or environment.
+RESERVED = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/opt/kbundle", "/proc",
+            "/run", "/sbin", "/sys", "/usr", "/var")
+
+# Runs inside the container with the env's python. It must work on old interpreters too
+# (no f-strings), holds no secret, and keeps the kernel in this very process so that the
+# signal tini forwards reaches ipykernel itself.
+SHIM = """\
+import os, sys, tempfile, threading
+def _line():
+    data = b''
+    while not data.endswith(b'\\n'):
+        chunk = os.read(0, 65536)
+        if not chunk:
+            sys.stderr.write('kbundle-kernel: no connection info on stdin\\n')
+            os._exit(3)
+        data += chunk
+    return data
+_info = _line()
+_fd, _path = tempfile.mkstemp(prefix='kbundle-kernel-', suffix='.json')
+os.write(_fd, _info)
+os.close(_fd)
+del _info
+def _watch():
+    while os.read(0, 65536):
+        pass
+    os._exit(0)
+_t = threading.Thread(target=_watch)
+_t.daemon = True
+_t.start()
+if sys.path and sys.path[0] == '':
+    del sys.path[0]
+try:
+    from ipykernel import kernelapp
+except ImportError as exc:
+    sys.stderr.write('kbundle-kernel: ipykernel is missing from the image environment: %s\\n' % exc)
+    os._exit(4)
+# parent_handle=1: no parent poller (tini is our parent) and no `ipython kernel` banner.
+kernelapp.launch_new_instance(argv=['-f', _path, '--IPKernelApp.parent_handle=1'])
+"""
+
+
+class LaunchError(Exception):
+    """A problem the launcher reports as one `error:` line before exiting 1."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything about the container except the connection key (safe to print)."""
+
+    name: str
+    image: str
+    user: str
+    group_add: list[str]
+    workdir: str
+    working_dir: str
+    network: str
+    ports: list[int]
+    environment: dict[str, str]
+    labels: dict[str, str]
+    gpus: str
+    command: list[str] = field(default_factory=lambda: ["python", "-c", SHIM])
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kbundle-kernel", description="Run a Jupyter kernel inside a kbundle image.")
+    p.add_argument("-f", "--connection-file", required=True)
+    p.add_argument("--image", required=True)
+    p.add_argument("--workdir", default="", help="directory mounted into the kernel (default: the current one)")
+    p.add_argument("--gpus", default="none", help="none, all, or comma-separated device ids")
+    p.add_argument("--kernel-name", default="")
+    p.add_argument("--network", choices=("auto", "host", "bridge"), default="auto")
+    return p.parse_args(argv)
+
+
+def container_name(connection_file: str) -> str:
+    digest = hashlib.sha256(os.path.abspath(connection_file).encode()).hexdigest()
+    return NAME_PREFIX + digest[:16]
+
+
+def choose_network(requested: str, environ: dict[str, str], platform: str) -> str:
+    """`host` where the engine shares this machine's network namespace, else `bridge`."""
+    forced = environ.get("KBUNDLE_KERNEL_NETWORK", "")
+    if requested in ("host", "bridge"):
+        return requested
+    if forced in ("host", "bridge"):
+        return forced
+    if platform != "linux":
+        return "bridge"  # Docker Desktop runs containers in a VM
+    docker_host = environ.get("DOCKER_HOST", "")
+    if docker_host and not docker_host.startswith("unix://"):
+        return "bridge"  # a remote or VM engine
+    if "/.docker/desktop/" in docker_host or "/run/user/" in docker_host:
+        return "bridge"  # Docker Desktop for Linux, rootless dockerd: their host network is not ours
+    return "host"
+
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" where /proc is missing).
+
+    Together with the pid it tells a live launcher from a later process reusing its pid.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rfind(")") + 2:].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def mount_dirs(workdir: str, cwd: str) -> tuple[str, str]:
+    """(directory to mount, working directory in the container).
+
+    The kernelspec's workdir is mounted; the kernel starts in the cwd Jupyter gave it when
+    that lies inside the workdir (a notebook in a subfolder), else in the workdir.
+    """
+    cwd = os.path.realpath(cwd)
+    mount = os.path.realpath(workdir) if workdir else cwd
+    hidden = _hidden_by(mount)
+    if hidden:
+        raise LaunchError(f"refusing to mount {mount} into the kernel: it would hide the image's {hidden}; "
+                          "start the kernel from your notebook's folder")
+    if not os.path.isdir(mount):
+        raise LaunchError(f"the kernel's working directory {mount} does not exist")
+    inside = cwd == mount or cwd.startswith(mount.rstrip("/") + "/")
+    return mount, cwd if inside else mount
+
+
+def _hidden_by(mount: str) -> str:
+    """The reserved path that mounting `mount` would cover ("" when none)."""
+    prefix = mount.rstrip("/") + "/"
+    for reserved in RESERVED:
+        if mount == reserved or reserved.startswith(prefix):
+            return reserved
+    return "/opt/kbundle" if mount.startswith("/opt/kbundle/") else ""
+
+
+def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid: int, gid: int,
+                groups: list[int], pid: int, environ: dict[str, str], platform: str) -> LaunchPlan:
+    """Decide the container's settings (pure, apart from checking that the workdir exists)."""
+    if info.get("transport", "tcp") != "tcp":
+        raise LaunchError(f"transport {info.get('transport')!r} is not supported; kbundle kernels use tcp")
+    ip = str(info.get("ip", "127.0.0.1"))
+    if not (ip in LOOPBACK or ip.startswith("127.")):
+        raise LaunchError(f"the connection file asks for ip {ip}; kbundle kernels listen on 127.0.0.1 only")
+    network = choose_network(args.network, environ, platform)
+    mount, working_dir = mount_dirs(args.workdir, cwd)
+    env = {"HOME": "/tmp"}  # the invoking uid has no home in the image; IPython wants a writable one
+    if environ.get("JPY_SESSION_NAME"):
+        env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
+    labels = {
+        LABEL_KERNEL: "1",
+        LABEL_KERNEL_NAME: args.kernel_name,
+        LABEL_PID: str(pid),
+        LABEL_START: process_start(pid),
+        LABEL_HOST: socket.gethostname(),
+    }
+    ports = [int(info[k]) for k in PORT_KEYS] if network == "bridge" else []
+    return LaunchPlan(
+        name=container_name(args.connection_file),
+        image=args.image,
+        user=f"{uid}:{gid}",
+        group_add=[str(g) for g in sorted(set(groups)) if g != gid],
+        workdir=mount,
+        working_dir=working_dir,
+        network=network,
+        ports=ports,
+        environment=env,
+        labels=labels,
+        gpus=args.gpus or "none",
+    )
+
+
+def kernel_connection(info: dict[str, Any], network: str) -> bytes:
+    """The line the shim receives: the connection info with the address the kernel binds."""
+    data = dict(info)
+    # On a bridge the kernel must listen on the container's interface; the host side of
+    # the published ports stays on 127.0.0.1.
+    data["ip"] = "127.0.0.1" if network == "host" else "0.0.0.0"
+    return (json.dumps(data, separators=(",", ":")) + "\n").encode()
+
+
+def device_requests(gpus: str) -> list[Any]:
+    from docker.types import DeviceRequest
+
+    gpus = (gpus or "none").strip()
+    if gpus == "none":
+        return []
+    if gpus == "all":
+        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+    ids = [g for g in gpus.removeprefix("device=").split(",") if g]
+    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+
+
+def read_connection_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            info = json.load(fh)
+    except OSError as exc:
+        raise LaunchError(f"cannot read the connection file {path}: {exc.strerror}") from None
+    except ValueError:
+        raise LaunchError(f"the connection file {path} is not JSON") from None
+    missing = [k for k in PORT_KEYS + ("key",) if k not in info]
+    if missing:
+        raise LaunchError(f"the connection file {path} lacks {', '.join(missing)}")
+    return info
+
+
+def _raw(sock: Any) -> Any:
+    """The socket under docker-py's SocketIO wrapper (it is what `sendall` and timeouts need)."""
+    return getattr(sock, "_sock", sock)
+
+
+class Launcher:
+    """Drives one kernel container from creation to removal."""
+
+    HANDLED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
+
+    def __init__(self, plan: LaunchPlan, payload: bytes):
+        self.plan = plan
+        self.payload = payload
+        self.cid: Optional[str] = None
+        self.exit_code: Optional[int] = None
+        self.done = threading.Event()
+        self.main_ident = threading.get_ident()
+        self.api: Any = None
+
+    def run(self) -> int:
+        import docker
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+
+        try:
+            self.api = docker.APIClient(version=API_VERSION, timeout=60, **docker.utils.kwargs_from_env())
+            self._create()
+            sock = self.api.attach_socket(self.cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            _raw(sock).settimeout(None)
+            self._start()
+            waiter = self._register_wait()
+        except RequestsConnectionError as exc:
+            raise LaunchError(f"cannot reach the Docker engine ({exc.__class__.__name__}); is it running?") from None
+        except docker.errors.DockerException as exc:
+            raise LaunchError(_docker_message(exc, self.plan)) from None
+        pump = threading.Thread(target=self._pump, args=(sock,), daemon=True)
+        pump.start()
+        threading.Thread(target=self._wait, args=(waiter,), daemon=True).start()
+        try:
+            _raw(sock).sendall(self.payload)
+        except OSError:
+            pass  # the container is already gone; _wait reports why
+        self._serve_signals()
+        pump.join(timeout=2)
+        return self.exit_code if self.exit_code is not None else 1
+
+    def _create(self) -> None:
+        import docker
+
+        plan, api = self.plan, self.api
+        host_config = api.create_host_config(
+            init=True,
+            auto_remove=True,
+            network_mode="host" if plan.network == "host" else "bridge",
+            binds={plan.workdir: {"bind": plan.workdir, "mode": "rw"}},
+            port_bindings={p: ("127.0.0.1", p) for p in plan.ports} or None,
+            device_requests=device_requests(plan.gpus) or None,
+            group_add=plan.group_add or None,
+        )
+        kwargs = dict(
+            image=plan.image, command=plan.command, name=plan.name, user=plan.user,
+            stdin_open=True, detach=False, tty=False,  # detach=False makes StdinOnce: our EOF is the kernel's
+            working_dir=plan.working_dir, environment=plan.environment, labels=plan.labels,
+            host_config=host_config, ports=plan.ports or None,
+        )
+        try:
+            self.cid = api.create_container(**kwargs)["Id"]
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:
+                raise
+            # A container of the same kernel (the one before a restart) is still there: replace it.
+            api.remove_container(plan.name, force=True)
+            self.cid = api.create_container(**kwargs)["Id"]
+
+    def _start(self) -> None:
+        import docker
+
+        try:
+            self.api.start(self.cid)
+        except docker.errors.APIError:
+            try:  # auto-remove applies to containers that ran; this one never did
+                self.api.remove_container(self.cid, force=True)
+            except docker.errors.APIError:
+                pass
+            raise
+
+    def _register_wait(self) -> Any:
+        """Start `wait?condition=removed` and return once the engine has registered it.
+
+        The engine sends the response headers as soon as the wait is in place (API >= 1.30)
+        and the body when the container is removed, so nothing can slip in between.
+        """
+        url = self.api._url("/containers/{0}/wait", self.cid)
+        response = self.api.post(url, params={"condition": "removed"}, stream=True, timeout=None)
+        self.api._raise_for_status(response)
+        return response
+
+    def _wait(self, response: Any) -> None:
+        try:
+            result = response.json()
+            self.exit_code = int(result.get("StatusCode", 1))
+            error = (result.get("Error") or {}).get("Message")
+            if error:
+                sys.stderr.write(f"kbundle-kernel: {error}\n")
+        except Exception as exc:  # the engine went away: nothing left to drive
+            sys.stderr.write(f"kbundle-kernel: lost the engine while waiting: {exc}\n")
+            self.exit_code = 1
+        finally:
+            self.done.set()
+            signal.pthread_kill(self.main_ident, signal.SIGUSR1)
+
+    def _pump(self, sock: Any) -> None:
+        """Copy the container's stdout/stderr (the kernel's logs) to ours."""
+        from docker.utils.socket import frames_iter
+
+        outs = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+        try:
+            for stream, data in frames_iter(_raw(sock), tty=False):
+                out = outs.get(stream, sys.stderr.buffer)
+                try:
+                    out.write(data)
+                    out.flush()
+                except OSError:
+                    pass  # nobody reads our output any more; keep draining
+        except OSError:
+            pass
+
+    def _serve_signals(self) -> None:
+        stopping = False
+        while not self.done.is_set():
+            sig = signal.sigwait(self.HANDLED)
+            if self.done.is_set():
+                break
+            if sig == signal.SIGINT:
+                self._call(self.api.kill, self.cid, signal="SIGINT")
+            elif sig in (signal.SIGTERM, signal.SIGHUP):
+                if stopping:  # asked twice: no more grace
+                    self._call(self.api.kill, self.cid, signal="SIGKILL")
+                else:
+                    stopping = True
+                    threading.Thread(target=self._call, args=(self.api.stop, self.cid),
+                                     kwargs={"timeout": STOP_GRACE_S}, daemon=True).start()
+
+    @staticmethod
+    def _call(fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # e.g. the container ended meanwhile: the waiter will tell
+            sys.stderr.write(f"kbundle-kernel: {exc}\n")
+
+
+def _docker_message(exc: Exception, plan: LaunchPlan) -> str:
+    import docker
+
+    text = str(getattr(exc, "explanation", None) or exc)
+    if isinstance(exc, docker.errors.ImageNotFound) or "No such image" in text:
+        return f"the kernel's image {plan.image} is missing; run `kbundle run` on the bundle again to rebuild it"
+    if "could not select device driver" in text:
+        return ("this kernel asks for GPUs but the Docker engine has no NVIDIA runtime; install the NVIDIA "
+                "Container Toolkit or re-register the kernel with `kbundle run --gpus none`")
+    if "permission denied" in text.lower() and "docker.sock" in text:
+        return "permission denied on the Docker socket; add yourself to the `docker` group"
+    return f"Docker refused to run the kernel: {text}"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    # Signals are taken synchronously by the main thread (sigwait); block them before
+    # anything else so that an early SIGINT is not a traceback. Threads inherit the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, Launcher.HANDLED)
+    args = parse_args(argv)
+    try:
+        info = read_connection_file(args.connection_file)
+        plan = plan_launch(args, info, cwd=os.getcwd(), uid=os.getuid(), gid=os.getgid(),
+                           groups=os.getgroups(), pid=os.getpid(), environ=dict(os.environ),
+                           platform=sys.platform)
+        code = Launcher(plan, kernel_connection(info, plan.network)).run()
+    except LaunchError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

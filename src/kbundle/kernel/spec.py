@@ -1,0 +1,260 @@
+"""kbundle's kernelspecs: a plain `argv` spec that starts `kbundle-kernel` by absolute path.
+
+Public functions (the `run` command and `kbundle kernels list/remove` call these):
+
+- `install_kernelspec(name, display_name, image, workdir, gpus, bundle_hash, extra_metadata=None) -> Path`
+  writes `<user data dir>/kernels/<name>/kernel.json` atomically and returns its directory.
+  The user data dir is jupyter_core's (`JUPYTER_DATA_DIR` honoured). `display_name` is the
+  bundle's name; the spec shows it as `"<display_name> (kbundle)"`. `gpus` is `[]` for CPU,
+  `["all"]`, or device ids/UUIDs such as `["0", "1"]`.
+- `list_kernelspecs() -> list[KernelRecord]`: the kbundle kernels Jupyter can see (every
+  directory of `JUPYTER_PATH` and the data dirs), recognised by `metadata.kbundle`.
+- `remove_kernelspec(name) -> Path`: removes one of kbundle's specs; refuses other kernels.
+- `vscode_problems(spec) -> list[str]`: the rules VS Code applies to an argv kernelspec.
+
+Why argv and no provisioner: VS Code starts kernels from `argv` only, and rewrites specs
+whose argv looks like `python -m ipykernel...`. The launcher reads everything it needs
+from its own argv, so the spec is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from kbundle.errors import KbundleError, UsageError
+
+LAUNCHER_SCRIPT = "kbundle-kernel"
+DISPLAY_SUFFIX = " (kbundle)"
+# jupyter_client accepts [a-z0-9._-] case-insensitively but looks names up in lower case;
+# we accept lower case only so that the name in a notebook's metadata always matches.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    """One installed kbundle kernel, as `kbundle kernels list` shows it."""
+
+    name: str
+    display_name: str
+    resource_dir: Path
+    image: str
+    bundle_hash: str
+    gpus: list[str] = field(default_factory=list)
+    workdir: str = ""
+    argv: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["resource_dir"] = str(self.resource_dir)
+        return data
+
+
+def launcher_path() -> Path:
+    """The `kbundle-kernel` console script of this installation, as an absolute path.
+
+    It sits next to the interpreter that runs kbundle (a venv's or pipx's bin dir); we do
+    not resolve symlinks of sys.executable, since that would leave the venv.
+    """
+    names = [LAUNCHER_SCRIPT + ".exe", LAUNCHER_SCRIPT] if os.name == "nt" else [LAUNCHER_SCRIPT]
+    bindir = Path(sys.executable).parent
+    for candidate in names:
+        path = bindir / candidate
+        if path.is_file() and os.access(path, os.X_OK):
+            return path.absolute()
+    found = shutil.which(LAUNCHER_SCRIPT)
+    if found:
+        return Path(found).absolute()
+    raise KbundleError(
+        f"the {LAUNCHER_SCRIPT} launcher is missing from this installation "
+        f"(looked in {bindir} and on PATH); reinstall kbundle, e.g. `pip install --force-reinstall kbundle`"
+    )
+
+
+def gpus_argument(gpus: list[str]) -> str:
+    """The launcher's `--gpus` value: `none`, `all`, or comma-separated device ids."""
+    gpus = [str(g).strip() for g in gpus if str(g).strip()]
+    if not gpus or gpus == ["none"]:
+        return "none"
+    if "all" in gpus:
+        return "all"
+    for gpu in gpus:
+        if "," in gpu or gpu.startswith("-"):
+            raise UsageError(f"invalid GPU id {gpu!r}")
+    return ",".join(gpus)
+
+
+def build_spec(
+    name: str,
+    display_name: str,
+    image: str,
+    workdir: str,
+    gpus: list[str],
+    bundle_hash: str,
+    extra_metadata: Optional[dict[str, Any]] = None,
+    launcher: Optional[Path] = None,
+) -> dict[str, Any]:
+    """The kernel.json content (pure: no file is touched)."""
+    check_name(name)
+    if not image:
+        raise UsageError("a kernelspec needs an image")
+    workdir = os.path.abspath(workdir)
+    launcher = launcher or launcher_path()
+    argv = [
+        str(launcher),
+        "--kernel-name", name,
+        "--image", image,
+        "--workdir", workdir,
+        "--gpus", gpus_argument(gpus),
+        "-f", "{connection_file}",
+    ]
+    kb: dict[str, Any] = dict(extra_metadata or {})
+    kb.update(image=image, bundle_hash=bundle_hash, gpus=list(gpus), workdir=workdir)
+    shown = display_name if display_name.endswith(DISPLAY_SUFFIX) else display_name + DISPLAY_SUFFIX
+    return {
+        "argv": argv,
+        "display_name": shown,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "env": {},
+        "metadata": {"kbundle": kb},
+    }
+
+
+def check_name(name: str) -> None:
+    if not _NAME.match(name or ""):
+        raise UsageError(
+            f"invalid kernel name {name!r}: use lower-case letters, digits, '.', '_' and '-'"
+        )
+
+
+def _manager():
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return KernelSpecManager()
+
+
+def user_kernels_dir() -> Path:
+    """`<jupyter data dir>/kernels`, the directory `jupyter kernelspec install --user` uses."""
+    return Path(_manager().user_kernel_dir)
+
+
+def install_kernelspec(
+    name: str,
+    display_name: str,
+    image: str,
+    workdir: str,
+    gpus: list[str],
+    bundle_hash: str,
+    extra_metadata: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Install (or replace) kbundle's kernelspec `name` for the current user; return its directory.
+
+    Replacing is allowed only for a spec kbundle installed: a user's own kernel of the same
+    name is never overwritten.
+    """
+    spec = build_spec(name, display_name, image, workdir, gpus, bundle_hash, extra_metadata)
+    target = user_kernels_dir() / name
+    existing = target / "kernel.json"
+    if existing.exists() and not _is_kbundle(_read_json(existing)):
+        raise KbundleError(f"a kernel named {name!r} that kbundle did not install exists at {target}; remove it or pick another name")
+    target.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(existing, spec)
+    return target
+
+
+def list_kernelspecs() -> list[KernelRecord]:
+    """kbundle's kernels among all the kernelspecs Jupyter finds, sorted by name."""
+    records = []
+    for name, path in sorted(_manager().find_kernel_specs().items()):
+        data = _read_json(Path(path) / "kernel.json")
+        if _is_kbundle(data):
+            records.append(_record(name, Path(path), data))
+    return records
+
+
+def get_kernelspec(name: str) -> KernelRecord:
+    for record in list_kernelspecs():
+        if record.name == name:
+            return record
+    raise KbundleError(f"no kbundle kernel named {name!r} (see `kbundle kernels list`)")
+
+
+def remove_kernelspec(name: str) -> Path:
+    """Remove kbundle's kernel `name`; return the directory that was removed."""
+    record = get_kernelspec(name)
+    if not os.access(record.resource_dir.parent, os.W_OK):
+        raise KbundleError(f"cannot remove {record.resource_dir}: no write permission")
+    shutil.rmtree(record.resource_dir)
+    return record.resource_dir
+
+
+def vscode_problems(spec: dict[str, Any]) -> list[str]:
+    """Why VS Code would hide or rewrite this argv kernelspec (empty when it is fine)."""
+    problems = []
+    argv = spec.get("argv") or []
+    if not argv:
+        return ["argv is empty"]
+    first = argv[0]
+    if not os.path.isabs(first):
+        problems.append(f"argv[0] {first!r} is not an absolute path")
+    elif not os.path.isfile(first) or not os.access(first, os.X_OK):
+        problems.append(f"argv[0] {first!r} is not an existing executable")
+    if not any("{connection_file}" in a for a in argv):
+        problems.append("argv has no {connection_file}")
+    base = os.path.basename(first).lower()
+    if base.startswith("python") and ("-m" in argv and any(a.startswith("ipykernel") for a in argv)):
+        problems.append("argv is `python -m ipykernel...`, which VS Code replaces with its own interpreter")
+    if spec.get("metadata", {}).get("kernel_provisioner"):
+        problems.append("a kernel provisioner is set; VS Code only runs argv")
+    if not spec.get("language"):
+        problems.append("language is missing")
+    return problems
+
+
+def _record(name: str, path: Path, data: dict[str, Any]) -> KernelRecord:
+    kb = data["metadata"]["kbundle"]
+    return KernelRecord(
+        name=name,
+        display_name=str(data.get("display_name", name)),
+        resource_dir=path,
+        image=str(kb.get("image", "")),
+        bundle_hash=str(kb.get("bundle_hash", "")),
+        gpus=[str(g) for g in kb.get("gpus") or []],
+        workdir=str(kb.get("workdir", "")),
+        argv=list(data.get("argv") or []),
+        metadata=dict(kb),
+    )
+
+
+def _is_kbundle(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("metadata", {}).get("kbundle"), dict)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".kernel-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
