@@ -1,0 +1,118 @@
+"""The `.kbundle` format: member names, the manifest record and its JSON form.
+
+See docs/format.md for the full description. This module only knows the shape of the
+data; writer.py and reader.py move bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "kbundle.json"
+DOCKERFILE = "Dockerfile"
+ENVIRONMENT = "env/environment.yml"
+LOCK = "env/rattler.lock"
+ORIGINAL_DIR = "env/original/"
+WORK_DIR = "work/"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Dropped:
+    spec: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Added:
+    spec: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Variant:
+    package: str
+    spec: str
+    intent: str
+
+
+@dataclass
+class Manifest:
+    """Everything `run` needs to rebuild the environment, plus each member's hash."""
+
+    name: str
+    notebook: str
+    python: str | None
+    cuda: str | None
+    cudnn: str | None
+    cuda_runtime_in_env: bool
+    base_image: str
+    base_image_reason: str
+    channels: list[str]
+    dependencies: list[str]
+    pip: list[str]
+    dropped: list[Dropped] = field(default_factory=list)
+    added: list[Added] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list)
+    locked: bool = False
+    lock: str | None = None
+    lock_virtual_packages: list[str] = field(default_factory=list)
+    lock_note: str | None = None
+    environment: str = ENVIRONMENT
+    original_environment: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    dockerfile: str = DOCKERFILE
+    includes: list[str] = field(default_factory=list)
+    content_hash: str = ""
+    files: list[FileEntry] = field(default_factory=list)
+    platform: str = "linux-64"
+    kbundle_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        # The public JSON groups conda's channels and dependencies the way environment.yml does.
+        raw["conda"] = {"channels": raw.pop("channels"), "dependencies": raw.pop("dependencies")}
+        ordered = {"format_version": raw.pop("format_version")}
+        ordered.update(raw)
+        return ordered
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Manifest":
+        data = dict(raw)
+        conda = data.pop("conda", None) or {}
+        known = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs["channels"] = list(conda.get("channels") or [])
+        kwargs["dependencies"] = list(conda.get("dependencies") or [])
+        kwargs["dropped"] = [Dropped(**d) for d in kwargs.get("dropped") or []]
+        kwargs["added"] = [Added(**d) for d in kwargs.get("added") or []]
+        kwargs["variants"] = [Variant(**d) for d in kwargs.get("variants") or []]
+        kwargs["files"] = [FileEntry(**d) for d in kwargs.get("files") or []]
+        return cls(**kwargs)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def content_hash(members: dict[str, bytes]) -> str:
+    """One hash over the bundle's content members (all but the manifest and the Dockerfile).
+
+    The Dockerfile carries this hash as an image label, so it cannot be part of it.
+    """
+    lines = "".join(
+        f"{sha256_hex(data)}  {path}\n"
+        for path, data in sorted(members.items())
+        if path not in (MANIFEST, DOCKERFILE)
+    )
+    return sha256_hex(lines.encode())

@@ -1,0 +1,131 @@
+"""`kbundle pack`, `kbundle inspect` and `kbundle verify`.
+
+Thin: parse options, call kbundle.pack / kbundle.bundle, print. Heavy imports stay
+inside the functions so `kbundle pack --lock never` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from kbundle.app import app
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@app.command()
+def pack(
+    notebook: Path = typer.Argument(..., help="The notebook (.ipynb) to pack."),
+    env_file: Optional[Path] = typer.Option(None, "-e", "--env", help="environment.yml from `conda env export` (any OS), or requirements.txt with --python."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the bundle (default: ./NOTEBOOK.kbundle)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The bundle's (and kernel's) name; default: the notebook's name."),
+    cuda: str = typer.Option("auto", "--cuda", help="auto, none (CPU image), or a CUDA version X.Y to force."),
+    base_image: Optional[str] = typer.Option(None, "--base-image", help="Use this base image instead of the chosen nvidia/cuda tag."),
+    include: List[Path] = typer.Option([], "--include", help="A file or folder beside the notebook to carry along (repeatable)."),
+    lock: str = typer.Option("auto", "--lock", help="auto (lock if the channels answer), always, or never."),
+    channel: List[str] = typer.Option([], "--channel", help="Channel URL or name to solve against; replaces the environment's channels (repeatable, in priority order)."),
+    python: Optional[str] = typer.Option(None, "--python", help="Python version X.Y, for a requirements.txt environment."),
+    as_json: bool = typer.Option(False, "--json", help="Print the bundle's manifest as JSON instead of a summary."),
+) -> None:
+    """Pack a notebook, its environment (cleaned for linux-64 and locked) and a Dockerfile into one file."""
+    from kbundle.pack.pipeline import MAIL_LIMIT, PackOptions
+    from kbundle.pack.pipeline import pack as run_pack
+
+    options = PackOptions(
+        notebook=notebook,
+        env_file=env_file,
+        output=output,
+        name=name,
+        cuda=cuda,
+        base_image=base_image,
+        includes=list(include),
+        lock=lock,
+        channels=list(channel),
+        python=python,
+    )
+    result = run_pack(options, progress=_progress)
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    if result.size > MAIL_LIMIT:
+        typer.echo(f"warning: {result.path.name} is {_size(result.size)}; mail servers often refuse attachments over 20 MB", err=True)
+    if as_json:
+        typer.echo(json.dumps(result.manifest.to_dict(), indent=2))
+        return
+    _summary(result)
+
+
+def _progress(message: str) -> None:
+    if sys.stderr.isatty():
+        typer.echo(message, err=True)
+
+
+def _summary(result) -> None:
+    m = result.manifest
+    lines = [
+        f"wrote {result.path} ({_size(result.size)})",
+        f"  name       {m.name}",
+        f"  notebook   {m.notebook}",
+        f"  python     {m.python or 'unpinned'}",
+        f"  cuda       {m.cuda or 'none'}" + (f", cuDNN {m.cudnn}" if m.cudnn else "") + (" (runtime inside the environment)" if m.cuda and m.cuda_runtime_in_env else ""),
+        f"  base image {m.base_image}",
+        f"  packages   {len(m.dependencies)} conda, {len(m.pip)} pip",
+        f"  locked     {'yes (linux-64)' if m.locked else 'no'}",
+    ]
+    for d in m.dropped:
+        lines.append(f"  dropped    {d.spec}: {d.reason}")
+    for v in m.variants:
+        lines.append(f"  kept       {v.spec} ({v.intent})")
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def inspect(
+    bundle: Path = typer.Argument(..., help="The .kbundle file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the documented public contract)."),
+) -> None:
+    """Show what a bundle carries."""
+    from kbundle.bundle import open_bundle
+
+    opened = open_bundle(bundle)
+    m = opened.manifest
+    if as_json:
+        typer.echo(json.dumps(m.to_dict(), indent=2))
+        return
+    lines = [
+        f"{bundle} (format {m.format_version}, kbundle {m.kbundle_version or '?'})",
+        f"  name       {m.name}",
+        f"  notebook   {m.notebook}",
+        f"  python     {m.python or 'unpinned'}",
+        f"  cuda       {m.cuda or 'none'}" + (f", cuDNN {m.cudnn}" if m.cudnn else ""),
+        f"  base image {m.base_image}",
+        f"  channels   {', '.join(m.channels)}",
+        f"  locked     {'yes' if m.locked else 'no'}" + (f" ({m.lock_note})" if m.lock_note and not m.locked else ""),
+        "  conda:",
+        *[f"    {d}" for d in m.dependencies],
+    ]
+    if m.pip:
+        lines += ["  pip:", *[f"    {p}" for p in m.pip]]
+    if m.dropped:
+        lines += ["  dropped:", *[f"    {d.spec}  ({d.reason})" for d in m.dropped]]
+    lines += ["  files:", *[f"    {f.path}  {f.size} B  sha256:{f.sha256[:12]}" for f in m.files]]
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., help="The .kbundle file.")) -> None:
+    """Check a bundle: format version, every member against its sha256 in the manifest."""
+    from kbundle.bundle import open_bundle
+
+    opened = open_bundle(bundle)
+    typer.echo(f"ok: {bundle} ({len(opened.manifest.files)} members match the manifest, format {opened.manifest.format_version})")

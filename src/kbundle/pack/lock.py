@@ -1,0 +1,108 @@
+"""Lock the normalised environment for linux-64 with py-rattler.
+
+The solve uses virtual packages for the image the bundle will run in (__unix,
+__linux, __glibc of the base image, __archspec, and __cuda when CUDA is chosen), so
+the lock says what will really be installed there. Before solving, every channel is
+probed with a short timeout, so an offline sender gets a one-line answer in seconds
+rather than a hang. rattler is imported only here, and only when a lock is wanted.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kbundle.errors import KbundleError, UsageError
+from kbundle.pack.facts import normalise_facts
+from kbundle.pack.records import CudaChoice, LockResult, NormalisedEnv
+
+PLATFORM = "linux-64"
+PROBE_TIMEOUT_S = 3.0
+_OTHER_PLATFORMS = ("win-64", "osx-64", "osx-arm64")
+LINUX_VERSION = "5.4"  # any maintained kernel; only packages needing a newer one are excluded
+
+
+class LockError(KbundleError):
+    """The environment cannot be solved for linux-64."""
+
+
+def channel_urls(channels: list[str]) -> list[str]:
+    """Resolve channel names the way conda does ('defaults', 'conda-forge', URLs, paths)."""
+    facts = normalise_facts()
+    urls: list[str] = []
+    for channel in channels:
+        if re.match(r"^[a-z][a-z0-9+.-]*://", channel):
+            found = [channel.rstrip("/")]
+        elif channel.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", channel):
+            found = [Path(channel).resolve().as_uri()]
+        elif channel in facts["channel_aliases"]:
+            found = facts["channel_aliases"][channel]
+        else:
+            found = [f"{facts['channel_alias']}/{channel}"]
+        urls.extend(u for u in found if u not in urls)
+    return urls
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    if url.startswith("file://"):
+        return Path(urllib.request.url2pathname(url[len("file://"):])).is_dir()
+    request = urllib.request.Request(f"{url}/noarch/repodata.json", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True  # the server answered; the solve will say what is missing
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def unreachable(urls: list[str], timeout: float = PROBE_TIMEOUT_S) -> list[str]:
+    """The channels that do not answer within `timeout` seconds (probed in parallel)."""
+    if not urls:
+        return []
+    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
+        answers = list(pool.map(lambda u: _reachable(u, timeout), urls))
+    return [u for u, ok in zip(urls, answers) if not ok]
+
+
+def virtual_packages(choice: CudaChoice) -> list[tuple[str, str, str]]:
+    vps = [("__unix", "0", "0"), ("__linux", LINUX_VERSION, "0"), ("__glibc", choice.glibc, "0"), ("__archspec", "1", "x86_64")]
+    if choice.cuda:
+        vps.append(("__cuda", choice.cuda, "0"))
+    return vps
+
+
+def lock(env: NormalisedEnv, choice: CudaChoice, mode: str, status=None) -> LockResult:
+    """Solve and return the lock text, or an unlocked result with a one-line note."""
+    if mode not in ("auto", "always", "never"):
+        raise UsageError(f"unknown --lock {mode!r}: use auto, always or never")
+    if mode == "never":
+        return LockResult(False, None, note="not locked (--lock never); the recipient will resolve the environment")
+    urls = channel_urls(env.channels)
+    down = unreachable(urls)
+    if down:
+        message = f"channels unreachable ({', '.join(down)})"
+        if mode == "always":
+            raise LockError(f"cannot lock: {message}; use --channel to point at a mirror, or --lock auto")
+        return LockResult(False, None, note=f"{message}: wrote an unlocked bundle; the recipient will resolve it")
+    return _solve(env, choice, urls, mode)
+
+
+def _solve(env: NormalisedEnv, choice: CudaChoice, urls: list[str], mode: str) -> LockResult:
+    import asyncio
+
+    from kbundle.pack import rattler_solve
+
+    try:
+        records, lock_text, vps = asyncio.run(rattler_solve.solve(urls, env.dependencies, virtual_packages(choice)))
+    except rattler_solve.ChannelsDown as exc:
+        if mode == "always":
+            raise LockError(f"cannot lock: channels unreachable ({exc})") from None
+        return LockResult(False, None, note=f"channels unreachable ({exc}): wrote an unlocked bundle; the recipient will resolve it")
+    except rattler_solve.Unsolvable as exc:
+        raise LockError(f"cannot lock the environment for {PLATFORM}: {exc} (or pass --lock never)") from None
+    python = next((r.version for r in records if r.name == "python"), None)
+    return LockResult(True, lock_text, tuple(vps), note=None, python=python)

@@ -1,0 +1,237 @@
+"""`pack` from start to end: find → normalise → choose CUDA → lock → render → write.
+
+Each step is a module of its own; this one only passes their records along and
+assembles the bundle's members. Nothing here touches Docker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kbundle import __version__
+from kbundle.bundle.format import (
+    DOCKERFILE,
+    ENVIRONMENT,
+    FORMAT_VERSION,
+    LOCK,
+    MANIFEST,
+    ORIGINAL_DIR,
+    WORK_DIR,
+    Manifest,
+    content_hash,
+)
+from kbundle.errors import UsageError
+from kbundle.pack.records import RawEnv
+
+MAIL_LIMIT = 20 * 1024 * 1024  # mail servers commonly cap attachments at 20-25 MB
+_NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_SKIP_DIRS = {".ipynb_checkpoints", "__pycache__", ".git"}
+
+
+@dataclass
+class PackOptions:
+    notebook: Path
+    env_file: Path | None = None
+    output: Path | None = None
+    name: str | None = None
+    cuda: str = "auto"
+    base_image: str | None = None
+    includes: list[Path] = field(default_factory=list)
+    lock: str = "auto"
+    channels: list[str] = field(default_factory=list)
+    python: str | None = None
+
+
+@dataclass
+class PackResult:
+    path: Path
+    manifest: Manifest
+    size: int
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Notebook:
+    path: Path
+    data: bytes
+    kernel_name: str | None
+
+
+def read_notebook(path: Path) -> Notebook:
+    if not path.exists():
+        raise UsageError(f"notebook {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"{path} is not a file")
+    data = path.read_bytes()
+    try:
+        doc = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UsageError(f"{path.name} is not a Jupyter notebook (not JSON)") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("cells"), list) or not isinstance(doc.get("nbformat"), int):
+        raise UsageError(f"{path.name} is not a Jupyter notebook (no cells/nbformat)")
+    spec = (doc.get("metadata") or {}).get("kernelspec") or {}
+    name = spec.get("name") if isinstance(spec, dict) else None
+    return Notebook(path, data, name if isinstance(name, str) else None)
+
+
+def bundle_name(options: PackOptions) -> str:
+    if options.name is not None:
+        if not _NAME_OK.match(options.name):
+            raise UsageError(f"--name {options.name!r} must be lower case letters, digits, '.', '_' or '-' (at most 63)")
+        return options.name
+    stem = re.sub(r"[^a-z0-9_.-]+", "-", options.notebook.stem.lower()).strip("-._") or "notebook"
+    return stem[:63]
+
+
+def output_path(options: PackOptions, name: str) -> Path:
+    out = options.output or Path.cwd() / f"{options.notebook.stem}.kbundle"
+    if out.is_dir():
+        out = out / f"{options.notebook.stem}.kbundle"
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder for {out} does not exist")
+    if out.resolve() in {options.notebook.resolve()} | ({options.env_file.resolve()} if options.env_file else set()):
+        raise UsageError(f"refusing to write the bundle over the input {out}")
+    if out.exists() and not _is_kbundle(out):
+        raise UsageError(f"refusing to overwrite {out}: it is not a kbundle (choose another -o)")
+    return out
+
+
+def _is_kbundle(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return MANIFEST in zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def include_members(notebook: Path, includes: list[Path]) -> dict[str, bytes]:
+    """`--include` files and folders, stored under work/ at their path beside the notebook."""
+    root = notebook.resolve().parent
+    members: dict[str, bytes] = {}
+    for given in includes:
+        if not given.exists() and not given.is_symlink():
+            raise UsageError(f"--include {given} does not exist")
+        for path in _walk(given):
+            if path.is_symlink():
+                raise UsageError(f"--include {path} is a symbolic link; include what it points to instead")
+            resolved = path.resolve()
+            if root not in resolved.parents:
+                raise UsageError(f"--include {given} is outside the notebook's folder {root}")
+            rel = resolved.relative_to(root).as_posix()
+            if resolved != notebook.resolve():
+                members[WORK_DIR + rel] = path.read_bytes()
+    return members
+
+
+def _walk(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        for child in sorted(path.iterdir()):
+            if child.name not in _SKIP_DIRS:
+                yield from _walk(child)
+    else:
+        yield path
+
+
+def _original_member(raw: RawEnv, options: PackOptions) -> tuple[str, bytes]:
+    name = raw.source_file or "environment.yml"
+    if options.env_file is not None:
+        return ORIGINAL_DIR + options.env_file.name, options.env_file.read_bytes()
+    return ORIGINAL_DIR + name, raw.source_text.encode()
+
+
+def _label_safe(text: str) -> str:
+    return re.sub(r'["\\$\n\r`]', "_", text)
+
+
+def pack(options: PackOptions, progress=None) -> PackResult:
+    from kbundle.pack import cuda as cuda_mod
+    from kbundle.pack.discover import find_environment
+    from kbundle.pack.dockerfile import DockerfileInputs, render
+    from kbundle.pack.lock import lock
+    from kbundle.pack.normalise import environment_yml, normalise
+
+    say = progress or (lambda message: None)
+    # Cheap checks first: bad input fails before any slow step.
+    if options.lock not in ("auto", "always", "never"):
+        raise UsageError(f"unknown --lock {options.lock!r}: use auto, always or never")
+    notebook = read_notebook(options.notebook)
+    name = bundle_name(options)
+    out = output_path(options, name)
+    cuda_mod.check_cuda_option(options.cuda)
+    if options.base_image is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*", options.base_image):
+        raise UsageError(f"--base-image {options.base_image!r} is not an image reference")
+    includes = include_members(options.notebook, options.includes)
+
+    raw = find_environment(notebook.kernel_name, options.env_file, options.python)
+    env = normalise(raw)
+    if options.channels:
+        env.channels = list(dict.fromkeys(options.channels))
+    choice = cuda_mod.choose(cuda_mod.evidence(raw, env), options.cuda, options.base_image)
+    cuda_mod.apply_added(env, choice)
+    if options.lock != "never":
+        say("Locking the environment for linux-64 with rattler…")
+    result = lock(env, choice, options.lock)
+    python = env.python or result.python
+
+    nb_member = WORK_DIR + options.notebook.name
+    original_path, original_bytes = _original_member(raw, options)
+    members: dict[str, bytes] = {nb_member: notebook.data, **includes}
+    members[original_path] = original_bytes
+    members[ENVIRONMENT] = environment_yml(name, env).encode()
+    if result.locked and result.text:
+        members[LOCK] = result.text.encode()
+    digest = content_hash(members)
+    dockerfile = render(
+        DockerfileInputs(
+            name=name,
+            kbundle_version=__version__,
+            format_version=FORMAT_VERSION,
+            content_hash=digest,
+            notebook=_label_safe(options.notebook.name),
+            python=python,
+            cuda=choice.cuda,
+            cudnn=choice.cudnn,
+            runtime_in_env=choice.runtime_in_env,
+            base_image=choice.base_image,
+            base_reason=choice.reason.replace("\n", " "),
+            require_cuda=choice.require_cuda,
+            pip=bool(env.pip),
+        )
+    )
+    members[DOCKERFILE] = dockerfile.encode()
+    manifest = Manifest(
+        name=name,
+        notebook=nb_member,
+        python=python,
+        cuda=choice.cuda,
+        cudnn=choice.cudnn,
+        cuda_runtime_in_env=choice.runtime_in_env,
+        base_image=choice.base_image,
+        base_image_reason=choice.reason,
+        channels=env.channels,
+        dependencies=env.dependencies,
+        pip=env.pip,
+        dropped=env.dropped,
+        added=env.added,
+        variants=env.variants,
+        locked=result.locked,
+        lock=LOCK if result.locked else None,
+        lock_virtual_packages=list(result.virtual_packages),
+        lock_note=result.note,
+        original_environment=original_path,
+        source={"kind": raw.source_kind, "env_name": raw.name, "platform": env.source_platform},
+        includes=sorted(includes),
+        content_hash=digest,
+        kbundle_version=__version__,
+    )
+    from kbundle.bundle.writer import write_bundle
+
+    sealed = write_bundle(out, manifest, members)
+    notes = [f"{a.spec}: added ({a.reason})" for a in env.added]
+    if result.note and options.lock != "never":
+        notes.append(result.note)
+    return PackResult(out, sealed, out.stat().st_size, notes)
