@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from rich.markup import escape
+
 from kbundle.errors import KbundleError
 
 
@@ -89,8 +91,8 @@ def consent(console, *, yes: bool, base_image: str, packages: int, pip: int, doc
     if not interactive:
         raise KbundleError(f"this bundle builds and runs someone else's code; review {dockerfile} "
                            f"and pass --yes to build it (stdin is not a terminal, so kbundle cannot ask)")
-    console.print(f"[bold]About to build an image[/] from base [cyan]{base_image}[/] with {packages} conda "
-                  f"package(s) and {pip} pip wheel(s).\nReview the Dockerfile: {dockerfile}")
+    console.print(f"[bold]About to build an image[/] from base [cyan]{escape(base_image)}[/] with {packages} conda "
+                  f"package(s) and {pip} pip wheel(s).\nReview the Dockerfile: {escape(str(dockerfile))}", soft_wrap=True)
     if not ask(console, "Build it and register the kernel? [y/N] "):
         raise KbundleError("not built: you declined (pass --yes to skip the question)")
 
@@ -106,6 +108,7 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     request = preflight.GpuRequest.parse(options.gpus)  # bad --gpus fails before any work
     bundle = open_bundle(options.bundle)
     kernel_name = kernel_name_for(bundle.name)
+    bundle_hash = bundle.manifest.content_hash or _file_hash(bundle.path)
     display_name = f"{bundle.name} (kbundle)"
 
     # 1. verify and extract the notebook and included files into the working directory
@@ -120,7 +123,7 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     report.raise_for_errors()
     warnings += [f.message for f in report.warnings]
     for message in warnings:
-        console.print(f"[yellow]warning:[/] {message}")
+        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
     # 3. the environment and the image's identity (no install yet: the tag may exist)
     base = options.base_image or bundle.base_image
@@ -135,7 +138,7 @@ def run_bundle(options: RunOptions, console) -> RunResult:
         review = wd.review_dockerfile(placement.workdir, dockerfile)
         consent(console, yes=options.yes, base_image=base, packages=resolved.count, pip=len(bundle.pip),
                 dockerfile=review)
-        result = _build(client, bundle, resolved, key, dockerfile, placement.workdir, console)
+        result = _build(client, bundle, bundle_hash, resolved, key, dockerfile, placement.workdir, console)
         image_id, build_log = result.image_id, result.log
 
     # 4. a remote engine's GPU support cannot be read from this host: ask it directly
@@ -147,7 +150,7 @@ def run_bundle(options: RunOptions, console) -> RunResult:
 
     # 5. the kernel
     spec_dir = install_kernelspec(kernel_name, bundle.name, key.tag, str(placement.workdir),
-                                  list(report.plan.gpus), bundle.manifest.content_hash,
+                                  list(report.plan.gpus), bundle_hash,
                                   extra_metadata={"bundle": str(Path(options.bundle).resolve()),
                                                   "notebook": str(placement.notebook), "cuda": bundle.cuda})
     return RunResult(
@@ -160,7 +163,7 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     )
 
 
-def _build(client, bundle, resolved, key, dockerfile: str, workdir: Path, console):
+def _build(client, bundle, bundle_hash: str, resolved, key, dockerfile: str, workdir: Path, console):
     """Assemble the build context (env/, pip/, work/, Dockerfile) and build it; the context is temporary."""
     from kbundle.build import env as envmod
     from kbundle.build import image as imagemod
@@ -183,15 +186,21 @@ def _build(client, bundle, resolved, key, dockerfile: str, workdir: Path, consol
                 wheels.write_context(wheels.fetch(bundle.pip, python), context)
         extract_bundle(bundle.path, context, members=sorted(m for m in bundle.members if m.startswith("work/")))
         (context / "Dockerfile").write_text(dockerfile, encoding="utf-8")
-        return imagemod.build(client, context, key, bundle.manifest.content_hash,
+        return imagemod.build(client, context, key, bundle_hash,
                               workdir / ".kbundle" / "build.log", console)
     finally:
         shutil.rmtree(context, ignore_errors=True)
 
 
+def _file_hash(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def summary_lines(result: RunResult) -> list[str]:
     where = "GPUs " + ", ".join(result.gpus) if result.gpus else "CPU"
-    state = f"built in {result.seconds:.1f}s" if result.built else f"reused (no build, {result.seconds:.1f}s)"
+    state = f"built, {result.seconds:.1f}s" if result.built else f"already built: reused, {result.seconds:.1f}s"
     lines = [
         f"image      {result.image} ({state})",
         f"runs on    {where}",
