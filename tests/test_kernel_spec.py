@@ -1,0 +1,218 @@
+"""kbundle's kernelspecs (install/list/remove through jupyter_client) and the launcher's pure decisions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kbundle.errors import KbundleError, UsageError
+from kbundle.kernel import launcher as L
+from kbundle.kernel.spec import (
+    build_spec,
+    install_kernelspec,
+    launcher_path,
+    list_kernelspecs,
+    remove_kernelspec,
+    vscode_problems,
+)
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "extra"))
+    return tmp_path / "data"
+
+
+def test_install_writes_a_user_spec_jupyter_client_finds(data_dir, tmp_path):
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    path = install_kernelspec("kbundle-demo", "demo", "kbundle/demo:abc", str(tmp_path), ["0", "1"], "sha256:42",
+                              extra_metadata={"cuda": "12.1"})
+    assert path == data_dir / "kernels" / "kbundle-demo"
+    spec = KernelSpecManager().get_kernel_spec("kbundle-demo")
+    assert spec.display_name == "demo (kbundle)"
+    assert spec.language == "python" and spec.interrupt_mode == "signal"
+    assert spec.argv[0] == str(launcher_path()) and os.path.isabs(spec.argv[0])
+    assert spec.argv[-2:] == ["-f", "{connection_file}"]
+    assert spec.argv[spec.argv.index("--gpus") + 1] == "0,1"
+    assert spec.metadata["kbundle"] == {"image": "kbundle/demo:abc", "bundle_hash": "sha256:42", "gpus": ["0", "1"],
+                                        "workdir": str(tmp_path), "cuda": "12.1"}
+    assert "kernel_provisioner" not in spec.metadata
+    assert not [p for p in path.iterdir() if p.name != "kernel.json"]  # no temp file left
+
+
+def test_display_name_is_not_suffixed_twice(tmp_path):
+    spec = build_spec("k", "demo (kbundle)", "img", str(tmp_path), [], "h", launcher=Path("/x/kbundle-kernel"))
+    assert spec["display_name"] == "demo (kbundle)"
+
+
+def test_list_shows_only_kbundle_kernels_across_jupyter_path(data_dir, tmp_path):
+    install_kernelspec("kbundle-b", "b", "img:b", str(tmp_path), [], "hb")
+    other = tmp_path / "extra" / "kernels" / "plain"
+    other.mkdir(parents=True)
+    (other / "kernel.json").write_text(json.dumps({"argv": ["python", "-m", "ipykernel_launcher", "-f",
+                                                            "{connection_file}"], "display_name": "Plain",
+                                                   "language": "python"}))
+    extra = tmp_path / "extra" / "kernels" / "kbundle-a"
+    extra.mkdir(parents=True)
+    spec = build_spec("kbundle-a", "a", "img:a", str(tmp_path), ["all"], "ha")
+    (extra / "kernel.json").write_text(json.dumps(spec))
+    records = list_kernelspecs()
+    assert [(r.name, r.image, r.gpus) for r in records] == [("kbundle-a", "img:a", ["all"]), ("kbundle-b", "img:b", [])]
+    assert records[1].to_dict()["resource_dir"] == str(data_dir / "kernels" / "kbundle-b")
+
+
+def test_remove_only_kbundle_kernels(data_dir, tmp_path):
+    path = install_kernelspec("kbundle-gone", "gone", "img", str(tmp_path), [], "h")
+    assert remove_kernelspec("kbundle-gone") == path and not path.exists()
+    with pytest.raises(KbundleError, match="no kbundle kernel named 'kbundle-gone'"):
+        remove_kernelspec("kbundle-gone")
+    plain = data_dir / "kernels" / "python3"
+    plain.mkdir(parents=True)
+    (plain / "kernel.json").write_text(json.dumps({"argv": ["python"], "display_name": "P", "language": "python"}))
+    with pytest.raises(KbundleError):
+        remove_kernelspec("python3")
+    assert plain.exists()
+
+
+def test_never_overwrites_a_kernel_kbundle_did_not_install(data_dir, tmp_path):
+    plain = data_dir / "kernels" / "mine"
+    plain.mkdir(parents=True)
+    original = json.dumps({"argv": ["python"], "display_name": "Mine", "language": "python"})
+    (plain / "kernel.json").write_text(original)
+    with pytest.raises(KbundleError, match="did not install"):
+        install_kernelspec("mine", "x", "img", str(tmp_path), [], "h")
+    assert (plain / "kernel.json").read_text() == original
+
+
+def test_reinstall_replaces_kbundle_spec(data_dir, tmp_path):
+    install_kernelspec("kbundle-r", "r", "img:1", str(tmp_path), [], "h1")
+    install_kernelspec("kbundle-r", "r", "img:2", str(tmp_path), [], "h2")
+    assert [(r.image, r.bundle_hash) for r in list_kernelspecs()] == [("img:2", "h2")]
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "has space", "../up", "-dash", "a/b"])
+def test_bad_names_are_usage_errors(data_dir, tmp_path, name):
+    with pytest.raises(UsageError):
+        install_kernelspec(name, "x", "img", str(tmp_path), [], "h")
+
+
+def test_vscode_accepts_kbundle_spec(data_dir, tmp_path):
+    path = install_kernelspec("kbundle-vs", "vs", "img", str(tmp_path), [], "h")
+    assert vscode_problems(json.loads((path / "kernel.json").read_text())) == []
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"argv": ["kbundle-kernel", "-f", "{connection_file}"], "language": "python"}, "not an absolute path"),
+    ({"argv": ["/nonexistent/kbundle-kernel", "-f", "{connection_file}"], "language": "python"}, "not an existing"),
+    ({"argv": [os.path.realpath("/bin/sh"), "-f", "x.json"], "language": "python"}, "no {connection_file}"),
+    ({"argv": ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"], "language": "python"},
+     "VS Code replaces"),
+])
+def test_vscode_rules_catch_bad_specs(spec, problem):
+    problems = vscode_problems(spec)
+    assert any(problem in p for p in problems), problems
+
+
+# ----------------------------------------------------------------- launcher decisions (pure)
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(connection_file="/run/user/1/jupyter/kernel-abc.json", image="img", workdir="", gpus="none",
+                kernel_name="k", network="auto")
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+INFO = {"ip": "127.0.0.1", "transport": "tcp", "key": "secret-key", "shell_port": 5001, "iopub_port": 5002,
+        "stdin_port": 5003, "control_port": 5004, "hb_port": 5005, "signature_scheme": "hmac-sha256"}
+
+
+def _plan(tmp_path, environ=None, platform="linux", info=INFO, **kw):
+    return L.plan_launch(_args(**kw), info, cwd=str(tmp_path), uid=1000, gid=1000, groups=[1000, 27, 105],
+                         pid=os.getpid(), environ=environ or {}, platform=platform)
+
+
+@pytest.mark.parametrize("requested, environ, platform, expected", [
+    ("auto", {}, "linux", "host"),
+    ("auto", {"DOCKER_HOST": "unix:///var/run/docker.sock"}, "linux", "host"),
+    ("auto", {"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}, "linux", "bridge"),  # rootless
+    ("auto", {"DOCKER_HOST": "unix:///home/u/.docker/desktop/docker.sock"}, "linux", "bridge"),
+    ("auto", {"DOCKER_HOST": "tcp://10.0.0.2:2376"}, "linux", "bridge"),
+    ("auto", {}, "darwin", "bridge"),
+    ("auto", {"KBUNDLE_KERNEL_NETWORK": "bridge"}, "linux", "bridge"),
+    ("host", {"KBUNDLE_KERNEL_NETWORK": "bridge"}, "darwin", "host"),
+])
+def test_network_choice(requested, environ, platform, expected):
+    assert L.choose_network(requested, environ, platform) == expected
+
+
+def test_plan_keeps_the_key_out_and_names_the_container_from_the_connection_file(tmp_path):
+    plan = _plan(tmp_path)
+    assert "secret-key" not in repr(plan)
+    assert plan.name == L.container_name("/run/user/1/jupyter/kernel-abc.json") == _plan(tmp_path).name
+    assert plan.name != L.container_name("/run/user/1/jupyter/kernel-def.json")
+    assert plan.user == "1000:1000" and plan.group_add == ["27", "105"]
+    assert plan.workdir == plan.working_dir == str(tmp_path.resolve())
+    assert plan.network == "host" and plan.ports == []
+    assert "JPY_PARENT_PID" not in plan.environment
+    assert plan.labels[L.LABEL_KERNEL] == "1" and plan.labels[L.LABEL_PID] == str(os.getpid())
+    assert plan.labels[L.LABEL_START] == L.process_start(os.getpid()) != ""
+
+
+def test_bridge_plan_publishes_the_five_ports(tmp_path):
+    plan = _plan(tmp_path, environ={"KBUNDLE_KERNEL_NETWORK": "bridge"})
+    assert plan.ports == [5001, 5002, 5003, 5004, 5005]
+    assert json.loads(L.kernel_connection(INFO, "bridge"))["ip"] == "0.0.0.0"
+    line = L.kernel_connection(INFO, "host")
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == dict(INFO, ip="127.0.0.1")
+
+
+def test_working_dir_follows_a_notebook_in_a_subfolder(tmp_path):
+    sub = tmp_path / "chapter"
+    sub.mkdir()
+    plan = L.plan_launch(_args(workdir=str(tmp_path)), INFO, cwd=str(sub), uid=1, gid=1, groups=[], pid=1,
+                         environ={}, platform="linux")
+    assert (plan.workdir, plan.working_dir) == (str(tmp_path.resolve()), str(sub.resolve()))
+    outside = L.plan_launch(_args(workdir=str(sub)), INFO, cwd=str(tmp_path), uid=1, gid=1, groups=[], pid=1,
+                            environ={}, platform="linux")
+    assert outside.working_dir == str(sub.resolve())
+
+
+@pytest.mark.parametrize("workdir", ["/", "/usr", "/opt", "/opt/kbundle/env/lib", "/etc"])
+def test_refuses_mounts_that_hide_the_image(workdir, tmp_path):
+    with pytest.raises(L.LaunchError, match="refusing to mount"):
+        _plan(tmp_path, workdir=workdir)
+
+
+@pytest.mark.parametrize("info, message", [
+    (dict(INFO, ip="0.0.0.0"), "127.0.0.1 only"),
+    (dict(INFO, transport="ipc"), "transport"),
+])
+def test_refuses_connections_it_cannot_keep_local(tmp_path, info, message):
+    with pytest.raises(L.LaunchError, match=message):
+        _plan(tmp_path, info=info)
+
+
+def test_device_requests():
+    assert L.device_requests("none") == []
+    (all_gpus,) = L.device_requests("all")
+    assert all_gpus["Count"] == -1 and all_gpus["Capabilities"] == [["gpu"]]
+    (some,) = L.device_requests("device=0,2")
+    assert some["DeviceIDs"] == ["0", "2"]
+
+
+def test_bad_connection_file_is_one_error_line(tmp_path):
+    import subprocess
+
+    bad = tmp_path / "k.json"
+    bad.write_text("{not json")
+    proc = subprocess.run([str(launcher_path()), "--image", "img", "-f", str(bad)], capture_output=True, text=True,
+                          timeout=30)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"error: the connection file {bad} is not JSON\n")
