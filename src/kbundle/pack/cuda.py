@@ -226,6 +226,12 @@ def choose(
             image, os_name = tag
             choice = CudaChoice(cuda, cudnn, False, image, base_tags()["glibc"][os_name], f"{why}; the image provides CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else ""))
             return _with_override(choice, base_image)
+        if tag:
+            # The CUDA tag lives but with another cuDNN major: CUDA from the image, cuDNN from conda.
+            image, os_name = _live_tag(cuda, "runtime")
+            why += f"; the image provides CUDA {cuda}, the environment brings cuDNN {cudnn}"
+            choice = CudaChoice(cuda, cudnn, False, image, base_tags()["glibc"][os_name], why, None, _cudnn_package(cudnn), env_libs=True)
+            return _with_override(choice, base_image)
         added = _runtime_packages(cuda, cudnn)
         gone = base_tags()["deleted"].get(cuda)
         why += f"; nvidia/cuda:{gone} was deleted (end of life)" if gone else f"; no published nvidia/cuda {cuda} image with cuDNN {cudnn}"
@@ -234,19 +240,24 @@ def choose(
         why += "; the environment carries its own CUDA runtime"
     image, base_cuda = _carried_base(cuda)
     require = f"cuda>={cuda}" if base_cuda != cuda else None
-    choice = CudaChoice(cuda, cudnn, True, image, _glibc_for(image), why + f"; base {image}", require, added)
+    # Put the env's lib/ on LD_LIBRARY_PATH only when a conda CUDA runtime lives there.
+    env_libs = bool(added) or any(r.source == "conda" for r in runtimes + cudnn_runtimes)
+    choice = CudaChoice(cuda, cudnn, True, image, _glibc_for(image), why + f"; base {image}", require, added, env_libs)
     return _with_override(choice, base_image)
 
 
 def _runtime_packages(cuda: str, cudnn: str | None) -> tuple[Added, ...]:
     table = frameworks()["conda_runtime"]
-    entry = table.get(cuda)
-    if not entry:
-        raise UsageError(f"no published nvidia/cuda image and no conda runtime known for CUDA {cuda}; pass --base-image")
+    specs = table.get(cuda)
+    if not specs:
+        raise UsageError(f"no published nvidia/cuda image and no conda CUDA runtime known for CUDA {cuda}; pass --base-image")
+    cudnn = cudnn or table["default_cudnn"].get(cuda.split(".")[0], "8.9")
     reason = f"no live nvidia/cuda {cuda} image; the environment brings the CUDA runtime"
-    specs = [Added(f"cudatoolkit={entry['cudatoolkit']}", reason)]
-    specs.append(Added(f"cudnn={cudnn or entry['cudnn']}", reason))
-    return tuple(specs)
+    return tuple(Added(spec.format(cudnn=cudnn), reason) for spec in specs)
+
+
+def _cudnn_package(cudnn: str) -> tuple[Added, ...]:
+    return (Added(f"cudnn={cudnn}", "the base image's cuDNN is another major version"),)
 
 
 def _with_override(choice: CudaChoice, base_image: str | None) -> CudaChoice:

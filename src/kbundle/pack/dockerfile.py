@@ -20,6 +20,7 @@ class DockerfileInputs:
     cuda: str | None
     cudnn: str | None
     runtime_in_env: bool
+    env_libs: bool
     base_image: str
     base_reason: str
     require_cuda: str | None

@@ -24,8 +24,18 @@ def parse_conda_spec(raw: str) -> CondaSpec:
     if not match:
         raise UsageError(f"cannot read the conda dependency {raw!r}")
     name, rest, channel = match["name"], match["rest"].strip(), match["channel"]
+    spaced = match["rest"][:1].isspace()
     version = build = constraint = None
-    if rest.startswith("==") and not re.search(r"[<>!,|*]", rest[2:]):
+    if spaced:
+        # `python 3.8`, `numpy 1.2 py_0` or `numpy >=1.20`: space-separated MatchSpec forms.
+        pieces = rest.split()
+        if len(pieces) == 1 and re.match(r"^[\d.]+$", pieces[0]):
+            version = pieces[0]
+        elif len(pieces) == 2 and re.match(r"^[\d.]+$", pieces[0]):
+            version, build = pieces
+        else:
+            constraint = rest
+    elif rest.startswith("==") and not re.search(r"[<>!,|*]", rest[2:]):
         version = rest[2:].strip() or None
     elif rest.startswith("=") and not rest.startswith("=="):
         parts = rest[1:].split("=")
@@ -34,17 +44,8 @@ def parse_conda_spec(raw: str) -> CondaSpec:
             build = parts[1] if len(parts) == 2 and parts[1] else None
         else:
             constraint = rest
-    elif rest and " " not in rest.strip() and re.match(r"^\d", rest):
-        constraint = rest
     elif rest:
-        # `python 3.8` or `numpy >=1.20`: space-separated MatchSpec forms.
-        pieces = rest.split()
-        if len(pieces) == 1 and re.match(r"^[\d.]+$", pieces[0]):
-            version = pieces[0]
-        elif len(pieces) == 2 and re.match(r"^[\d.]+$", pieces[0]):
-            version, build = pieces
-        else:
-            constraint = rest
+        constraint = rest
     return CondaSpec(raw=text, name=name.lower(), channel=channel, version=version, build=build, constraint=constraint)
 
 

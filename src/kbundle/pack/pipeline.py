@@ -196,6 +196,7 @@ def pack(options: PackOptions, progress=None) -> PackResult:
             cuda=choice.cuda,
             cudnn=choice.cudnn,
             runtime_in_env=choice.runtime_in_env,
+            env_libs=choice.env_libs,
             base_image=choice.base_image,
             base_reason=choice.reason.replace("\n", " "),
             require_cuda=choice.require_cuda,

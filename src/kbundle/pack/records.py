@@ -68,7 +68,7 @@ class CudaChoice:
     reason: str
     require_cuda: str | None = None  # NVIDIA_REQUIRE_CUDA for the image, when it differs from the base
     added: tuple[Added, ...] = ()
-
+    env_libs: bool = False  # the env's lib/ holds CUDA libraries a pip framework must find
 
 @dataclass(frozen=True)
 class LockResult:
