@@ -97,8 +97,9 @@ def check_member_name(name: str) -> None:
 
 
 def _is_link_or_special(info: zipfile.ZipInfo) -> bool:
-    mode = info.external_attr >> 16
-    return bool(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+    # Only unix-made zips set the file-type bits; a plain mode (0o600) is a regular file.
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    return bool(kind) and kind not in (stat.S_IFREG, stat.S_IFDIR)
 
 
 def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
@@ -205,7 +206,10 @@ def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike, members: li
             raise BundleError(f"member {name!r} would be written outside {dest}")
         target.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL: never clobber, never follow a link planted at the target.
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except FileExistsError:
+            raise BundleError(f"refusing to overwrite {target} while extracting {path}") from None
         with os.fdopen(fd, "wb") as out:
             out.write(data)
         written.append(target)
