@@ -148,6 +148,7 @@ def build(client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path
                 if "stream" in event:
                     text = event["stream"]
                     log.write(text)
+                    log.flush()  # the log is how a person (or a test) follows a long build
                     for line in text.splitlines():
                         if line.strip():
                             tail.append(line.rstrip())

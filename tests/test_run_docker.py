@@ -1,0 +1,261 @@
+"""`kbundle run` against the real engine and the offline world's channel, with real Jupyter clients.
+
+One bundle is packed and built once per session (`built_run`); the other tests reuse it.
+Kernels go to a temporary JUPYTER_DATA_DIR and packages to a temporary kbundle cache.
+Images built here are removed at the end of the session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.docker
+
+KBUNDLE = str(Path(sys.executable).parent / "kbundle")
+
+NOTEBOOK = {
+    "cells": [{"cell_type": "code", "execution_count": 1, "id": "c1", "metadata": {},
+               "outputs": [{"name": "stdout", "output_type": "stream", "text": "3\n"}],
+               "source": "from tabulate import tabulate\nprint(1 + 2)"}],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    "nbformat": 4, "nbformat_minor": 5,
+}
+
+
+@pytest.fixture(scope="session")
+def run_env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("kbundle-run")
+    env = dict(os.environ)
+    env["JUPYTER_DATA_DIR"] = str(root / "jupyter")
+    env["KBUNDLE_CACHE_DIR"] = str(root / "cache")
+    env.pop("JUPYTER_PATH", None)
+    return env
+
+
+def kbundle(args, env, cwd=None, timeout=300, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+    return subprocess.run([KBUNDLE, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, stdin=stdin)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def pack(world, env, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.ipynb").write_text(json.dumps(NOTEBOOK))
+    (folder / "environment.yml").write_text(
+        f"name: {name}\nchannels:\n  - {world['channel']}\ndependencies:\n"
+        f"  - python={world['python']}\n  - numpy\n  - ipykernel\n  - pip\n  - pip:\n    - tabulate==0.9.0\n")
+    out = folder / f"{name}.kbundle"
+    proc = kbundle(["pack", f"{name}.ipynb", "-e", "environment.yml", "--channel", world["channel"],
+                    "--base-image", world["base_image"], "-o", out], env, cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def session_tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def built_run(world, run_env, tmp_path_factory, docker_client, session_tag):
+    """Pack → `kbundle run --gpus auto --json --yes`, once; yields (json, stderr, bundle path, cwd)."""
+    cwd = tmp_path_factory.mktemp("recipient")
+    bundle = pack(world, run_env, tmp_path_factory.mktemp("sender"), f"kbt-{session_tag}")
+    proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--gpus", "auto", "--json", "--yes"],
+                   run_env, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    yield data, proc.stderr, bundle, cwd
+    for container in docker_client.containers.list(all=True, filters={"ancestor": data["image"]}):
+        container.remove(force=True)
+    docker_client.images.remove(data["image"], force=True)
+
+
+def test_run_reports_the_built_kernel(built_run, world, run_env):
+    data, stderr, bundle, cwd = built_run
+    assert data["built"] is True
+    assert data["gpus"] == []
+    assert data["kernel_name"] == f"kbundle-kbt-{bundle.stem.split('-')[-1]}"
+    assert data["image"].startswith(f"kbundle/{bundle.stem}:")
+    assert Path(data["workdir"]) == cwd / bundle.stem  # default ./<name>/
+    assert isinstance(data["seconds"], float) and data["seconds"] > 0
+    notebook = json.loads((Path(data["workdir"]) / f"{bundle.stem}.ipynb").read_text())
+    assert notebook["metadata"]["kernelspec"]["name"] == data["kernel_name"]
+    listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
+    assert [k["image"] for k in listed if k["name"] == data["kernel_name"]] == [data["image"]]
+
+
+def test_auto_gpus_on_this_engine_is_cpu_with_a_warning(built_run):
+    data, stderr, _, _ = built_run
+    assert data["gpus"] == []
+    assert any(ln.startswith("warning:") and "runs on CPU" in ln for ln in stderr.splitlines()), stderr
+
+
+def test_image_is_labelled_with_bundle_and_kbundle_version(built_run, docker_client):
+    from kbundle import __version__
+
+    data, _, bundle, _ = built_run
+    labels = docker_client.images.get(data["image"]).labels
+    assert labels["kbundle.version"] == __version__
+    from kbundle.bundle import open_bundle
+
+    assert labels["kbundle.bundle_hash"] == open_bundle(bundle).manifest.content_hash
+
+
+def test_kernel_runs_inside_the_image_and_leaves_no_container(built_run, run_env, docker_client, monkeypatch):
+    from jupyter_client.manager import KernelManager
+
+    data = built_run[0]
+    monkeypatch.setenv("JUPYTER_DATA_DIR", run_env["JUPYTER_DATA_DIR"])
+    km = KernelManager(kernel_name=data["kernel_name"])
+    km.start_kernel()
+    try:
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        out = []
+        code = ("import json, sys, numpy, tabulate\n"
+                "print(json.dumps({'prefix': sys.prefix, 'numpy': numpy.__file__, 'tab': tabulate.__version__}))")
+        reply = kc.execute_interactive(code, timeout=60, output_hook=lambda m: out.append(m))
+        assert reply["content"]["status"] == "ok"
+        text = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+        facts = json.loads(text)
+        assert facts["prefix"] == "/opt/kbundle/env"
+        assert facts["numpy"].startswith("/opt/kbundle/env/lib/python")
+        assert facts["tab"] == "0.9.0"
+        kc.stop_channels()
+    finally:
+        km.shutdown_kernel()
+    deadline = time.monotonic() + 20
+    while docker_client.containers.list(all=True, filters={"ancestor": data["image"]}):
+        assert time.monotonic() < deadline, "a kernel container outlived shutdown"
+        time.sleep(0.5)
+
+
+def test_warm_run_starts_no_build(built_run, world, run_env, docker_client):
+    data, _, bundle, cwd = built_run
+    time.sleep(1.1)  # events are filtered by whole seconds: keep earlier tests' containers out
+    since = int(time.time())
+    proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--json", "--yes"], run_env, cwd=cwd)
+    until = int(time.time()) + 1
+    assert proc.returncode == 0, proc.stderr
+    warm = json.loads(proc.stdout)
+    assert warm["built"] is False
+    assert warm["image"] == data["image"] and warm["image_id"] == data["image_id"]
+    events = list(docker_client.events(since=since, until=until, decode=True))
+    # The legacy builder creates a container per RUN step and tags the result: neither happened.
+    assert not [e for e in events if e.get("Type") == "container" and e.get("Action") == "create"], events
+    assert not [e for e in events if e.get("Type") == "image" and e.get("Action") == "tag"], events
+
+
+def test_gpus_all_names_the_missing_nvidia_runtime(built_run, world, run_env):
+    _, _, bundle, cwd = built_run
+    proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--gpus", "all", "--yes"], run_env, cwd=cwd)
+    assert_clean_error(proc, "NVIDIA runtime", "--gpus none")
+
+
+def test_unreachable_daemon_is_one_line(built_run, run_env):
+    _, _, bundle, cwd = built_run
+    env = dict(run_env, DOCKER_HOST="unix:///nonexistent.sock")
+    assert_clean_error(kbundle(["run", bundle, "--yes"], env, cwd=cwd), "/nonexistent.sock", "Docker daemon")
+    assert_clean_error(kbundle(["doctor"], env), "/nonexistent.sock")
+
+
+def test_doctor_json_matches_this_engine(run_env):
+    proc = kbundle(["doctor", "--json"], run_env)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["docker"]["reachable"] is True and report["docker"]["gpu_capable"] is False
+    assert report["gpus"] == [] and any(f["level"] == "warn" for f in report["findings"])
+
+
+def test_without_yes_and_no_terminal_it_asks_for_yes(world, run_env, tmp_path, session_tag):
+    bundle = pack(world, run_env, tmp_path / "s", f"kbt-ask-{session_tag}")
+    proc = kbundle(["run", bundle, "--base-image", world["base_image"]], run_env, cwd=tmp_path)
+    assert_clean_error(proc, "--yes")
+    listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
+    assert f"kbundle-kbt-ask-{session_tag}" not in [k["name"] for k in listed]
+    assert (tmp_path / bundle.stem / ".kbundle" / "Dockerfile").is_file()  # there to review
+
+
+def rewrite_dockerfile(bundle: Path, target: Path, name: str, extra_step: str) -> Path:
+    """The same bundle under another name, with `extra_step` after FROM (resealed, so it verifies)."""
+    import dataclasses
+
+    from kbundle.bundle import open_bundle, write_bundle
+
+    b = open_bundle(bundle)
+    members = dict(b.members)
+    lines = b.dockerfile_text.splitlines(keepends=True)
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("FROM ")) + 1
+    members["Dockerfile"] = "".join(lines[:at] + [extra_step + "\n"] + lines[at:]).encode()
+    write_bundle(target, dataclasses.replace(b.manifest, name=name, files=[], content_hash=""), members)
+    return target
+
+
+def _no_trace(docker_client, run_env, name: str, log: Path) -> None:
+    assert not [i for i in docker_client.images.list(name=f"kbundle/{name}")], "a half-built image was tagged"
+    listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
+    assert f"kbundle-{name}" not in [k["name"] for k in listed]
+    cache = Path(run_env["KBUNDLE_CACHE_DIR"]) / "contexts"
+    assert not list(cache.iterdir()) if cache.exists() else True, "the build context was left behind"
+
+
+def test_failed_build_leaves_no_image_and_no_kernel(built_run, world, run_env, docker_client, tmp_path,
+                                                     session_tag):
+    name = f"kbt-fail-{session_tag}"
+    bundle = rewrite_dockerfile(built_run[2], tmp_path / "fail.kbundle", name, "RUN echo failing-on-purpose && false")
+    proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--yes"], run_env, cwd=tmp_path)
+    line = assert_clean_error(proc, "build failed", "build.log")
+    assert "failing-on-purpose" in (tmp_path / name / ".kbundle" / "build.log").read_text(), line
+    _no_trace(docker_client, run_env, name, tmp_path / name / ".kbundle" / "build.log")
+
+
+def test_interrupted_build_leaves_no_image_and_no_kernel(built_run, world, run_env, docker_client, tmp_path,
+                                                          session_tag):
+    name = f"kbt-int-{session_tag}"
+    bundle = rewrite_dockerfile(built_run[2], tmp_path / "int.kbundle", name, "RUN sleep 120")
+    log = tmp_path / name / ".kbundle" / "build.log"
+    proc = subprocess.Popen([KBUNDLE, "run", str(bundle), "--base-image", world["base_image"], "--yes"],
+                            env=run_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "sleep 120" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+        time.sleep(0.2)
+    time.sleep(1.0)  # the RUN step's container is running now
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    _no_trace(docker_client, run_env, name, log)
+    deadline = time.monotonic() + 30  # the engine cancels the step and removes its container
+    while [c for c in docker_client.containers.list(all=True) if "sleep 120" in " ".join(c.attrs["Config"]["Cmd"] or [])]:
+        assert time.monotonic() < deadline, "the interrupted build's container kept running"
+        time.sleep(0.5)
+
+
+def test_kernels_remove(built_run, run_env):
+    data = built_run[0]
+    proc = kbundle(["kernels", "remove", data["kernel_name"]], run_env)
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
+    assert data["kernel_name"] not in [k["name"] for k in listed]
+    assert_clean_error(kbundle(["kernels", "remove", data["kernel_name"]], run_env), data["kernel_name"])
