@@ -49,12 +49,14 @@ def channel_urls(channels: list[str]) -> list[str]:
 def _reachable(url: str, timeout: float) -> bool:
     if url.startswith("file://"):
         return Path(urllib.request.url2pathname(url[len("file://"):])).is_dir()
+    # Every conda channel has noarch/repodata.json. Only a real answer counts: an
+    # intercepting proxy answers 404/403 for hosts it will not reach.
     request = urllib.request.Request(f"{url}/noarch/repodata.json", method="HEAD")
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return True
-    except urllib.error.HTTPError:
-        return True  # the server answered; the solve will say what is missing
+    except urllib.error.HTTPError as exc:
+        return exc.code in (401, 405)  # needs a login (rattler has one), or refuses HEAD
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
@@ -84,7 +86,7 @@ def lock(env: NormalisedEnv, choice: CudaChoice, mode: str, status=None) -> Lock
     urls = channel_urls(env.channels)
     down = unreachable(urls)
     if down:
-        message = f"channels unreachable ({', '.join(down)})"
+        message = f"channels unreachable ({', '.join(down)} did not answer with a conda index)"
         if mode == "always":
             raise LockError(f"cannot lock: {message}; use --channel to point at a mirror, or --lock auto")
         return LockResult(False, None, note=f"{message}: wrote an unlocked bundle; the recipient will resolve it")

@@ -175,7 +175,7 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     if options.lock != "never":
         say("Locking the environment for linux-64 with rattler…")
     result = lock(env, choice, options.lock)
-    python = env.python or result.python
+    python = result.python or env.python  # the solved version is the precise one
 
     nb_member = WORK_DIR + options.notebook.name
     original_path, original_bytes = _original_member(raw, options)
