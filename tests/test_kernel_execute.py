@@ -125,7 +125,9 @@ def test_execute_notebook_reports_each_cell(kernel):
     statuses = [(c.index, c.status) for c in report.cells]
     assert statuses == [(0, "same"), (2, "volatile"), (3, "numeric-close"), (4, "same"), (5, "differs"),
                         (6, "same"), (7, "error"), (8, "not-run")]
-    assert report.errored
+    assert report.errored and report.exit_code == 1
+    rendered = str(report.render())
+    assert "ZeroDivisionError: division by zero" in rendered and "+changed" in rendered
     assert report.cells[6].detail == "ZeroDivisionError: division by zero"
     assert "+changed" in report.cells[4].detail
     executed = nbformat.read(str(out), as_version=4)
@@ -147,7 +149,7 @@ def test_clean_notebook_is_not_errored(kernel):
     nbformat.write(_notebook([("code", "print('hi')", [stream("hi\n")])]), str(source))
     report = execute_notebook(source, kernel_name, work / "ok.out.ipynb")
     assert not report.errored and [c.status for c in report.cells] == ["same"]
-    assert report.summary_lines()[-1].startswith("1 code cells: 1 same")
+    assert report.summary_lines()[-1].startswith("1 code cells: 1 same") and report.exit_code == 0
 
 
 def test_refuses_to_overwrite_the_reference(tmp_path):

@@ -17,8 +17,8 @@ sender saved:
 - `error`: the cell raised (detail: `Name: message`); `not-run`: after an error;
 - `no-reference`: the sender saved no outputs for this cell but it produced some now.
 
-`Report.errored` is true when a cell raised; `Report.to_dict()` is the `--json` form and
-`Report.summary_lines()` the human one. `compare_outputs(saved, new)` is the pure core.
+`Report.errored` is true when a cell raised (`Report.exit_code` is then 1);
+`Report.to_dict()` is the `--json` form, `Report.summary_lines()` / `Report.render()` the human one. `compare_outputs(saved, new)` is the pure core.
 """
 
 from __future__ import annotations
@@ -94,6 +94,17 @@ class Report:
     @property
     def errored(self) -> bool:
         return any(c.status == ERROR for c in self.cells)
+
+    @property
+    def exit_code(self) -> int:
+        """What `kbundle run --execute` exits with: non-zero when a cell raised."""
+        return 1 if self.errored else 0
+
+    def render(self) -> Any:
+        """The summary as a rich Text (printed literally: outputs may contain `[...]`)."""
+        from rich.text import Text
+
+        return Text("\n".join(self.summary_lines()))
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
