@@ -1,0 +1,224 @@
+"""`kbundle gc`: find what dead kernels and unused bundles left behind, then remove it.
+
+- `plan_gc(client, ...) -> GcPlan` lists, removing nothing:
+  - kernel containers (label `kbundle.kernel=1`) started on this host whose launcher is
+    gone: its pid is dead, or now belongs to a process that started at another time;
+  - kbundle images (label `kbundle.bundle_hash`) that no registered kbundle kernel names
+    and no container uses;
+  - extracted bundles nobody uses: build contexts left in kbundle's cache by a build that
+    was killed, and extraction scratch dirs (`.kbundle/extract-*`) in kernels' workdirs,
+    both only when older than `STALE_AFTER_S` (a build may be running right now).
+  A user's working directory is never a candidate: it holds their notebook and edits.
+- `apply_gc(plan, client) -> GcResult` removes the listed items and says what failed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from kbundle.errors import KbundleError
+from kbundle.kernel import launcher as L
+
+IMAGE_LABEL = "kbundle.bundle_hash"
+STALE_AFTER_S = 6 * 3600
+CONTAINER, IMAGE, DIRECTORY = "container", "image", "directory"
+
+
+@dataclass(frozen=True)
+class GcItem:
+    kind: str  # container | image | directory
+    ref: str  # container id, image tag or id, absolute path
+    name: str  # what a person recognises
+    reason: str
+    size: Optional[int] = None  # bytes, where known
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GcPlan:
+    items: list[GcItem] = field(default_factory=list)
+
+    def of(self, kind: str) -> list[GcItem]:
+        return [i for i in self.items if i.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"items": [i.to_dict() for i in self.items]}
+
+
+@dataclass
+class GcResult:
+    removed: list[GcItem] = field(default_factory=list)
+    failed: list[tuple[GcItem, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"removed": [i.to_dict() for i in self.removed],
+                "failed": [dict(i.to_dict(), error=e) for i, e in self.failed]}
+
+
+def connect():
+    import docker
+
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+        return client
+    except Exception as exc:
+        raise KbundleError(f"cannot reach the Docker engine ({exc.__class__.__name__}); is it running?") from None
+
+
+def launcher_alive(labels: dict[str, str], host: str) -> Optional[bool]:
+    """Whether the container's launcher still runs; None when it ran on another host."""
+    if labels.get(L.LABEL_HOST) != host:
+        return None
+    try:
+        pid = int(labels.get(L.LABEL_PID, ""))
+    except ValueError:
+        return False
+    start = labels.get(L.LABEL_START, "")
+    if start:
+        return L.process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+
+
+def plan_gc(client, *, kernels: Optional[list] = None, host: Optional[str] = None,
+            contexts_dir: Optional[Path] = None, now: Optional[float] = None) -> GcPlan:
+    """What `kbundle gc` would remove (nothing is removed here)."""
+    from kbundle.kernel.spec import list_kernelspecs
+
+    kernels = list_kernelspecs() if kernels is None else kernels
+    host = host or socket.gethostname()
+    now = time.time() if now is None else now
+    plan = GcPlan()
+    plan.items += _dead_kernel_containers(client, host)
+    plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
+    plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else _contexts_dir(), now)
+    return plan
+
+
+def _dead_kernel_containers(client, host: str) -> list[GcItem]:
+    items = []
+    for c in client.api.containers(all=True, filters={"label": f"{L.LABEL_KERNEL}=1"}):
+        labels = c.get("Labels") or {}
+        if launcher_alive(labels, host) is not False:
+            continue
+        name = (c.get("Names") or ["?"])[0].lstrip("/")
+        kernel = labels.get(L.LABEL_KERNEL_NAME) or "?"
+        items.append(GcItem(CONTAINER, c["Id"], name,
+                            f"kernel {kernel}: its launcher (pid {labels.get(L.LABEL_PID, '?')}) is gone; "
+                            f"{c.get('State', '?')}"))
+    return items
+
+
+def _unused_images(client, kernels: list, leaving: set[str]) -> list[GcItem]:
+    import docker
+
+    wanted_ids = set()
+    wanted_tags = {k.image for k in kernels if k.image}
+    for tag in wanted_tags:
+        try:
+            wanted_ids.add(client.api.inspect_image(tag)["Id"])
+        except docker.errors.NotFound:
+            pass
+    # Containers the plan removes no longer hold their image.
+    used_ids = {c.get("ImageID") for c in client.api.containers(all=True) if c["Id"] not in leaving}
+    items = []
+    for image in client.api.images(filters={"label": IMAGE_LABEL}):
+        if image["Id"] in wanted_ids or image["Id"] in used_ids:
+            continue
+        tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+        labels = image.get("Labels") or {}
+        for ref in tags or [image["Id"]]:
+            items.append(GcItem(IMAGE, ref, ref, f"bundle {labels.get(IMAGE_LABEL, '?')[:19]}: no registered kernel "
+                                                 "uses it", image.get("Size")))
+    return items
+
+
+def _contexts_dir() -> Path:
+    from kbundle.build.env import cache_root
+
+    return cache_root() / "contexts"
+
+
+def _stale_directories(kernels: list, contexts_dir: Path, now: float) -> list[GcItem]:
+    candidates = []
+    if contexts_dir.is_dir():
+        candidates += [(p, "build context of an interrupted build") for p in contexts_dir.iterdir() if p.is_dir()]
+    for kernel in kernels:
+        scratch = Path(kernel.workdir) / ".kbundle" if kernel.workdir else None
+        if scratch and scratch.is_dir():
+            candidates += [(p, f"unfinished extraction for kernel {kernel.name}") for p in scratch.glob("extract-*")
+                           if p.is_dir()]
+    items = []
+    for path, reason in candidates:
+        age = now - _newest_mtime(path)
+        if age >= STALE_AFTER_S:
+            items.append(GcItem(DIRECTORY, str(path.resolve()), path.name,
+                                f"{reason}, untouched for {age / 3600:.0f} h", _du(path)))
+    return items
+
+
+def _newest_mtime(path: Path) -> float:
+    """The latest mtime of the directory and its direct entries (a build writes there)."""
+    newest = path.lstat().st_mtime
+    try:
+        for entry in os.scandir(path):
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    except OSError:
+        pass
+    return newest
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def apply_gc(plan: GcPlan, client) -> GcResult:
+    """Remove the plan's items: containers first (they hold images), then images, then directories."""
+    import docker
+
+    result = GcResult()
+    for item in plan.of(CONTAINER) + plan.of(IMAGE) + plan.of(DIRECTORY):
+        try:
+            if item.kind == CONTAINER:
+                client.api.remove_container(item.ref, force=True)
+            elif item.kind == IMAGE:
+                client.api.remove_image(item.ref, noprune=False)
+            else:
+                shutil.rmtree(item.ref)
+            result.removed.append(item)
+        except docker.errors.NotFound:
+            result.removed.append(item)  # gone already (an auto-removed container): what we wanted
+        except (docker.errors.APIError, OSError) as exc:
+            result.failed.append((item, str(getattr(exc, "explanation", None) or exc)))
+    return result
+
+
+def human_size(size: Optional[int]) -> str:
+    if size is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""
