@@ -1,0 +1,123 @@
+"""The rendered Dockerfile against the real Docker engine, on the offline world's Debian
+base image: the image contract of docs/architecture.md (env at /opt/kbundle/env, pip
+wheels with --no-index, activating ENTRYPOINT, non-root user, labels, env layer cached
+apart from the notebook)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import world as world_module  # noqa: E402
+from test_pack_cli import kbundle, notebook  # noqa: E402
+
+pytestmark = pytest.mark.docker
+LABEL = {"kbundle.test": "1"}
+
+
+def _wheel(folder: Path) -> Path:
+    """A tiny pure-Python wheel, so the pip step has something real to install offline."""
+    path = folder / "kbtestwheel-1.0-py3-none-any.whl"
+    files = {
+        "kbtestwheel/__init__.py": b"VALUE = 'from-the-wheel'\n",
+        "kbtestwheel-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: kbtestwheel\nVersion: 1.0\n",
+        "kbtestwheel-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "kbtestwheel-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("kbtestwheel-1.0.dist-info/RECORD", record)
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(world, docker_client, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("image")
+    env_file = tmp / "environment.yml"
+    env_file.write_text(f"name: img\nchannels: [defaults]\ndependencies:\n  - python={world['python']}\n  - numpy\n"
+                        "  - pip\n  - pip:\n    - kbtestwheel==1.0\n")
+    nb = notebook(tmp, name="image-test.ipynb")
+    out = tmp / "image-test.kbundle"
+    result = kbundle("pack", nb, "-e", env_file, "-o", out, "--channel", world["channel"],
+                     "--base-image", world["base_image"], "--lock", "always")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(zipfile.ZipFile(out).read("kbundle.json"))
+
+    ctx = tmp / "ctx"
+    staging = tmp / "stage"
+    world_module.solve_and_install(world["channel"], world_module.ENV_SPECS + ["pip"], staging)
+    shutil.copytree(staging, ctx / "env", symlinks=True)
+    (ctx / "env/etc/conda/activate.d").mkdir(parents=True, exist_ok=True)
+    (ctx / "env/etc/conda/activate.d/kbtest.sh").write_text("export KBTEST_ACTIVATED=yes\n")
+    nvidia = ctx / f"env/lib/python{world['python']}/site-packages/nvidia/cublas/lib"
+    nvidia.mkdir(parents=True)
+    (ctx / "pip/wheels").mkdir(parents=True)
+    _wheel(ctx / "pip/wheels")
+    (ctx / "pip/requirements.txt").write_text("\n".join(manifest["pip"]) + "\n")
+    with zipfile.ZipFile(out) as zf:
+        (ctx / "Dockerfile").write_bytes(zf.read("Dockerfile"))
+        (ctx / "work").mkdir()
+        (ctx / "work/image-test.ipynb").write_bytes(zf.read("work/image-test.ipynb"))
+
+    tag = f"kbundle-test/pack-image:{hashlib.sha256((ctx / 'Dockerfile').read_bytes()).hexdigest()[:12]}"
+    docker_client.images.build(path=str(ctx), tag=tag, rm=True, forcerm=True, labels=LABEL)
+    yield {"tag": tag, "ctx": ctx, "manifest": manifest, "nvidia": nvidia}
+    for image in docker_client.images.list(filters={"label": "kbundle.test=1", "reference": "kbundle-test/pack-image*"}):
+        try:
+            docker_client.images.remove(image.id, force=True)
+        except Exception:
+            pass
+
+
+def _run(docker_client, tag: str, *cmd: str) -> str:
+    return docker_client.containers.run(tag, list(cmd), remove=True, labels=LABEL).decode()
+
+
+PROBE = """
+import json, os, sys
+import ipykernel, numpy, kbtestwheel
+print(json.dumps({"prefix": sys.prefix, "conda_prefix": os.environ.get("CONDA_PREFIX"),
+  "activated": os.environ.get("KBTEST_ACTIVATED"), "ld": os.environ.get("LD_LIBRARY_PATH", ""),
+  "uid": os.getuid(), "cwd": os.getcwd(), "wheel": kbtestwheel.VALUE,
+  "notebook": os.path.exists("/opt/kbundle/work/image-test.ipynb")}))
+"""
+
+
+def test_image_runs_the_envs_python_activated_as_non_root(built, docker_client):
+    out = json.loads(_run(docker_client, built["tag"], "python", "-c", PROBE).strip().splitlines()[-1])
+    assert out["prefix"] == "/opt/kbundle/env" and out["conda_prefix"] == "/opt/kbundle/env"
+    assert out["activated"] == "yes"  # etc/conda/activate.d/*.sh ran
+    assert "/opt/kbundle/env/lib/python" in out["ld"] and "nvidia/cublas/lib" in out["ld"]
+    assert out["uid"] != 0
+    assert out["wheel"] == "from-the-wheel"  # the pip step installed from pip/wheels, offline
+    assert out["notebook"] and out["cwd"] == "/opt/kbundle/work"
+
+
+def test_image_labels_carry_the_bundle_identity(built, docker_client):
+    labels = docker_client.images.get(built["tag"]).labels
+    manifest = built["manifest"]
+    assert labels["org.kbundle.name"] == manifest["name"] == "image-test"
+    assert labels["org.kbundle.content-hash"] == manifest["content_hash"]
+    assert labels["org.kbundle.format"] == "1"
+
+
+def test_a_new_notebook_reuses_the_environment_layer(built, docker_client):
+    ctx = built["ctx"]
+    (ctx / "work/image-test.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}')
+    tag = built["tag"] + "-nb2"
+    logs = docker_client.api.build(path=str(ctx), tag=tag, rm=True, forcerm=True, labels=LABEL, decode=True)
+    lines = "".join(chunk.get("stream", "") for chunk in logs)
+    steps = lines.split("Step ")
+    env_step = next(s for s in steps if "COPY env/" in s)
+    pip_step = next(s for s in steps if "pip install" in s)
+    work_step = next(s for s in steps if "COPY work/" in s)
+    assert "Using cache" in env_step and "Using cache" in pip_step
+    assert "Using cache" not in work_step
