@@ -312,3 +312,14 @@ def test_inspect_and_verify_bad_input(tmp_path):
     text.write_text("not a zip")
     assert_one_error_line(kbundle("inspect", text), "truncated or corrupt")
     assert_one_error_line(kbundle("inspect", tmp_path / "none.kbundle", "--json"), "does not exist")
+
+
+def test_summary_warns_above_the_mail_limit(tmp_path):
+    nb = notebook(tmp_path)
+    (tmp_path / "big.bin").write_bytes(os.urandom(21 * 1024 * 1024))  # random: deflate cannot shrink it
+    out = tmp_path / "big.kbundle"
+    result = kbundle("pack", nb, "-e", ENVFILE, "-o", out, "--lock", "never", "--include", tmp_path / "big.bin")
+    assert result.returncode == 0, result.stderr
+    warning = [l for l in result.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warning) == 1 and "20 MB" in warning[0]
+    assert "21.0 MB" in result.stdout or "MB" in warning[0]

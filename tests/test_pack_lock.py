@@ -4,7 +4,6 @@ failure messages, and the offline world's real http channel for success and fail
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 import zipfile
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from kbundle.errors import KbundleError
-from kbundle.pack.cuda import choose
 from kbundle.pack.lock import channel_urls, lock, unreachable
 from kbundle.pack.records import CudaChoice, NormalisedEnv
 

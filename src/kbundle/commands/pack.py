@@ -65,9 +65,15 @@ def pack(
     _summary(result)
 
 
-def _progress(message: str) -> None:
-    if sys.stderr.isatty():
-        typer.echo(message, err=True)
+def _progress(message: str):
+    """A spinner on stderr while a slow step runs; nothing when stderr is not a terminal."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message)
 
 
 def _summary(result) -> None:

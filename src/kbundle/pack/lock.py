@@ -21,7 +21,6 @@ from kbundle.pack.records import CudaChoice, LockResult, NormalisedEnv
 
 PLATFORM = "linux-64"
 PROBE_TIMEOUT_S = 3.0
-_OTHER_PLATFORMS = ("win-64", "osx-64", "osx-arm64")
 LINUX_VERSION = "5.4"  # any maintained kernel; only packages needing a newer one are excluded
 
 

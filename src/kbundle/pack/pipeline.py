@@ -148,13 +148,16 @@ def _label_safe(text: str) -> str:
 
 
 def pack(options: PackOptions, progress=None) -> PackResult:
+    """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
     from kbundle.pack import cuda as cuda_mod
     from kbundle.pack.discover import find_environment
     from kbundle.pack.dockerfile import DockerfileInputs, render
     from kbundle.pack.lock import lock
     from kbundle.pack.normalise import environment_yml, normalise
 
-    say = progress or (lambda message: None)
+    import contextlib
+
+    step = progress or (lambda message: contextlib.nullcontext())
     # Cheap checks first: bad input fails before any slow step.
     if options.lock not in ("auto", "always", "never"):
         raise UsageError(f"unknown --lock {options.lock!r}: use auto, always or never")
@@ -172,9 +175,8 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         env.channels = list(dict.fromkeys(options.channels))
     choice = cuda_mod.choose(cuda_mod.evidence(raw, env), options.cuda, options.base_image)
     cuda_mod.apply_added(env, choice)
-    if options.lock != "never":
-        say("Locking the environment for linux-64 with rattler…")
-    result = lock(env, choice, options.lock)
+    with step("Locking the environment for linux-64 with rattler…") if options.lock != "never" else contextlib.nullcontext():
+        result = lock(env, choice, options.lock)
     python = result.python or env.python  # the solved version is the precise one
 
     nb_member = WORK_DIR + options.notebook.name

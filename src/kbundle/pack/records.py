@@ -3,6 +3,7 @@ locking, rendering), so each module has one job and can be tested on its own."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from kbundle.bundle.format import Added, Dropped, Variant
@@ -70,6 +71,7 @@ class CudaChoice:
     added: tuple[Added, ...] = ()
     env_libs: bool = False  # the env's lib/ holds CUDA libraries a pip framework must find
 
+
 @dataclass(frozen=True)
 class LockResult:
     locked: bool
@@ -81,8 +83,6 @@ class LockResult:
 
 def spec_name(spec: str) -> str:
     """The package name of a normalised conda spec string."""
-    import re
-
     spec = spec.split("::", 1)[-1]
     match = re.match(r"[A-Za-z0-9_.\-]+", spec.strip())
     return match.group(0).lower() if match else spec
