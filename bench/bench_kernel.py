@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""Kernel start and interrupt latency: kbundle's container kernel vs native ipykernel vs dockernel.
+
+    .venv/bin/python bench/bench_kernel.py [--rounds 5] [--image TAG] [--pyc]
+
+- start: from `start_kernel()` to the `kernel_info` reply (jupyter_client's wait_for_ready);
+- interrupt: from `interrupt_kernel()` (sent once `time.sleep(60)`'s execute_input arrived)
+  to the KeyboardInterrupt error on iopub.
+
+All variants run in the same process, interleaved round by round, against the same image
+(the offline world's env image unless --image is given). dockernel (PyPI, `bench` extra)
+needs an image whose CMD starts ipykernel on $DOCKERNEL_CONNECTION_FILE; the bench derives
+one from the same image. `--pyc` adds both container kernels on a copy of the image whose
+environment was byte-compiled, to show what missing .pyc files cost at every start.
+Goal (issue 5): kbundle ≤ 1.5× native start, and no slower than dockernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+LABEL = {"kbundle.test": "1", "kbundle.bench": "1"}
+
+
+def env_image_tag(given: str | None) -> str:
+    if given:
+        return given
+    import world
+
+    return world.ensure_env_image(world.up())
+
+
+def derived_image(client, base: str, tag: str, lines: str) -> str:
+    dockerfile = f"FROM {base}\n{lines}\nLABEL kbundle.test=1 kbundle.bench=1\n"
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True)
+    return tag
+
+
+def write_spec(data_dir: Path, name: str, spec: dict) -> None:
+    d = data_dir / "kernels" / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "kernel.json").write_text(json.dumps(spec))
+
+
+async def one_run(kernel_name: str, cwd: str) -> tuple[float, float | None]:
+    from jupyter_client.manager import AsyncKernelManager
+
+    km = AsyncKernelManager(kernel_name=kernel_name)
+    t0 = time.perf_counter()
+    await km.start_kernel(cwd=cwd)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=120)
+        start = time.perf_counter() - t0
+        msg_id = kc.execute("import time; time.sleep(60)")
+        interrupted_at = None
+        interrupt = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                msg = await kc.get_iopub_msg(timeout=max(0.05, deadline - time.monotonic()))
+            except Exception:
+                break
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "execute_input" and interrupted_at is None:
+                interrupted_at = time.perf_counter()
+                await km.interrupt_kernel()
+            elif msg["msg_type"] == "error" and interrupted_at is not None:
+                interrupt = time.perf_counter() - interrupted_at
+                break
+        return start, interrupt
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+def cleanup_containers(client, images: list[str]) -> None:
+    for c in client.api.containers(all=True):
+        if c.get("Image") in images:
+            try:
+                client.api.remove_container(c["Id"], force=True)
+            except Exception:
+                pass
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--image", default=None)
+    p.add_argument("--pyc", action="store_true", help="also run both container kernels on a byte-compiled env")
+    args = p.parse_args()
+
+    import docker
+
+    from kbundle.kernel.launcher import container_name  # noqa: F401  (kbundle importable)
+    from kbundle.kernel.spec import install_kernelspec
+
+    client = docker.from_env(timeout=600)
+    image = env_image_tag(args.image)
+    dockernel_cmd = 'CMD ["sh", "-c", "exec python -m ipykernel_launcher -f \\"$DOCKERNEL_CONNECTION_FILE\\""]'
+    images = {"": image, "dockernel": derived_image(client, image, "kbundle-bench/dockernel:1", dockernel_cmd)}
+    if args.pyc:
+        compiled = derived_image(client, image, "kbundle-bench/pyc:1",
+                                 "RUN python -m compileall -q -j0 /opt/kbundle/env >/dev/null")
+        images["pyc"] = compiled
+        images["dockernel-pyc"] = derived_image(client, compiled, "kbundle-bench/dockernel-pyc:1", dockernel_cmd)
+
+    data_dir = Path(tempfile.mkdtemp(prefix="kbundle-bench-jupyter-"))
+    work = Path(tempfile.mkdtemp(prefix="kbundle-bench-work-"))
+    os.environ["JUPYTER_DATA_DIR"] = str(data_dir)
+    os.environ["JUPYTER_PATH"] = str(data_dir)
+    variants = {"native": "bench-native", "kbundle": "bench-kbundle", "dockernel": "bench-dockernel"}
+    write_spec(data_dir, "bench-native", {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                                   "{connection_file}"], "display_name": "native",
+                                          "language": "python", "interrupt_mode": "signal"})
+    install_kernelspec("bench-kbundle", "bench", image, str(work), [], "bench")
+    dockernel_spec = lambda img: {"argv": [sys.executable, "-m", "dockernel", "start", img, "{connection_file}"],
+                                  "display_name": "dockernel", "language": "python", "interrupt_mode": "message"}
+    write_spec(data_dir, "bench-dockernel", dockernel_spec(images["dockernel"]))
+    if args.pyc:
+        install_kernelspec("bench-kbundle-pyc", "bench pyc", images["pyc"], str(work), [], "bench")
+        write_spec(data_dir, "bench-dockernel-pyc", dockernel_spec(images["dockernel-pyc"]))
+        variants.update({"kbundle (pyc env)": "bench-kbundle-pyc", "dockernel (pyc env)": "bench-dockernel-pyc"})
+
+    results: dict[str, dict[str, list[float]]] = {v: {"start": [], "interrupt": []} for v in variants}
+    failures: dict[str, int] = {v: 0 for v in variants}
+    try:
+        for label, name in variants.items():  # warm-up: page cache, image layers
+            asyncio.run(one_run(name, str(work)))
+        for r in range(args.rounds):
+            for label, name in variants.items():
+                start, interrupt = asyncio.run(one_run(name, str(work)))
+                results[label]["start"].append(start)
+                if interrupt is None:
+                    failures[label] += 1
+                else:
+                    results[label]["interrupt"].append(interrupt)
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        cleanup_containers(client, list(images.values()))
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {v: {k: (statistics.median(xs) if xs else float("nan")) for k, xs in d.items()} for v, d in results.items()}
+    print(f"image {image}; {args.rounds} rounds; medians (seconds)")
+    print(f"{'variant':<22}{'start':>9}{'interrupt':>11}{'start/native':>14}{'start/dockernel':>17}")
+    for v in variants:
+        s, i = med[v]["start"], med[v]["interrupt"]
+        failed = f"  ({failures[v]} interrupts not delivered)" if failures[v] else ""
+        base_d = med["dockernel (pyc env)" if "pyc" in v else "dockernel"]["start"]
+        print(f"{v:<22}{s:>9.3f}{i:>11.3f}{s / med['native']['start']:>13.2f}x{s / base_d:>16.2f}x{failed}")
+    k, n, d = med["kbundle"], med["native"], med["dockernel"]
+    print(f"kbundle start / native start       = {k['start'] / n['start']:.2f}x (goal <= 1.5x)")
+    print(f"kbundle start / dockernel start    = {k['start'] / d['start']:.2f}x (goal <= 1.0x)")
+    print(f"kbundle interrupt / native         = {k['interrupt'] / n['interrupt']:.2f}x")
+    print(f"kbundle interrupt / dockernel      = {k['interrupt'] / d['interrupt']:.2f}x")
+    if args.pyc:
+        kp, dp = med["kbundle (pyc env)"], med["dockernel (pyc env)"]
+        print(f"kbundle start / native (pyc env)   = {kp['start'] / n['start']:.2f}x")
+        print(f"kbundle start / dockernel (pyc env)= {kp['start'] / dp['start']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
