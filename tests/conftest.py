@@ -1,0 +1,46 @@
+"""Shared fixtures: the offline world (tests/world.py) and an image with a real env in it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import world as world_module  # noqa: E402
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    if not _docker_available():
+        pytest.fail("no Docker engine answers: start one (scripts/test does) before the integration tests")
+    import docker
+
+    return docker.from_env(timeout=600)
+
+
+@pytest.fixture(scope="session")
+def world(docker_client) -> dict:
+    """The offline world's JSON: base_image, channel (http URL), channel_path, channel_file_url, python."""
+    return world_module.up()
+
+
+@pytest.fixture(scope="session")
+def env_image(world) -> str:
+    """Tag of an image FROM the world's base with python, ipykernel and numpy at /opt/kbundle/env.
+
+    Its ENTRYPOINT activates the env, so `docker run TAG python ...` runs the env's interpreter.
+    """
+    return world_module.ensure_env_image(world)
