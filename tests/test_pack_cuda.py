@@ -161,3 +161,9 @@ def test_live_cuda_tag_with_other_cudnn_major_brings_cudnn_in_the_env(tmp_path):
     assert choice.cuda == "12.3" and choice.cudnn == "8.9"
     assert choice.base_image == "nvidia/cuda:12.3.2-runtime-ubuntu22.04"
     assert [a.spec for a in choice.added] == ["cudnn=8.9"] and choice.env_libs
+
+
+def test_base_image_named_for_a_deleted_cuda_adds_nothing(tmp_path):
+    choice, _ = _choose(tmp_path, pip="    - tensorflow==2.3.1\n", base_image="my.registry/cuda:10.1-cudnn7")
+    assert choice.base_image == "my.registry/cuda:10.1-cudnn7"
+    assert choice.cuda == "10.1" and not choice.added

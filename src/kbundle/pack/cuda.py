@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kbundle.bundle.format import Added
 from kbundle.errors import UsageError
+from kbundle.pack.envfile import canonical
 from kbundle.pack.facts import base_tags, frameworks, lookup_prefix, major_minor, version_key
 from kbundle.pack.normalise import variant_of
 from kbundle.pack.records import CondaSpec, CudaChoice, NormalisedEnv, PipPin, RawEnv, spec_name
@@ -132,8 +133,6 @@ def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
                 found.append(item)
     for pin in env.pip:
         name, _, version = pin.partition("==")
-        from kbundle.pack.envfile import canonical
-
         item = _one(canonical(name.split("[")[0].strip()), version.strip() or None, None, "pip")
         if item:
             found.append(item)
@@ -217,33 +216,44 @@ def choose(
         carried = any(_covers(r.cuda, cuda) for r in runtimes) and (
             cudnn is None or any(version_key(r.cudnn)[0] == version_key(cudnn)[0] for r in cudnn_runtimes)
         )
-    added: tuple[Added, ...] = ()
-    if not carried:
-        tag = _live_tag(cuda, "cudnn" if cudnn else "runtime")
-        live_cudnn = base_tags()["live"].get(cuda, {}).get("cudnn_version")
-        cudnn_fits = not cudnn or (live_cudnn and version_key(live_cudnn)[0] == version_key(cudnn)[0])
-        if tag and cudnn_fits:
-            image, os_name = tag
-            choice = CudaChoice(cuda, cudnn, False, image, base_tags()["glibc"][os_name], f"{why}; the image provides CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else ""))
-            return _with_override(choice, base_image)
-        if tag:
-            # The CUDA tag lives but with another cuDNN major: CUDA from the image, cuDNN from conda.
-            image, os_name = _live_tag(cuda, "runtime")
-            why += f"; the image provides CUDA {cuda}, the environment brings cuDNN {cudnn}"
-            choice = CudaChoice(cuda, cudnn, False, image, base_tags()["glibc"][os_name], why, None, _cudnn_package(cudnn), env_libs=True)
-            return _with_override(choice, base_image)
-        added = _runtime_packages(cuda, cudnn)
-        gone = base_tags()["deleted"].get(cuda)
-        why += f"; nvidia/cuda:{gone} was deleted (end of life)" if gone else f"; no published nvidia/cuda {cuda} image with cuDNN {cudnn}"
-        why += ", so the environment carries the CUDA runtime (" + ", ".join(a.spec for a in added) + ")"
-    else:
-        why += "; the environment carries its own CUDA runtime"
+    if carried:
+        return _with_override(_on_live_base(cuda, cudnn, why + "; the environment carries its own CUDA runtime", (), found), base_image)
+    from_image = _from_image(cuda, cudnn, why)
+    if from_image is not None:
+        return _with_override(from_image, base_image)
+    if base_image:
+        # The named base image is the sender's answer to the missing tag; add nothing.
+        return _with_override(CudaChoice(cuda, cudnn, False, base_image, _glibc_for(base_image), why), base_image)
+    added = _runtime_packages(cuda, cudnn)
+    gone = base_tags()["deleted"].get(cuda)
+    why += f"; nvidia/cuda:{gone} was deleted (end of life)" if gone else f"; no published nvidia/cuda {cuda} image with cuDNN {cudnn}"
+    why += ", so the environment carries the CUDA runtime (" + ", ".join(a.spec for a in added) + ")"
+    return _on_live_base(cuda, cudnn, why, added, found)
+
+
+def _from_image(cuda: str, cudnn: str | None, why: str) -> CudaChoice | None:
+    """CUDA (and cuDNN) from a live nvidia/cuda runtime tag, if one fits."""
+    tag = _live_tag(cuda, "cudnn" if cudnn else "runtime")
+    if tag is None:
+        return None
+    live_cudnn = base_tags()["live"][cuda].get("cudnn_version")
+    if not cudnn or (live_cudnn and version_key(live_cudnn)[0] == version_key(cudnn)[0]):
+        image, os_name = tag
+        reason = f"{why}; the image provides CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else "")
+        return CudaChoice(cuda, cudnn, False, image, base_tags()["glibc"][os_name], reason)
+    # The CUDA tag lives but with another cuDNN major: CUDA from the image, cuDNN from conda.
+    image, os_name = _live_tag(cuda, "runtime")
+    reason = f"{why}; the image provides CUDA {cuda}, the environment brings cuDNN {cudnn}"
+    return CudaChoice(cuda, cudnn, False, image, base_tags()["glibc"][os_name], reason, None, _cudnn_package(cudnn), env_libs=True)
+
+
+def _on_live_base(cuda: str, cudnn: str | None, why: str, added: tuple[Added, ...], found: list[Evidence]) -> CudaChoice:
+    """The environment brings the runtime: any live base will do; take the lowest that fits."""
     image, base_cuda = _carried_base(cuda)
     require = f"cuda>={cuda}" if base_cuda != cuda else None
     # Put the env's lib/ on LD_LIBRARY_PATH only when a conda CUDA runtime lives there.
-    env_libs = bool(added) or any(r.source == "conda" for r in runtimes + cudnn_runtimes)
-    choice = CudaChoice(cuda, cudnn, True, image, _glibc_for(image), why + f"; base {image}", require, added, env_libs)
-    return _with_override(choice, base_image)
+    env_libs = bool(added) or any(e.runtime and e.source == "conda" for e in found)
+    return CudaChoice(cuda, cudnn, True, image, _glibc_for(image), why + f"; base {image}", require, added, env_libs)
 
 
 def _runtime_packages(cuda: str, cudnn: str | None) -> tuple[Added, ...]:
