@@ -34,7 +34,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tarfile
 import tempfile
 import time
@@ -214,13 +213,11 @@ def _set_rpath(path: Path, rpath: str) -> None:
 
 
 def build_python_package() -> CondaPackage:
-    """Repackage this machine's CPython (built with --enable-shared) as a relocatable conda package."""
+    """Repackage this machine's CPython as a relocatable conda package (libpython comes along if shared)."""
     if not shutil.which("patchelf"):
         raise SystemExit("error: patchelf is not installed (apt-get install patchelf)")
     src = Path(sys.base_prefix)
     ver = python_version()
-    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
-        raise SystemExit(f"error: the world needs a CPython built with --enable-shared; {src} is not")
     with tempfile.TemporaryDirectory(prefix="kbundle-python-") as tmp:
         stage = Path(tmp)
         (stage / "bin").mkdir()
