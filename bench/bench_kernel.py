@@ -103,6 +103,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--image", default=None)
     p.add_argument("--pyc", action="store_true", help="also run both container kernels on a byte-compiled env")
+    p.add_argument("--keep-images", action="store_true", help="keep the derived images for the next run")
     args = p.parse_args()
 
     import docker
@@ -153,6 +154,12 @@ def main() -> int:
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     finally:
         cleanup_containers(client, list(images.values()))
+        if not args.keep_images:
+            for tag in sorted(set(images.values()) - {image}, reverse=True):  # children before parents
+                try:
+                    client.api.remove_image(tag)
+                except docker.errors.APIError as exc:
+                    print(f"could not remove {tag}: {exc}", file=sys.stderr)
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 

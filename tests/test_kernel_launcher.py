@@ -185,12 +185,16 @@ async def test_sigkilled_launcher_takes_its_container_along(kernel_name, workdir
     assert gone, "the container outlived its SIGKILLed launcher by more than 10 s"
 
 
-async def test_bridge_network_publishes_on_loopback_only(kernel_name, workdir, docker_client):
+async def test_bridge_network_and_a_notebook_outside_the_workdir(kernel_name, workdir, docker_client, tmp_path):
+    """Bridge ports on loopback only; a notebook opened from another folder runs in that folder."""
+    other = Path(tempfile.mkdtemp(prefix="kbundle-test-other-"))
+    (other / "data.txt").write_text("from the notebook's folder")
     env = dict(os.environ, KBUNDLE_KERNEL_NETWORK="bridge")
-    km, kc = await start(kernel_name, workdir, env=env)
+    km, kc = await start(kernel_name, other, env=env)
     name = container_name(km.connection_file)
     try:
-        assert (await execute(kc, "print(1 + 1)"))["stdout"] == "2\n"
+        result = await execute(kc, "import os; print(os.getcwd()); print(open('data.txt').read())")
+        assert result["stdout"] == f"{other.resolve()}\nfrom the notebook's folder\n"
         info = docker_client.api.inspect_container(name)
         assert info["HostConfig"]["NetworkMode"] == "bridge"
         bindings = info["NetworkSettings"]["Ports"]
@@ -200,6 +204,7 @@ async def test_bridge_network_publishes_on_loopback_only(kernel_name, workdir, d
     finally:
         kc.stop_channels()
         await km.shutdown_kernel()
+        subprocess.run(["rm", "-rf", str(other)])
     assert wait_until(lambda: not container_exists(docker_client, name), 10)
 
 

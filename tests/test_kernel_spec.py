@@ -158,7 +158,7 @@ def test_plan_keeps_the_key_out_and_names_the_container_from_the_connection_file
     assert plan.name == L.container_name("/run/user/1/jupyter/kernel-abc.json") == _plan(tmp_path).name
     assert plan.name != L.container_name("/run/user/1/jupyter/kernel-def.json")
     assert plan.user == "1000:1000" and plan.group_add == ["27", "105"]
-    assert plan.workdir == plan.working_dir == str(tmp_path.resolve())
+    assert plan.mounts == [plan.working_dir] == [str(tmp_path.resolve())]
     assert plan.network == "host" and plan.ports == []
     assert "JPY_PARENT_PID" not in plan.environment
     assert plan.labels[L.LABEL_KERNEL] == "1" and plan.labels[L.LABEL_PID] == str(os.getpid())
@@ -174,15 +174,20 @@ def test_bridge_plan_publishes_the_five_ports(tmp_path):
     assert json.loads(line) == dict(INFO, ip="127.0.0.1")
 
 
-def test_working_dir_follows_a_notebook_in_a_subfolder(tmp_path):
-    sub = tmp_path / "chapter"
-    sub.mkdir()
-    plan = L.plan_launch(_args(workdir=str(tmp_path)), INFO, cwd=str(sub), uid=1, gid=1, groups=[], pid=1,
-                         environ={}, platform="linux")
-    assert (plan.workdir, plan.working_dir) == (str(tmp_path.resolve()), str(sub.resolve()))
-    outside = L.plan_launch(_args(workdir=str(sub)), INFO, cwd=str(tmp_path), uid=1, gid=1, groups=[], pid=1,
-                            environ={}, platform="linux")
-    assert outside.working_dir == str(sub.resolve())
+@pytest.mark.parametrize("workdir, cwd, mounts, working", [
+    ("w", "w/chapter", ["w"], "w/chapter"),  # a notebook in a subfolder of the bundle's files
+    ("w", "elsewhere", ["w", "elsewhere"], "elsewhere"),  # another notebook's folder: mounted, and the cwd
+    ("w", ".", ["."], "."),  # the notebook's folder holds the workdir: one mount
+    ("w", "/", ["w"], "w"),  # Jupyter started from /: never mount it, start in the workdir
+    ("", "w", ["w"], "w"),
+])
+def test_mounts_and_working_dir(tmp_path, workdir, cwd, mounts, working):
+    for d in ("w/chapter", "elsewhere"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    at = lambda p: str((tmp_path / p).resolve())
+    plan = L.plan_launch(_args(workdir=at(workdir) if workdir else ""), INFO, cwd=at(cwd), uid=1, gid=1, groups=[],
+                         pid=1, environ={}, platform="linux")
+    assert (plan.mounts, plan.working_dir) == ([at(m) for m in mounts], at(working))
 
 
 @pytest.mark.parametrize("workdir", ["/", "/usr", "/opt", "/opt/kbundle/env/lib", "/etc"])

@@ -8,7 +8,8 @@ One foreground process per kernel, talking to the Docker engine through the SDK 
 
 - The container is named from the connection file (a restart replaces it), runs with an
   init process and auto-removes. It runs as the invoking uid:gid (plus supplementary
-  groups), with the notebook directory mounted at the same path as working directory.
+  groups). The notebook's directory (the cwd Jupyter gives the kernel) and the kernelspec's
+  workdir are mounted at the same paths, and the notebook's directory is the working one.
   Its command is `python -c SHIM`; the image's ENTRYPOINT activates the environment.
 - The connection info, with its HMAC key, goes through the container's stdin: never in
   argv, environment, labels or mounts that `docker inspect` shows. The shim writes it to
@@ -107,7 +108,7 @@ class LaunchPlan:
     image: str
     user: str
     group_add: list[str]
-    workdir: str
+    mounts: list[str]
     working_dir: str
     network: str
     ports: list[int]
@@ -165,22 +166,33 @@ def process_start(pid: int) -> str:
     return fields[19] if len(fields) > 19 else ""
 
 
-def mount_dirs(workdir: str, cwd: str) -> tuple[str, str]:
-    """(directory to mount, working directory in the container).
+def _inside(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
 
-    The kernelspec's workdir is mounted; the kernel starts in the cwd Jupyter gave it when
-    that lies inside the workdir (a notebook in a subfolder), else in the workdir.
+
+def mount_dirs(workdir: str, cwd: str) -> tuple[list[str], str]:
+    """(directories to mount at the same paths, working directory in the container).
+
+    The notebook's directory is the cwd Jupyter starts the kernel in: it is mounted and is
+    the working directory, like a local kernel's. The kernelspec's workdir (the bundle's
+    files) is mounted too. A cwd that would hide part of the image (Jupyter started from
+    `/`, say) is left out, and the kernel starts in the workdir instead.
     """
     cwd = os.path.realpath(cwd)
-    mount = os.path.realpath(workdir) if workdir else cwd
-    hidden = _hidden_by(mount)
+    base = os.path.realpath(workdir) if workdir else cwd
+    hidden = _hidden_by(base)
     if hidden:
-        raise LaunchError(f"refusing to mount {mount} into the kernel: it would hide the image's {hidden}; "
+        raise LaunchError(f"refusing to mount {base} into the kernel: it would hide the image's {hidden}; "
                           "start the kernel from your notebook's folder")
-    if not os.path.isdir(mount):
-        raise LaunchError(f"the kernel's working directory {mount} does not exist")
-    inside = cwd == mount or cwd.startswith(mount.rstrip("/") + "/")
-    return mount, cwd if inside else mount
+    if not os.path.isdir(base):
+        raise LaunchError(f"the kernel's working directory {base} does not exist")
+    if _inside(cwd, base):
+        return [base], cwd
+    if _hidden_by(cwd):
+        return [base], base
+    if _inside(base, cwd):
+        return [cwd], cwd  # the notebook's folder holds the workdir: one mount covers both
+    return [base, cwd], cwd
 
 
 def _hidden_by(mount: str) -> str:
@@ -201,7 +213,7 @@ def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid
     if not (ip in LOOPBACK or ip.startswith("127.")):
         raise LaunchError(f"the connection file asks for ip {ip}; kbundle kernels listen on 127.0.0.1 only")
     network = choose_network(args.network, environ, platform)
-    mount, working_dir = mount_dirs(args.workdir, cwd)
+    mounts, working_dir = mount_dirs(args.workdir, cwd)
     env = {"HOME": "/tmp"}  # the invoking uid has no home in the image; IPython wants a writable one
     if environ.get("JPY_SESSION_NAME"):
         env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
@@ -218,7 +230,7 @@ def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid
         image=args.image,
         user=f"{uid}:{gid}",
         group_add=[str(g) for g in sorted(set(groups)) if g != gid],
-        workdir=mount,
+        mounts=mounts,
         working_dir=working_dir,
         network=network,
         ports=ports,
@@ -316,7 +328,7 @@ class Launcher:
             init=True,
             auto_remove=True,
             network_mode="host" if plan.network == "host" else "bridge",
-            binds={plan.workdir: {"bind": plan.workdir, "mode": "rw"}},
+            binds={path: {"bind": path, "mode": "rw"} for path in plan.mounts},
             port_bindings={p: ("127.0.0.1", p) for p in plan.ports} or None,
             device_requests=device_requests(plan.gpus) or None,
             group_add=plan.group_add or None,
