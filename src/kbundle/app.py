@@ -7,8 +7,6 @@ functions: `kbundle pack` must start about as fast as importing typer itself.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from kbundle import __version__
@@ -30,8 +28,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
     """kbundle: "it ran on my machine, on my GPU", now on theirs too."""
