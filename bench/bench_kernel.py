@@ -155,7 +155,7 @@ def main() -> int:
     finally:
         cleanup_containers(client, list(images.values()))
         if not args.keep_images:
-            for tag in sorted(set(images.values()) - {image}, reverse=True):  # children before parents
+            for tag in reversed([t for t in images.values() if t != image]):  # children before parents
                 try:
                     client.api.remove_image(tag)
                 except docker.errors.APIError as exc:
