@@ -167,6 +167,20 @@ def test_warm_run_starts_no_build(built_run, world, run_env, docker_client):
     assert not [e for e in events if e.get("Type") == "image" and e.get("Action") == "tag"], events
 
 
+def test_unlocked_bundle_solves_on_this_host_to_the_lock(built_run, world, run_env, monkeypatch):
+    """Without a lock, run solves for linux-64 here; against the same channel it finds the same packages."""
+    from kbundle.build import env as envmod
+
+    monkeypatch.setenv("KBUNDLE_CACHE_DIR", run_env["KBUNDLE_CACHE_DIR"])
+    from kbundle.bundle import open_bundle
+
+    b = open_bundle(built_run[2])
+    locked = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text))
+    solved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), None))
+    assert locked.locked and not solved.locked
+    assert solved.content_hash == locked.content_hash and solved.python_version() == world["python"]
+
+
 def test_gpus_all_names_the_missing_nvidia_runtime(built_run, world, run_env):
     _, _, bundle, cwd = built_run
     proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--gpus", "all", "--yes"], run_env, cwd=cwd)

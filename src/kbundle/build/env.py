@@ -119,7 +119,7 @@ def rattler_client():
 # ----------------------------------------------------------------- resolve
 
 
-def _linux_virtual_packages(cuda: Optional[str]):
+def _linux_virtual_packages():
     """The virtual packages of this host's driver and libc, as seen for linux-64."""
     import rattler
     from rattler import BuildString, GenericVirtualPackage, PackageName, Version
@@ -172,7 +172,7 @@ async def _solve(spec: EnvSpec) -> list:
     gateway = rattler.Gateway(cache_dir=cache_root() / "repodata", client=rattler_client())
     return await rattler.solve([rattler.Channel(c) for c in spec.channels], specs, gateway=gateway,
                                platforms=[PLATFORM, "noarch"],
-                               virtual_packages=_linux_virtual_packages(spec.cuda))
+                               virtual_packages=_linux_virtual_packages())
 
 
 def resolve(spec: EnvSpec) -> ResolvedEnv:

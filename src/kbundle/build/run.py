@@ -148,7 +148,12 @@ def run_bundle(options: RunOptions, console) -> RunResult:
             raise KbundleError(f"the Docker engine cannot give the container GPUs ({problem}); "
                                f"install the NVIDIA Container Toolkit there, or pass --gpus none")
 
-    # 5. the kernel
+    # 5. the kernel (a kernel of the same name from another bundle is replaced, and we say so)
+    previous = _previous_kernel(kernel_name)
+    if previous and previous.bundle_hash != bundle_hash:
+        message = f"replaced kernel {kernel_name}, which ran another bundle ({previous.image})"
+        warnings.append(message)
+        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
     spec_dir = install_kernelspec(kernel_name, bundle.name, key.tag, str(placement.workdir),
                                   list(report.plan.gpus), bundle_hash,
                                   extra_metadata={"bundle": str(Path(options.bundle).resolve()),
@@ -190,6 +195,12 @@ def _build(client, bundle, bundle_hash: str, resolved, key, dockerfile: str, wor
                               workdir / ".kbundle" / "build.log", console)
     finally:
         shutil.rmtree(context, ignore_errors=True)
+
+
+def _previous_kernel(name: str):
+    from kbundle.kernel.spec import list_kernelspecs
+
+    return next((k for k in list_kernelspecs() if k.name == name), None)
 
 
 def _file_hash(path: Path) -> str:

@@ -49,15 +49,14 @@ def run(
     console = _stderr_console()
     result = run_bundle(RunOptions(bundle, gpus, base_image, workdir, yes), console)
     data = result.to_dict()
-    code = 0
-    if execute:
-        report, code = _execute(result, output, console)
-        data["execute"] = report
-    if as_json:
-        _print_json(data)
-    else:
+    if not as_json:
         for line in summary_lines(result):
             typer.echo(line)
+    code = 0
+    if execute:
+        data["execute"], code = _execute(result, output, as_json)
+    if as_json:
+        _print_json(data)
     if lab:
         from kbundle.kernel.lab import open_lab
 
@@ -66,19 +65,17 @@ def run(
         raise typer.Exit(code)
 
 
-def _execute(result, output: Optional[Path], console):
+def _execute(result, output: Optional[Path], as_json: bool):
     """Hand over to the kernel stage's headless execution; returns (report data, exit code)."""
+    from rich.console import Console
+
     from kbundle.kernel.execute import execute_notebook
 
     target = output or result.notebook.with_name(result.notebook.stem + ".executed" + result.notebook.suffix)
     report = execute_notebook(result.notebook, result.kernel_name, target)
-    data = report.to_dict() if hasattr(report, "to_dict") else report
-    failed = bool(getattr(report, "errors", None) or getattr(report, "failed", False))
-    if hasattr(report, "exit_code"):
-        failed = bool(report.exit_code)
-    if hasattr(report, "render"):
-        console.print(report.render())
-    return data, (1 if failed else 0)
+    if not as_json:
+        Console(highlight=False).print(report.render())
+    return report.to_dict(), report.exit_code
 
 
 @app.command()

@@ -1,0 +1,152 @@
+"""Bench: `kbundle run` against its baselines, all measured in this run on this machine.
+
+1. Warm run: a second `kbundle run` of an already built bundle (whole process) against a
+   fully cached plain `docker build` of the same Dockerfile and context (docker CLI, every
+   layer cached). Target: faster (ratio > 1), since no build starts at all.
+2. Shared package cache: installing the environment of a second bundle that shares
+   packages with the first, against installing the first into an empty cache (resolve
+   from the lock + rattler install, the work `kbundle run` does before building).
+   Target: at least 5x faster.
+
+Needs the Docker engine and the offline world (tests/world.py). Builds one image, removes
+it at the end, and uses throwaway kbundle caches and Jupyter dirs.
+
+    .venv/bin/python bench/bench_run.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+KBUNDLE = str(Path(sys.executable).with_name("kbundle"))
+WARM_TARGET = 1.0
+CACHE_TARGET = 5.0
+
+NOTEBOOK = {"cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
+                       "source": "import numpy, tabulate\nprint(numpy.__version__)"}],
+            "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+
+
+def sh(cmd, env=None, cwd=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{proc.stderr}")
+    return proc
+
+
+def timed(cmd, runs: int, env=None, cwd=None) -> float:
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sh(cmd, env, cwd)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def pack(world, env, folder: Path, name: str, deps: list[str], pip: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "nb.ipynb").write_text(json.dumps(NOTEBOOK))
+    lines = [f"name: {name}", "channels:", f"  - {world['channel']}", "dependencies:"]
+    lines += [f"  - {d}" for d in deps]
+    if pip:
+        lines += ["  - pip:"] + [f"    - {p}" for p in pip]
+    (folder / "environment.yml").write_text("\n".join(lines) + "\n")
+    out = folder / f"{name}.kbundle"
+    sh([KBUNDLE, "pack", "nb.ipynb", "-e", "environment.yml", "--name", name, "--channel", world["channel"],
+        "--base-image", world["base_image"], "-o", out], env, folder)
+    return out
+
+
+def install_seconds(bundle: Path, target: Path) -> tuple[float, int]:
+    """What `kbundle run` does before a build: resolve the lock, install with rattler."""
+    from kbundle.build import env as envmod
+    from kbundle.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    t0 = time.perf_counter()
+    resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text, b.cuda))
+    envmod.install(resolved, target)
+    return time.perf_counter() - t0, resolved.count
+
+
+def baseline_context(bundle: Path, base_image: str, ctx: Path) -> None:
+    """The same build context `kbundle run` assembles: env/, pip/, work/, Dockerfile."""
+    from kbundle.build import env as envmod, image as imagemod, wheels
+    from kbundle.bundle import extract_bundle, open_bundle
+
+    b = open_bundle(bundle)
+    resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text, b.cuda))
+    envmod.install(resolved, ctx / "env")
+    wheels.write_context(wheels.fetch(b.pip, b.python), ctx)
+    extract_bundle(bundle, ctx, members=[m for m in b.members if m.startswith("work/")])
+    (ctx / "Dockerfile").write_text(imagemod.with_base_image(b.dockerfile_text, base_image))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    import world as world_module
+
+    world = world_module.up()
+    tmp = Path(tempfile.mkdtemp(prefix="kbundle-bench-"))
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp / "jupyter"), KBUNDLE_CACHE_DIR=str(tmp / "cache-run"))
+    image = None
+    try:
+        tag = os.urandom(3).hex()
+        deps = [f"python={world['python']}", "numpy", "ipykernel", "pip"]
+        first = pack(world, env, tmp / "a", f"bench-a-{tag}", deps, ["tabulate==0.9.0"])
+        second = pack(world, env, tmp / "b", f"bench-b-{tag}",
+                      [f"python={world['python']}", "ipykernel", "pip", "tzdata", "python-dateutil"], [])
+
+        # 1. warm run vs a fully cached docker build
+        t0 = time.perf_counter()
+        built = json.loads(sh([KBUNDLE, "run", first, "--json", "--yes", "--gpus", "none"], env, tmp).stdout)
+        cold_run = time.perf_counter() - t0
+        image = built["image"]
+        run_cmd = [KBUNDLE, "run", first, "--json", "--yes", "--gpus", "none"]
+        warm = timed(run_cmd, args.runs, env, tmp)
+        assert json.loads(sh(run_cmd, env, tmp).stdout)["built"] is False
+        ctx = tmp / "ctx"
+        os.environ["KBUNDLE_CACHE_DIR"] = env["KBUNDLE_CACHE_DIR"]
+        baseline_context(first, world["base_image"], ctx)
+        build_cmd = ["docker", "build", "-q", "-t", f"kbundle-bench/plain:{tag}", ctx]
+        sh(build_cmd)  # fill any layer the kbundle build did not
+        plain = timed(build_cmd, args.runs)
+        sh(["docker", "rmi", f"kbundle-bench/plain:{tag}"])
+
+        # 2. second bundle with a shared package cache vs first bundle into an empty cache
+        os.environ["KBUNDLE_CACHE_DIR"] = str(tmp / "cache-install")
+        t_first, n_first = install_seconds(first, tmp / "inst-a" / "env")
+        t_second, n_second = install_seconds(second, tmp / "inst-b" / "env")
+
+        print(f"cold kbundle run (install + build, empty cache):  {cold_run:7.2f} s")
+        print(f"warm kbundle run (image exists, whole process):   {warm:7.2f} s  (median of {args.runs})")
+        print(f"plain docker build, fully cached, same context:  {plain:7.2f} s  (median of {args.runs})")
+        print(f"ratio plain docker build / warm kbundle run: {plain / warm:.1f}x (target > {WARM_TARGET:g}x)")
+        print(f"install first bundle, empty cache:   {t_first:6.2f} s  ({n_first} packages)")
+        print(f"install second bundle, shared cache: {t_second:6.2f} s  ({n_second} packages)")
+        print(f"ratio first / second install: {t_first / t_second:.1f}x (target >= {CACHE_TARGET:g}x)")
+        ok = plain / warm > WARM_TARGET and t_first / t_second >= CACHE_TARGET
+        return 0 if ok else 1
+    finally:
+        if image:
+            subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # an interpreter that used rattler can crash at exit
