@@ -71,8 +71,10 @@ def parse_pip_line(raw: str) -> PipPin | None:
 def _load_yaml(path: Path, text: str):
     import yaml
 
+    from kbundle.pack.facts import safe_loader
+
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=safe_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -13,7 +13,20 @@ def load(name: str) -> dict[str, Any]:
     import yaml
 
     with open(data_dir() / f"{name}.yaml", encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=safe_loader())
+
+
+def safe_loader():
+    """libyaml's safe loader when present: ten times faster than the pure-Python one."""
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def safe_dumper():
+    import yaml
+
+    return getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 def frameworks() -> dict[str, Any]:

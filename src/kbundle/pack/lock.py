@@ -10,9 +10,6 @@ rather than a hang. rattler is imported only here, and only when a lock is wante
 from __future__ import annotations
 
 import re
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kbundle.errors import KbundleError, UsageError
@@ -46,6 +43,9 @@ def channel_urls(channels: list[str]) -> list[str]:
 
 
 def _reachable(url: str, timeout: float) -> bool:
+    import urllib.error
+    import urllib.request
+
     if url.startswith("file://"):
         return Path(urllib.request.url2pathname(url[len("file://"):])).is_dir()
     # Every conda channel has noarch/repodata.json. Only a real answer counts: an
@@ -61,12 +61,19 @@ def _reachable(url: str, timeout: float) -> bool:
 
 
 def unreachable(urls: list[str], timeout: float = PROBE_TIMEOUT_S) -> list[str]:
-    """The channels that do not answer within `timeout` seconds (probed in parallel)."""
+    """The channels that do not answer within `timeout` seconds (probed in parallel).
+
+    The deadline covers name resolution too, which socket timeouts do not: a probe
+    still running at the deadline counts as unreachable and is left behind."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
     if not urls:
         return []
-    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as pool:
-        answers = list(pool.map(lambda u: _reachable(u, timeout), urls))
-    return [u for u, ok in zip(urls, answers) if not ok]
+    pool = ThreadPoolExecutor(max_workers=min(8, len(urls)))
+    futures = {pool.submit(_reachable, u, timeout): u for u in urls}
+    done, _ = wait(futures, timeout=timeout + 0.5)
+    pool.shutdown(wait=False, cancel_futures=True)
+    return [u for f, u in futures.items() if f not in done or not f.result()]
 
 
 def virtual_packages(choice: CudaChoice) -> list[tuple[str, str, str]]:
