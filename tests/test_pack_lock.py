@@ -35,7 +35,8 @@ def file_channel(tmp_path_factory) -> str:
         "linux-64": [_record("python", "3.11.7", "h0_0"),
                      _record("numpy", "1.26.4", "py311_0", ["python >=3.11,<3.12"]),
                      _record("torchish", "2.0.1", "cuda118_py311_0", ["python >=3.11,<3.12", "__cuda >=11.8"])],
-        "noarch": [_record("ipykernel", "6.29.0", "pyh0_0", ["python >=3.8"], "noarch", "python")],
+        "noarch": [_record("ipykernel", "6.29.0", "pyh0_0", ["python >=3.8"], "noarch", "python"),
+                   _record("pip", "24.0", "pyh0_0", ["python >=3.7"], "noarch", "python")],
         "win-64": [_record("winonly", "1.0", "py311_0", ["python >=3.11,<3.12"], "win-64")],
     }
     for subdir, records in subdirs.items():
@@ -132,6 +133,13 @@ def test_pack_locks_against_the_world_channel(world, tmp_path):
         text = zf.read("env/rattler.lock").decode()
     assert "linux-64" in text and "/numpy-" in text and "/ipykernel-" in text and "/python-" in text
     assert kbundle("verify", out).returncode == 0
+    # The member is a lock file rattler itself reads back, for linux-64.
+    from rattler import LockFile
+
+    lock_path = tmp_path / "back.lock"
+    lock_path.write_text(text)
+    records = LockFile.from_path(lock_path).default_environment().conda_repodata_records()["linux-64"]
+    assert {"python", "numpy", "ipykernel"} <= {r.name.normalized for r in records}
 
 
 @pytest.mark.docker
@@ -143,3 +151,37 @@ def test_pack_lock_failure_against_the_world_channel(world, tmp_path):
     env = _world_env(tmp_path, f"  - python={world['python']}\n  - winpty-agent\n")
     result = kbundle("pack", notebook(tmp_path), "-e", env, "-o", tmp_path / "w.kbundle", "--channel", world["channel"])
     assert_one_error_line(result, "`winpty-agent` is not in")
+
+
+def test_cli_names_a_package_that_exists_only_for_another_os(file_channel, tmp_path):
+    env = tmp_path / "environment.yml"
+    env.write_text("channels: [defaults]\ndependencies:\n  - python=3.11\n  - winonly=1.0\n")
+    out = tmp_path / "x.kbundle"
+    result = kbundle("pack", notebook(tmp_path), "-e", env, "-o", out, "--channel", file_channel)
+    assert_one_error_line(result, "`winonly` exists only for win-64")
+    assert not out.exists()
+
+
+def test_add_channel_goes_in_front_and_keeps_the_envs_channels(file_channel, tmp_path):
+    env = tmp_path / "environment.yml"
+    env.write_text(f"channels: [{file_channel}]\ndependencies:\n  - python=3.11\n  - numpy\n")
+    out = tmp_path / "x.kbundle"
+    result = kbundle("pack", notebook(tmp_path), "-e", env, "-o", out, "--add-channel", "http://127.0.0.1:9/mirror", "--lock", "never")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(kbundle("inspect", out, "--json").stdout)
+    assert doc["conda"]["channels"] == ["http://127.0.0.1:9/mirror", file_channel]
+    locked = kbundle("pack", notebook(tmp_path), "-e", env, "-o", out, "--lock", "always")
+    assert locked.returncode == 0, locked.stderr
+    assert json.loads(kbundle("inspect", out, "--json").stdout)["python"] == "3.11.7"
+
+
+def test_requirements_file_with_python(file_channel, tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("# pinned\nrich==13.7.0\n")
+    out = tmp_path / "r.kbundle"
+    result = kbundle("pack", notebook(tmp_path), "-e", req, "--python", "3.11", "-o", out, "--channel", file_channel)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(kbundle("inspect", out, "--json").stdout)
+    assert doc["pip"] == ["rich==13.7.0"] and doc["locked"] and doc["source"]["kind"] == "requirements"
+    assert {"python=3.11", "pip", "ipykernel"} <= set(doc["conda"]["dependencies"])
+    assert zipfile.ZipFile(out).read("env/original/requirements.txt") == req.read_bytes()

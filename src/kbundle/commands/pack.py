@@ -35,6 +35,7 @@ def pack(
     include: List[Path] = typer.Option([], "--include", help="A file or folder beside the notebook to carry along (repeatable)."),
     lock: str = typer.Option("auto", "--lock", help="auto (lock if the channels answer), always, or never."),
     channel: List[str] = typer.Option([], "--channel", help="Channel URL or name to solve against; replaces the environment's channels (repeatable, in priority order)."),
+    add_channel: List[str] = typer.Option([], "--add-channel", help="Channel URL or name to solve against before the environment's own channels (repeatable)."),
     python: Optional[str] = typer.Option(None, "--python", help="Python version X.Y, for a requirements.txt environment."),
     as_json: bool = typer.Option(False, "--json", help="Print the bundle's manifest as JSON instead of a summary."),
 ) -> None:
@@ -52,6 +53,7 @@ def pack(
         includes=list(include),
         lock=lock,
         channels=list(channel),
+        add_channels=list(add_channel),
         python=python,
     )
     result = run_pack(options, progress=_progress)

@@ -42,7 +42,8 @@ class PackOptions:
     base_image: str | None = None
     includes: list[Path] = field(default_factory=list)
     lock: str = "auto"
-    channels: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)  # replace the environment's channels
+    add_channels: list[str] = field(default_factory=list)  # go in front of them
     python: str | None = None
 
 
@@ -173,6 +174,8 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     env = normalise(raw)
     if options.channels:
         env.channels = list(dict.fromkeys(options.channels))
+    if options.add_channels:
+        env.channels = list(dict.fromkeys(options.add_channels + env.channels))
     choice = cuda_mod.choose(cuda_mod.evidence(raw, env), options.cuda, options.base_image)
     cuda_mod.apply_added(env, choice)
     with step("Locking the environment for linux-64 with rattler…") if options.lock != "never" else contextlib.nullcontext():
