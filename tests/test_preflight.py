@@ -165,3 +165,36 @@ def test_docker_error_messages_are_one_actionable_line(exc, words):
     assert "\n" not in message and "unix:///x.sock" in message
     for word in words:
         assert word in message
+
+
+@pytest.mark.parametrize("text, engine, facts, probe", [
+    ("all", CPU_ENGINE, NO_NVML, True),  # asked for GPUs, host says no: ask the engine itself
+    ("device=0", CPU_ENGINE, NO_NVML, True),
+    ("auto", CPU_ENGINE, NO_NVML, False),  # no GPU here: nothing to ask
+    ("auto", CPU_ENGINE, nvml("535.1", "8.6"), True),  # GPUs here, runtime unknown to the host checks
+    ("auto", EngineFacts(True, "tcp://gpu-box:2376", "24.0", ("runc",), local=False), NO_NVML, True),
+    ("all", GPU_ENGINE, NO_NVML, False),  # the host checks already say yes
+    ("none", CPU_ENGINE, nvml("535.1", "8.6"), False),
+])
+def test_when_to_ask_the_engine(text, engine, facts, probe):
+    from kbundle.build.preflight import should_probe
+
+    assert should_probe(engine, facts, GpuRequest.parse(text)) is probe
+
+
+def test_the_engines_answer_overrides_the_host_checks():
+    from dataclasses import replace
+
+    refused = replace(CPU_ENGINE, gpu_probe=False, gpu_probe_error='could not select device driver "" with capabilities: [[gpu]]')
+    report = evaluate(refused, NO_NVML, "12.2", GpuRequest.parse("all"), TABLES)
+    assert "could not select device driver" in report.errors[0].message and "--gpus none" in report.errors[0].message
+    accepted = replace(CPU_ENGINE, gpu_probe=True)
+    report = evaluate(accepted, NO_NVML, "12.2", GpuRequest.parse("all"), TABLES)
+    assert not report.errors and report.plan.gpus == ("all",)
+    assert any("cannot check the NVIDIA driver" in f.message for f in report.warnings)
+
+
+def test_unreachable_engine_is_an_error_finding():
+    report = evaluate(EngineFacts(False, "unix:///x.sock", error="cannot reach the Docker daemon at unix:///x.sock"),
+                      NO_NVML, None, GpuRequest.parse("auto"), TABLES)
+    assert [f.topic for f in report.errors] == ["docker"] and report.to_dict()["ok"] is False

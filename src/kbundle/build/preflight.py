@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,18 +57,29 @@ class EngineFacts:
     cdi_nvidia: bool = False
     nvidia_hook: bool = False
     local: bool = True  # unix socket: host-side checks speak for the daemon
+    error: Optional[str] = None  # why the daemon cannot be used (reachable=False)
+    # A throwaway container started with GPUs: None when not tried; else whether it started.
+    gpu_probe: Optional[bool] = None
+    gpu_probe_error: Optional[str] = None
+
+    @property
+    def static_gpu_support(self) -> bool:
+        return "nvidia" in self.runtimes or self.cdi_nvidia or self.nvidia_hook
 
     @property
     def gpu_capable(self) -> bool:
-        return "nvidia" in self.runtimes or self.cdi_nvidia or self.nvidia_hook
+        return self.gpu_probe if self.gpu_probe is not None else self.static_gpu_support
 
     def describe_gpu_support(self) -> str:
         if self.gpu_capable:
             how = [n for n, on in (("nvidia runtime", "nvidia" in self.runtimes), ("CDI", self.cdi_nvidia),
-                                   ("nvidia-container-toolkit hook", self.nvidia_hook)) if on]
+                                   ("nvidia-container-toolkit hook", self.nvidia_hook),
+                                   ("a test container got GPUs", bool(self.gpu_probe))) if on]
             return "the Docker engine can pass GPUs through (" + ", ".join(how) + ")"
         runtimes = ", ".join(self.runtimes) or "none"
-        return f"the Docker engine has no NVIDIA runtime (runtimes: {runtimes}; no NVIDIA CDI spec, no nvidia-container-toolkit)"
+        said = f"; the engine says: {self.gpu_probe_error}" if self.gpu_probe_error else ""
+        return (f"the Docker engine has no NVIDIA runtime (runtimes: {runtimes}; no NVIDIA CDI spec, "
+                f"no nvidia-container-toolkit{said})")
 
 
 @dataclass(frozen=True)
@@ -222,10 +233,12 @@ def plan_gpus(request: GpuRequest, engine: EngineFacts, nvml: NvmlFacts) -> tupl
 def evaluate(engine: EngineFacts, nvml: NvmlFacts, cuda: Optional[str], request: GpuRequest,
              tables: Optional[CompatTables] = None) -> Report:
     tables = tables or load_tables()
+    if not engine.reachable:
+        findings = [Finding(ERROR, "docker", engine.error or f"cannot reach the Docker daemon at {engine.host}")]
+        findings += _nvml_findings(nvml)
+        return Report(engine, nvml, cuda, request, GpuPlan(), findings)
     findings = [Finding(OK, "docker", f"Docker engine {engine.version} at {engine.host}")]
-    if nvml.available:
-        findings.append(Finding(OK, "nvml", f"NVIDIA driver {nvml.driver_version} (CUDA {nvml.driver_cuda}), "
-                                            f"{len(nvml.gpus)} GPU(s)"))
+    findings += _nvml_findings(nvml)
     findings.append(Finding(OK, "engine", engine.describe_gpu_support()))
     plan, gpu_findings = plan_gpus(request, engine, nvml)
     findings += gpu_findings
@@ -233,9 +246,18 @@ def evaluate(engine: EngineFacts, nvml: NvmlFacts, cuda: Optional[str], request:
         findings.append(check_driver(nvml, cuda, tables))
         chosen = [g for g in nvml.gpus if str(g.index) in plan.gpus or g.uuid in plan.gpus or "all" in plan.gpus]
         findings += [check_arch(g, cuda, tables) for g in (chosen or nvml.gpus)]
+    elif plan.on_gpu and cuda:
+        findings.append(Finding(WARN, "driver", f"cannot check the NVIDIA driver against CUDA {cuda}: "
+                                                f"{nvml.reason or 'NVML gave no driver version'}"))
     elif plan.on_gpu and not cuda:
         findings.append(Finding(WARN, "driver", "this environment has no CUDA: the GPUs are passed through unused"))
     return Report(engine, nvml, cuda, request, plan, findings)
+
+
+def _nvml_findings(nvml: NvmlFacts) -> list[Finding]:
+    if not nvml.available:
+        return []
+    return [Finding(OK, "nvml", f"NVIDIA driver {nvml.driver_version} (CUDA {nvml.driver_cuda}), {len(nvml.gpus)} GPU(s)")]
 
 
 # ---------------------------------------------------------------- probes (impure)
@@ -337,22 +359,57 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def probe_gpu_run(client, image: str, plan: GpuPlan) -> Optional[str]:
-    """Start a throwaway container with the planned GPUs; the engine's own error text, or None.
-
-    Used before building when the static checks cannot speak for the daemon (remote engines)."""
+def probe_gpu_run(client, image: str) -> Optional[str]:
+    """Start a throwaway container from `image` with all GPUs: None if it started, else the engine's words."""
     import docker
 
-    request = docker.types.DeviceRequest(capabilities=[["gpu"]], **(plan.docker or {}))
+    request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
     try:
-        client.containers.run(image, ["true"], device_requests=[request], remove=True, entrypoint=[],
-                              labels={"kbundle.probe": "1"})
+        container = client.containers.create(image, entrypoint=["true"], device_requests=[request],
+                                             labels={"kbundle.probe": "1"})
     except docker.errors.APIError as exc:
-        return str(exc.explanation or exc)
-    except docker.errors.ContainerError:
+        return _first_line_of(exc.explanation or exc)
+    try:
+        container.start()
+        container.wait(timeout=60)
         return None
-    return None
+    except docker.errors.APIError as exc:
+        return _first_line_of(exc.explanation or exc)
+    finally:
+        try:
+            container.remove(force=True)
+        except docker.errors.APIError:
+            pass
 
 
-def run_preflight(client, cuda: Optional[str], request: GpuRequest) -> Report:
-    return evaluate(probe_engine(client), probe_nvml(), cuda, request)
+def _first_line_of(text) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def should_probe(engine: EngineFacts, nvml: NvmlFacts, request: GpuRequest) -> bool:
+    """Ask the engine itself only when the host-side checks say no and GPUs may be wanted."""
+    if engine.static_gpu_support or request.mode == "none":
+        return False
+    return request.mode != "auto" or bool(nvml.gpus) or not engine.local
+
+
+def local_image(client, image: Optional[str]) -> bool:
+    import docker
+
+    if not image:
+        return False
+    try:
+        client.images.get(image)
+        return True
+    except docker.errors.DockerException:
+        return False
+
+
+def run_preflight(client, cuda: Optional[str], request: GpuRequest, probe_image: Optional[str] = None) -> Report:
+    """The facts, plus the engine's own answer when the static checks cannot decide (needs a local image)."""
+    engine, nvml = probe_engine(client), probe_nvml()
+    if should_probe(engine, nvml, request) and local_image(client, probe_image):
+        error = probe_gpu_run(client, probe_image)
+        engine = replace(engine, gpu_probe=error is None, gpu_probe_error=error)
+    return evaluate(engine, nvml, cuda, request)

@@ -119,14 +119,14 @@ def run_bundle(options: RunOptions, console) -> RunResult:
 
     # 2. preflight: Docker, GPUs, driver
     client = preflight.connect()
-    report = preflight.run_preflight(client, bundle.cuda, request)
+    base = options.base_image or bundle.base_image
+    report = preflight.run_preflight(client, bundle.cuda, request, probe_image=base)
     report.raise_for_errors()
     warnings += [f.message for f in report.warnings]
     for message in warnings:
         console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
     # 3. the environment and the image's identity (no install yet: the tag may exist)
-    base = options.base_image or bundle.base_image
     base_id = imagemod.base_image_id(client, base, console)
     dockerfile = imagemod.with_base_image(bundle.dockerfile_text, base) if options.base_image else bundle.dockerfile_text
     resolved = envmod.resolve(envmod.EnvSpec(tuple(bundle.channels), tuple(bundle.dependencies),
@@ -141,14 +141,7 @@ def run_bundle(options: RunOptions, console) -> RunResult:
         result = _build(client, bundle, bundle_hash, resolved, key, dockerfile, placement.workdir, console)
         image_id, build_log = result.image_id, result.log
 
-    # 4. a remote engine's GPU support cannot be read from this host: ask it directly
-    if report.plan.on_gpu and not report.engine.local:
-        problem = preflight.probe_gpu_run(client, key.tag, report.plan)
-        if problem:
-            raise KbundleError(f"the Docker engine cannot give the container GPUs ({problem}); "
-                               f"install the NVIDIA Container Toolkit there, or pass --gpus none")
-
-    # 5. the kernel (a kernel of the same name from another bundle is replaced, and we say so)
+    # 4. the kernel (a kernel of the same name from another bundle is replaced, and we say so)
     previous = _previous_kernel(kernel_name)
     if previous and previous.bundle_hash != bundle_hash:
         message = f"replaced kernel {kernel_name}, which ran another bundle ({previous.image})"

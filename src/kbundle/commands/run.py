@@ -82,11 +82,19 @@ def _execute(result, output: Optional[Path], as_json: bool):
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
     from kbundle.build import preflight
+    from kbundle.errors import KbundleError
 
-    client = preflight.connect()
-    report = preflight.run_preflight(client, None, preflight.GpuRequest.parse("auto"))
+    try:
+        client = preflight.connect()
+    except KbundleError as exc:  # still show what NVML knows
+        engine = preflight.EngineFacts(False, preflight.docker_host(), error=str(exc))
+        report = preflight.evaluate(engine, preflight.probe_nvml(), None, preflight.GpuRequest.parse("auto"))
+    else:
+        report = preflight.run_preflight(client, None, preflight.GpuRequest.parse("auto"))
     if as_json:
         _print_json(report.to_dict())
+        if report.errors:
+            raise KbundleError(report.errors[0].message)
         return
     marks = {preflight.OK: "ok   ", preflight.WARN: "warn ", preflight.ERROR: "error"}
     for finding in report.findings:
@@ -96,7 +104,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
         native = f"CUDA {_fmt(arch.first)}..{_fmt(arch.last) if arch.last else 'latest'}" if arch else "unknown"
         typer.echo(f"gpu {gpu.index}  {gpu.name}  sm_{gpu.capability.replace('.', '')}  native: {native}")
     if report.errors:
-        raise typer.Exit(1)
+        raise KbundleError(report.errors[0].message)
 
 
 def _fmt(version) -> str:
