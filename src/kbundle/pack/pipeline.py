@@ -6,6 +6,7 @@ assembles the bundle's members. Nothing here touches Docker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import zipfile
@@ -25,7 +26,7 @@ from kbundle.bundle.format import (
     content_hash,
 )
 from kbundle.errors import UsageError
-from kbundle.pack.records import RawEnv
+from kbundle.pack.records import CudaChoice, RawEnv
 
 MAIL_LIMIT = 20 * 1024 * 1024  # mail servers commonly cap attachments at 20-25 MB
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -148,27 +149,22 @@ def _label_safe(text: str) -> str:
     return re.sub(r'["\\$\n\r`]', "_", text)
 
 
-def pack(options: PackOptions, progress=None) -> PackResult:
-    """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
-    from kbundle.pack import cuda as cuda_mod
-    from kbundle.pack.discover import find_environment
-    from kbundle.pack.dockerfile import DockerfileInputs, render
-    from kbundle.pack.lock import lock
-    from kbundle.pack.normalise import environment_yml, normalise
+def _check(options: PackOptions) -> None:
+    """Cheap checks first, so bad input fails before any slow step."""
+    from kbundle.pack.cuda import check_cuda_option
 
-    import contextlib
-
-    step = progress or (lambda message: contextlib.nullcontext())
-    # Cheap checks first: bad input fails before any slow step.
     if options.lock not in ("auto", "always", "never"):
         raise UsageError(f"unknown --lock {options.lock!r}: use auto, always or never")
-    notebook = read_notebook(options.notebook)
-    name = bundle_name(options)
-    out = output_path(options, name)
-    cuda_mod.check_cuda_option(options.cuda)
+    check_cuda_option(options.cuda)
     if options.base_image is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*", options.base_image):
         raise UsageError(f"--base-image {options.base_image!r} is not an image reference")
-    includes = include_members(options.notebook, options.includes)
+
+
+def _environment(options: PackOptions, notebook: Notebook):
+    """Find, normalise, choose CUDA: the environment as the bundle will carry it."""
+    from kbundle.pack import cuda
+    from kbundle.pack.discover import find_environment
+    from kbundle.pack.normalise import normalise
 
     raw = find_environment(notebook.kernel_name, options.env_file, options.python)
     env = normalise(raw)
@@ -176,39 +172,58 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         env.channels = list(dict.fromkeys(options.channels))
     if options.add_channels:
         env.channels = list(dict.fromkeys(options.add_channels + env.channels))
-    choice = cuda_mod.choose(cuda_mod.evidence(raw, env), options.cuda, options.base_image)
-    cuda_mod.apply_added(env, choice)
-    with step("Locking the environment for linux-64 with rattler…") if options.lock != "never" else contextlib.nullcontext():
+    choice = cuda.choose(cuda.evidence(raw, env), options.cuda, options.base_image)
+    cuda.apply_added(env, choice)
+    return raw, env, choice
+
+
+def _dockerfile(name: str, digest: str, notebook: Path, python: str | None, choice: CudaChoice, pip: bool) -> bytes:
+    from kbundle.pack.dockerfile import DockerfileInputs, render
+
+    inputs = DockerfileInputs(
+        name=name,
+        kbundle_version=__version__,
+        format_version=FORMAT_VERSION,
+        content_hash=digest,
+        notebook=_label_safe(notebook.name),
+        python=python,
+        cuda=choice.cuda,
+        cudnn=choice.cudnn,
+        runtime_in_env=choice.runtime_in_env,
+        env_libs=choice.env_libs,
+        base_image=choice.base_image,
+        base_reason=choice.reason.replace("\n", " "),
+        require_cuda=choice.require_cuda,
+        pip=pip,
+    )
+    return render(inputs).encode()
+
+
+def pack(options: PackOptions, progress=None) -> PackResult:
+    """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
+    from kbundle.bundle.writer import write_bundle
+    from kbundle.pack.lock import lock
+    from kbundle.pack.normalise import environment_yml
+
+    _check(options)
+    notebook = read_notebook(options.notebook)
+    name = bundle_name(options)
+    out = output_path(options, name)
+    includes = include_members(options.notebook, options.includes)
+    raw, env, choice = _environment(options, notebook)
+    slow = progress("Locking the environment for linux-64 with rattler…") if progress and options.lock != "never" else contextlib.nullcontext()
+    with slow:
         result = lock(env, choice, options.lock)
     python = result.python or env.python  # the solved version is the precise one
 
     nb_member = WORK_DIR + options.notebook.name
     original_path, original_bytes = _original_member(raw, options)
-    members: dict[str, bytes] = {nb_member: notebook.data, **includes}
-    members[original_path] = original_bytes
+    members: dict[str, bytes] = {nb_member: notebook.data, **includes, original_path: original_bytes}
     members[ENVIRONMENT] = environment_yml(name, env).encode()
     if result.locked and result.text:
         members[LOCK] = result.text.encode()
     digest = content_hash(members)
-    dockerfile = render(
-        DockerfileInputs(
-            name=name,
-            kbundle_version=__version__,
-            format_version=FORMAT_VERSION,
-            content_hash=digest,
-            notebook=_label_safe(options.notebook.name),
-            python=python,
-            cuda=choice.cuda,
-            cudnn=choice.cudnn,
-            runtime_in_env=choice.runtime_in_env,
-            env_libs=choice.env_libs,
-            base_image=choice.base_image,
-            base_reason=choice.reason.replace("\n", " "),
-            require_cuda=choice.require_cuda,
-            pip=bool(env.pip),
-        )
-    )
-    members[DOCKERFILE] = dockerfile.encode()
+    members[DOCKERFILE] = _dockerfile(name, digest, options.notebook, python, choice, bool(env.pip))
     manifest = Manifest(
         name=name,
         notebook=nb_member,
@@ -234,8 +249,6 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         content_hash=digest,
         kbundle_version=__version__,
     )
-    from kbundle.bundle.writer import write_bundle
-
     sealed = write_bundle(out, manifest, members)
     notes = [f"{a.spec}: added ({a.reason})" for a in env.added]
     if result.note and options.lock != "never":
