@@ -108,6 +108,15 @@ def test_verify_ok_and_tampered(packed, tmp_path):
     truncated.write_bytes(out.read_bytes()[:-100])
     assert_one_error_line(kbundle("verify", truncated), "truncated or corrupt")
     assert_one_error_line(kbundle("verify", tmp_path / "nope.kbundle"), "does not exist")
+    future = tmp_path / "future.kbundle"
+    with zipfile.ZipFile(out) as zin, zipfile.ZipFile(future, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "kbundle.json":
+                data = data.replace(b'"format_version": 1,', b'"format_version": 99,')
+            zout.writestr(info, data)
+    assert_one_error_line(kbundle("verify", future), "format version 99")
+    assert kbundle("verify", future).returncode == 3
 
 
 def test_same_inputs_same_bytes(packed, tmp_path):
