@@ -226,3 +226,25 @@ def test_extract_refuses_a_planted_symlink(bundle, tmp_path):
     with pytest.raises((BundleError, OSError)):
         extract_bundle(bundle, dest, members=["work/nb.ipynb"])
     assert not outside.exists()
+
+
+def test_fields_added_later_in_version_1_are_ignored(bundle, tmp_path):
+    def change(name, data):
+        if name != MANIFEST:
+            return data
+        doc = json.loads(data)
+        doc["future_field"] = {"x": 1}
+        for entry in doc["files"]:
+            entry["mode"] = "0644"
+        return json.dumps(doc).encode()
+
+    newer = tmp_path / "newer.kbundle"
+    _rewrite(bundle, newer, change)
+    assert open_bundle(newer).name == "nb"
+
+
+def test_malformed_manifest(bundle, tmp_path):
+    bad = tmp_path / "bad.kbundle"
+    _rewrite(bundle, bad, lambda n, d: b'{"format_version": 1, "files": [1]}' if n == MANIFEST else d)
+    with pytest.raises(BundleError, match="malformed"):
+        open_bundle(bad)

@@ -94,11 +94,16 @@ class Manifest:
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs["channels"] = list(conda.get("channels") or [])
         kwargs["dependencies"] = list(conda.get("dependencies") or [])
-        kwargs["dropped"] = [Dropped(**d) for d in kwargs.get("dropped") or []]
-        kwargs["added"] = [Added(**d) for d in kwargs.get("added") or []]
-        kwargs["variants"] = [Variant(**d) for d in kwargs.get("variants") or []]
-        kwargs["files"] = [FileEntry(**d) for d in kwargs.get("files") or []]
+        for key, record in (("dropped", Dropped), ("added", Added), ("variants", Variant), ("files", FileEntry)):
+            kwargs[key] = [_record(record, d) for d in kwargs.get(key) or []]
         return cls(**kwargs)
+
+
+def _record(cls, raw: dict[str, Any]):
+    # Fields may be added within a format version: ignore the ones this reader does not know.
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an object, got {raw!r}")
+    return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
 
 def sha256_hex(data: bytes) -> str:
