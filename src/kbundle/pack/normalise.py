@@ -96,7 +96,7 @@ def _pip(pins: list[PipPin], dropped: list[Dropped]) -> list[str]:
     kept: list[str] = []
     for pin in pins:
         if pin.local:
-            dropped.append(Dropped(f"pip: {pin.raw}", "a local path on the sender's machine"))
+            dropped.append(Dropped(f"pip: {pin.raw}", "a local path or editable install on the sender's machine"))
             continue
         reason = _os_only(pin.name, facts["pip_os_only"])
         if reason:
