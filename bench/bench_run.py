@@ -88,6 +88,7 @@ def baseline_context(bundle: Path, base_image: str, ctx: Path) -> None:
     b = open_bundle(bundle)
     resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text, b.cuda))
     envmod.install(resolved, ctx / "env")
+    envmod.compile_bytecode(ctx / "env")
     wheels.write_context(wheels.fetch(b.pip, b.python), ctx)
     extract_bundle(bundle, ctx, members=[m for m in b.members if m.startswith("work/")])
     (ctx / "Dockerfile").write_text(imagemod.with_base_image(b.dockerfile_text, base_image))

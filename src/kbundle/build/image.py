@@ -21,7 +21,7 @@ from kbundle import __version__
 from kbundle.errors import KbundleError
 
 # Bump when the build context's layout (docs/architecture.md) changes meaning.
-CONTEXT_VERSION = "1"
+CONTEXT_VERSION = "2"  # 2: env byte-compiled on the host
 LABEL_PREFIX = "kbundle."
 
 

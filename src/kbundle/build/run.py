@@ -176,6 +176,11 @@ def _build(client, bundle, bundle_hash: str, resolved, key, dockerfile: str, wor
             envmod.install(resolved, context / "env",
                            on_progress=lambda done, total: status.update(
                                f"installing conda packages for {envmod.FINAL_PREFIX}: {done}/{total}"))
+        with console.status("byte-compiling the environment"):
+            skipped = envmod.compile_bytecode(context / "env")
+        if skipped:
+            console.print(f"[yellow]warning:[/] not byte-compiled ({escape(skipped)}): kernels will start slower",
+                          soft_wrap=True)
         if bundle.pip:
             python = bundle.python or resolved.python_version()
             if not python:
