@@ -130,6 +130,10 @@ async def test_execute_in_container_as_jupyter_does(kernel_name, workdir, docker
         result = await execute(kc, "import os, sys; print(sys.prefix, os.getcwd(), 'JPY_PARENT_PID' in os.environ)")
         assert result["error"] is None
         assert result["stdout"].split() == ["/opt/kbundle/env", str(workdir.resolve()), "False"]
+        # The shim's copy of the connection info inside the container is readable by the kernel's user only.
+        modes = await execute(kc, "import glob, os; print(sorted((oct(os.stat(f).st_mode & 0o777), os.stat(f).st_uid)"
+                                  " for f in glob.glob('/tmp/kbundle-kernel-*.json')))")
+        assert modes["stdout"] == f"[('0o600', {os.getuid()})]\n"
 
         info = docker_client.api.inspect_container(name)
         # The key reaches the kernel through stdin only: not in argv, env, labels or mounts.
