@@ -133,8 +133,9 @@ def test_kernel_runs_inside_the_image_and_leaves_no_container(built_run, run_env
         kc.start_channels()
         kc.wait_for_ready(timeout=60)
         out = []
-        code = ("import json, sys, numpy, tabulate\n"
-                "print(json.dumps({'prefix': sys.prefix, 'numpy': numpy.__file__, 'tab': tabulate.__version__}))")
+        code = ("import json, os, sys, importlib.util, numpy, tabulate, ipykernel.kernelapp as ka\n"
+                "print(json.dumps({'prefix': sys.prefix, 'numpy': numpy.__file__, 'tab': tabulate.__version__,\n"
+                "                  'pyc': os.path.exists(importlib.util.cache_from_source(ka.__file__))}))")
         reply = kc.execute_interactive(code, timeout=60, output_hook=lambda m: out.append(m))
         assert reply["content"]["status"] == "ok"
         text = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
@@ -142,6 +143,7 @@ def test_kernel_runs_inside_the_image_and_leaves_no_container(built_run, run_env
         assert facts["prefix"] == "/opt/kbundle/env"
         assert facts["numpy"].startswith("/opt/kbundle/env/lib/python")
         assert facts["tab"] == "0.9.0"
+        assert facts["pyc"], "the env was not byte-compiled: every kernel start recompiles it"
         kc.stop_channels()
     finally:
         km.shutdown_kernel()
