@@ -301,10 +301,14 @@ class Launcher:
         try:
             self.api = docker.APIClient(version=API_VERSION, timeout=60, **docker.utils.kwargs_from_env())
             self._create()
-            sock = self.api.attach_socket(self.cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-            _raw(sock).settimeout(None)
-            self._start()
-            waiter = self._register_wait()
+            try:
+                sock = self.api.attach_socket(self.cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+                _raw(sock).settimeout(None)
+                self.api.start(self.cid)
+                waiter = self._register_wait()
+            except BaseException:
+                self._discard()
+                raise
         except RequestsConnectionError as exc:
             raise LaunchError(f"cannot reach the Docker engine ({exc.__class__.__name__}); is it running?") from None
         except docker.errors.DockerException as exc:
@@ -348,17 +352,12 @@ class Launcher:
             api.remove_container(plan.name, force=True)
             self.cid = api.create_container(**kwargs)["Id"]
 
-    def _start(self) -> None:
-        import docker
-
+    def _discard(self) -> None:
+        """Remove a container that never got going (auto-remove covers only containers that ran)."""
         try:
-            self.api.start(self.cid)
-        except docker.errors.APIError:
-            try:  # auto-remove applies to containers that ran; this one never did
-                self.api.remove_container(self.cid, force=True)
-            except docker.errors.APIError:
-                pass
-            raise
+            self.api.remove_container(self.cid, force=True)
+        except Exception:
+            pass  # gone already, or the engine is unreachable: `kbundle gc` finds it by its labels
 
     def _register_wait(self) -> Any:
         """Start `wait?condition=removed` and return once the engine has registered it.
