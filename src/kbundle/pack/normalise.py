@@ -127,8 +127,8 @@ def normalise(env: RawEnv) -> NormalisedEnv:
         text, variant = normalise_conda_spec(spec)
         if variant:
             variants.append(variant)
-        if spec.name == "python":
-            python = spec.version or (spec.constraint or "").lstrip("=") or None
+        if spec.name == "python" and re.fullmatch(r"\d+(\.\d+)*(\.\*)?", spec.version or ""):
+            python = spec.version.rstrip(".*")
         deps.append(text)
     pip = _pip(env.pip, dropped)
     names = {spec_name(d) for d in deps}

@@ -64,6 +64,8 @@ class Notebook:
 
 
 def read_notebook(path: Path) -> Notebook:
+    if any(ord(ch) < 32 or ch == "\\" for ch in path.name):
+        raise UsageError(f"the notebook's file name {path.name!r} has control characters or backslashes; rename it")
     if not path.exists():
         raise UsageError(f"notebook {path} does not exist")
     if not path.is_file():
