@@ -126,6 +126,8 @@ def include_members(notebook: Path, includes: list[Path]) -> dict[str, bytes]:
             if root not in resolved.parents:
                 raise UsageError(f"--include {given} is outside the notebook's folder {root}")
             rel = resolved.relative_to(root).as_posix()
+            if any(ord(ch) < 32 or ch == "\\" for ch in rel):
+                raise UsageError(f"--include {rel!r} has control characters or backslashes in its name; rename it")
             if resolved != notebook.resolve():
                 members[WORK_DIR + rel] = path.read_bytes()
     return members
