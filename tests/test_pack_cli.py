@@ -332,3 +332,8 @@ def test_summary_warns_above_the_mail_limit(tmp_path):
     warning = [l for l in result.stderr.splitlines() if l.startswith("warning:")]
     assert len(warning) == 1 and "20 MB" in warning[0]
     assert "21.0 MB" in result.stdout or "MB" in warning[0]
+
+
+def test_manifest_resolves_channel_names_to_urls(packed):
+    doc = json.loads(kbundle("inspect", packed[0], "--json").stdout)
+    assert doc["channel_urls"] == ["https://repo.anaconda.com/pkgs/main", "https://repo.anaconda.com/pkgs/r"]

@@ -61,6 +61,7 @@ class Manifest:
     dependencies: list[str]
     pip: list[str]
     dropped: list[Dropped] = field(default_factory=list)
+    channel_urls: list[str] = field(default_factory=list)
     added: list[Added] = field(default_factory=list)
     variants: list[Variant] = field(default_factory=list)
     locked: bool = False

@@ -206,7 +206,7 @@ def _dockerfile(name: str, digest: str, notebook: Path, python: str | None, choi
 def pack(options: PackOptions, progress=None) -> PackResult:
     """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
     from kbundle.bundle.writer import write_bundle
-    from kbundle.pack.lock import lock
+    from kbundle.pack.lock import channel_urls, lock
     from kbundle.pack.normalise import environment_yml
 
     _check(options)
@@ -241,6 +241,7 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         dependencies=env.dependencies,
         pip=env.pip,
         dropped=env.dropped,
+        channel_urls=channel_urls(env.channels),
         added=env.added,
         variants=env.variants,
         locked=result.locked,

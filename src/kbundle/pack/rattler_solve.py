@@ -31,7 +31,7 @@ async def solve(urls: list[str], specs: list[str], vps: list[tuple[str, str, str
     from rattler.exceptions import GatewayError, SolverError
 
     # A fresh Gateway per lock: it caches repodata in memory, and a channel may change between calls.
-    gateway = Gateway(show_progress=False)
+    gateway = Gateway(show_progress=False, client=_client())
     virtual = [GenericVirtualPackage(PackageName(n), Version(v), BuildString(b)) for n, v, b in vps]
     match_specs = [MatchSpec(s, strict=False) for s in specs]
     try:
@@ -58,6 +58,15 @@ async def solve(urls: list[str], specs: list[str], vps: list[tuple[str, str, str
         os.unlink(tmp)
     solved = [Solved(str(r.name.normalized), str(r.version)) for r in records]
     return solved, text, vp_strings
+
+
+def _client():
+    """The host's proxy and CA settings, shared with the build stage, when it is installed."""
+    try:
+        from kbundle.build.env import rattler_client
+    except ImportError:
+        return None
+    return rattler_client()
 
 
 def _first_line(text: str) -> str:
