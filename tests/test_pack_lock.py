@@ -32,7 +32,8 @@ def file_channel(tmp_path_factory) -> str:
     """A channel with repodata only: enough for solving, nothing to download."""
     root = tmp_path_factory.mktemp("channel")
     subdirs = {
-        "linux-64": [_record("python", "3.11.7", "h0_0"),
+        "linux-64": [_record("python", "3.11.7", "h0_0"), _record("python", "3.12.1", "h0_0"),
+                     _record("numpy", "2.0.0", "py312_0", ["python >=3.12,<3.13"]),
                      _record("numpy", "1.26.4", "py311_0", ["python >=3.11,<3.12"]),
                      _record("torchish", "2.0.1", "cuda118_py311_0", ["python >=3.11,<3.12", "__cuda >=11.8"])],
         "noarch": [_record("ipykernel", "6.29.0", "pyh0_0", ["python >=3.8"], "noarch", "python"),
@@ -78,10 +79,17 @@ def test_package_only_on_another_os_is_named_in_plain_words(file_channel):
 
 
 def test_missing_version_and_missing_package(file_channel):
-    with pytest.raises(KbundleError, match=r"`numpy=0.0.1` has no match for linux-64 .*available: 1.26.4"):
+    with pytest.raises(KbundleError, match=r"`numpy=0.0.1` has no match for linux-64 .*available: 1.26.4, 2.0.0"):
         lock(_env(file_channel, "numpy=0.0.1"), _cpu(), "always")
     with pytest.raises(KbundleError, match="`nosuch` is not in"):
         lock(_env(file_channel, "nosuch"), _cpu(), "auto")
+
+
+def test_conflict_is_explained_on_one_line(file_channel):
+    with pytest.raises(KbundleError) as info:
+        lock(_env(file_channel, "numpy=2.0.0"), _cpu(), "auto")
+    message = str(info.value)
+    assert "numpy 2.0.0" in message and "python >=3.12" in message and "\n" not in message
 
 
 def test_unreachable_channels_fail_fast():
