@@ -87,6 +87,7 @@ def _summary(result) -> None:
         f"  python     {m.python or 'unpinned'}",
         f"  cuda       {m.cuda or 'none'}" + (f", cuDNN {m.cudnn}" if m.cudnn else "") + (" (runtime inside the environment)" if m.cuda and m.cuda_runtime_in_env else ""),
         f"  base image {m.base_image}",
+        f"  because    {m.base_image_reason}",
         f"  packages   {len(m.dependencies)} conda, {len(m.pip)} pip",
         f"  locked     {'yes (linux-64)' if m.locked else 'no'}",
     ]

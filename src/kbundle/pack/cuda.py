@@ -253,7 +253,11 @@ def _on_live_base(cuda: str, cudnn: str | None, why: str, added: tuple[Added, ..
     require = f"cuda>={cuda}" if base_cuda != cuda else None
     # Put the env's lib/ on LD_LIBRARY_PATH only when a conda CUDA runtime lives there.
     env_libs = bool(added) or any(e.runtime and e.source == "conda" for e in found)
-    return CudaChoice(cuda, cudnn, True, image, _glibc_for(image), why + f"; base {image}", require, added, env_libs)
+    gone = base_tags()["deleted"].get(cuda)
+    if gone and not added:
+        why += f" (nvidia/cuda:{gone} was deleted, end of life)"
+    why += f"; any live base fits, and the lowest, {image}, asks the least of the driver"
+    return CudaChoice(cuda, cudnn, True, image, _glibc_for(image), why, require, added, env_libs)
 
 
 def _runtime_packages(cuda: str, cudnn: str | None) -> tuple[Added, ...]:
