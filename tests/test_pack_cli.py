@@ -337,3 +337,12 @@ def test_summary_warns_above_the_mail_limit(tmp_path):
 def test_manifest_resolves_channel_names_to_urls(packed):
     doc = json.loads(kbundle("inspect", packed[0], "--json").stdout)
     assert doc["channel_urls"] == ["https://repo.anaconda.com/pkgs/main", "https://repo.anaconda.com/pkgs/r"]
+
+
+def test_pack_json_prints_the_manifest(tmp_path):
+    out = tmp_path / "j.kbundle"
+    result = kbundle("pack", NOTEBOOK, "-e", ENVFILE, "-o", out, "--lock", "never", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert INSPECT_KEYS <= set(doc)
+    assert doc == json.loads(kbundle("inspect", out, "--json").stdout)
