@@ -214,17 +214,20 @@ def test_without_yes_and_no_terminal_it_asks_for_yes(world, run_env, tmp_path, s
 
 
 def rewrite_dockerfile(bundle: Path, target: Path, name: str, extra_step: str) -> Path:
-    """The same bundle under another name, with `extra_step` after FROM (resealed, so it verifies)."""
+    """The bundle under another name, with `extra_step` after FROM and a tiny unlocked env (tzdata
+    only, so the context uploads fast), resealed so that it verifies."""
     import dataclasses
 
     from kbundle.bundle import open_bundle, write_bundle
 
     b = open_bundle(bundle)
-    members = dict(b.members)
+    members = {k: v for k, v in b.members.items() if k != b.manifest.lock}
     lines = b.dockerfile_text.splitlines(keepends=True)
     at = next(i for i, ln in enumerate(lines) if ln.startswith("FROM ")) + 1
     members["Dockerfile"] = "".join(lines[:at] + [extra_step + "\n"] + lines[at:]).encode()
-    write_bundle(target, dataclasses.replace(b.manifest, name=name, files=[], content_hash=""), members)
+    manifest = dataclasses.replace(b.manifest, name=name, files=[], content_hash="", dependencies=["tzdata"],
+                                   pip=[], locked=False, lock=None)
+    write_bundle(target, manifest, members)
     return target
 
 
