@@ -129,8 +129,9 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     # 3. the environment and the image's identity (no install yet: the tag may exist)
     base_id = imagemod.base_image_id(client, base, console)
     dockerfile = imagemod.with_base_image(bundle.dockerfile_text, base) if options.base_image else bundle.dockerfile_text
-    resolved = envmod.resolve(envmod.EnvSpec(tuple(bundle.channels), tuple(bundle.dependencies),
-                                             bundle.lock_text, bundle.cuda))
+    # channel_urls: the channels as the sender's conda resolved their names, for unlocked bundles
+    channels = tuple(getattr(bundle.manifest, "channel_urls", None) or bundle.channels)
+    resolved = envmod.resolve(envmod.EnvSpec(channels, tuple(bundle.dependencies), bundle.lock_text, bundle.cuda))
     key = imagemod.ImageKey(bundle.name, resolved.content_hash, tuple(bundle.pip), dockerfile, base, base_id)
     image_id = imagemod.existing_image(client, key.tag)
     build_log = None
