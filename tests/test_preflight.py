@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from kbundle.build.compat import load_tables, parse_version
@@ -198,3 +200,62 @@ def test_unreachable_engine_is_an_error_finding():
     report = evaluate(EngineFacts(False, "unix:///x.sock", error="cannot reach the Docker daemon at unix:///x.sock"),
                       NO_NVML, None, GpuRequest.parse("auto"), TABLES)
     assert [f.topic for f in report.errors] == ["docker"] and report.to_dict()["ok"] is False
+
+
+class FakeNvml:
+    """Stands in for nvidia-ml-py's module on a machine without GPUs (only its reading is tested)."""
+
+    def __init__(self, fail_init: bool = False):
+        self.fail_init = fail_init
+        self.shut = False
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"418.87.00"  # old bindings return bytes
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return 10010
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return (8, 6) if h == 0 else (7, 5)
+
+    def nvmlDeviceGetName(self, h):
+        return "NVIDIA GeForce RTX 3090" if h == 0 else "Tesla T4"
+
+    def nvmlDeviceGetUUID(self, h):
+        return f"GPU-{h:04d}"
+
+
+def test_nvml_reading_and_the_decision_it_feeds(monkeypatch):
+    from kbundle.build.preflight import probe_nvml
+
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    facts = probe_nvml()
+    assert fake.shut
+    assert (facts.available, facts.driver_version, facts.driver_cuda) == (True, "418.87.00", "10.1")
+    assert [(g.index, g.capability, g.uuid) for g in facts.gpus] == [(0, "8.6", "GPU-0000"), (1, "7.5", "GPU-0001")]
+    report = evaluate(GPU_ENGINE, facts, "10.1", GpuRequest.parse("auto"), TABLES)
+    assert not report.errors and report.plan.gpus == ("0", "1")
+    assert [f.message.split(" (")[0] for f in report.warnings] == ["GPU 0"]  # the 3090 under CUDA 10.1
+    assert "supports CUDA up to 10.1" in evaluate(GPU_ENGINE, facts, "11.8", GpuRequest.parse("all"), TABLES).errors[0].message
+
+
+def test_nvml_that_cannot_start_is_no_gpu(monkeypatch):
+    from kbundle.build.preflight import probe_nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(fail_init=True))
+    facts = probe_nvml()
+    assert not facts.available and "Shared Library Not Found" in facts.reason
