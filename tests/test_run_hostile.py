@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kbundle.bundle import Manifest, content_hash, write_bundle
+from kbundle.bundle import Manifest, content_hash
 from kbundle.bundle.format import MANIFEST, sha256_hex
 
 KBUNDLE = str(Path(sys.executable).parent / "kbundle")

@@ -155,9 +155,9 @@ def _records_from_lock(text: str) -> list:
     env = lock.default_environment()
     if env is None:
         raise KbundleError("the bundle's lock has no default environment")
-    for platform in env.platforms():  # the lock's own platform objects
-        if platform.name == PLATFORM:
-            records = env.conda_repodata_records_for_platform(platform)
+    for lock_platform in env.platforms():  # the lock's own platform objects
+        if lock_platform.name == PLATFORM:
+            records = env.conda_repodata_records_for_platform(lock_platform)
             if records:
                 return list(records)
     raise KbundleError(f"the bundle's lock has no {PLATFORM} packages")

@@ -98,9 +98,8 @@ def consent(console, *, yes: bool, base_image: str, packages: int, pip: int, doc
 
 
 def run_bundle(options: RunOptions, console) -> RunResult:
-    from kbundle.build import env as envmod
     from kbundle.build import image as imagemod
-    from kbundle.build import preflight, wheels, workdir as wd
+    from kbundle.build import preflight, workdir as wd
     from kbundle.bundle import open_bundle
     from kbundle.kernel.spec import install_kernelspec
 
@@ -115,7 +114,8 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     workdir = options.workdir or wd.default_workdir(bundle.name)
     work_members = sorted(m for m in bundle.members if m.startswith(wd.WORK_PREFIX))
     placement = wd.place(bundle.path, work_members, bundle.notebook, workdir, kernel_name, display_name)
-    warnings = [f"you changed {k.path}; kept yours, the bundle's copy is at {k.fresh}" for k in placement.kept]
+    warnings = [f"kept your {k.path} (it differs from the bundle's); the bundle's copy is at {k.fresh}"
+                for k in placement.kept]
 
     # 2. preflight: Docker, GPUs, driver
     client = preflight.connect()
@@ -128,18 +128,14 @@ def run_bundle(options: RunOptions, console) -> RunResult:
 
     # 3. the environment and the image's identity (no install yet: the tag may exist)
     base_id = imagemod.base_image_id(client, base, console)
-    dockerfile = imagemod.with_base_image(bundle.dockerfile_text, base) if options.base_image else bundle.dockerfile_text
-    # channel_urls: the channels as the sender's conda resolved their names, for unlocked bundles
-    channels = tuple(getattr(bundle.manifest, "channel_urls", None) or bundle.channels)
-    resolved = envmod.resolve(envmod.EnvSpec(channels, tuple(bundle.dependencies), bundle.lock_text, bundle.cuda))
-    key = imagemod.ImageKey(bundle.name, resolved.content_hash, tuple(bundle.pip), dockerfile, base, base_id)
+    resolved, key = _identify(bundle, options, base, base_id)
     image_id = imagemod.existing_image(client, key.tag)
     build_log = None
     if image_id is None:
-        review = wd.review_dockerfile(placement.workdir, dockerfile)
+        review = wd.review_dockerfile(placement.workdir, key.dockerfile)
         consent(console, yes=options.yes, base_image=base, packages=resolved.count, pip=len(bundle.pip),
                 dockerfile=review)
-        result = _build(client, bundle, bundle_hash, resolved, key, dockerfile, placement.workdir, console)
+        result = _build(client, bundle, bundle_hash, resolved, key, placement.workdir, console)
         image_id, build_log = result.image_id, result.log
 
     # 4. the kernel (a kernel of the same name from another bundle is replaced, and we say so)
@@ -162,7 +158,20 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     )
 
 
-def _build(client, bundle, bundle_hash: str, resolved, key, dockerfile: str, workdir: Path, console):
+def _identify(bundle, options: RunOptions, base: str, base_id: str):
+    """The resolved environment and the image key (its tag) — cheap: nothing is installed."""
+    from kbundle.build import env as envmod
+    from kbundle.build import image as imagemod
+
+    dockerfile = imagemod.with_base_image(bundle.dockerfile_text, base) if options.base_image else bundle.dockerfile_text
+    # channel_urls: the channels as the sender's conda resolved their names, for unlocked bundles
+    channels = tuple(getattr(bundle.manifest, "channel_urls", None) or bundle.channels)
+    resolved = envmod.resolve(envmod.EnvSpec(channels, tuple(bundle.dependencies), bundle.lock_text, bundle.cuda))
+    key = imagemod.ImageKey(bundle.name, resolved.content_hash, tuple(bundle.pip), dockerfile, base, base_id)
+    return resolved, key
+
+
+def _build(client, bundle, bundle_hash: str, resolved, key, workdir: Path, console):
     """Assemble the build context (env/, pip/, work/, Dockerfile) and build it; the context is temporary."""
     from kbundle.build import env as envmod
     from kbundle.build import image as imagemod
@@ -189,7 +198,7 @@ def _build(client, bundle, bundle_hash: str, resolved, key, dockerfile: str, wor
             with console.status(f"fetching {len(bundle.pip)} pip wheel(s) for CPython {python}"):
                 wheels.write_context(wheels.fetch(bundle.pip, python), context)
         extract_bundle(bundle.path, context, members=sorted(m for m in bundle.members if m.startswith("work/")))
-        (context / "Dockerfile").write_text(dockerfile, encoding="utf-8")
+        (context / "Dockerfile").write_text(key.dockerfile, encoding="utf-8")
         return imagemod.build(client, context, key, bundle_hash,
                               workdir / ".kbundle" / "build.log", console)
     finally:
