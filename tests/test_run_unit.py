@@ -175,3 +175,18 @@ def test_wheel_context_layout(tmp_path):
     wheels.write_context(wheels.WheelSet(("tabulate==0.9.0",), (wheel,), 0), ctx)
     assert (ctx / "pip" / "requirements.txt").read_text() == "tabulate==0.9.0\n"
     assert (ctx / "pip" / "wheels" / wheel.name).read_bytes() == b"zip"
+
+
+def test_rattler_uses_the_hosts_proxy_and_ca_trust(monkeypatch):
+    from kbundle.build.env import rattler_config
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("no_proxy", "127.0.0.1, localhost,.corp")
+    config = rattler_config()
+    assert config.proxy_https.rstrip("/") == "http://proxy.corp:3128"
+    assert config.proxy_non_proxy_hosts == ["127.0.0.1", "localhost", ".corp"]
+    assert config.tls_root_certs == "system"  # the OS store, where corporate CAs are installed
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert rattler_config().proxy_https is None
