@@ -83,18 +83,28 @@ def test_plan_lists_only_leftovers_and_apply_removes_them(docker_client, env_ima
     for p in (old / "env", old / "Dockerfile", old):
         os.utime(p, (day_ago, day_ago))
 
-    plan = G.plan_gc(docker_client, kernels=kernels, host=host, contexts_dir=contexts)
+    pycaches = tmp_path / "pycache"
+    for image in (used, unused):
+        d = pycaches / image.replace("/", "-").replace(":", "-")
+        (d / "opt").mkdir(parents=True)
+        (d / "image.txt").write_text(image + "\n")
+    used_cache, unused_cache = (str((pycaches / i.replace("/", "-").replace(":", "-")).resolve()) for i in (used, unused))
+
+    plan = G.plan_gc(docker_client, kernels=kernels, host=host, contexts_dir=contexts, pycache_dir=pycaches)
     refs = {i.ref for i in plan.items}
     assert {dead, reused} <= refs
     assert not {alive, elsewhere, used} & refs
     assert unused in refs
     assert str(old.resolve()) in refs and str(fresh.resolve()) not in refs
     assert next(i for i in plan.items if i.ref == str(old.resolve())).size == len("FROM x\n")
+    assert unused_cache in refs and used_cache not in refs
 
-    mine = G.GcPlan([i for i in plan.items if i.ref in {dead, reused, unused, str(old.resolve())}])
+    mine_refs = {dead, reused, unused, str(old.resolve()), unused_cache}
+    mine = G.GcPlan([i for i in plan.items if i.ref in mine_refs])
     result = G.apply_gc(mine, docker_client)
     assert not result.failed
-    assert {i.ref for i in result.removed} == {dead, reused, unused, str(old.resolve())}
+    assert {i.ref for i in result.removed} == mine_refs
+    assert not Path(unused_cache).exists() and Path(used_cache).exists()
     remaining = {c["Id"] for c in docker_client.api.containers(all=True, filters={"label": "kbundle.test=1"})}
     assert dead not in remaining and reused not in remaining and alive in remaining
     assert not docker_client.api.images(name="kbundle-test/gc-unused")

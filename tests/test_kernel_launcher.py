@@ -72,6 +72,7 @@ def jupyter_dirs(monkeypatch):
     monkeypatch.setenv("JUPYTER_DATA_DIR", data)
     monkeypatch.setenv("JUPYTER_PATH", data)
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", os.path.join(data, "runtime"))
+    monkeypatch.setenv("KBUNDLE_CACHE_DIR", os.path.join(data, "cache"))  # the launcher's bytecode cache
     yield Path(data)
     subprocess.run(["rm", "-rf", data])
 
@@ -229,6 +230,38 @@ def wait_ready(kc, timeout: float = 60) -> None:
     raise TimeoutError("the kernel did not answer kernel_info")
 
 
+async def test_bytecode_cache_only_for_environments_without_pyc(env_image, jupyter_dirs, workdir, docker_client):
+    """The world's env has no .pyc (like a rattler install): the kernel keeps bytecode in kbundle's cache.
+    An image whose ipykernel is byte-compiled keeps using its own __pycache__."""
+    import io
+
+    compiled = "kbundle-test/ipykernel-pyc:1"
+    site = "/opt/kbundle/env/lib/python*/site-packages/ipykernel"
+    docker_client.images.build(fileobj=io.BytesIO(
+        f"FROM {env_image}\nRUN python -m compileall -q {site}\nLABEL kbundle.test=1\n".encode()), tag=compiled, rm=True)
+    install_kernelspec("kbundle-plain", "plain", env_image, str(workdir), [], "h")
+    install_kernelspec("kbundle-compiled", "compiled", compiled, str(workdir), [], "h")
+    probe = "import sys, ipykernel; print(sys.pycache_prefix, ipykernel.__cached__)"
+    try:
+        seen = {}
+        for name in ("kbundle-plain", "kbundle-compiled"):
+            km, kc = await start(name, workdir)
+            try:
+                seen[name] = (await execute(kc, probe))["stdout"].split()
+            finally:
+                kc.stop_channels()
+                await km.shutdown_kernel()
+    finally:
+        docker_client.images.remove(compiled, force=True)
+    assert seen["kbundle-plain"][0] == "/tmp/kbundle-pycache"
+    assert seen["kbundle-plain"][1].startswith("/tmp/kbundle-pycache/opt/kbundle/env/")
+    assert seen["kbundle-compiled"][0] == "None" and "/ipykernel/__pycache__/" in seen["kbundle-compiled"][1]
+    caches = list((jupyter_dirs / "cache" / "pycache").iterdir())
+    plain_cache = next(c for c in caches if (c / "image.txt").read_text() == env_image + "\n")
+    pyc = list(plain_cache.rglob("ipykernel/__init__*.pyc"))
+    assert pyc and pyc[0].stat().st_uid == os.getuid()
+
+
 def _connection_file(directory: Path) -> Path:
     from jupyter_client.connect import write_connection_file
 
@@ -282,7 +315,7 @@ def test_files_written_by_the_kernel_belong_to_the_invoking_user(env_image, work
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert not container_exists(docker_client, container_name(str(conn)))
+    assert wait_until(lambda: not container_exists(docker_client, container_name(str(conn))), 10)
 
 
 def test_sigterm_stops_the_container_and_exits_with_its_code(env_image, workdir, docker_client):
@@ -309,7 +342,7 @@ def test_sigterm_stops_the_container_and_exits_with_its_code(env_image, workdir,
             proc.kill()
     assert code == 128 + signal.SIGKILL
     assert elapsed < 2.5, f"stopping took {elapsed:.1f}s: longer than jupyter_client waits before SIGKILL"
-    assert not container_exists(docker_client, container_name(str(conn)))
+    assert wait_until(lambda: not container_exists(docker_client, container_name(str(conn))), 10)
 
 
 def test_missing_gpu_runtime_is_one_clear_line(env_image, workdir, docker_client):
@@ -321,3 +354,32 @@ def test_missing_gpu_runtime_is_one_clear_line(env_image, workdir, docker_client
     assert proc.stderr.startswith("error: ") and "NVIDIA" in proc.stderr and "--gpus none" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not container_exists(docker_client, container_name(str(conn)))
+
+
+def test_a_restart_replaces_a_leftover_container_of_the_same_name(env_image, workdir, docker_client):
+    from jupyter_client.blocking import BlockingKernelClient
+
+    conn = _connection_file(workdir)
+    name = container_name(str(conn))
+    stale = docker_client.api.create_container(env_image, command=["sleep", "300"], name=name,
+                                               labels={"kbundle.test": "1"})["Id"]
+    docker_client.api.start(stale)
+    proc = subprocess.Popen([LAUNCHER, "--image", env_image, "--workdir", str(workdir), "-f", str(conn)],
+                            cwd=workdir, stderr=subprocess.PIPE, text=True)
+    kc = BlockingKernelClient(connection_file=str(conn))
+    kc.load_connection_file()
+    kc.start_channels()
+    try:
+        wait_ready(kc)
+        assert docker_client.api.inspect_container(name)["Id"] != stale
+        kc.shutdown()
+        assert proc.wait(timeout=20) == 0
+    finally:
+        kc.stop_channels()
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            docker_client.api.remove_container(stale, force=True)
+        except Exception:
+            pass
+    assert wait_until(lambda: not container_exists(docker_client, name), 10)

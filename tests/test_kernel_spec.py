@@ -221,3 +221,21 @@ def test_bad_connection_file_is_one_error_line(tmp_path):
     proc = subprocess.run([str(launcher_path()), "--image", "img", "-f", str(bad)], capture_output=True, text=True,
                           timeout=30)
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"error: the connection file {bad} is not JSON\n")
+
+
+def test_pycache_dir_is_per_image_in_kbundles_cache(tmp_path):
+    env = {"KBUNDLE_CACHE_DIR": str(tmp_path)}
+    a, b = L.pycache_dir("kbundle/demo:abc", env), L.pycache_dir("kbundle/demo:abd", env)
+    assert a != b and Path(a).parent == tmp_path / "pycache" and Path(a).name.startswith("kbundle-demo-abc-")
+    assert L.pycache_dir("img", dict(env, KBUNDLE_KERNEL_PYCACHE="0")) == ""
+
+
+def test_prepare_pycache_falls_back_to_none(tmp_path):
+    plan = _plan(tmp_path, environ={"KBUNDLE_CACHE_DIR": str(tmp_path / "cache")})
+    assert plan.environment["KBUNDLE_PYCACHE"] == L.PYCACHE_IN_CONTAINER
+    ready = L.prepare_pycache(plan)
+    assert ready == plan and (Path(plan.pycache) / "image.txt").read_text() == "img\n"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    broken = L.prepare_pycache(_plan(tmp_path, environ={"KBUNDLE_CACHE_DIR": str(blocker)}))
+    assert broken.pycache == "" and "KBUNDLE_PYCACHE" not in broken.environment

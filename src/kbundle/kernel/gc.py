@@ -95,7 +95,8 @@ def launcher_alive(labels: dict[str, str], host: str) -> Optional[bool]:
 
 
 def plan_gc(client, *, kernels: Optional[list] = None, host: Optional[str] = None,
-            contexts_dir: Optional[Path] = None, now: Optional[float] = None) -> GcPlan:
+            contexts_dir: Optional[Path] = None, pycache_dir: Optional[Path] = None,
+            now: Optional[float] = None) -> GcPlan:
     """What `kbundle gc` would remove (nothing is removed here)."""
     from kbundle.kernel.spec import list_kernelspecs
 
@@ -106,7 +107,26 @@ def plan_gc(client, *, kernels: Optional[list] = None, host: Optional[str] = Non
     plan.items += _dead_kernel_containers(client, host)
     plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
     plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else _contexts_dir(), now)
+    plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else
+                                   Path(L.cache_root(dict(os.environ))) / "pycache")
     return plan
+
+
+def _unused_pycaches(kernels: list, root: Path) -> list[GcItem]:
+    if not root.is_dir():
+        return []
+    wanted = {k.image for k in kernels}
+    items = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            image = (path / L.PYCACHE_IMAGE_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            image = ""
+        if image not in wanted:
+            items.append(GcItem(DIRECTORY, str(path.resolve()), path.name,
+                                f"bytecode cache of {image or 'an unknown image'}, which no registered kernel uses",
+                                _du(path)))
+    return items
 
 
 def _dead_kernel_containers(client, host: str) -> list[GcItem]:

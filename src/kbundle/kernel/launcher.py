@@ -22,9 +22,17 @@ One foreground process per kernel, talking to the Docker engine through the SDK 
 - Signals: SIGINT is sent to the kernel process (through tini), so running code gets
   KeyboardInterrupt. SIGTERM/SIGHUP stop the container: SIGTERM, then SIGKILL after
   STOP_GRACE_S, well before jupyter_client's own SIGKILL (2.5 s after its SIGTERM by
-  default). The launcher exits with the container's exit code, once it is removed.
+  default). The launcher exits with the container's exit code as soon as it stops;
+  the engine's auto-remove deletes it moments later (waiting for that could take longer
+  than jupyter_client's patience on a busy machine).
 - `JPY_PARENT_PID` is not forwarded: under tini the kernel's parent is PID 1, which
   ipykernel's parent poller reads as "orphaned" and exits.
+
+Environments installed without .pyc files (rattler does not byte-compile) would be
+compiled at every kernel start, about a second for ipykernel alone. For those, the shim
+points `sys.pycache_prefix` at a per-image directory in the user's kbundle cache
+(mounted at PYCACHE_IN_CONTAINER), so only the first start per image pays.
+`KBUNDLE_KERNEL_PYCACHE=0` turns this off.
 
 Containers carry labels (`kbundle.kernel=1`, the launcher's pid, its start time and the
 host) so that `kbundle gc` can find leftovers whose launcher is gone.
@@ -40,18 +48,22 @@ import signal
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 # device_requests need 1.40. Pinning the version saves the /version round trip at start.
 API_VERSION = "1.40"
 STOP_GRACE_S = 1
+REPLACE_WAIT_S = 10  # how long a restart waits for the previous container to go
 NAME_PREFIX = "kbundle-kernel-"
 LABEL_KERNEL = "kbundle.kernel"
 LABEL_KERNEL_NAME = "kbundle.kernel.name"
 LABEL_PID = "kbundle.launcher.pid"
 LABEL_START = "kbundle.launcher.start"
 LABEL_HOST = "kbundle.launcher.host"
+PYCACHE_IN_CONTAINER = "/tmp/kbundle-pycache"
+PYCACHE_IMAGE_FILE = "image.txt"
 PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 LOOPBACK = ("127.0.0.1", "localhost")
 # A bind mount at (or above) these paths would hide the container's own system or environment.
@@ -86,6 +98,17 @@ _t.daemon = True
 _t.start()
 if sys.path and sys.path[0] == '':
     del sys.path[0]
+_pc = os.environ.get('KBUNDLE_PYCACHE')
+if _pc:
+    # An environment installed without .pyc files (rattler does not compile) would be
+    # compiled again at every start: keep the bytecode in kbundle's cache instead.
+    try:
+        import importlib.util
+        _s = importlib.util.find_spec('ipykernel')
+        if _s and _s.origin and not os.path.isdir(os.path.join(os.path.dirname(_s.origin), '__pycache__')):
+            sys.pycache_prefix = _pc
+    except Exception:
+        pass
 try:
     from ipykernel import kernelapp
 except ImportError as exc:
@@ -110,6 +133,7 @@ class LaunchPlan:
     group_add: list[str]
     mounts: list[str]
     working_dir: str
+    pycache: str  # host directory for bytecode, "" for none
     network: str
     ports: list[int]
     environment: dict[str, str]
@@ -195,6 +219,44 @@ def mount_dirs(workdir: str, cwd: str) -> tuple[list[str], str]:
     return [base, cwd], cwd
 
 
+def cache_root(environ: dict[str, str]) -> str:
+    """kbundle's cache directory (`KBUNDLE_CACHE_DIR` moves it, as for the build stage)."""
+    if environ.get("KBUNDLE_CACHE_DIR"):
+        return environ["KBUNDLE_CACHE_DIR"]
+    from platformdirs import user_cache_dir
+
+    return user_cache_dir("kbundle")
+
+
+def pycache_dir(image: str, environ: dict[str, str]) -> str:
+    """The invoking user's bytecode cache for `image` ("" when turned off).
+
+    Keyed by the image reference: kbundle's tags are content hashes, and Python checks
+    each .pyc against its source's mtime and size anyway.
+    """
+    if environ.get("KBUNDLE_KERNEL_PYCACHE") == "0":
+        return ""
+    slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in image)[-60:].strip("-.")
+    digest = hashlib.sha256(image.encode()).hexdigest()[:8]
+    return os.path.join(cache_root(environ), "pycache", f"{slug}-{digest}")
+
+
+def prepare_pycache(plan: LaunchPlan) -> LaunchPlan:
+    """Create the plan's bytecode cache; without one (read-only home, say) the kernel runs without it."""
+    if not plan.pycache:
+        return plan
+    try:
+        os.makedirs(plan.pycache, mode=0o700, exist_ok=True)
+        marker = os.path.join(plan.pycache, PYCACHE_IMAGE_FILE)
+        if not os.path.exists(marker):  # tells `kbundle gc` which image the cache belongs to
+            with open(marker, "w", encoding="utf-8") as fh:
+                fh.write(plan.image + "\n")
+        return plan
+    except OSError:
+        env = {k: v for k, v in plan.environment.items() if k != "KBUNDLE_PYCACHE"}
+        return replace(plan, pycache="", environment=env)
+
+
 def _hidden_by(mount: str) -> str:
     """The reserved path that mounting `mount` would cover ("" when none)."""
     prefix = mount.rstrip("/") + "/"
@@ -215,6 +277,9 @@ def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid
     network = choose_network(args.network, environ, platform)
     mounts, working_dir = mount_dirs(args.workdir, cwd)
     env = {"HOME": "/tmp"}  # the invoking uid has no home in the image; IPython wants a writable one
+    pycache = pycache_dir(args.image, environ)
+    if pycache:
+        env["KBUNDLE_PYCACHE"] = PYCACHE_IN_CONTAINER
     if environ.get("JPY_SESSION_NAME"):
         env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
     labels = {
@@ -231,6 +296,7 @@ def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid
         user=f"{uid}:{gid}",
         group_add=[str(g) for g in sorted(set(groups)) if g != gid],
         mounts=mounts,
+        pycache=pycache,
         working_dir=working_dir,
         network=network,
         ports=ports,
@@ -238,6 +304,13 @@ def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid
         labels=labels,
         gpus=args.gpus or "none",
     )
+
+
+def _binds(plan: LaunchPlan) -> dict[str, dict[str, str]]:
+    binds = {path: {"bind": path, "mode": "rw"} for path in plan.mounts}
+    if plan.pycache:
+        binds[plan.pycache] = {"bind": PYCACHE_IN_CONTAINER, "mode": "rw"}
+    return binds
 
 
 def kernel_connection(info: dict[str, Any], network: str) -> bytes:
@@ -332,7 +405,7 @@ class Launcher:
             init=True,
             auto_remove=True,
             network_mode="host" if plan.network == "host" else "bridge",
-            binds={path: {"bind": path, "mode": "rw"} for path in plan.mounts},
+            binds=_binds(plan),
             port_bindings={p: ("127.0.0.1", p) for p in plan.ports} or None,
             device_requests=device_requests(plan.gpus) or None,
             group_add=plan.group_add or None,
@@ -343,14 +416,24 @@ class Launcher:
             working_dir=plan.working_dir, environment=plan.environment, labels=plan.labels,
             host_config=host_config, ports=plan.ports or None,
         )
-        try:
-            self.cid = api.create_container(**kwargs)["Id"]
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409:
-                raise
-            # A container of the same kernel (the one before a restart) is still there: replace it.
-            api.remove_container(plan.name, force=True)
-            self.cid = api.create_container(**kwargs)["Id"]
+        deadline = time.monotonic() + REPLACE_WAIT_S
+        while True:
+            try:
+                self.cid = api.create_container(**kwargs)["Id"]
+                return
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409 or time.monotonic() > deadline:
+                    raise
+            # The same kernel's container from before a restart is still there (or being
+            # auto-removed): replace it.
+            try:
+                api.remove_container(plan.name, force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: removal already in progress
+                    raise
+                time.sleep(0.05)
 
     def _discard(self) -> None:
         """Remove a container that never got going (auto-remove covers only containers that ran)."""
@@ -360,13 +443,13 @@ class Launcher:
             pass  # gone already, or the engine is unreachable: `kbundle gc` finds it by its labels
 
     def _register_wait(self) -> Any:
-        """Start `wait?condition=removed` and return once the engine has registered it.
+        """Start `wait?condition=not-running` and return once the engine has registered it.
 
         The engine sends the response headers as soon as the wait is in place (API >= 1.30)
-        and the body when the container is removed, so nothing can slip in between.
+        and the body when the container stops, so nothing can slip in between.
         """
         url = self.api._url("/containers/{0}/wait", self.cid)
-        response = self.api.post(url, params={"condition": "removed"}, stream=True, timeout=None)
+        response = self.api.post(url, params={"condition": "not-running"}, stream=True, timeout=None)
         self.api._raise_for_status(response)
         return response
 
@@ -448,6 +531,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         plan = plan_launch(args, info, cwd=os.getcwd(), uid=os.getuid(), gid=os.getgid(),
                            groups=os.getgroups(), pid=os.getpid(), environ=dict(os.environ),
                            platform=sys.platform)
+        plan = prepare_pycache(plan)
         code = Launcher(plan, kernel_connection(info, plan.network)).run()
     except LaunchError as exc:
         sys.stderr.write(f"error: {exc}\n")
