@@ -90,3 +90,25 @@ def test_a_sound_crafted_bundle_passes_the_same_checks(tmp_path):
     from kbundle.bundle import open_bundle
 
     assert open_bundle(craft(tmp_path / "ok.kbundle", good_members())).name == "evil"
+
+
+def test_a_hostile_bundle_name_cannot_steer_the_default_workdir(tmp_path):
+    """The manifest's name picks ./<name>/; a name like ../../escape must stay one folder under cwd."""
+    from kbundle.bundle import write_bundle
+
+    manifest = Manifest(name="../../escape", notebook="work/nb.ipynb", python="3.11", cuda=None, cudnn=None,
+                        cuda_runtime_in_env=False, base_image="scratch", base_image_reason="", channels=[],
+                        dependencies=[], pip=[])
+    bundle = tmp_path / "b.kbundle"
+    write_bundle(bundle, manifest, good_members())
+    recipient = tmp_path / "x" / "y" / "recipient"
+    recipient.mkdir(parents=True)
+    before = tree(tmp_path)
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "jupyter"), KBUNDLE_CACHE_DIR=str(tmp_path / "cache"),
+               DOCKER_HOST="unix:///nonexistent.sock")  # stop right after the extraction
+    proc = subprocess.run([KBUNDLE, "run", str(bundle), "--yes"], cwd=recipient, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    new = tree(tmp_path) - before
+    assert new and all(p.startswith("x/y/recipient/escape") for p in new), sorted(new)
+    assert (recipient / "escape" / "nb.ipynb").is_file()

@@ -190,3 +190,12 @@ def test_rattler_uses_the_hosts_proxy_and_ca_trust(monkeypatch):
     assert config.tls_root_certs == "system"  # the OS store, where corporate CAs are installed
     monkeypatch.delenv("HTTPS_PROXY")
     assert rattler_config().proxy_https is None
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("analysis", "analysis"), ("tf warp-speed", "tf warp-speed"), ("../../escape", "escape"),
+    ("/etc", "etc"), ("..", "bundle"), ("a/b\\c", "a-b-c"), ("Überblick", "Überblick"), (".hidden", "hidden"),
+])
+def test_default_workdir_is_one_component_under_cwd(tmp_path, name, expected):
+    path = wd.default_workdir(name, tmp_path)
+    assert path.parent == tmp_path and path.name == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -131,8 +132,14 @@ def review_dockerfile(workdir: Path, text: str) -> Path:
     return path
 
 
+def safe_dirname(name: str) -> str:
+    """One harmless path component from the bundle's (untrusted) name: no separators, no `..`."""
+    text = re.sub(r"[^\w .+-]+", "-", name, flags=re.UNICODE).strip(" .-")
+    return text[:80] or "bundle"
+
+
 def default_workdir(name: str, cwd: Optional[Path] = None) -> Path:
-    return (cwd or Path.cwd()) / name
+    return (cwd or Path.cwd()) / safe_dirname(name)
 
 
 def remove_tree(path: Path) -> None:
