@@ -199,3 +199,11 @@ def test_rattler_uses_the_hosts_proxy_and_ca_trust(monkeypatch):
 def test_default_workdir_is_one_component_under_cwd(tmp_path, name, expected):
     path = wd.default_workdir(name, tmp_path)
     assert path.parent == tmp_path and path.name == expected
+
+
+@pytest.mark.parametrize("pin", ["--index-url=http://evil.example/simple", "-r /etc/passwd", "tabulate>=0.9",
+                                 "tabulate @ https://evil.example/t.whl", "tabulate"])
+def test_pip_pins_are_exact_or_refused(pin, tmp_path, monkeypatch):
+    monkeypatch.setenv("KBUNDLE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(KbundleError, match="exact pin"):
+        wheels.fetch([pin], "3.11")

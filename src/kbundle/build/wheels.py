@@ -109,6 +109,10 @@ def fetch(pins: Sequence[str], python: str) -> WheelSet:
     """Each pin as a wheel file in the shared cache; pip runs only for pins not cached yet."""
     if not pins:
         return WheelSet((), (), 0)
+    for pin in pins:
+        # Pins reach pip's command line and requirements.txt: only `name==version`, never an option or URL.
+        if pin.strip().startswith("-") or _exact_pin(pin) is None:
+            raise KbundleError(f"pip: {pin!r} is not an exact pin (name==version); kbundle installs only those")
     directory = cache_dir(python)
     wanted = target_tags(python)
     missing = [p for p in pins if find_cached(p, directory, wanted) is None]
@@ -122,7 +126,7 @@ def fetch(pins: Sequence[str], python: str) -> WheelSet:
     for pin in pins:
         found = find_cached(pin, directory, wanted)
         if found is None:
-            raise KbundleError(f"pip: {pin!r} is not an exact pin with a wheel for {PLATFORM} / CPython {python}")
+            raise KbundleError(f"pip: no wheel of {pin!r} for {PLATFORM} / CPython {python} came back from pip")
         files.append(found)
     return WheelSet(tuple(pins), tuple(files), len(missing))
 
