@@ -182,6 +182,24 @@ def test_unlocked_bundle_solves_on_this_host_to_the_lock(built_run, world, run_e
     assert solved.content_hash == locked.content_hash and solved.python_version() == world["python"]
 
 
+def test_a_second_env_links_packages_and_bytecode_from_the_shared_cache(built_run, run_env, tmp_path, monkeypatch):
+    """After the session's build, installing the same lock again downloads and compiles nothing."""
+    from kbundle.build import bytecode, env as envmod
+    from kbundle.bundle import open_bundle
+
+    monkeypatch.setenv("KBUNDLE_CACHE_DIR", run_env["KBUNDLE_CACHE_DIR"])
+    pkgs = envmod.package_cache_dir()
+    before = {p.name for p in pkgs.iterdir()}
+    b = open_bundle(built_run[2])
+    resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text))
+    envmod.install(resolved, tmp_path / "env")
+    stats = bytecode.compile_env(tmp_path / "env", envmod.cache_root() / "pyc", resolved.interpreter_id())
+    assert {p.name for p in pkgs.iterdir()} == before, "packages were fetched again"
+    assert stats.compiled == 0 and stats.linked > 1000 and stats.skipped is None
+    numpy_init = next((tmp_path / "env" / "lib").glob("python3.*/site-packages/numpy/__init__.py"))
+    assert bytecode._pyc_path(numpy_init, bytecode._cache_tag(tmp_path / "env")).stat().st_nlink > 1
+
+
 def test_gpus_all_names_the_missing_nvidia_runtime(built_run, world, run_env):
     _, _, bundle, cwd = built_run
     proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--gpus", "all", "--yes"], run_env, cwd=cwd)

@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -50,6 +47,13 @@ class ResolvedEnv:
         lines = sorted(f"{r.url} {r.sha256.hex() if r.sha256 else ''} {r.md5.hex() if r.md5 else ''}"
                        for r in self.records)
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    def interpreter_id(self) -> str:
+        """Names the exact python package, so compiled bytecode can be shared between envs."""
+        for r in self.records:
+            if str(r.name.normalized) == "python":
+                return r.sha256.hex() if r.sha256 else hashlib.sha256(str(r.url).encode()).hexdigest()
+        return "no-python"
 
     def python_version(self) -> Optional[str]:
         for r in self.records:
@@ -244,25 +248,3 @@ def _reporter(on_progress):
 
     return Reporter()
 
-
-def compile_bytecode(target: Path) -> Optional[str]:
-    """Byte-compile the installed env with its own interpreter, as conda does for noarch packages.
-
-    The kernel runs as the invoking user over a root-owned env, so Python could never cache
-    bytecode there: every kernel start would recompile ipykernel and friends (about a second).
-    Paths are recorded as the in-image prefix, and hash-based validation keeps the .pyc
-    files valid whatever timestamps the image ends up with. Returns why it was skipped, or None.
-    """
-    python = target / "bin" / "python"
-    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
-        return f"this host ({sys.platform}/{platform.machine()}) cannot run the linux-64 interpreter"
-    if not python.exists():
-        return "the environment has no bin/python"
-    scrubbed = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    command = [str(python), "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "checked-hash",
-               "-s", str(target), "-p", FINAL_PREFIX, str(target / "lib")]
-    # A non-zero exit only means some file did not compile (test data, Python 2 leftovers), as with conda.
-    proc = subprocess.run(command, capture_output=True, text=True, env=scrubbed)
-    if proc.returncode != 0 and not any((target / "lib").rglob("*.pyc")):
-        return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    return None

@@ -173,6 +173,7 @@ def _identify(bundle, options: RunOptions, base: str, base_id: str):
 
 def _build(client, bundle, bundle_hash: str, resolved, key, workdir: Path, console):
     """Assemble the build context (env/, pip/, work/, Dockerfile) and build it; the context is temporary."""
+    from kbundle.build import bytecode
     from kbundle.build import env as envmod
     from kbundle.build import image as imagemod
     from kbundle.build import wheels
@@ -187,10 +188,10 @@ def _build(client, bundle, bundle_hash: str, resolved, key, workdir: Path, conso
                            on_progress=lambda done, total: status.update(
                                f"installing conda packages for {envmod.FINAL_PREFIX}: {done}/{total}"))
         with console.status("byte-compiling the environment"):
-            skipped = envmod.compile_bytecode(context / "env")
-        if skipped:
-            console.print(f"[yellow]warning:[/] not byte-compiled ({escape(skipped)}): kernels will start slower",
-                          soft_wrap=True)
+            compiled = bytecode.compile_env(context / "env", envmod.cache_root() / "pyc", resolved.interpreter_id())
+        if compiled.skipped:
+            console.print(f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): "
+                          f"kernels will start slower", soft_wrap=True)
         if bundle.pip:
             python = bundle.python or resolved.python_version()
             if not python:
