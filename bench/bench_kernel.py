@@ -78,6 +78,7 @@ async def one_run(kernel_name: str, cwd: str) -> tuple[float, float | None]:
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
             if msg["msg_type"] == "execute_input" and interrupted_at is None:
+                await asyncio.sleep(0.3)  # let the cell reach time.sleep, as a user's Ctrl-C would
                 interrupted_at = time.perf_counter()
                 await km.interrupt_kernel()
             elif msg["msg_type"] == "error" and interrupted_at is not None:

@@ -158,9 +158,15 @@ async def test_interrupt_restart_and_kill(kernel_name, workdir, docker_client):
     km, kc = await start(kernel_name, workdir)
     name = container_name(km.connection_file)
     try:
-        # Interrupt only once the code is running, as a user's Ctrl-C would.
+        # Interrupt only once the code is running, as a user's Ctrl-C would: after execute_input,
+        # and a moment later, since ipykernel itself swallows a SIGINT that lands while IPython
+        # is still preparing the cell (a race of ipykernel's, native kernels included).
+        async def interrupt():
+            await asyncio.sleep(0.5)
+            await km.interrupt_kernel()
+
         started = time.monotonic()
-        result = await execute(kc, "import time; time.sleep(60)", on_input=km.interrupt_kernel)
+        result = await execute(kc, "import time; time.sleep(60)", on_input=interrupt)
         assert result["error"] == "KeyboardInterrupt"
         assert time.monotonic() - started < 20
         assert (await execute(kc, "print(6 * 7)"))["stdout"] == "42\n"  # still alive, state kept
