@@ -230,6 +230,25 @@ def test_without_yes_and_no_terminal_it_asks_for_yes(world, run_env, tmp_path, s
     assert (tmp_path / bundle.stem / ".kbundle" / "Dockerfile").is_file()  # there to review
 
 
+def test_on_a_terminal_it_asks_and_a_no_builds_nothing(world, run_env, tmp_path, session_tag):
+    import pty
+
+    bundle = pack(world, run_env, tmp_path / "s", f"kbt-tty-{session_tag}")
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([KBUNDLE, "run", str(bundle), "--base-image", world["base_image"]], env=run_env,
+                                cwd=tmp_path, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        os.write(master, b"n\n")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert proc.returncode == 1 and "declined" in err, err
+    assert "Build it and register the kernel?" in err and world["base_image"] in err and "Dockerfile" in err
+    listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
+    assert f"kbundle-kbt-tty-{session_tag}" not in [k["name"] for k in listed]
+
+
 def rewrite_dockerfile(bundle: Path, target: Path, name: str, extra_step: str) -> Path:
     """The bundle under another name, with `extra_step` after FROM and a tiny unlocked env (tzdata
     only, so the context uploads fast), resealed so that it verifies."""
