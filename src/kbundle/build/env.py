@@ -133,7 +133,8 @@ def _linux_virtual_packages():
 
     found: dict[str, object] = {}
     try:
-        for vp in rattler.VirtualPackage.detect():
+        # CONDA_OVERRIDE_CUDA & co. work as with conda, e.g. to build a CUDA env on a CPU-only host.
+        for vp in rattler.VirtualPackage.detect(rattler.VirtualPackageOverrides.from_env()):
             generic = vp.into_generic()
             found[str(generic.name.normalized)] = generic
     except Exception:
