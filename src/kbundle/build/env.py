@@ -218,7 +218,7 @@ def install(env: ResolvedEnv, target: Path, on_progress=None) -> InstallStats:
 
     async def go():
         await rattler.install(list(env.records), target_prefix=str(target), alternative_target_prefix=FINAL_PREFIX,
-                              cache_dir=package_cache_dir(), platform=rattler.Platform(PLATFORM),
+                              cache_dir=package_cache_dir(), platform=rattler.Subdir(PLATFORM),
                               execute_link_scripts=False, show_progress=False, client=rattler_client(),
                               reporter=reporter)
 
