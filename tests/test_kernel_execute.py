@@ -22,6 +22,14 @@ def result(text: str, **extra) -> dict:
             "data": {"text/plain": text, **extra}}
 
 
+@pytest.fixture(autouse=True)
+def private_kbundle_cache(tmp_path_factory, monkeypatch):
+    """Kernels started here (and their launchers) keep bytecode in a throwaway cache, not the user's."""
+    cache = tmp_path_factory.mktemp("kbundle-cache")
+    cache.chmod(0o777)  # a launcher running as another uid may use it too
+    monkeypatch.setenv("KBUNDLE_CACHE_DIR", str(cache))
+
+
 # ----------------------------------------------------------------- pure rules
 
 
