@@ -139,8 +139,10 @@ def build(client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path
     tail: deque[str] = deque(maxlen=15)
     image_id: Optional[str] = None
     step = ""
-    stream = client.api.build(path=str(context), rm=True, forcerm=True, pull=False, decode=True,
-                              labels=labels(key, bundle_hash), nocache=False)
+    # The SDK tars and uploads the whole context (the env is hundreds of MB) before the first step.
+    with (console.status("sending the build context to the engine") if console else _Null()):
+        stream = client.api.build(path=str(context), rm=True, forcerm=True, pull=False, decode=True,
+                                  labels=labels(key, bundle_hash), nocache=False)
     progress = _BuildProgress(console, key.tag)
     try:
         with open(log_path, "w", encoding="utf-8") as log, progress:
