@@ -9,12 +9,11 @@ so a failure never leaves a partial bundle and a reader never sees half a file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
 
+from kbundle.atomic import atomic_writer
 from kbundle.bundle.format import MANIFEST, FileEntry, Manifest, sha256_hex
 
 # zip cannot store dates before 1980; any fixed date makes the bytes reproducible.
@@ -48,25 +47,7 @@ def write_bundle(target: Path, manifest: Manifest, members: dict[str, bytes]) ->
     if MANIFEST in members:
         raise ValueError(f"{MANIFEST} is reserved for the manifest")
     sealed = seal(manifest, members)
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            zip_bytes_to(out, sealed, members)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_writer(Path(target), fsync=True) as out:
+        zip_bytes_to(out, sealed, members)
     return sealed
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -29,12 +29,12 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from kbundle.atomic import write_atomic
 from kbundle.errors import KbundleError, UsageError
 
 SAME, DIFFERS, NUMERIC_CLOSE, VOLATILE = "same", "differs", "numeric-close", "volatile"
@@ -296,7 +296,7 @@ def execute_notebook(notebook_path: os.PathLike | str, kernel_name: str, output_
         if index not in ran:  # keep no sender outputs in the copy: they would pass for ours
             cell.outputs, cell.execution_count = [], None
         report.cells.append(cell_report(index, cell, saved[index], index in ran))
-    _write_atomic(target, nbformat.writes(nb) + "\n")
+    write_atomic(target, nbformat.writes(nb) + "\n")
     return report
 
 
@@ -308,16 +308,3 @@ def _check_paths(source: Path, target: Path) -> None:
                          "pass another output path")
     if not target.parent.is_dir():
         raise UsageError(f"the output folder {target.parent} does not exist")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

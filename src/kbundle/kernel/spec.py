@@ -24,11 +24,11 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from kbundle.atomic import write_atomic
 from kbundle.errors import KbundleError, UsageError
 
 LAUNCHER_SCRIPT = "kbundle-kernel"
@@ -167,7 +167,7 @@ def install_kernelspec(
     if existing.exists() and not _is_kbundle(_read_json(existing)):
         raise KbundleError(f"a kernel named {name!r} that kbundle did not install exists at {target}; remove it or pick another name")
     target.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(existing, spec)
+    write_atomic(existing, json.dumps(spec, indent=1) + "\n")
     return target
 
 
@@ -244,17 +244,3 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".kernel-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
