@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,11 +23,10 @@ def work(tmp_path) -> tuple[Path, Path]:
 
 
 def test_missing_jupyterlab_says_how_to_install(work, tmp_path, monkeypatch):
-    if (Path(sys.executable).parent / "jupyter-lab").exists():
-        pytest.skip("JupyterLab is installed beside this interpreter")
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setattr(sys, "executable", str(empty / "python"))  # hide the JupyterLab of the test venv
     with pytest.raises(KbundleError, match=r"pip install jupyterlab") as info:
         lab.open_lab(*work, "kbundle-demo")
     assert "kbundle-demo" in str(info.value) and "\n" not in str(info.value)
@@ -34,8 +34,6 @@ def test_missing_jupyterlab_says_how_to_install(work, tmp_path, monkeypatch):
 
 def test_runs_jupyterlab_on_the_workdir_with_the_kernel(work, tmp_path, monkeypatch):
     """A stand-in `jupyter-lab` on PATH records how it was started; kbundle returns its exit code."""
-    if (Path(sys.executable).parent / "jupyter-lab").exists():
-        pytest.skip("JupyterLab beside this interpreter would be used instead of the stand-in")
     workdir, notebook = work
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -46,14 +44,78 @@ def test_runs_jupyterlab_on_the_workdir_with_the_kernel(work, tmp_path, monkeypa
                       "sys.exit(3)\n")
     script.chmod(0o755)
     monkeypatch.setenv("PATH", str(bindir))
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))  # the stand-in, not the venv's JupyterLab
     assert lab.open_lab(workdir, notebook, "kbundle-demo") == 3
     seen = json.loads(record.read_text())
     assert seen["cwd"] == str(workdir.resolve())
+    root_flag = ["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []
     assert seen["argv"] == [f"--ServerApp.root_dir={workdir.resolve()}",
-                            "--MultiKernelManager.default_kernel_name=kbundle-demo", str(notebook.resolve())]
+                            "--MultiKernelManager.default_kernel_name=kbundle-demo", *root_flag, str(notebook.resolve())]
 
 
 def test_notebook_must_be_inside_the_workdir(work, tmp_path):
     workdir, _ = work
     with pytest.raises(UsageError, match="outside the working directory"):
         lab.open_lab(workdir, tmp_path / "elsewhere.ipynb", "k")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_jupyterlab_serves_the_workdir_with_the_kernel_as_default(work, tmp_path, monkeypatch):
+    """JupyterLab itself, started by open_lab: its root is the workdir and kbundle's kernel is the default."""
+    import subprocess
+    import time
+    import urllib.request
+
+    if lab.find_jupyterlab() is None:
+        pytest.fail("JupyterLab is part of the test extras; install them (scripts/test does)")
+    from kbundle.kernel.spec import install_kernelspec
+
+    workdir, notebook = work
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("BROWSER", "true")  # no browser on a CI machine: the "open" is a no-op
+    install_kernelspec("kbundle-demo", "demo (kbundle)", "kbundle-test/none:latest", str(workdir), [], "0" * 64)
+    port, token = _free_port(), "kbundle-test-token"
+    monkeypatch.setenv("JUPYTER_PORT", str(port))
+    monkeypatch.setenv("JUPYTER_TOKEN", token)
+
+    code = ("import sys; from kbundle.kernel.lab import open_lab; "
+            f"sys.exit(open_lab({str(workdir)!r}, {str(notebook)!r}, 'kbundle-demo'))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/kernelspecs?token={token}", timeout=2) as resp:
+                    specs = json.load(resp)
+                break
+            except OSError:
+                assert proc.poll() is None, f"JupyterLab exited early: {proc.stdout.read().decode()[-2000:]}"
+                assert time.monotonic() < deadline, "JupyterLab did not answer within 90 s"
+                time.sleep(0.5)
+        assert specs["default"] == "kbundle-demo"
+        assert specs["kernelspecs"]["kbundle-demo"]["spec"]["display_name"] == "demo (kbundle)"
+        with urllib.request.urlopen(f"{base}/contents?token={token}", timeout=5) as resp:
+            listing = json.load(resp)
+        assert notebook.name in {item["name"] for item in listing["content"]}
+    finally:
+        req = urllib.request.Request(f"{base}/shutdown?token={token}", method="POST")
+        try:
+            urllib.request.urlopen(req, timeout=5)
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0

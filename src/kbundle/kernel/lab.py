@@ -32,9 +32,13 @@ def find_jupyterlab() -> Optional[list[str]]:
     return [found] if found else None
 
 
-def lab_command(lab: list[str], workdir: Path, notebook: Path, kernel_name: str) -> list[str]:
-    return [*lab, f"--ServerApp.root_dir={workdir}", f"--MultiKernelManager.default_kernel_name={kernel_name}",
-            str(notebook)]
+def lab_command(lab: list[str], workdir: Path, notebook: Path, kernel_name: str, *, as_root: bool = False) -> list[str]:
+    command = [*lab, f"--ServerApp.root_dir={workdir}", f"--MultiKernelManager.default_kernel_name={kernel_name}"]
+    if as_root:
+        # JupyterLab refuses to start as root unless told; the user already chose to run kbundle as root,
+        # and the kernel itself still runs in a container as the invoking user.
+        command.append("--ServerApp.allow_root=True")
+    return [*command, str(notebook)]
 
 
 def open_lab(workdir: os.PathLike | str, notebook_path: os.PathLike | str, kernel_name: str) -> int:
@@ -52,7 +56,8 @@ def open_lab(workdir: os.PathLike | str, notebook_path: os.PathLike | str, kerne
     # Ctrl-C reaches JupyterLab too (same process group); it asks before it stops, so we wait for it.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        proc = subprocess.Popen(lab_command(lab, workdir, notebook, kernel_name), cwd=workdir,
+        command = lab_command(lab, workdir, notebook, kernel_name, as_root=os.geteuid() == 0)
+        proc = subprocess.Popen(command, cwd=workdir,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return proc.wait()
     finally:
