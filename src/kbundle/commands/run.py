@@ -74,7 +74,7 @@ def _execute(result, output: Optional[Path], as_json: bool):
     target = output or result.notebook.with_name(result.notebook.stem + ".executed" + result.notebook.suffix)
     report = execute_notebook(result.notebook, result.kernel_name, target)
     if not as_json:
-        Console(highlight=False).print(report.render())
+        Console(highlight=False, soft_wrap=True).print(report.render())  # paths stay whole for copy-paste
     return report.to_dict(), report.exit_code
 
 
