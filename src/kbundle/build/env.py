@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kbundle.cache import cache_root
 from kbundle.errors import KbundleError
 
 FINAL_PREFIX = "/opt/kbundle/env"
@@ -61,16 +62,6 @@ class ResolvedEnv:
                 parts = str(r.version).split(".")
                 return ".".join(parts[:2])
         return None
-
-
-def cache_root() -> Path:
-    """kbundle's shared cache; KBUNDLE_CACHE_DIR moves it (tests and benchmarks use a fresh one)."""
-    override = os.environ.get("KBUNDLE_CACHE_DIR")
-    if override:
-        return Path(override)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("kbundle"))
 
 
 def package_cache_dir() -> Path:

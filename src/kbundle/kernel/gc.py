@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from kbundle.cache import cache_root
 from kbundle.errors import KbundleError
 from kbundle.kernel import launcher as L
 
@@ -107,8 +108,7 @@ def plan_gc(client, *, kernels: Optional[list] = None, host: Optional[str] = Non
     plan.items += _dead_kernel_containers(client, host)
     plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
     plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else _contexts_dir(), now)
-    plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else
-                                   Path(L.cache_root(dict(os.environ))) / "pycache")
+    plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache_root() / "pycache")
     return plan
 
 
@@ -168,8 +168,6 @@ def _unused_images(client, kernels: list, leaving: set[str]) -> list[GcItem]:
 
 
 def _contexts_dir() -> Path:
-    from kbundle.build.env import cache_root
-
     return cache_root() / "contexts"
 
 

@@ -52,6 +52,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+from kbundle.cache import cache_root
+
 # device_requests need 1.40. Pinning the version saves the /version round trip at start.
 API_VERSION = "1.40"
 STOP_GRACE_S = 1
@@ -217,15 +219,6 @@ def mount_dirs(workdir: str, cwd: str) -> tuple[list[str], str]:
     if _inside(base, cwd):
         return [cwd], cwd  # the notebook's folder holds the workdir: one mount covers both
     return [base, cwd], cwd
-
-
-def cache_root(environ: dict[str, str]) -> str:
-    """kbundle's cache directory (`KBUNDLE_CACHE_DIR` moves it, as for the build stage)."""
-    if environ.get("KBUNDLE_CACHE_DIR"):
-        return environ["KBUNDLE_CACHE_DIR"]
-    from platformdirs import user_cache_dir
-
-    return user_cache_dir("kbundle")
 
 
 def pycache_dir(image: str, environ: dict[str, str]) -> str:

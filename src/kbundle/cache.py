@@ -1,0 +1,18 @@
+"""kbundle's cache directory, shared by every stage: packages, wheels, bytecode, build contexts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Optional
+
+
+def cache_root(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """The user's kbundle cache; `KBUNDLE_CACHE_DIR` moves it (tests and benchmarks use a fresh one)."""
+    env = os.environ if environ is None else environ
+    override = env.get("KBUNDLE_CACHE_DIR")
+    if override:
+        return Path(override)
+    from platformdirs import user_cache_dir  # imported late: the kernel launcher starts on every kernel start
+
+    return Path(user_cache_dir("kbundle"))
