@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional
 
-import yaml
-
-from kbundle.resources import data_dir
+from kbundle.resources import load_data
 
 Version = tuple[int, ...]
 
@@ -68,15 +66,10 @@ class CompatTables:
         return self.arches.get(cuda_key(capability))
 
 
-def _load_yaml(name: str) -> dict:
-    with open(data_dir() / name, encoding="utf-8") as fh:
-        return yaml.safe_load(fh)
-
-
 @lru_cache(maxsize=1)
 def load_tables() -> CompatTables:
-    drivers = _load_yaml("cuda_drivers.yaml")
-    arches = _load_yaml("gpu_arch.yaml")
+    drivers = load_data("cuda_drivers")
+    arches = load_data("gpu_arch")
     return CompatTables(
         toolkit_driver={cuda_key(k): str(v) for k, v in drivers["toolkit"].items()},
         minor_compat={int(k): str(v) for k, v in drivers["minor_compat"].items()},

@@ -82,10 +82,10 @@ def parse_pip_line(raw: str) -> PipPin | None:
 def _load_yaml(path: Path, text: str):
     import yaml
 
-    from kbundle.pack.facts import safe_loader
+    from kbundle.resources import yaml_loader
 
     try:
-        return yaml.load(text, Loader=safe_loader())
+        return yaml.load(text, Loader=yaml_loader())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

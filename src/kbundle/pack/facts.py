@@ -1,44 +1,22 @@
-"""Load the compatibility tables in kbundle/data (each names its source)."""
+"""The pack stage's compatibility tables (kbundle/data, each naming its source) and version helpers."""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
-from kbundle.resources import data_dir
-
-
-@lru_cache(maxsize=None)
-def load(name: str) -> dict[str, Any]:
-    import yaml
-
-    with open(data_dir() / f"{name}.yaml", encoding="utf-8") as fh:
-        return yaml.load(fh, Loader=safe_loader())
-
-
-def safe_loader():
-    """libyaml's safe loader when present: ten times faster than the pure-Python one."""
-    import yaml
-
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def safe_dumper():
-    import yaml
-
-    return getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+from kbundle.resources import load_data
 
 
 def frameworks() -> dict[str, Any]:
-    return load("frameworks")
+    return load_data("frameworks")
 
 
 def base_tags() -> dict[str, Any]:
-    return load("base_tags")
+    return load_data("base_tags")
 
 
 def normalise_facts() -> dict[str, Any]:
-    return load("normalise")
+    return load_data("normalise")
 
 
 def version_key(version: str) -> tuple[int, ...]:

@@ -155,11 +155,11 @@ def environment_yml(name: str, env: NormalisedEnv) -> str:
     """The normalised environment as an environment.yml (no prefix, no build hashes)."""
     import yaml
 
-    from kbundle.pack.facts import safe_dumper
+    from kbundle.resources import yaml_dumper
 
     deps: list = list(env.dependencies)
     if env.pip:
         deps.append({"pip": list(env.pip)})
     doc = {"name": name, "channels": list(env.channels), "dependencies": deps}
     header = "# normalised by kbundle for linux-64; see kbundle.json for what was dropped or added\n"
-    return header + yaml.dump(doc, Dumper=safe_dumper(), sort_keys=False, default_flow_style=False, width=1000)
+    return header + yaml.dump(doc, Dumper=yaml_dumper(), sort_keys=False, default_flow_style=False, width=1000)

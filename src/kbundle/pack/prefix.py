@@ -112,11 +112,11 @@ def export_text(env: RawEnv) -> str:
     """The prefix as `conda env export` would print it, so the bundle keeps an original."""
     import yaml
 
-    from kbundle.pack.facts import safe_dumper
+    from kbundle.resources import yaml_dumper
 
     deps: list = [s.raw for s in env.conda]
     if env.pip:
         deps.append({"pip": [p.raw for p in env.pip]})
     doc = {"name": env.name, "channels": env.channels, "dependencies": deps, "prefix": env.prefix}
     header = f"# read by kbundle from the conda prefix {env.prefix} ({env.platform or 'unknown platform'})\n"
-    return header + yaml.dump(doc, Dumper=safe_dumper(), sort_keys=False, default_flow_style=False)
+    return header + yaml.dump(doc, Dumper=yaml_dumper(), sort_keys=False, default_flow_style=False)
