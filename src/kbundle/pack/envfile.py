@@ -172,3 +172,22 @@ def _read_text(path: Path) -> str:
         raise UsageError(f"{path.name} is not a text file") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def write_environment_yml(header: str, name: str, channels: list[str], conda: list[str], pip: list[str],
+                          prefix: str | None = None) -> str:
+    """An environment.yml in `conda env export`'s layout, after a one-line `# header`.
+
+    The width is wide so that no spec is ever folded onto a second line."""
+    import yaml
+
+    from kbundle.resources import yaml_dumper
+
+    deps: list = list(conda)
+    if pip:
+        deps.append({"pip": list(pip)})
+    doc: dict = {"name": name, "channels": list(channels), "dependencies": deps}
+    if prefix is not None:
+        doc["prefix"] = prefix
+    return f"# {header}\n" + yaml.dump(doc, Dumper=yaml_dumper(), sort_keys=False, default_flow_style=False,
+                                       width=1000)

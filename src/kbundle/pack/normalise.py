@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from kbundle.bundle.format import Added, Dropped, Variant
+from kbundle.pack.envfile import write_environment_yml
 from kbundle.pack.facts import normalise_facts
 from kbundle.pack.records import CondaSpec, NormalisedEnv, PipPin, RawEnv, spec_name
 
@@ -153,13 +154,5 @@ def normalise(env: RawEnv) -> NormalisedEnv:
 
 def environment_yml(name: str, env: NormalisedEnv) -> str:
     """The normalised environment as an environment.yml (no prefix, no build hashes)."""
-    import yaml
-
-    from kbundle.resources import yaml_dumper
-
-    deps: list = list(env.dependencies)
-    if env.pip:
-        deps.append({"pip": list(env.pip)})
-    doc = {"name": name, "channels": list(env.channels), "dependencies": deps}
-    header = "# normalised by kbundle for linux-64; see kbundle.json for what was dropped or added\n"
-    return header + yaml.dump(doc, Dumper=yaml_dumper(), sort_keys=False, default_flow_style=False, width=1000)
+    header = "normalised by kbundle for linux-64; see kbundle.json for what was dropped or added"
+    return write_environment_yml(header, name, env.channels, env.dependencies, env.pip)

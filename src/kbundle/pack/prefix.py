@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from kbundle.errors import UsageError
-from kbundle.pack.envfile import canonical, parse_conda_spec
+from kbundle.pack.envfile import canonical, parse_conda_spec, write_environment_yml
 from kbundle.pack.records import PipPin, RawEnv
 
 _SUBDIR_TAIL = re.compile(r"/(?:noarch|(?:linux|osx|win)-[a-z0-9_]+)/?$")
@@ -110,13 +110,6 @@ def read_prefix(prefix: Path, source_kind: str) -> RawEnv:
 
 def export_text(env: RawEnv) -> str:
     """The prefix as `conda env export` would print it, so the bundle keeps an original."""
-    import yaml
-
-    from kbundle.resources import yaml_dumper
-
-    deps: list = [s.raw for s in env.conda]
-    if env.pip:
-        deps.append({"pip": [p.raw for p in env.pip]})
-    doc = {"name": env.name, "channels": env.channels, "dependencies": deps, "prefix": env.prefix}
-    header = f"# read by kbundle from the conda prefix {env.prefix} ({env.platform or 'unknown platform'})\n"
-    return header + yaml.dump(doc, Dumper=yaml_dumper(), sort_keys=False, default_flow_style=False)
+    header = f"read by kbundle from the conda prefix {env.prefix} ({env.platform or 'unknown platform'})"
+    return write_environment_yml(header, env.name, env.channels, [s.raw for s in env.conda],
+                                 [p.raw for p in env.pip], env.prefix)
