@@ -67,15 +67,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_real_jupyterlab_serves_the_workdir_with_the_kernel_as_default(work, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def jupyterlab_bin() -> Path:
+    """A JupyterLab in its own venv, cached beside the offline world.
+
+    Not in the test venv: JupyterLab's dependencies make `import nbformat` several times
+    slower (jsonschema's format checkers), which would skew bench/bench_pack.py's baseline;
+    and users often keep JupyterLab in another environment anyway."""
+    import subprocess
+
+    import world
+
+    venv = world.world_dir() / "jupyterlab-venv"
+    lab_bin = venv / "bin"
+    if not (lab_bin / "jupyter-lab").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(lab_bin / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "jupyterlab>=4"], check=True, capture_output=True)
+    return lab_bin
+
+
+def test_real_jupyterlab_serves_the_workdir_with_the_kernel_as_default(work, tmp_path, monkeypatch, jupyterlab_bin):
     """JupyterLab itself, started by open_lab: its root is the workdir and kbundle's kernel is the default."""
     import subprocess
     import time
     import urllib.request
 
-    if lab.find_jupyterlab() is None:
-        pytest.fail("JupyterLab is part of the test extras; install them (scripts/test does)")
     from kbundle.kernel.spec import install_kernelspec
+
+    monkeypatch.setenv("PATH", f"{jupyterlab_bin}{os.pathsep}{os.environ['PATH']}")
+    assert lab.find_jupyterlab() == [str(jupyterlab_bin / "jupyter-lab")]
 
     workdir, notebook = work
     monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
