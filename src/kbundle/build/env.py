@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from kbundle.cache import cache_root
-from kbundle.errors import KbundleError
+from kbundle.errors import KbundleError, first_line
 
 FINAL_PREFIX = "/opt/kbundle/env"
 PLATFORM = "linux-64"
@@ -147,7 +147,7 @@ def _records_from_lock(text: str) -> list:
         try:
             lock = rattler.LockFile.from_path(path)
         except Exception as exc:
-            raise KbundleError(f"the bundle's lock cannot be read: {_first_line(exc)}") from None
+            raise KbundleError(f"the bundle's lock cannot be read: {first_line(exc)}") from None
     env = lock.default_environment()
     if env is None:
         raise KbundleError("the bundle's lock has no default environment")
@@ -157,11 +157,6 @@ def _records_from_lock(text: str) -> list:
             if records:
                 return list(records)
     raise KbundleError(f"the bundle's lock has no {PLATFORM} packages")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 async def _solve(spec: EnvSpec) -> list:
@@ -184,7 +179,7 @@ def resolve(spec: EnvSpec) -> ResolvedEnv:
     try:
         records = asyncio.run(_solve(spec))
     except Exception as exc:
-        raise KbundleError(f"cannot solve the bundle's environment for {PLATFORM}: {_first_line(exc)}") from None
+        raise KbundleError(f"cannot solve the bundle's environment for {PLATFORM}: {first_line(exc)}") from None
     return ResolvedEnv(tuple(sorted(records, key=lambda r: str(r.name.normalized))), locked=False)
 
 
@@ -216,7 +211,7 @@ def install(env: ResolvedEnv, target: Path, on_progress=None) -> InstallStats:
     try:
         asyncio.run(go())
     except Exception as exc:
-        raise KbundleError(f"installing the environment failed: {_first_line(exc)}") from None
+        raise KbundleError(f"installing the environment failed: {first_line(exc)}") from None
     return InstallStats(env.count, time.perf_counter() - t0)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kbundle.build.compat import CompatTables, cuda_key, fmt, load_tables, parse_version
-from kbundle.errors import KbundleError, UsageError
+from kbundle.errors import KbundleError, UsageError, first_line
 
 OK, WARN, ERROR = "ok", "warn", "error"
 
@@ -368,23 +368,18 @@ def probe_gpu_run(client, image: str) -> Optional[str]:
         container = client.containers.create(image, entrypoint=["true"], device_requests=[request],
                                              labels={"kbundle.probe": "1"})
     except docker.errors.APIError as exc:
-        return _first_line_of(exc.explanation or exc)
+        return first_line(exc.explanation or exc)
     try:
         container.start()
         container.wait(timeout=60)
         return None
     except docker.errors.APIError as exc:
-        return _first_line_of(exc.explanation or exc)
+        return first_line(exc.explanation or exc)
     finally:
         try:
             container.remove(force=True)
         except docker.errors.APIError:
             pass
-
-
-def _first_line_of(text) -> str:
-    lines = str(text).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def should_probe(engine: EngineFacts, nvml: NvmlFacts, request: GpuRequest) -> bool:

@@ -8,6 +8,8 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
+from kbundle.errors import first_line
+
 _OTHER_PLATFORMS = ("win-64", "osx-64", "osx-arm64")
 
 
@@ -39,7 +41,7 @@ async def solve(urls: list[str], specs: list[str], vps: list[tuple[str, str, str
             urls, match_specs, gateway=gateway, platforms=["linux-64", "noarch"], virtual_packages=virtual, timeout=timedelta(minutes=5)
         )
     except GatewayError as exc:
-        raise ChannelsDown(_first_line(str(exc))) from None
+        raise ChannelsDown(first_line(exc)) from None
     except SolverError as exc:
         raise Unsolvable(await _explain(gateway, urls, specs, str(exc))) from None
     vp_strings = [f"{n}={v}" if b == "0" else f"{n}={v}={b}" for n, v, b in vps]
@@ -67,10 +69,6 @@ def _client():
     except ImportError:
         return None
     return rattler_client()
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), text)
 
 
 async def _explain(gateway, urls: list[str], specs: list[str], message: str) -> str:
