@@ -16,3 +16,8 @@ def cache_root(environ: Optional[Mapping[str, str]] = None) -> Path:
     from platformdirs import user_cache_dir  # imported late: the kernel launcher starts on every kernel start
 
     return Path(user_cache_dir("kbundle"))
+
+
+def contexts_dir() -> Path:
+    """Where `kbundle run` assembles build contexts; `kbundle gc` sweeps what an interrupted run left."""
+    return cache_root() / "contexts"

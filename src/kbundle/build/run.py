@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 from rich.markup import escape
 
+from kbundle.cache import cache_root, contexts_dir
 from kbundle.errors import KbundleError
 
 
@@ -135,7 +136,7 @@ def run_bundle(options: RunOptions, console) -> RunResult:
         review = wd.review_dockerfile(placement.workdir, key.dockerfile)
         consent(console, yes=options.yes, base_image=base, packages=resolved.count, pip=len(bundle.pip),
                 dockerfile=review)
-        result = _build(client, bundle, bundle_hash, resolved, key, placement.workdir, console)
+        result = _build(client, bundle, bundle_hash, resolved, key, work_members, placement.workdir, console)
         image_id, build_log = result.image_id, result.log
 
     # 4. the kernel (a kernel of the same name from another bundle is replaced, and we say so)
@@ -165,13 +166,13 @@ def _identify(bundle, options: RunOptions, base: str, base_id: str):
 
     dockerfile = imagemod.with_base_image(bundle.dockerfile_text, base) if options.base_image else bundle.dockerfile_text
     # channel_urls: the channels as the sender's conda resolved their names, for unlocked bundles
-    channels = tuple(getattr(bundle.manifest, "channel_urls", None) or bundle.channels)
+    channels = tuple(bundle.manifest.channel_urls or bundle.channels)
     resolved = envmod.resolve(envmod.EnvSpec(channels, tuple(bundle.dependencies), bundle.lock_text, bundle.cuda))
     key = imagemod.ImageKey(bundle.name, resolved.content_hash, tuple(bundle.pip), dockerfile, base, base_id)
     return resolved, key
 
 
-def _build(client, bundle, bundle_hash: str, resolved, key, workdir: Path, console):
+def _build(client, bundle, bundle_hash: str, resolved, key, work_members: list[str], workdir: Path, console):
     """Assemble the build context (env/, pip/, work/, Dockerfile) and build it; the context is temporary."""
     from kbundle.build import bytecode
     from kbundle.build import env as envmod
@@ -179,7 +180,7 @@ def _build(client, bundle, bundle_hash: str, resolved, key, workdir: Path, conso
     from kbundle.build import wheels
     from kbundle.bundle import extract_bundle
 
-    contexts = envmod.cache_root() / "contexts"
+    contexts = contexts_dir()
     contexts.mkdir(parents=True, exist_ok=True)
     context = Path(tempfile.mkdtemp(prefix=key.digest[:12] + "-", dir=contexts))
     try:
@@ -188,7 +189,7 @@ def _build(client, bundle, bundle_hash: str, resolved, key, workdir: Path, conso
                            on_progress=lambda done, total: status.update(
                                f"installing conda packages for {envmod.FINAL_PREFIX}: {done}/{total}"))
         with console.status("byte-compiling the environment"):
-            compiled = bytecode.compile_env(context / "env", envmod.cache_root() / "pyc", resolved.interpreter_id())
+            compiled = bytecode.compile_env(context / "env", cache_root() / "pyc", resolved.interpreter_id())
         if compiled.skipped:
             console.print(f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): "
                           f"kernels will start slower", soft_wrap=True)
@@ -198,7 +199,7 @@ def _build(client, bundle, bundle_hash: str, resolved, key, workdir: Path, conso
                 raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
             with console.status(f"fetching {len(bundle.pip)} pip wheel(s) for CPython {python}"):
                 wheels.write_context(wheels.fetch(bundle.pip, python), context)
-        extract_bundle(bundle.path, context, members=sorted(m for m in bundle.members if m.startswith("work/")))
+        extract_bundle(bundle.path, context, members=work_members)
         (context / "Dockerfile").write_text(key.dockerfile, encoding="utf-8")
         return imagemod.build(client, context, key, bundle_hash,
                               workdir / ".kbundle" / "build.log", console)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from kbundle.cache import cache_root
+from kbundle import cache
 from kbundle.errors import KbundleError
 from kbundle.kernel import launcher as L
 
@@ -107,8 +107,8 @@ def plan_gc(client, *, kernels: Optional[list] = None, host: Optional[str] = Non
     plan = GcPlan()
     plan.items += _dead_kernel_containers(client, host)
     plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
-    plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else _contexts_dir(), now)
-    plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache_root() / "pycache")
+    plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else cache.contexts_dir(), now)
+    plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache.cache_root() / "pycache")
     return plan
 
 
@@ -165,10 +165,6 @@ def _unused_images(client, kernels: list, leaving: set[str]) -> list[GcItem]:
             items.append(GcItem(IMAGE, ref, ref, f"bundle {labels.get(IMAGE_LABEL, '?')[:19]}: no registered kernel "
                                                  "uses it", image.get("Size")))
     return items
-
-
-def _contexts_dir() -> Path:
-    return cache_root() / "contexts"
 
 
 def _stale_directories(kernels: list, contexts_dir: Path, now: float) -> list[GcItem]:
