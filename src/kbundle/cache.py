@@ -21,3 +21,8 @@ def cache_root(environ: Optional[Mapping[str, str]] = None) -> Path:
 def contexts_dir() -> Path:
     """Where `kbundle run` assembles build contexts; `kbundle gc` sweeps what an interrupted run left."""
     return cache_root() / "contexts"
+
+
+def pycache_root(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """Per-image bytecode caches of kernels whose env has no .pyc; `kbundle gc` sweeps unused ones."""
+    return cache_root(environ) / "pycache"

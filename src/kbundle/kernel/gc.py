@@ -108,7 +108,7 @@ def plan_gc(client, *, kernels: Optional[list] = None, host: Optional[str] = Non
     plan.items += _dead_kernel_containers(client, host)
     plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
     plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else cache.contexts_dir(), now)
-    plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache.cache_root() / "pycache")
+    plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache.pycache_root())
     return plan
 
 

@@ -52,7 +52,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from kbundle.cache import cache_root
+from kbundle.cache import pycache_root
 
 # device_requests need 1.40. Pinning the version saves the /version round trip at start.
 API_VERSION = "1.40"
@@ -231,7 +231,7 @@ def pycache_dir(image: str, environ: dict[str, str]) -> str:
         return ""
     slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in image)[-60:].strip("-.")
     digest = hashlib.sha256(image.encode()).hexdigest()[:8]
-    return os.path.join(cache_root(environ), "pycache", f"{slug}-{digest}")
+    return os.path.join(pycache_root(environ), f"{slug}-{digest}")
 
 
 def prepare_pycache(plan: LaunchPlan) -> LaunchPlan:
