@@ -70,7 +70,7 @@ def pack(world, env, folder: Path, name: str, deps: list[str], pip: list[str]) -
 
 def install_seconds(bundle: Path, target: Path) -> tuple[float, int]:
     """What `kbundle run` does to the env before a build: resolve the lock, install, byte-compile."""
-    from kbundle.build import bytecode, env as envmod
+    from kbundle.image import bytecode, env as envmod
     from kbundle.bundle import open_bundle
 
     b = open_bundle(bundle)
@@ -83,7 +83,7 @@ def install_seconds(bundle: Path, target: Path) -> tuple[float, int]:
 
 def baseline_context(bundle: Path, base_image: str, ctx: Path) -> None:
     """The same build context `kbundle run` assembles: env/, pip/, work/, Dockerfile."""
-    from kbundle.build import bytecode, env as envmod, image as imagemod, wheels
+    from kbundle.image import build as imagemod, bytecode, env as envmod, wheels
     from kbundle.bundle import extract_bundle, open_bundle
 
     b = open_bundle(bundle)

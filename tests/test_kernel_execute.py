@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kbundle.errors import UsageError
-from kbundle.kernel.execute import compare_outputs, execute_notebook, mask_volatile, output_text
+from kbundle.kernel.compare import compare_outputs, mask_volatile, output_text
+from kbundle.kernel.execute import execute_notebook
 
 
 def stream(text: str, name: str = "stdout") -> dict:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from kbundle.kernel import gc as G
-from kbundle.kernel import launcher as L
+from kbundle import contract
+from kbundle.kernel.labels import process_start
 from kbundle.kernel.spec import KernelRecord
 
 pytestmark = pytest.mark.docker
@@ -46,8 +47,9 @@ def made(docker_client, env_image):
 
 
 def kernel_container(client, image: str, made, pid: int, start: str, host: str) -> str:
-    labels = {L.LABEL_KERNEL: "1", L.LABEL_KERNEL_NAME: "kbundle-gc-test", L.LABEL_PID: str(pid),
-              L.LABEL_START: start, L.LABEL_HOST: host, "kbundle.test": "1"}
+    labels = {contract.LABEL_KERNEL: "1", contract.LABEL_KERNEL_NAME: "kbundle-gc-test",
+              contract.LABEL_LAUNCHER_PID: str(pid), contract.LABEL_LAUNCHER_START: start,
+              contract.LABEL_LAUNCHER_HOST: host, "kbundle.test": "1"}
     cid = client.api.create_container(image, command=["python", "-c", "import time; time.sleep(300)"],
                                       labels=labels, host_config=client.api.create_host_config(init=True))["Id"]
     made["containers"].append(cid)
@@ -67,7 +69,7 @@ def test_plan_lists_only_leftovers_and_apply_removes_them(docker_client, env_ima
     me = os.getpid()
     dead = kernel_container(docker_client, env_image, made, dead_pid(), "", host)
     reused = kernel_container(docker_client, env_image, made, me, "1", host)  # pid now someone else's
-    alive = kernel_container(docker_client, env_image, made, me, L.process_start(me), host)
+    alive = kernel_container(docker_client, env_image, made, me, process_start(me), host)
     elsewhere = kernel_container(docker_client, env_image, made, dead_pid(), "", "another-host")
 
     unused = labelled_image(docker_client, env_image, "kbundle-test/gc-unused:1", made)

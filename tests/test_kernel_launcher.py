@@ -149,7 +149,7 @@ async def test_execute_in_container_as_jupyter_does(kernel_name, workdir, docker
         key = json.loads(Path(km.connection_file).read_text())["key"]
         assert key and key not in json.dumps(info)
         assert info["HostConfig"]["Init"] is True and info["HostConfig"]["AutoRemove"] is True
-        assert info["Config"]["Labels"]["kbundle.kernel"] == "1"
+        assert info["Config"]["Labels"]["org.kbundle.kernel"] == "1"
         assert info["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
         assert info["HostConfig"]["NetworkMode"] == "host"
         assert not info["HostConfig"]["PortBindings"]

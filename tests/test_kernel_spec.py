@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from kbundle.errors import KbundleError, UsageError
+from kbundle import contract
 from kbundle.kernel import launcher as L
+from kbundle.kernel.labels import process_start
 from kbundle.kernel.spec import (
     build_spec,
     install_kernelspec,
@@ -161,8 +163,8 @@ def test_plan_keeps_the_key_out_and_names_the_container_from_the_connection_file
     assert plan.mounts == [plan.working_dir] == [str(tmp_path.resolve())]
     assert plan.network == "host" and plan.ports == []
     assert "JPY_PARENT_PID" not in plan.environment
-    assert plan.labels[L.LABEL_KERNEL] == "1" and plan.labels[L.LABEL_PID] == str(os.getpid())
-    assert plan.labels[L.LABEL_START] == L.process_start(os.getpid()) != ""
+    assert plan.labels[contract.LABEL_KERNEL] == "1" and plan.labels[contract.LABEL_LAUNCHER_PID] == str(os.getpid())
+    assert plan.labels[contract.LABEL_LAUNCHER_START] == process_start(os.getpid()) != ""
 
 
 def test_bridge_plan_publishes_the_five_ports(tmp_path):

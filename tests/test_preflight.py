@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from kbundle.build.compat import load_tables, parse_version
-from kbundle.build.preflight import (ERROR, OK, WARN, EngineFacts, GpuInfo, GpuRequest, NvmlFacts,
+from kbundle.facts import load_tables, parse_version
+from kbundle.image.preflight import (ERROR, OK, WARN, EngineFacts, GpuInfo, GpuRequest, NvmlFacts,
                                      check_arch, check_driver, describe_docker_error, evaluate, plan_gpus)
 from kbundle.errors import KbundleError, UsageError
 
@@ -119,7 +119,7 @@ def test_gpu_plan_table(text, engine, facts, gpus, level, words):
     plan, findings = plan_gpus(GpuRequest.parse(text), engine, facts)
     assert plan.gpus == gpus
     assert [f.level for f in findings] == [level]
-    assert plan.on_gpu == bool(gpus) and (plan.docker is not None) == bool(gpus)
+    assert plan.on_gpu == bool(gpus)
     for word in words:
         assert word in findings[0].message
 
@@ -179,7 +179,7 @@ def test_docker_error_messages_are_one_actionable_line(exc, words):
     ("none", CPU_ENGINE, nvml("535.1", "8.6"), False),
 ])
 def test_when_to_ask_the_engine(text, engine, facts, probe):
-    from kbundle.build.preflight import should_probe
+    from kbundle.image.preflight import should_probe
 
     assert should_probe(engine, facts, GpuRequest.parse(text)) is probe
 
@@ -239,7 +239,7 @@ class FakeNvml:
 
 
 def test_nvml_reading_and_the_decision_it_feeds(monkeypatch):
-    from kbundle.build.preflight import probe_nvml
+    from kbundle.image.preflight import probe_nvml
 
     fake = FakeNvml()
     monkeypatch.setitem(sys.modules, "pynvml", fake)
@@ -254,7 +254,7 @@ def test_nvml_reading_and_the_decision_it_feeds(monkeypatch):
 
 
 def test_nvml_that_cannot_start_is_no_gpu(monkeypatch):
-    from kbundle.build.preflight import probe_nvml
+    from kbundle.image.preflight import probe_nvml
 
     monkeypatch.setitem(sys.modules, "pynvml", FakeNvml(fail_init=True))
     facts = probe_nvml()

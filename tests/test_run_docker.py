@@ -114,10 +114,10 @@ def test_image_is_labelled_with_bundle_and_kbundle_version(built_run, docker_cli
 
     data, _, bundle, _ = built_run
     labels = docker_client.images.get(data["image"]).labels
-    assert labels["kbundle.version"] == __version__
+    assert labels["org.kbundle.kbundle-version"] == __version__
     from kbundle.bundle import open_bundle
 
-    assert labels["kbundle.bundle_hash"] == open_bundle(bundle).manifest.content_hash
+    assert labels["org.kbundle.content-hash"] == open_bundle(bundle).manifest.content_hash
 
 
 def test_kernel_runs_inside_the_image_and_leaves_no_container(built_run, run_env, docker_client, monkeypatch):
@@ -170,7 +170,7 @@ def test_warm_run_starts_no_build(built_run, world, run_env, docker_client):
 
 def test_unlocked_bundle_solves_on_this_host_to_the_lock(built_run, world, run_env, monkeypatch):
     """Without a lock, run solves for linux-64 here; against the same channel it finds the same packages."""
-    from kbundle.build import env as envmod
+    from kbundle.image import env as envmod
 
     monkeypatch.setenv("KBUNDLE_CACHE_DIR", run_env["KBUNDLE_CACHE_DIR"])
     from kbundle.bundle import open_bundle
@@ -184,7 +184,7 @@ def test_unlocked_bundle_solves_on_this_host_to_the_lock(built_run, world, run_e
 
 def test_a_second_env_links_packages_and_bytecode_from_the_shared_cache(built_run, run_env, tmp_path, monkeypatch):
     """After the session's build, installing the same lock again downloads and compiles nothing."""
-    from kbundle.build import bytecode, env as envmod
+    from kbundle.image import bytecode, env as envmod
     from kbundle.bundle import open_bundle
 
     monkeypatch.setenv("KBUNDLE_CACHE_DIR", run_env["KBUNDLE_CACHE_DIR"])

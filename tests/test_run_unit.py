@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kbundle.build import image as imagemod
-from kbundle.build import wheels, workdir as wd
-from kbundle.build.run import consent, kernel_name_for
-from kbundle.bundle import Manifest, write_bundle
+from kbundle.image import build as imagemod
+from kbundle.image import wheels, workdir as wd
+from kbundle.flows.run import consent
+from kbundle.kernel.spec import kernel_name_for
+from kbundle.bundle import Manifest, open_bundle, write_bundle
 from kbundle.errors import KbundleError
 
 NOTEBOOK = {"cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
@@ -32,7 +33,7 @@ def make_bundle(path: Path, name: str = "demo", notebook: dict = NOTEBOOK, data:
 
 
 def place(bundle: Path, workdir: Path) -> wd.Placement:
-    return wd.place(bundle, ["work/data/table.csv", "work/nb.ipynb"], "work/nb.ipynb", workdir,
+    return wd.place(open_bundle(bundle), workdir,
                     "kbundle-demo", "demo (kbundle)")
 
 
@@ -178,7 +179,7 @@ def test_wheel_context_layout(tmp_path):
 
 
 def test_rattler_uses_the_hosts_proxy_and_ca_trust(monkeypatch):
-    from kbundle.build.env import rattler_config
+    from kbundle.net import rattler_config
 
     for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(var, raising=False)

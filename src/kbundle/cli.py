@@ -1,4 +1,4 @@
-"""The `kbundle` command line. Commands stay thin: they parse, call one module, and print."""
+"""The `kbundle` command line: the typer app, its commands, and one `error:` line per failure."""
 
 from __future__ import annotations
 
@@ -7,19 +7,39 @@ import sys
 
 import typer
 
-from kbundle.app import app
+from kbundle import __version__
+from kbundle.commands import bundle, kernels, pack, run
 from kbundle.errors import KbundleError
 
-# Each module registers its commands on `app` when imported.
-from kbundle.commands import load_all as _load_commands
+app = typer.Typer(
+    name="kbundle",
+    help="Pack a notebook with its environment into one small file, and run it as a kernel elsewhere.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(pack.pack)
+app.command()(bundle.inspect)
+app.command()(bundle.verify)
+app.command()(run.run)
+app.command()(run.doctor)
+app.add_typer(kernels.kernels_app, name="kernels")
+app.command()(kernels.gc)
 
-_load_commands()
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kbundle {__version__}")
+        raise typer.Exit()
 
 
-def fail(message: str, code: int = 1) -> None:
-    """Print one `error:` line on stderr and leave with a non-zero code."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """kbundle: "it ran on my machine, on my GPU", now on theirs too."""
 
 
 def _run_app() -> int:

@@ -66,7 +66,9 @@ class Manifest:
     variants: list[Variant] = field(default_factory=list)
     locked: bool = False
     lock: str | None = None
-    lock_virtual_packages: list[str] = field(default_factory=list)
+    # The image's virtual packages (`__glibc=2.35`, `__cuda=11.8`, ...): what the lock was
+    # solved for, and what an unlocked bundle is solved for on the recipient's machine.
+    virtual_packages: list[str] = field(default_factory=list)
     lock_note: str | None = None
     environment: str = ENVIRONMENT
     original_environment: str | None = None
@@ -93,6 +95,8 @@ class Manifest:
         conda = data.pop("conda", None) or {}
         known = set(cls.__dataclass_fields__)
         kwargs = {k: v for k, v in data.items() if k in known}
+        if "virtual_packages" not in data and data.get("lock_virtual_packages"):
+            kwargs["virtual_packages"] = data["lock_virtual_packages"]  # its name in kbundle 0.1
         kwargs["channels"] = list(conda.get("channels") or [])
         kwargs["dependencies"] = list(conda.get("dependencies") or [])
         for key, record in (("dropped", Dropped), ("added", Added), ("variants", Variant), ("files", FileEntry)):

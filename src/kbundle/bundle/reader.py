@@ -79,6 +79,37 @@ class Bundle:
     def text(self, member: str) -> str:
         return self.read(member).decode("utf-8")
 
+    def extract(self, dest: str | os.PathLike, members: list[str] | None = None) -> list[Path]:
+        """Write the verified members (or only `members`) under `dest`; return the written paths.
+
+        The bytes come from the verification itself, never from a second read of the file.
+        `dest` is created if needed. An existing file is never overwritten, and no link is followed.
+        """
+        wanted = sorted(self.members) if members is None else list(members)
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        root = dest.resolve()
+        written: list[Path] = []
+        for name in wanted:
+            data = self.read(name)
+            target = (root / name).resolve()
+            if root != target and root not in target.parents:
+                raise BundleError(f"member {name!r} would be written outside {dest}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: never clobber, never follow a link planted at the target.
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except FileExistsError:
+                raise BundleError(f"refusing to overwrite {target} while extracting {self.path}") from None
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            written.append(target)
+        return written
+
+    def members_under(self, prefix: str) -> list[str]:
+        """The member paths below `prefix` (e.g. `work/`), sorted."""
+        return sorted(m for m in self.members if m.startswith(prefix))
+
 
 def check_member_name(name: str) -> None:
     """Refuse names that could escape the folder they are extracted into."""
@@ -188,29 +219,5 @@ def _verified(zf: zipfile.ZipFile, info: zipfile.ZipInfo, entry: FileEntry) -> b
 
 
 def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike, members: list[str] | None = None) -> list[Path]:
-    """Verify the bundle, then write its members (or the listed ones) under `dest`.
-
-    `dest` is created if needed. An existing file is never overwritten. Returns the
-    written paths, in member order.
-    """
-    bundle = open_bundle(path)
-    wanted = sorted(bundle.members) if members is None else list(members)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    root = dest.resolve()
-    written: list[Path] = []
-    for name in wanted:
-        data = bundle.read(name)
-        target = (root / name).resolve()
-        if root != target and root not in target.parents:
-            raise BundleError(f"member {name!r} would be written outside {dest}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: never clobber, never follow a link planted at the target.
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except FileExistsError:
-            raise BundleError(f"refusing to overwrite {target} while extracting {path}") from None
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        written.append(target)
-    return written
+    """Open and verify the bundle at `path`, then `Bundle.extract` it (see there)."""
+    return open_bundle(path).extract(dest, members)

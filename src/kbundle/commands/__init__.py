@@ -1,18 +1,10 @@
-"""CLI command modules, one per stage of the flow: pack → bundle → build/run → kernel."""
+"""The CLI's command modules, one per part of the flow; `kbundle.cli` registers each explicitly.
 
-from __future__ import annotations
+- pack.py     `pack`              (the sender)
+- bundle.py   `inspect`, `verify` (reading a bundle)
+- run.py      `run`, `doctor`     (the recipient)
+- kernels.py  `kernels list|remove`, `gc`
 
-import importlib
-
-# Modules are listed here once they exist; a missing one is skipped so that
-# stages can land one at a time.
-_MODULES = ("pack", "run", "kernel")
-
-
-def load_all() -> None:
-    for name in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
+Commands stay thin: parse, call one flow or module, print. Heavy imports (docker, rattler,
+jupyter_client) stay inside the functions, so `kbundle pack` starts about as fast as typer.
+"""

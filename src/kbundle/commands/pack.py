@@ -1,6 +1,6 @@
-"""`kbundle pack`, `kbundle inspect` and `kbundle verify`.
+"""`kbundle pack`: the sender's command.
 
-Thin: parse options, call kbundle.pack / kbundle.bundle, print. Heavy imports stay
+Thin: parse options, call the pack flow (kbundle/flows/pack.py), print. Heavy imports stay
 inside the functions so `kbundle pack --lock never` starts fast.
 """
 
@@ -13,7 +13,6 @@ from typing import List, Optional
 
 import typer
 
-from kbundle.app import app
 
 
 def _size(n: int) -> str:
@@ -24,7 +23,6 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-@app.command()
 def pack(
     notebook: Path = typer.Argument(..., help="The notebook (.ipynb) to pack."),
     env_file: Optional[Path] = typer.Option(None, "-e", "--env", help="environment.yml from `conda env export` (any OS), or requirements.txt with --python."),
@@ -40,8 +38,8 @@ def pack(
     as_json: bool = typer.Option(False, "--json", help="Print the bundle's manifest as JSON instead of a summary."),
 ) -> None:
     """Pack a notebook, its environment (cleaned for linux-64 and locked) and a Dockerfile into one file."""
-    from kbundle.pack.pipeline import MAIL_LIMIT, PackOptions
-    from kbundle.pack.pipeline import pack as run_pack
+    from kbundle.flows.pack import MAIL_LIMIT, PackOptions
+    from kbundle.flows.pack import pack as run_pack
 
     options = PackOptions(
         notebook=notebook,
@@ -96,45 +94,3 @@ def _summary(result) -> None:
     for v in m.variants:
         lines.append(f"  kept       {v.spec} ({v.intent})")
     typer.echo("\n".join(lines))
-
-
-@app.command()
-def inspect(
-    bundle: Path = typer.Argument(..., help="The .kbundle file."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the documented public contract)."),
-) -> None:
-    """Show what a bundle carries."""
-    from kbundle.bundle import open_bundle
-
-    opened = open_bundle(bundle)
-    m = opened.manifest
-    if as_json:
-        typer.echo(json.dumps(m.to_dict(), indent=2))
-        return
-    lines = [
-        f"{bundle} (format {m.format_version}, kbundle {m.kbundle_version or '?'})",
-        f"  name       {m.name}",
-        f"  notebook   {m.notebook}",
-        f"  python     {m.python or 'unpinned'}",
-        f"  cuda       {m.cuda or 'none'}" + (f", cuDNN {m.cudnn}" if m.cudnn else ""),
-        f"  base image {m.base_image}",
-        f"  channels   {', '.join(m.channels)}",
-        f"  locked     {'yes' if m.locked else 'no'}" + (f" ({m.lock_note})" if m.lock_note and not m.locked else ""),
-        "  conda:",
-        *[f"    {d}" for d in m.dependencies],
-    ]
-    if m.pip:
-        lines += ["  pip:", *[f"    {p}" for p in m.pip]]
-    if m.dropped:
-        lines += ["  dropped:", *[f"    {d.spec}  ({d.reason})" for d in m.dropped]]
-    lines += ["  files:", *[f"    {f.path}  {f.size} B  sha256:{f.sha256[:12]}" for f in m.files]]
-    typer.echo("\n".join(lines))
-
-
-@app.command()
-def verify(bundle: Path = typer.Argument(..., help="The .kbundle file.")) -> None:
-    """Check a bundle: format version, every member against its sha256 in the manifest."""
-    from kbundle.bundle import open_bundle
-
-    opened = open_bundle(bundle)
-    typer.echo(f"ok: {bundle} ({len(opened.manifest.files)} members match the manifest, format {opened.manifest.format_version})")

@@ -1,4 +1,4 @@
-"""`kbundle run`, `kbundle doctor`, `kbundle kernels list|remove`: thin typer commands.
+"""`kbundle run` and `kbundle doctor`: the recipient's commands, thin over kbundle/flows/run.py.
 
 Progress and warnings go to stderr; stdout carries only the summary or the `--json` object,
 so scripts can read it. Heavy imports (docker, rattler, jupyter_client) stay inside functions.
@@ -12,11 +12,6 @@ from typing import Optional
 
 import typer
 
-from kbundle.app import app
-
-kernels_app = typer.Typer(help="List or remove the kernels kbundle registered.", no_args_is_help=True)
-app.add_typer(kernels_app, name="kernels")
-
 
 def _stderr_console(quiet: bool = False):
     from rich.console import Console
@@ -28,7 +23,6 @@ def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-@app.command()
 def run(
     bundle: Path = typer.Argument(..., help="The .kbundle file to rebuild and register as a kernel."),
     gpus: str = typer.Option("auto", "--gpus", help="auto | all | none | N | device=I,J"),
@@ -41,7 +35,7 @@ def run(
     lab: bool = typer.Option(False, "--lab", help="Open JupyterLab on the notebook with the kernel selected."),
 ) -> None:
     """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it."""
-    from kbundle.build.run import RunOptions, run_bundle, summary_lines
+    from kbundle.flows.run import RunOptions, run_bundle, summary_lines
     from kbundle.errors import UsageError
 
     if output is not None and not execute:
@@ -78,11 +72,11 @@ def _execute(result, output: Optional[Path], as_json: bool):
     return report.to_dict(), report.exit_code
 
 
-@app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
-    from kbundle.build import preflight
     from kbundle.errors import KbundleError
+    from kbundle.facts import fmt
+    from kbundle.image import preflight
 
     try:
         client = preflight.connect()
@@ -101,37 +95,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
         typer.echo(f"{marks[finding.level]}  {finding.topic:<8} {finding.message}")
     for gpu in report.nvml.gpus:
         arch = preflight.load_tables().arch(gpu.capability)
-        native = f"CUDA {_fmt(arch.first)}..{_fmt(arch.last) if arch.last else 'latest'}" if arch else "unknown"
+        native = f"CUDA {fmt(arch.first)}..{fmt(arch.last) if arch.last else 'latest'}" if arch else "unknown"
         typer.echo(f"gpu {gpu.index}  {gpu.name}  sm_{gpu.capability.replace('.', '')}  native: {native}")
     if report.errors:
         raise KbundleError(report.errors[0].message)
-
-
-def _fmt(version) -> str:
-    return ".".join(str(p) for p in version)
-
-
-@kernels_app.command("list")
-def kernels_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
-    """The kernels kbundle registered, with their images and working directories."""
-    from kbundle.kernel.spec import list_kernelspecs
-
-    records = list_kernelspecs()
-    if as_json:
-        _print_json([r.to_dict() for r in records])
-        return
-    if not records:
-        typer.echo("no kbundle kernels (register one with `kbundle run BUNDLE`)")
-        return
-    for r in records:
-        where = ",".join(r.gpus) if r.gpus else "cpu"
-        typer.echo(f"{r.name}\t{r.image}\t{where}\t{r.workdir}")
-
-
-@kernels_app.command("remove")
-def kernels_remove(name: str = typer.Argument(..., help="The kernel's name, as `kbundle kernels list` shows it.")) -> None:
-    """Unregister one of kbundle's kernels (its image stays until `kbundle gc`)."""
-    from kbundle.kernel.spec import remove_kernelspec
-
-    path = remove_kernelspec(name)
-    typer.echo(f"removed kernel {name} ({path})")

@@ -1,10 +1,10 @@
 """`kbundle gc`: find what dead kernels and unused bundles left behind, then remove it.
 
 - `plan_gc(client, ...) -> GcPlan` lists, removing nothing:
-  - kernel containers (label `kbundle.kernel=1`) started on this host whose launcher is
-    gone: its pid is dead, or now belongs to a process that started at another time;
-  - kbundle images (label `kbundle.bundle_hash`) that no registered kbundle kernel names
-    and no container uses;
+  - kernel containers (kernel/labels.py) started on this host whose launcher is gone: its
+    pid is dead, or now belongs to a process that started at another time;
+  - kbundle images (the contract's content-hash label, or kbundle 0.1's) that no registered
+    kbundle kernel names and no container uses;
   - extracted bundles nobody uses: build contexts left in kbundle's cache by a build that
     was killed, and extraction scratch dirs (`.kbundle/extract-*`) in kernels' workdirs,
     both only when older than `STALE_AFTER_S` (a build may be running right now).
@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from kbundle import cache
+from kbundle import cache, contract
 from kbundle.errors import KbundleError
-from kbundle.kernel import launcher as L
+from kbundle.kernel import labels as kernel_labels
+from kbundle.kernel.launcher import PYCACHE_IMAGE_FILE
 
-IMAGE_LABEL = "kbundle.bundle_hash"
+IMAGE_LABELS = (contract.LABEL_CONTENT_HASH, contract.LEGACY_LABEL_CONTENT_HASH)
 STALE_AFTER_S = 6 * 3600
 CONTAINER, IMAGE, DIRECTORY = "container", "image", "directory"
 
@@ -75,26 +76,6 @@ def connect():
         raise KbundleError(f"cannot reach the Docker engine ({exc.__class__.__name__}); is it running?") from None
 
 
-def launcher_alive(labels: dict[str, str], host: str) -> Optional[bool]:
-    """Whether the container's launcher still runs; None when it ran on another host."""
-    if labels.get(L.LABEL_HOST) != host:
-        return None
-    try:
-        pid = int(labels.get(L.LABEL_PID, ""))
-    except ValueError:
-        return False
-    start = labels.get(L.LABEL_START, "")
-    if start:
-        return L.process_start(pid) == start
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-
-
 def plan_gc(client, *, kernels: Optional[list] = None, host: Optional[str] = None,
             contexts_dir: Optional[Path] = None, pycache_dir: Optional[Path] = None,
             now: Optional[float] = None) -> GcPlan:
@@ -119,7 +100,7 @@ def _unused_pycaches(kernels: list, root: Path) -> list[GcItem]:
     items = []
     for path in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
-            image = (path / L.PYCACHE_IMAGE_FILE).read_text(encoding="utf-8").strip()
+            image = (path / PYCACHE_IMAGE_FILE).read_text(encoding="utf-8").strip()
         except OSError:
             image = ""
         if image not in wanted:
@@ -129,17 +110,26 @@ def _unused_pycaches(kernels: list, root: Path) -> list[GcItem]:
     return items
 
 
+def _kernel_containers(client) -> list[dict]:
+    """Kernel containers under today's label or kbundle 0.1's (docker ANDs label filters: ask twice)."""
+    found: dict[str, dict] = {}
+    for label in kernel_labels.KERNEL_FILTERS:
+        for c in client.api.containers(all=True, filters={"label": label}):
+            found.setdefault(c["Id"], c)
+    return list(found.values())
+
+
 def _dead_kernel_containers(client, host: str) -> list[GcItem]:
     items = []
-    for c in client.api.containers(all=True, filters={"label": f"{L.LABEL_KERNEL}=1"}):
+    for c in _kernel_containers(client):
         labels = c.get("Labels") or {}
-        if launcher_alive(labels, host) is not False:
+        if kernel_labels.launcher_alive(labels, host) is not False:
             continue
         name = (c.get("Names") or ["?"])[0].lstrip("/")
-        kernel = labels.get(L.LABEL_KERNEL_NAME) or "?"
+        kernel = kernel_labels.read(labels, contract.LABEL_KERNEL_NAME) or "?"
+        pid = kernel_labels.read(labels, contract.LABEL_LAUNCHER_PID) or "?"
         items.append(GcItem(CONTAINER, c["Id"], name,
-                            f"kernel {kernel}: its launcher (pid {labels.get(L.LABEL_PID, '?')}) is gone; "
-                            f"{c.get('State', '?')}"))
+                            f"kernel {kernel}: its launcher (pid {pid}) is gone; {c.get('State', '?')}"))
     return items
 
 
@@ -156,15 +146,23 @@ def _unused_images(client, kernels: list, leaving: set[str]) -> list[GcItem]:
     # Containers the plan removes no longer hold their image.
     used_ids = {c.get("ImageID") for c in client.api.containers(all=True) if c["Id"] not in leaving}
     items = []
-    for image in client.api.images(filters={"label": IMAGE_LABEL}):
+    for image in _kbundle_images(client):
         if image["Id"] in wanted_ids or image["Id"] in used_ids:
             continue
         tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
-        labels = image.get("Labels") or {}
+        digest = contract.image_content_hash(image.get("Labels")) or "?"
         for ref in tags or [image["Id"]]:
-            items.append(GcItem(IMAGE, ref, ref, f"bundle {labels.get(IMAGE_LABEL, '?')[:19]}: no registered kernel "
-                                                 "uses it", image.get("Size")))
+            items.append(GcItem(IMAGE, ref, ref, f"bundle {digest[:19]}: no registered kernel uses it",
+                                image.get("Size")))
     return items
+
+
+def _kbundle_images(client) -> list[dict]:
+    found: dict[str, dict] = {}
+    for label in IMAGE_LABELS:
+        for image in client.api.images(filters={"label": label}):
+            found.setdefault(image["Id"], image)
+    return list(found.values())
 
 
 def _stale_directories(kernels: list, contexts_dir: Path, now: float) -> list[GcItem]:

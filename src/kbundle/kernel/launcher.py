@@ -34,7 +34,7 @@ points `sys.pycache_prefix` at a per-image directory in the user's kbundle cache
 (mounted at PYCACHE_IN_CONTAINER), so only the first start per image pays.
 `KBUNDLE_KERNEL_PYCACHE=0` turns this off.
 
-Containers carry labels (`kbundle.kernel=1`, the launcher's pid, its start time and the
+Containers carry labels (kernel/labels.py: the launcher's pid, its start time and the
 host) so that `kbundle gc` can find leftovers whose launcher is gone.
 """
 
@@ -45,81 +45,29 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+from kbundle import contract
 from kbundle.cache import pycache_root
+from kbundle.kernel.labels import container_labels
+from kbundle.kernel.shim import SHIM
 
 # device_requests need 1.40. Pinning the version saves the /version round trip at start.
 API_VERSION = "1.40"
 STOP_GRACE_S = 1
 REPLACE_WAIT_S = 10  # how long a restart waits for the previous container to go
 NAME_PREFIX = "kbundle-kernel-"
-LABEL_KERNEL = "kbundle.kernel"
-LABEL_KERNEL_NAME = "kbundle.kernel.name"
-LABEL_PID = "kbundle.launcher.pid"
-LABEL_START = "kbundle.launcher.start"
-LABEL_HOST = "kbundle.launcher.host"
 PYCACHE_IN_CONTAINER = "/tmp/kbundle-pycache"
 PYCACHE_IMAGE_FILE = "image.txt"
 PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 LOOPBACK = ("127.0.0.1", "localhost")
 # A bind mount at (or above) these paths would hide the container's own system or environment.
-RESERVED = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/opt/kbundle", "/proc",
+RESERVED = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", contract.ROOT, "/proc",
             "/run", "/sbin", "/sys", "/usr", "/var")
-
-# Runs inside the container with the env's python. It must work on old interpreters too
-# (no f-strings), holds no secret, and keeps the kernel in this very process so that the
-# signal tini forwards reaches ipykernel itself.
-SHIM = """\
-import os, sys, tempfile, threading
-def _line():
-    data = b''
-    while not data.endswith(b'\\n'):
-        chunk = os.read(0, 65536)
-        if not chunk:
-            sys.stderr.write('kbundle-kernel: no connection info on stdin\\n')
-            os._exit(3)
-        data += chunk
-    return data
-_info = _line()
-_fd, _path = tempfile.mkstemp(prefix='kbundle-kernel-', suffix='.json')
-os.write(_fd, _info)
-os.close(_fd)
-del _info
-def _watch():
-    while os.read(0, 65536):
-        pass
-    os._exit(0)
-_t = threading.Thread(target=_watch)
-_t.daemon = True
-_t.start()
-if sys.path and sys.path[0] == '':
-    del sys.path[0]
-_pc = os.environ.get('KBUNDLE_PYCACHE')
-if _pc:
-    # An environment installed without .pyc files (rattler does not compile) would be
-    # compiled again at every start: keep the bytecode in kbundle's cache instead.
-    try:
-        import importlib.util
-        _s = importlib.util.find_spec('ipykernel')
-        if _s and _s.origin and not os.path.isdir(os.path.join(os.path.dirname(_s.origin), '__pycache__')):
-            sys.pycache_prefix = _pc
-    except Exception:
-        pass
-try:
-    from ipykernel import kernelapp
-except ImportError as exc:
-    sys.stderr.write('kbundle-kernel: ipykernel is missing from the image environment: %s\\n' % exc)
-    os._exit(4)
-# parent_handle=1: no parent poller (tini is our parent) and no `ipython kernel` banner.
-kernelapp.launch_new_instance(argv=['-f', _path, '--IPKernelApp.parent_handle=1'])
-"""
-
 
 class LaunchError(Exception):
     """A problem the launcher reports as one `error:` line before exiting 1."""
@@ -175,21 +123,6 @@ def choose_network(requested: str, environ: dict[str, str], platform: str) -> st
     if "/.docker/desktop/" in docker_host or "/run/user/" in docker_host:
         return "bridge"  # Docker Desktop for Linux, rootless dockerd: their host network is not ours
     return "host"
-
-
-def process_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot ("" where /proc is missing).
-
-    Together with the pid it tells a live launcher from a later process reusing its pid.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read().decode(errors="replace")
-    except OSError:
-        return ""
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rfind(")") + 2:].split()
-    return fields[19] if len(fields) > 19 else ""
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -256,7 +189,7 @@ def _hidden_by(mount: str) -> str:
     for reserved in RESERVED:
         if mount == reserved or reserved.startswith(prefix):
             return reserved
-    return "/opt/kbundle" if mount.startswith("/opt/kbundle/") else ""
+    return contract.ROOT if mount.startswith(contract.ROOT + "/") else ""
 
 
 def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid: int, gid: int,
@@ -275,13 +208,7 @@ def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid
         env["KBUNDLE_PYCACHE"] = PYCACHE_IN_CONTAINER
     if environ.get("JPY_SESSION_NAME"):
         env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
-    labels = {
-        LABEL_KERNEL: "1",
-        LABEL_KERNEL_NAME: args.kernel_name,
-        LABEL_PID: str(pid),
-        LABEL_START: process_start(pid),
-        LABEL_HOST: socket.gethostname(),
-    }
+    labels = container_labels(args.kernel_name, pid)
     ports = [int(info[k]) for k in PORT_KEYS] if network == "bridge" else []
     return LaunchPlan(
         name=container_name(args.connection_file),

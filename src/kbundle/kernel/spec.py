@@ -129,6 +129,13 @@ def build_spec(
     }
 
 
+def kernel_name_for(bundle_name: str) -> str:
+    """The kernel a bundle registers: `kbundle-<slug of its name>`."""
+    from kbundle.names import slug
+
+    return f"kbundle-{slug(bundle_name)}"
+
+
 def check_name(name: str) -> None:
     if not _NAME.match(name or ""):
         raise UsageError(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from kbundle.bundle.format import Added
 from kbundle.errors import UsageError
 from kbundle.pack.envfile import canonical
-from kbundle.pack.facts import base_tags, frameworks, lookup_prefix, major_minor, version_key
+from kbundle.facts import base_tags, glibc_for, frameworks, lookup_prefix, major_minor, version_key
 from kbundle.pack.normalise import variant_of
 from kbundle.pack.records import CondaSpec, CudaChoice, NormalisedEnv, PipPin, RawEnv, spec_name
 
@@ -162,16 +162,6 @@ def _covers(runtime: str, needed: str) -> bool:
     return r[0] >= 11 and r >= n or r[:2] == n[:2]
 
 
-def _glibc_for(image: str) -> str:
-    tags = base_tags()
-    for os_name, glibc in tags["glibc"].items():
-        if os_name in image:
-            return glibc
-    if "bookworm" in image:
-        return tags["glibc"]["debian12"]
-    return tags["glibc_unknown"]
-
-
 def _live_tag(cuda: str, flavour: str) -> tuple[str, str] | None:
     entry = base_tags()["live"].get(cuda)
     if not entry:
@@ -223,7 +213,7 @@ def choose(
         return _with_override(from_image, base_image)
     if base_image:
         # The named base image is the sender's answer to the missing tag; add nothing.
-        return _with_override(CudaChoice(cuda, cudnn, False, base_image, _glibc_for(base_image), why), base_image)
+        return _with_override(CudaChoice(cuda, cudnn, False, base_image, glibc_for(base_image), why), base_image)
     added = _runtime_packages(cuda, cudnn)
     gone = base_tags()["deleted"].get(cuda)
     why += f"; nvidia/cuda:{gone} was deleted (end of life)" if gone else f"; no published nvidia/cuda {cuda} image with cuDNN {cudnn}"
@@ -257,7 +247,7 @@ def _on_live_base(cuda: str, cudnn: str | None, why: str, added: tuple[Added, ..
     if gone and not added:
         why += f" (nvidia/cuda:{gone} was deleted, end of life)"
     why += f"; any live base fits, and the lowest, {image}, asks the least of the driver"
-    return CudaChoice(cuda, cudnn, True, image, _glibc_for(image), why, require, added, env_libs)
+    return CudaChoice(cuda, cudnn, True, image, glibc_for(image), why, require, added, env_libs)
 
 
 def _runtime_packages(cuda: str, cudnn: str | None) -> tuple[Added, ...]:
@@ -279,7 +269,7 @@ def _with_override(choice: CudaChoice, base_image: str | None) -> CudaChoice:
         return choice
     from dataclasses import replace
 
-    return replace(choice, base_image=base_image, glibc=_glibc_for(base_image), reason=choice.reason + f"; base image {base_image} chosen with --base-image")
+    return replace(choice, base_image=base_image, glibc=glibc_for(base_image), reason=choice.reason + f"; base image {base_image} chosen with --base-image")
 
 
 def apply_added(env: NormalisedEnv, choice: CudaChoice) -> None:

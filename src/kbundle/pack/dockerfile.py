@@ -1,12 +1,22 @@
-"""Render the bundle's Dockerfile from templates/Dockerfile.j2 (the image contract is in
-docs/architecture.md). Rendering only: every decision was made before, by the other
-pack modules, and arrives here as plain values."""
+"""Render the bundle's Dockerfile from templates/Dockerfile.j2 against the image contract.
+
+Rendering only: every decision was made before, by the other pack modules, and arrives
+here as plain values. The template escapes its own values with the filters below, so no
+caller needs to know Dockerfile quoting; paths and label keys come from kbundle.contract.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
+
+from kbundle import contract
+from kbundle.errors import UsageError
 
 TEMPLATE = "Dockerfile.j2"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# A Docker image reference: [registry[:port]/]name[:tag][@digest], no spaces or quotes.
+_IMAGE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*")
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,51 @@ class DockerfileInputs:
     pip: bool
 
 
+def comment(value: object) -> str:
+    """A value inside a `#` comment: one line, whatever it holds."""
+    return _CONTROL.sub(" ", str(value)).strip()
+
+
+def double_quoted(value: object) -> str:
+    """A value inside "..." of a LABEL or ENV: quotes, backslashes and `$` escaped, one line."""
+    text = comment(value)
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+
+
+def image_ref(value: object) -> str:
+    """A FROM argument: a plain image reference, or an error (it must not smuggle in a second word)."""
+    text = str(value)
+    if not _IMAGE_REF.fullmatch(text):
+        raise UsageError(f"{text!r} is not an image reference")
+    return text
+
+
+_LABELS = {
+    "name": contract.LABEL_NAME,
+    "format": contract.LABEL_FORMAT,
+    "content_hash": contract.LABEL_CONTENT_HASH,
+    "notebook": contract.LABEL_NS + "notebook",
+    "python": contract.LABEL_NS + "python",
+    "cuda": contract.LABEL_NS + "cuda",
+    "cudnn": contract.LABEL_NS + "cudnn",
+    "version": contract.LABEL_VERSION,
+}
+
+
+def _contract_values() -> dict[str, object]:
+    return {
+        "prefix": contract.PREFIX,
+        "work": contract.WORK,
+        "activate": contract.ACTIVATE,
+        "user": contract.USER,
+        "context_env": contract.CONTEXT_ENV,
+        "context_pip": contract.CONTEXT_PIP,
+        "context_work": contract.CONTEXT_WORK,
+        "context_activate": contract.CONTEXT_ACTIVATE,
+        "labels": _LABELS,
+    }
+
+
 def render(inputs: DockerfileInputs) -> str:
     import jinja2
 
@@ -38,6 +93,7 @@ def render(inputs: DockerfileInputs) -> str:
         lstrip_blocks=True,
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
-        autoescape=False,
+        autoescape=False,  # Dockerfile, not HTML: the filters below do the escaping
     )
-    return env.get_template(TEMPLATE).render(**inputs.__dict__)
+    env.filters.update(dq=double_quoted, comment=comment, image_ref=image_ref)
+    return env.get_template(TEMPLATE).render(**_contract_values(), **asdict(inputs))

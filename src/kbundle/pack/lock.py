@@ -12,13 +12,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from kbundle import contract
 from kbundle.errors import KbundleError, UsageError
-from kbundle.pack.facts import normalise_facts
+from kbundle.facts import normalise_facts
 from kbundle.pack.records import CudaChoice, LockResult, NormalisedEnv
 
-PLATFORM = "linux-64"
 PROBE_TIMEOUT_S = 3.0
-LINUX_VERSION = "5.4"  # any maintained kernel; only packages needing a newer one are excluded
 
 
 class LockError(KbundleError):
@@ -76,14 +75,12 @@ def unreachable(urls: list[str], timeout: float = PROBE_TIMEOUT_S) -> list[str]:
     return [u for f, u in futures.items() if f not in done or not f.result()]
 
 
-def virtual_packages(choice: CudaChoice) -> list[tuple[str, str, str]]:
-    vps = [("__unix", "0", "0"), ("__linux", LINUX_VERSION, "0"), ("__glibc", choice.glibc, "0"), ("__archspec", "1", "x86_64")]
-    if choice.cuda:
-        vps.append(("__cuda", choice.cuda, "0"))
-    return vps
+def target(choice: CudaChoice) -> list[str]:
+    """The image's virtual packages: its base's glibc, and CUDA when one was chosen."""
+    return contract.target_virtual_packages(choice.glibc, choice.cuda)
 
 
-def lock(env: NormalisedEnv, choice: CudaChoice, mode: str, status=None) -> LockResult:
+def lock(env: NormalisedEnv, choice: CudaChoice, mode: str) -> LockResult:
     """Solve and return the lock text, or an unlocked result with a one-line note."""
     if mode not in ("auto", "always", "never"):
         raise UsageError(f"unknown --lock {mode!r}: use auto, always or never")
@@ -102,15 +99,16 @@ def lock(env: NormalisedEnv, choice: CudaChoice, mode: str, status=None) -> Lock
 def _solve(env: NormalisedEnv, choice: CudaChoice, urls: list[str], mode: str) -> LockResult:
     import asyncio
 
-    from kbundle.pack import rattler_solve
+    from kbundle import solve
 
+    vps = target(choice)
     try:
-        records, lock_text, vps = asyncio.run(rattler_solve.solve(urls, env.dependencies, virtual_packages(choice)))
-    except rattler_solve.ChannelsDown as exc:
+        records = asyncio.run(solve.solve(urls, env.dependencies, vps))
+    except solve.ChannelsDown as exc:
         if mode == "always":
             raise LockError(f"cannot lock: channels unreachable ({exc})") from None
         return LockResult(False, None, note=f"channels unreachable ({exc}): wrote an unlocked bundle; the recipient will resolve it")
-    except rattler_solve.Unsolvable as exc:
-        raise LockError(f"cannot lock the environment for {PLATFORM}: {exc} (or pass --lock never)") from None
-    python = next((r.version for r in records if r.name == "python"), None)
-    return LockResult(True, lock_text, tuple(vps), note=None, python=python)
+    except solve.Unsolvable as exc:
+        raise LockError(f"cannot lock the environment for {contract.PLATFORM}: {exc} (or pass --lock never)") from None
+    python = next((str(r.version) for r in records if str(r.name.normalized) == "python"), None)
+    return LockResult(True, solve.lock_text(records, urls, vps), tuple(vps), note=None, python=python)

@@ -12,7 +12,7 @@ import re
 
 from kbundle.bundle.format import Added, Dropped, Variant
 from kbundle.pack.envfile import write_environment_yml
-from kbundle.pack.facts import normalise_facts
+from kbundle.facts import normalise_facts
 from kbundle.pack.records import CondaSpec, NormalisedEnv, PipPin, RawEnv, spec_name
 
 _WORDS = re.compile(r"[a-z]+")

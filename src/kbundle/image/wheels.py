@@ -48,7 +48,7 @@ def target_tags(python: str) -> set:
 
 
 def cache_dir(python: str) -> Path:
-    from kbundle.build.env import cache_root
+    from kbundle.image.env import cache_root
 
     path = cache_root() / "wheels" / f"cp{python.replace('.', '')}-{PLATFORM}"
     path.mkdir(parents=True, exist_ok=True)

@@ -15,14 +15,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
-from kbundle import __version__
+from kbundle import __version__, contract
 from kbundle.errors import KbundleError
-
-# Bump when the build context's layout (docs/architecture.md) changes meaning.
-CONTEXT_VERSION = "2"  # 2: env byte-compiled on the host
-LABEL_PREFIX = "kbundle."
+from kbundle.names import slug
 
 
 @dataclass(frozen=True)
@@ -38,7 +35,7 @@ class ImageKey:
 
     @property
     def digest(self) -> str:
-        payload = json.dumps({"context": CONTEXT_VERSION, "env": self.env_hash, "pip": list(self.pip),
+        payload = json.dumps({"context": contract.CONTEXT_VERSION, "env": self.env_hash, "pip": list(self.pip),
                               "dockerfile": self.dockerfile, "base_id": self.base_id}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -56,12 +53,6 @@ class BuildResult:
     log: Optional[Path] = None
 
 
-def slug(name: str) -> str:
-    """A Docker repository / kernel name component: lower-case [a-z0-9._-], starting alphanumeric."""
-    text = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._")
-    return text[:60] or "bundle"
-
-
 def with_base_image(dockerfile: str, base_image: str) -> str:
     """The Dockerfile with its base replaced: an `ARG BASE_IMAGE=` default, else the first FROM."""
     arg = re.compile(r"^(\s*ARG\s+BASE_IMAGE\s*=\s*)(\S+)(.*)$", re.MULTILINE | re.IGNORECASE)
@@ -75,11 +66,11 @@ def with_base_image(dockerfile: str, base_image: str) -> str:
 
 def labels(key: ImageKey, bundle_hash: str) -> dict[str, str]:
     return {
-        LABEL_PREFIX + "bundle_hash": bundle_hash,
-        LABEL_PREFIX + "version": __version__,
-        LABEL_PREFIX + "name": key.name,
-        LABEL_PREFIX + "env_hash": key.env_hash,
-        LABEL_PREFIX + "base_image": key.base_image,
+        contract.LABEL_CONTENT_HASH: bundle_hash,
+        contract.LABEL_VERSION: __version__,
+        contract.LABEL_NAME: key.name,
+        contract.LABEL_ENV_HASH: key.env_hash,
+        contract.LABEL_BASE_IMAGE: key.base_image,
     }
 
 
@@ -239,11 +230,3 @@ class _BuildProgress:
     def line(self, text: str) -> None:
         if self.progress is not None and not text.startswith("Step "):
             self.progress.update(self.task, line=text[:60])
-
-
-def remove_images(client, tags: Sequence[str]) -> None:
-    for tag in tags:
-        try:
-            client.images.remove(tag, force=True)
-        except Exception:
-            pass

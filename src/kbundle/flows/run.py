@@ -1,15 +1,20 @@
-"""`kbundle run`: verify and extract → preflight → consent → environment → build → kernel.
+"""`kbundle run`: the recipient's flow, one step per module.
 
-Each step lives in its own module; this one only orders them and collects the result.
+1. open the bundle once, verifying every member (bundle/reader.py)
+2. place its notebook and files in the working directory (image/workdir.py)
+3. preflight: the engine, GPUs, driver (image/preflight.py)
+4. identify the image: resolve the environment, hash it into a tag (image/env.py, image/build.py)
+5. consent, then assemble the context and build, only when that tag is missing
+   (image/context.py, image/env.py, image/bytecode.py, image/wheels.py, image/build.py)
+6. register the kernel (kernel/spec.py)
+
 Nothing is registered unless the image exists under its content tag, so a failed or
 interrupted build leaves no kernel behind.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +22,8 @@ from typing import Any, Callable, Optional
 
 from rich.markup import escape
 
-from kbundle.cache import cache_root, contexts_dir
+from kbundle.bundle.format import WORK_DIR
+from kbundle.cache import cache_root
 from kbundle.errors import KbundleError
 
 
@@ -71,12 +77,6 @@ class RunResult:
         }
 
 
-def kernel_name_for(bundle_name: str) -> str:
-    from kbundle.build.image import slug
-
-    return f"kbundle-{slug(bundle_name)}"
-
-
 def _ask(console, question: str) -> bool:
     console.print(question, end="")
     answer = sys.stdin.readline()
@@ -99,26 +99,22 @@ def consent(console, *, yes: bool, base_image: str, packages: int, pip: int, doc
 
 
 def run_bundle(options: RunOptions, console) -> RunResult:
-    from kbundle.build import image as imagemod
-    from kbundle.build import preflight, workdir as wd
     from kbundle.bundle import open_bundle
-    from kbundle.kernel.spec import install_kernelspec
+    from kbundle.image import build as imagemod
+    from kbundle.image import preflight
+    from kbundle.image import workdir as wd
+    from kbundle.kernel.spec import kernel_name_for
 
     t0 = time.perf_counter()
     request = preflight.GpuRequest.parse(options.gpus)  # bad --gpus fails before any work
     bundle = open_bundle(options.bundle)
     kernel_name = kernel_name_for(bundle.name)
-    bundle_hash = bundle.manifest.content_hash or _file_hash(bundle.path)
     display_name = f"{bundle.name} (kbundle)"
 
-    # 1. verify and extract the notebook and included files into the working directory
-    workdir = options.workdir or wd.default_workdir(bundle.name)
-    work_members = sorted(m for m in bundle.members if m.startswith(wd.WORK_PREFIX))
-    placement = wd.place(bundle.path, work_members, bundle.notebook, workdir, kernel_name, display_name)
+    placement = wd.place(bundle, options.workdir or wd.default_workdir(bundle.name), kernel_name, display_name)
     warnings = [f"kept your {k.path} (it differs from the bundle's); the bundle's copy is at {k.fresh}"
                 for k in placement.kept]
 
-    # 2. preflight: Docker, GPUs, driver
     client = preflight.connect()
     base = options.base_image or bundle.base_image
     report = preflight.run_preflight(client, bundle.cuda, request, probe_image=base)
@@ -127,28 +123,17 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     for message in warnings:
         console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
-    # 3. the environment and the image's identity (no install yet: the tag may exist)
-    base_id = imagemod.base_image_id(client, base, console)
-    resolved, key = _identify(bundle, options, base, base_id)
+    resolved, key = _identify(bundle, options, base, imagemod.base_image_id(client, base, console))
     image_id = imagemod.existing_image(client, key.tag)
     build_log = None
     if image_id is None:
         review = wd.review_dockerfile(placement.workdir, key.dockerfile)
         consent(console, yes=options.yes, base_image=base, packages=resolved.count, pip=len(bundle.pip),
                 dockerfile=review)
-        result = _build(client, bundle, bundle_hash, resolved, key, work_members, placement.workdir, console)
+        result = _build(client, bundle, resolved, key, placement.workdir, console)
         image_id, build_log = result.image_id, result.log
 
-    # 4. the kernel (a kernel of the same name from another bundle is replaced, and we say so)
-    previous = _previous_kernel(kernel_name)
-    if previous and previous.bundle_hash != bundle_hash:
-        message = f"replaced kernel {kernel_name}, which ran another bundle ({previous.image})"
-        warnings.append(message)
-        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-    spec_dir = install_kernelspec(kernel_name, bundle.name, key.tag, str(placement.workdir),
-                                  list(report.plan.gpus), bundle_hash,
-                                  extra_metadata={"bundle": str(Path(options.bundle).resolve()),
-                                                  "notebook": str(placement.notebook), "cuda": bundle.cuda})
+    spec_dir = _register(bundle, options, kernel_name, key.tag, placement, list(report.plan.gpus), warnings, console)
     return RunResult(
         name=bundle.name, kernel_name=kernel_name, display_name=display_name, image=key.tag, image_id=image_id,
         workdir=placement.workdir, notebook=placement.notebook, built=build_log is not None,
@@ -159,37 +144,52 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     )
 
 
+def bundle_hash(bundle) -> str:
+    """The bundle's content hash; bundles sealed without one get it computed from the verified members."""
+    from kbundle.bundle.format import content_hash
+
+    return bundle.manifest.content_hash or content_hash(bundle.members)
+
+
+def target_of(bundle) -> tuple[str, ...]:
+    """The image's virtual packages for an unlocked solve: as recorded, else from the base image's OS."""
+    from kbundle import contract
+    from kbundle.facts import glibc_for
+
+    recorded = bundle.manifest.virtual_packages
+    if recorded:
+        return tuple(recorded)
+    return tuple(contract.target_virtual_packages(glibc_for(bundle.base_image), bundle.cuda))
+
+
 def _identify(bundle, options: RunOptions, base: str, base_id: str):
     """The resolved environment and the image key (its tag) — cheap: nothing is installed."""
-    from kbundle.build import env as envmod
-    from kbundle.build import image as imagemod
+    from kbundle.image import build as imagemod
+    from kbundle.image import env as envmod
 
     dockerfile = imagemod.with_base_image(bundle.dockerfile_text, base) if options.base_image else bundle.dockerfile_text
     # channel_urls: the channels as the sender's conda resolved their names, for unlocked bundles
     channels = tuple(bundle.manifest.channel_urls or bundle.channels)
-    resolved = envmod.resolve(envmod.EnvSpec(channels, tuple(bundle.dependencies), bundle.lock_text, bundle.cuda))
+    resolved = envmod.resolve(envmod.EnvSpec(channels, tuple(bundle.dependencies), bundle.lock_text, target_of(bundle)))
     key = imagemod.ImageKey(bundle.name, resolved.content_hash, tuple(bundle.pip), dockerfile, base, base_id)
     return resolved, key
 
 
-def _build(client, bundle, bundle_hash: str, resolved, key, work_members: list[str], workdir: Path, console):
-    """Assemble the build context (env/, pip/, work/, Dockerfile) and build it; the context is temporary."""
-    from kbundle.build import bytecode
-    from kbundle.build import env as envmod
-    from kbundle.build import image as imagemod
-    from kbundle.build import wheels
-    from kbundle.bundle import extract_bundle
+def _build(client, bundle, resolved, key, workdir: Path, console):
+    """Assemble the build context (image/context.py) and build it; the context is temporary."""
+    from kbundle import contract
+    from kbundle.image import build as imagemod
+    from kbundle.image import bytecode, context, wheels
+    from kbundle.image import env as envmod
 
-    contexts = contexts_dir()
-    contexts.mkdir(parents=True, exist_ok=True)
-    context = Path(tempfile.mkdtemp(prefix=key.digest[:12] + "-", dir=contexts))
-    try:
-        with console.status(f"installing {resolved.count} conda packages for {envmod.FINAL_PREFIX}") as status:
-            envmod.install(resolved, context / "env",
+    with context.temporary_context(key.digest[:12]) as ctx:
+        context.write_static(ctx, key.dockerfile)
+        with console.status(f"installing {resolved.count} conda packages for {contract.PREFIX}") as status:
+            envmod.install(resolved, context.env_dir(ctx),
                            on_progress=lambda done, total: status.update(
-                               f"installing conda packages for {envmod.FINAL_PREFIX}: {done}/{total}"))
+                               f"installing conda packages for {contract.PREFIX}: {done}/{total}"))
         with console.status("byte-compiling the environment"):
-            compiled = bytecode.compile_env(context / "env", cache_root() / "pyc", resolved.interpreter_id())
+            compiled = bytecode.compile_env(context.env_dir(ctx), cache_root() / "pyc", resolved.interpreter_id())
         if compiled.skipped:
             console.print(f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): "
                           f"kernels will start slower", soft_wrap=True)
@@ -198,25 +198,25 @@ def _build(client, bundle, bundle_hash: str, resolved, key, work_members: list[s
             if not python:
                 raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
             with console.status(f"fetching {len(bundle.pip)} pip wheel(s) for CPython {python}"):
-                wheels.write_context(wheels.fetch(bundle.pip, python), context)
-        extract_bundle(bundle.path, context, members=work_members)
-        (context / "Dockerfile").write_text(key.dockerfile, encoding="utf-8")
-        return imagemod.build(client, context, key, bundle_hash,
-                              workdir / ".kbundle" / "build.log", console)
-    finally:
-        shutil.rmtree(context, ignore_errors=True)
+                wheels.write_context(wheels.fetch(bundle.pip, python), ctx)
+        bundle.extract(ctx, bundle.members_under(WORK_DIR))
+        return imagemod.build(client, ctx, key, bundle_hash(bundle), workdir / ".kbundle" / "build.log", console)
 
 
-def _previous_kernel(name: str):
-    from kbundle.kernel.spec import list_kernelspecs
+def _register(bundle, options: RunOptions, kernel_name: str, image: str, placement, gpus: list[str],
+              warnings: list[str], console) -> Path:
+    """Install the kernelspec; a kernel of the same name from another bundle is replaced, and we say so."""
+    from kbundle.kernel.spec import install_kernelspec, list_kernelspecs
 
-    return next((k for k in list_kernelspecs() if k.name == name), None)
-
-
-def _file_hash(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = bundle_hash(bundle)
+    previous = next((k for k in list_kernelspecs() if k.name == kernel_name), None)
+    if previous and previous.bundle_hash != digest:
+        message = f"replaced kernel {kernel_name}, which ran another bundle ({previous.image})"
+        warnings.append(message)
+        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+    return install_kernelspec(kernel_name, bundle.name, image, str(placement.workdir), gpus, digest,
+                              extra_metadata={"bundle": str(Path(options.bundle).resolve()),
+                                              "notebook": str(placement.notebook), "cuda": bundle.cuda})
 
 
 def summary_lines(result: RunResult) -> list[str]:

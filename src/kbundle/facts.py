@@ -1,16 +1,67 @@
-"""The compatibility tables (CUDA → driver, compute capability → CUDA) as typed records.
-
-The facts live in `kbundle/data/*.yaml`, each naming its source; this module only reads
-them and answers lookups, so that preflight decisions stay data-driven.
-"""
+"""Every compatibility table (kbundle/data/*.yaml, each naming its source), and version helpers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional
 
 from kbundle.resources import load_data
+
+
+def frameworks() -> dict[str, Any]:
+    return load_data("frameworks")
+
+
+def base_tags() -> dict[str, Any]:
+    return load_data("base_tags")
+
+
+def normalise_facts() -> dict[str, Any]:
+    return load_data("normalise")
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """'11.8' -> (11, 8); non-numeric parts count as 0, so odd strings still sort."""
+    parts = []
+    for part in version.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def major_minor(version: str | None) -> str | None:
+    if not version:
+        return None
+    parts = version.split(".")
+    digits = [p for p in parts[:2] if p.isdigit()]
+    if len(digits) == 2:
+        return ".".join(digits)
+    return digits[0] if digits else None
+
+
+def lookup_prefix(table: dict[str, Any], version: str | None) -> Any:
+    """The entry whose key is the longest dotted prefix of `version` ('2.3' for 2.3.1)."""
+    if not version:
+        return None
+    best = None
+    for key in table:
+        if version == key or version.startswith(key + "."):
+            if best is None or len(key) > len(best):
+                best = key
+    return table[best] if best is not None else None
+
+
+def glibc_for(image: str) -> str:
+    """The glibc of a base image, from the OS its tag names (data/base_tags.yaml)."""
+    tags = base_tags()
+    for os_name, glibc in tags["glibc"].items():
+        if os_name in image:
+            return glibc
+    if "bookworm" in image:
+        return tags["glibc"]["debian12"]
+    return tags["glibc_unknown"]
+
 
 Version = tuple[int, ...]
 

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from kbundle.build.compat import CompatTables, cuda_key, fmt, load_tables, parse_version
+from kbundle.facts import CompatTables, cuda_key, fmt, load_tables, parse_version
+from kbundle import contract
 from kbundle.errors import KbundleError, UsageError, first_line
 
 OK, WARN, ERROR = "ok", "warn", "error"
@@ -107,10 +108,9 @@ class GpuRequest:
 
 @dataclass(frozen=True)
 class GpuPlan:
-    """What the kernel container gets. `gpus` is empty for CPU; `docker` is the device request."""
+    """What the kernel container gets: `gpus` is empty for CPU, else device ids (or "all")."""
 
     gpus: tuple[str, ...] = ()
-    docker: Optional[dict[str, Any]] = None  # {"count": -1} or {"device_ids": [...]}, capabilities [["gpu"]]
 
     @property
     def on_gpu(self) -> bool:
@@ -207,26 +207,26 @@ def plan_gpus(request: GpuRequest, engine: EngineFacts, nvml: NvmlFacts) -> tupl
                                        f"GPUs found but {engine.describe_gpu_support()}: the kernel runs on CPU; "
                                        f"install the NVIDIA Container Toolkit to use them")]
         gpus = tuple(visible) or ("all",)
-        return GpuPlan(gpus, {"count": -1}), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
+        return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
     if not engine.gpu_capable:
         return GpuPlan(), [Finding(ERROR, "runtime",
                                    f"--gpus {request} needs GPU passthrough but {engine.describe_gpu_support()}: "
                                    f"install the NVIDIA Container Toolkit, or pass --gpus none to run on CPU")]
     if request.mode == "all":
         gpus = tuple(visible) or ("all",)
-        return GpuPlan(gpus, {"count": -1}), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
+        return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
     if request.mode == "count":
         if nvml.available and request.count > len(visible):
             return GpuPlan(), [Finding(ERROR, "runtime", f"--gpus {request.count}: this host has {len(visible)} GPU(s)")]
         gpus = tuple(visible[: request.count]) if visible else tuple(str(i) for i in range(request.count))
-        return GpuPlan(gpus, {"count": request.count}), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
+        return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
     known = set(visible) | {g.uuid for g in nvml.gpus}
     missing = [d for d in request.devices if nvml.available and d not in known]
     if missing:
         return GpuPlan(), [Finding(ERROR, "runtime",
                                    f"--gpus {request}: no GPU {', '.join(missing)} on this host "
                                    f"(GPUs: {', '.join(visible) or 'none'})")]
-    return GpuPlan(request.devices, {"device_ids": list(request.devices)}), [
+    return GpuPlan(request.devices), [
         Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(request.devices)}")]
 
 
@@ -366,7 +366,7 @@ def probe_gpu_run(client, image: str) -> Optional[str]:
     request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
     try:
         container = client.containers.create(image, entrypoint=["true"], device_requests=[request],
-                                             labels={"kbundle.probe": "1"})
+                                             labels={contract.LABEL_PROBE: "1"})
     except docker.errors.APIError as exc:
         return first_line(exc.explanation or exc)
     try:

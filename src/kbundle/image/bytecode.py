@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-FINAL_PREFIX = "/opt/kbundle/env"
+from kbundle import contract
+
 # Above this share of files to compile, one parallel pass over the whole lib/ beats a file list.
 WHOLE_DIR_SHARE = 0.5
 
@@ -80,7 +81,7 @@ def _store(pyc: Path, cached: Path) -> None:
 def _run_compileall(python: Path, target: Path, only: Optional[list[Path]]) -> subprocess.CompletedProcess:
     scrubbed = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     command = [str(python), "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "checked-hash",
-               "-s", str(target), "-p", FINAL_PREFIX]
+               "-s", str(target), "-p", contract.PREFIX]
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
         if only is None:
             command.append(str(target / "lib"))

@@ -11,17 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from kbundle.atomic import write_atomic
+from kbundle.bundle.format import WORK_DIR
 
 STATE_DIR = ".kbundle"
 STATE_FILE = "state.json"
-WORK_PREFIX = "work/"
 
 
 @dataclass(frozen=True)
@@ -67,25 +65,20 @@ def _fresh_name(path: Path, state: dict[str, str], workdir: Path) -> Path:
     raise OSError(f"no free name beside {path}")
 
 
-def place(bundle_path: Path, members: list[str], notebook_member: str, workdir: Path,
-          kernel_name: str, display_name: str) -> Placement:
-    """Extract `members` (under `work/`) into `workdir`, keeping any file the user changed."""
-    from kbundle.bundle import extract_bundle
+def place(bundle, workdir: Path, kernel_name: str, display_name: str) -> Placement:
+    """Write the verified bundle's `work/` members into `workdir`, keeping any file the user changed.
 
+    The notebook's copy names the kernel, so that opening it selects the kernel."""
     workdir.mkdir(parents=True, exist_ok=True)
     workdir = workdir.resolve()
     state = _load_state(workdir)
-    placement = Placement(workdir, workdir / notebook_member[len(WORK_PREFIX):])
+    placement = Placement(workdir, workdir / bundle.notebook[len(WORK_DIR):])
     (workdir / STATE_DIR).mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="extract-", dir=workdir / STATE_DIR) as tmp:
-        # The bundle stage's extractor does the safety checks (paths, links, sizes, hashes).
-        extract_bundle(bundle_path, tmp, members=members)
-        for member in members:
-            rel = member[len(WORK_PREFIX):]
-            data = (Path(tmp) / member).read_bytes()
-            if member == notebook_member:
-                data = with_kernelspec(data, kernel_name, display_name)
-            _place_one(workdir, rel, data, state, placement)
+    for member in bundle.members_under(WORK_DIR):
+        data = bundle.read(member)
+        if member == bundle.notebook:
+            data = with_kernelspec(data, kernel_name, display_name)
+        _place_one(workdir, member[len(WORK_DIR):], data, state, placement)
     write_atomic(workdir / STATE_DIR / STATE_FILE,
                  (json.dumps({"files": state}, indent=1, sort_keys=True) + "\n").encode())
     return placement
@@ -127,7 +120,3 @@ def safe_dirname(name: str) -> str:
 
 def default_workdir(name: str, cwd: Optional[Path] = None) -> Path:
     return (cwd or Path.cwd()) / safe_dirname(name)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

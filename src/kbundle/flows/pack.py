@@ -26,6 +26,7 @@ from kbundle.bundle.format import (
     content_hash,
 )
 from kbundle.errors import UsageError
+from kbundle.names import slug
 from kbundle.pack.records import CudaChoice, RawEnv
 
 MAIL_LIMIT = 20 * 1024 * 1024  # mail servers commonly cap attachments at 20-25 MB
@@ -87,8 +88,7 @@ def bundle_name(options: PackOptions) -> str:
         if not _NAME_OK.match(options.name):
             raise UsageError(f"--name {options.name!r} must be lower case letters, digits, '.', '_' or '-' (at most 63)")
         return options.name
-    stem = re.sub(r"[^a-z0-9_.-]+", "-", options.notebook.stem.lower()).strip("-._") or "notebook"
-    return stem[:63]
+    return slug(options.notebook.stem, limit=63, fallback="notebook")
 
 
 def output_path(options: PackOptions, name: str) -> Path:
@@ -149,10 +149,6 @@ def _original_member(raw: RawEnv, options: PackOptions) -> tuple[str, bytes]:
     return ORIGINAL_DIR + name, raw.source_text.encode()
 
 
-def _label_safe(text: str) -> str:
-    return re.sub(r'["\\$\n\r`]', "_", text)
-
-
 def _check(options: PackOptions) -> None:
     """Cheap checks first, so bad input fails before any slow step."""
     from kbundle.pack.cuda import check_cuda_option
@@ -189,14 +185,14 @@ def _dockerfile(name: str, digest: str, notebook: Path, python: str | None, choi
         kbundle_version=__version__,
         format_version=FORMAT_VERSION,
         content_hash=digest,
-        notebook=_label_safe(notebook.name),
+        notebook=notebook.name,
         python=python,
         cuda=choice.cuda,
         cudnn=choice.cudnn,
         runtime_in_env=choice.runtime_in_env,
         env_libs=choice.env_libs,
         base_image=choice.base_image,
-        base_reason=choice.reason.replace("\n", " "),
+        base_reason=choice.reason,
         require_cuda=choice.require_cuda,
         pip=pip,
     )
@@ -206,7 +202,7 @@ def _dockerfile(name: str, digest: str, notebook: Path, python: str | None, choi
 def pack(options: PackOptions, progress=None) -> PackResult:
     """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
     from kbundle.bundle.writer import write_bundle
-    from kbundle.pack.lock import channel_urls, lock
+    from kbundle.pack.lock import channel_urls, lock, target
     from kbundle.pack.normalise import environment_yml
 
     _check(options)
@@ -246,7 +242,7 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         variants=env.variants,
         locked=result.locked,
         lock=LOCK if result.locked else None,
-        lock_virtual_packages=list(result.virtual_packages),
+        virtual_packages=target(choice),
         lock_note=result.note,
         original_environment=original_path,
         source={"kind": raw.source_kind, "env_name": raw.name, "platform": env.source_platform},

@@ -1,7 +1,7 @@
-"""`kbundle gc`: list what dead kernels and unused bundles left behind, and remove it.
+"""`kbundle kernels list|remove` and `kbundle gc`: the kernels kbundle registered, and what they leave.
 
-Listing goes to stdout (or one JSON object with `--json`); the question and progress go
-to stderr. Without `--yes` it asks, and refuses to guess when stdin is not a terminal.
+Listings go to stdout (or one JSON object with `--json`); questions and progress go to
+stderr. Without `--yes`, gc asks, and refuses to guess when stdin is not a terminal.
 """
 
 from __future__ import annotations
@@ -11,10 +11,39 @@ import sys
 
 import typer
 
-from kbundle.app import app
+kernels_app = typer.Typer(help="List or remove the kernels kbundle registered.", no_args_is_help=True)
 
 
-@app.command()
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+@kernels_app.command("list")
+def kernels_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """The kernels kbundle registered, with their images and working directories."""
+    from kbundle.kernel.spec import list_kernelspecs
+
+    records = list_kernelspecs()
+    if as_json:
+        _print_json([r.to_dict() for r in records])
+        return
+    if not records:
+        typer.echo("no kbundle kernels (register one with `kbundle run BUNDLE`)")
+        return
+    for r in records:
+        where = ",".join(r.gpus) if r.gpus else "cpu"
+        typer.echo(f"{r.name}\t{r.image}\t{where}\t{r.workdir}")
+
+
+@kernels_app.command("remove")
+def kernels_remove(name: str = typer.Argument(..., help="The kernel's name, as `kbundle kernels list` shows it.")) -> None:
+    """Unregister one of kbundle's kernels (its image stays until `kbundle gc`)."""
+    from kbundle.kernel.spec import remove_kernelspec
+
+    path = remove_kernelspec(name)
+    typer.echo(f"removed kernel {name} ({path})")
+
+
 def gc(
     yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),

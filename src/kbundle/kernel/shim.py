@@ -1,0 +1,55 @@
+"""The few lines of Python that run first inside a kernel container, with the env's interpreter.
+
+They read the connection info (with its HMAC key) from stdin, never from argv, environment
+or mounts that `docker inspect` would show; write it to a 0600 file inside the container;
+end the kernel when stdin reaches EOF (the launcher is gone, even by SIGKILL); and run
+ipykernel in this very process, so that the signal tini forwards reaches it.
+"""
+
+# Runs inside the container with the env's python. It must work on old interpreters too
+# (no f-strings), holds no secret, and keeps the kernel in this very process so that the
+# signal tini forwards reaches ipykernel itself.
+SHIM = """\
+import os, sys, tempfile, threading
+def _line():
+    data = b''
+    while not data.endswith(b'\\n'):
+        chunk = os.read(0, 65536)
+        if not chunk:
+            sys.stderr.write('kbundle-kernel: no connection info on stdin\\n')
+            os._exit(3)
+        data += chunk
+    return data
+_info = _line()
+_fd, _path = tempfile.mkstemp(prefix='kbundle-kernel-', suffix='.json')
+os.write(_fd, _info)
+os.close(_fd)
+del _info
+def _watch():
+    while os.read(0, 65536):
+        pass
+    os._exit(0)
+_t = threading.Thread(target=_watch)
+_t.daemon = True
+_t.start()
+if sys.path and sys.path[0] == '':
+    del sys.path[0]
+_pc = os.environ.get('KBUNDLE_PYCACHE')
+if _pc:
+    # An environment installed without .pyc files (rattler does not compile) would be
+    # compiled again at every start: keep the bytecode in kbundle's cache instead.
+    try:
+        import importlib.util
+        _s = importlib.util.find_spec('ipykernel')
+        if _s and _s.origin and not os.path.isdir(os.path.join(os.path.dirname(_s.origin), '__pycache__')):
+            sys.pycache_prefix = _pc
+    except Exception:
+        pass
+try:
+    from ipykernel import kernelapp
+except ImportError as exc:
+    sys.stderr.write('kbundle-kernel: ipykernel is missing from the image environment: %s\\n' % exc)
+    os._exit(4)
+# parent_handle=1: no parent poller (tini is our parent) and no `ipython kernel` banner.
+kernelapp.launch_new_instance(argv=['-f', _path, '--IPKernelApp.parent_handle=1'])
+"""
