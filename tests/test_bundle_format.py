@@ -118,6 +118,27 @@ def test_same_size_modification_is_detected(bundle, tmp_path):
         open_bundle(bad)
 
 
+def test_member_changed_with_a_resealed_manifest_breaks_the_content_hash(tmp_path):
+    """A tamperer who updates the manifest's per-file sha256 and size still cannot keep the
+    content hash (which names the bundle's image and kernel) in step without redoing it."""
+    members = _members()
+    manifest = _manifest(members)  # content_hash over the original members
+    changed = {**members, "env/environment.yml": b"dependencies: [python=3.11, ipykernel, evil]\n"}
+    path = tmp_path / "resealed.kbundle"
+    write_bundle(path, manifest, changed)  # files[] now match the changed bytes exactly
+    with pytest.raises(BundleError, match="content hash"):
+        open_bundle(path)
+
+
+def test_content_hash_ignores_only_the_manifest_and_dockerfile():
+    members = _members()
+    base = content_hash(members)
+    assert content_hash({**members, "Dockerfile": b"FROM other\n", MANIFEST: b"{}"}) == base
+    for name in ("work/nb.ipynb", "env/environment.yml", "env/original/environment.yml"):
+        assert content_hash({**members, name: members[name] + b" "}) != base, name
+    assert content_hash({**members, "work/extra.txt": b""}) != base
+
+
 def test_truncated_archive_is_detected(bundle, tmp_path):
     data = bundle.read_bytes()
     for cut in (len(data) // 2, len(data) - 30):

@@ -96,13 +96,13 @@ def _notebook(cells: list[tuple[str, str, list]]) -> dict:
 
 @pytest.fixture
 def kernel(env_image, monkeypatch):
-    from kbundle.kernel.spec import install_kernelspec
+    from kbundle.kernel.spec import KernelRequest, install_kernelspec
 
     data = tempfile.mkdtemp(prefix="kbundle-test-jupyter-")
     work = Path(tempfile.mkdtemp(prefix="kbundle-test-work-"))
     monkeypatch.setenv("JUPYTER_DATA_DIR", data)
     monkeypatch.setenv("JUPYTER_PATH", data)
-    install_kernelspec("kbundle-exec", "exec", env_image, str(work), [], "sha256:exec")
+    install_kernelspec(KernelRequest("kbundle-exec", "exec", env_image, str(work), [], "sha256:exec"))
     yield "kbundle-exec", work
     shutil.rmtree(data, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)

@@ -93,7 +93,7 @@ def test_real_jupyterlab_serves_the_workdir_with_the_kernel_as_default(work, tmp
     import time
     import urllib.request
 
-    from kbundle.kernel.spec import install_kernelspec
+    from kbundle.kernel.spec import KernelRequest, install_kernelspec
 
     monkeypatch.setenv("PATH", f"{jupyterlab_bin}{os.pathsep}{os.environ['PATH']}")
     assert lab.find_jupyterlab() == [str(jupyterlab_bin / "jupyter-lab")]
@@ -103,7 +103,7 @@ def test_real_jupyterlab_serves_the_workdir_with_the_kernel_as_default(work, tmp
     monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("BROWSER", "true")  # no browser on a CI machine: the "open" is a no-op
-    install_kernelspec("kbundle-demo", "demo (kbundle)", "kbundle-test/none:latest", str(workdir), [], "0" * 64)
+    install_kernelspec(KernelRequest("kbundle-demo", "demo (kbundle)", "kbundle-test/none:latest", str(workdir), [], "0" * 64))
     port, token = _free_port(), "kbundle-test-token"
     monkeypatch.setenv("JUPYTER_PORT", str(port))
     monkeypatch.setenv("JUPYTER_TOKEN", token)

@@ -14,6 +14,7 @@ from kbundle import contract
 from kbundle.kernel import launcher as L
 from kbundle.kernel.labels import process_start
 from kbundle.kernel.spec import (
+    KernelRequest,
     build_spec,
     install_kernelspec,
     launcher_path,
@@ -33,8 +34,8 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 def test_install_writes_a_user_spec_jupyter_client_finds(data_dir, tmp_path):
     from jupyter_client.kernelspec import KernelSpecManager
 
-    path = install_kernelspec("kbundle-demo", "demo", "kbundle/demo:abc", str(tmp_path), ["0", "1"], "sha256:42",
-                              extra_metadata={"cuda": "12.1"})
+    path = install_kernelspec(KernelRequest("kbundle-demo", "demo", "kbundle/demo:abc", str(tmp_path), ["0", "1"],
+                                            "sha256:42", extra_metadata={"cuda": "12.1"}))
     assert path == data_dir / "kernels" / "kbundle-demo"
     spec = KernelSpecManager().get_kernel_spec("kbundle-demo")
     assert spec.display_name == "demo (kbundle)"
@@ -49,12 +50,12 @@ def test_install_writes_a_user_spec_jupyter_client_finds(data_dir, tmp_path):
 
 
 def test_display_name_is_not_suffixed_twice(tmp_path):
-    spec = build_spec("k", "demo (kbundle)", "img", str(tmp_path), [], "h", launcher=Path("/x/kbundle-kernel"))
+    spec = build_spec(KernelRequest("k", "demo (kbundle)", "img", str(tmp_path), [], "h"), launcher=Path("/x/kbundle-kernel"))
     assert spec["display_name"] == "demo (kbundle)"
 
 
 def test_list_shows_only_kbundle_kernels_across_jupyter_path(data_dir, tmp_path):
-    install_kernelspec("kbundle-b", "b", "img:b", str(tmp_path), [], "hb")
+    install_kernelspec(KernelRequest("kbundle-b", "b", "img:b", str(tmp_path), [], "hb"))
     other = tmp_path / "extra" / "kernels" / "plain"
     other.mkdir(parents=True)
     (other / "kernel.json").write_text(json.dumps({"argv": ["python", "-m", "ipykernel_launcher", "-f",
@@ -62,7 +63,7 @@ def test_list_shows_only_kbundle_kernels_across_jupyter_path(data_dir, tmp_path)
                                                    "language": "python"}))
     extra = tmp_path / "extra" / "kernels" / "kbundle-a"
     extra.mkdir(parents=True)
-    spec = build_spec("kbundle-a", "a", "img:a", str(tmp_path), ["all"], "ha")
+    spec = build_spec(KernelRequest("kbundle-a", "a", "img:a", str(tmp_path), ["all"], "ha"))
     (extra / "kernel.json").write_text(json.dumps(spec))
     records = list_kernelspecs()
     assert [(r.name, r.image, r.gpus) for r in records] == [("kbundle-a", "img:a", ["all"]), ("kbundle-b", "img:b", [])]
@@ -70,7 +71,7 @@ def test_list_shows_only_kbundle_kernels_across_jupyter_path(data_dir, tmp_path)
 
 
 def test_remove_only_kbundle_kernels(data_dir, tmp_path):
-    path = install_kernelspec("kbundle-gone", "gone", "img", str(tmp_path), [], "h")
+    path = install_kernelspec(KernelRequest("kbundle-gone", "gone", "img", str(tmp_path), [], "h"))
     assert remove_kernelspec("kbundle-gone") == path and not path.exists()
     with pytest.raises(KbundleError, match="no kbundle kernel named 'kbundle-gone'"):
         remove_kernelspec("kbundle-gone")
@@ -88,24 +89,24 @@ def test_never_overwrites_a_kernel_kbundle_did_not_install(data_dir, tmp_path):
     original = json.dumps({"argv": ["python"], "display_name": "Mine", "language": "python"})
     (plain / "kernel.json").write_text(original)
     with pytest.raises(KbundleError, match="did not install"):
-        install_kernelspec("mine", "x", "img", str(tmp_path), [], "h")
+        install_kernelspec(KernelRequest("mine", "x", "img", str(tmp_path), [], "h"))
     assert (plain / "kernel.json").read_text() == original
 
 
 def test_reinstall_replaces_kbundle_spec(data_dir, tmp_path):
-    install_kernelspec("kbundle-r", "r", "img:1", str(tmp_path), [], "h1")
-    install_kernelspec("kbundle-r", "r", "img:2", str(tmp_path), [], "h2")
+    install_kernelspec(KernelRequest("kbundle-r", "r", "img:1", str(tmp_path), [], "h1"))
+    install_kernelspec(KernelRequest("kbundle-r", "r", "img:2", str(tmp_path), [], "h2"))
     assert [(r.image, r.bundle_hash) for r in list_kernelspecs()] == [("img:2", "h2")]
 
 
 @pytest.mark.parametrize("name", ["", "Upper", "has space", "../up", "-dash", "a/b"])
 def test_bad_names_are_usage_errors(data_dir, tmp_path, name):
     with pytest.raises(UsageError):
-        install_kernelspec(name, "x", "img", str(tmp_path), [], "h")
+        install_kernelspec(KernelRequest(name, "x", "img", str(tmp_path), [], "h"))
 
 
 def test_vscode_accepts_kbundle_spec(data_dir, tmp_path):
-    path = install_kernelspec("kbundle-vs", "vs", "img", str(tmp_path), [], "h")
+    path = install_kernelspec(KernelRequest("kbundle-vs", "vs", "img", str(tmp_path), [], "h"))
     assert vscode_problems(json.loads((path / "kernel.json").read_text())) == []
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kbundle import facts
 from kbundle.errors import UsageError
-from kbundle.pack.cuda import apply_added, choose, evidence
+from kbundle.facts import Version
+from kbundle.pack.cuda import Evidence, _covers, apply_added, choose, evidence
 from kbundle.pack.envfile import read_env_file
 from kbundle.pack.normalise import normalise
 from kbundle.resources import data_dir
@@ -35,10 +37,73 @@ def _choose(tmp_path, deps="", pip="", **kw):
     return choice, env
 
 
-@pytest.mark.parametrize("name", ["frameworks.yaml", "base_tags.yaml", "normalise.yaml"])
+@pytest.mark.parametrize("name", ["frameworks.yaml", "base_tags.yaml", "normalise.yaml", "cuda_drivers.yaml", "gpu_arch.yaml"])
 def test_every_table_names_its_source(name):
     table = yaml.safe_load((data_dir() / name).read_text())
     assert table["source"].strip()
+
+
+def test_every_table_loads_typed():
+    assert facts.frameworks().tensorflow.build_for(Version.parse("2.3.1")).cuda == Version.parse("10.1")
+    assert str(facts.base_tags().cpu_glibc) == "2.36"
+    assert "pkgs/msys2" in facts.normalise_facts().platform_channels
+    assert str(facts.load_tables().min_driver("11.8")[1]) == "520.61.05"
+
+
+def _table(name: str) -> dict:
+    return yaml.safe_load((data_dir() / f"{name}.yaml").read_text())
+
+
+def _broken(name: str, change) -> str:
+    data = _table(name)
+    change(data)
+    loader = {"frameworks": facts.frameworks_from, "base_tags": facts.base_tags_from,
+              "normalise": facts.normalise_facts_from}[name]
+    with pytest.raises(facts.DataError) as caught:
+        loader(data)
+    return str(caught.value)
+
+
+def test_a_broken_table_names_its_file_and_key_at_load_time():
+    message = _broken("frameworks", lambda d: d["tensorflow"]["builds"]["2.3"].pop("cuda"))
+    assert "frameworks.yaml" in message and 'tensorflow.builds["2.3"].cuda is missing' in message
+    message = _broken("frameworks", lambda d: d["torch"]["builds"].update({"2.10": 2.1}))
+    assert 'torch.builds["2.10"] must be a list' in message
+    message = _broken("base_tags", lambda d: d["live"]["12.4"].update(os="ubuntu99.04"))
+    assert "base_tags.yaml" in message and 'live["12.4"].os' in message and "ubuntu99.04" in message
+    message = _broken("base_tags", lambda d: d["deleted"].update({10.3: "x"}))  # unquoted: a float
+    assert "quoted" in message
+    message = _broken("normalise", lambda d: d.pop("source"))
+    assert "normalise.yaml" in message and "source is missing" in message
+
+
+@pytest.mark.parametrize("text, parts, shown", [
+    ("11.8", (11, 8), "11.8"),
+    ("520.61.05", (520, 61, 5), "520.61.05"),  # a driver: numbers compare, the text is kept for messages
+    ("2.0.1+cu118", (2, 0, 1), "2.0.1+cu118"),
+    ("11.8.*", (11, 8), "11.8.*"),  # conda's glob: not PEP 440, read up to the glob
+    ("1.0_1", (1, 0), "1.0_1"),
+])
+def test_version_parse(text, parts, shown):
+    version = Version.parse(text)
+    assert version.parts == parts and str(version) == shown
+
+
+def test_versions_order_numerically():
+    assert Version.parse("11.8") < Version.parse("11.10")
+    assert Version.parse("12.4.127").major_minor == Version.parse("12.4")
+    assert str(Version.parse("12.4.127").major_minor) == "12.4"
+    assert Version.parse("2.3.1").starts_with(Version.parse("2.3"))
+    assert not Version.parse("2.30").starts_with(Version.parse("2.3"))
+    assert Version.lenient("abc") is None and Version.lenient(None) is None
+    with pytest.raises(ValueError):
+        Version.parse("abc")
+
+
+def test_glibc_comes_from_the_os_an_image_names():
+    assert facts.glibc_for("nvidia/cuda:12.4.1-base-ubuntu22.04") == "2.35"
+    assert facts.glibc_for("debian:bookworm-slim") == "2.36"  # a codename, from os_aliases
+    assert facts.glibc_for("registry.local/custom:latest") == "2.28"  # unknown: an old glibc
 
 
 def test_example_keeps_its_own_cuda_runtime_on_a_live_base():
@@ -62,7 +127,8 @@ def test_deleted_native_tag_makes_the_env_carry_the_runtime(tmp_path):
     assert "deleted" in choice.reason
     assert choice.base_image not in DELETED and "10.1" not in choice.base_image
     apply_added(env, choice)
-    assert "cudatoolkit=10.1" in env.dependencies and "cudnn=7.6" in env.dependencies
+    deps = [d.text for d in env.dependencies]
+    assert "cudatoolkit=10.1" in deps and "cudnn=7.6" in deps
 
 
 def test_live_native_tag_is_used_when_the_env_needs_cuda_from_the_image(tmp_path):
@@ -144,12 +210,8 @@ def test_base_image_override_keeps_the_cuda_decision(tmp_path):
 
 def test_every_chosen_tag_is_a_live_one():
     live = {v["release"] for v in TAGS["live"].values()}
-    tf = yaml.safe_load((data_dir() / "frameworks.yaml").read_text())["tensorflow"]["builds"]
-    for version in tf:
-        from kbundle.pack.cuda import Evidence
-
-        need = tf[version]
-        choice = choose([Evidence(f"tensorflow=={version}.0", "pip", need["cuda"], need["cudnn"])])
+    for version, need in facts.frameworks().tensorflow.builds.items():
+        choice = choose([Evidence(f"tensorflow=={version}.0", "pip", need.cuda, need.cudnn)])
         tag = choice.base_image.split(":", 1)[1]
         assert tag.split("-")[0] in live, (version, choice.base_image)
         assert choice.base_image not in DELETED
@@ -167,3 +229,46 @@ def test_base_image_named_for_a_deleted_cuda_adds_nothing(tmp_path):
     choice, _ = _choose(tmp_path, pip="    - tensorflow==2.3.1\n", base_image="my.registry/cuda:10.1-cudnn7")
     assert choice.base_image == "my.registry/cuda:10.1-cudnn7"
     assert choice.cuda == "10.1" and not choice.added
+
+
+# runtime in the env, CUDA a framework was built for -> does the runtime serve it?
+COVERS_CASES = [
+    ("11.8", "11.2", True),  # CUDA >= 11: minor version compatibility, a newer minor serves an older one
+    ("11.8", "11.8", True),
+    ("12.4", "12.1", True),
+    ("11.2", "11.8", False),  # never an older minor for a newer one
+    ("12.1", "12.4", False),
+    ("12.4", "11.8", False),  # never across majors
+    ("11.8", "12.1", False),
+    ("10.1", "10.1", True),  # before 11: only the same major.minor
+    ("10.1", "10.0", False),
+    ("10.0", "10.1", False),
+    ("9.2", "9.0", False),
+]
+
+
+@pytest.mark.parametrize("runtime, needed, covers", COVERS_CASES)
+def test_runtime_covers_rule(runtime, needed, covers):
+    assert _covers(Version.parse(runtime), Version.parse(needed)) is covers
+
+
+# conda runtime packages + a pip framework -> carried (no runtime added) or not, and what is added
+CARRIED_CASES = [
+    # cudatoolkit 11.8 serves tensorflow 2.5 (CUDA 11.2): the env carries it, nothing is added
+    ("  - cudatoolkit=11.8\n  - cudnn=8.9\n", "tensorflow==2.5.0", "11.2", True, set()),
+    # cudatoolkit 10.1 does not serve tensorflow-gpu 1.15 (CUDA 10.0): a 10.0 runtime is added
+    ("  - cudatoolkit=10.1\n  - cudnn=7.6\n", "tensorflow-gpu==1.15.0", "10.0", True, {"cudatoolkit=10.0", "cudnn=7.4"}),
+    # cudatoolkit 11.2 does not serve tensorflow 2.12 (CUDA 11.8): the live 11.8 image brings it
+    ("  - cudatoolkit=11.2\n  - cudnn=8.1\n", "tensorflow==2.12.0", "11.8", False, set()),
+    # across majors: cudatoolkit 11.8 does not serve tensorflow 2.15 (CUDA 12.2)
+    ("  - cudatoolkit=11.8\n  - cudnn=8.9\n", "tensorflow==2.15.0", "12.2", False, set()),
+]
+
+
+@pytest.mark.parametrize("deps, pin, cuda, in_env, added", CARRIED_CASES)
+def test_choice_follows_the_covers_rule(tmp_path, deps, pin, cuda, in_env, added):
+    choice, _ = _choose(tmp_path, deps, f"    - {pin}\n")
+    assert choice.cuda == cuda
+    assert choice.runtime_in_env is in_env
+    assert {a.spec for a in choice.added} == added
+    assert ("carries its own CUDA runtime" in choice.reason) is (in_env and not added)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from kbundle.image.context import write_static
+
 sys.path.insert(0, str(Path(__file__).parent))
 import world as world_module  # noqa: E402
 from test_pack_cli import kbundle, notebook  # noqa: E402
@@ -63,7 +65,7 @@ def built(world, docker_client, tmp_path_factory):
     _wheel(ctx / "pip/wheels")
     (ctx / "pip/requirements.txt").write_text("\n".join(manifest["pip"]) + "\n")
     with zipfile.ZipFile(out) as zf:
-        (ctx / "Dockerfile").write_bytes(zf.read("Dockerfile"))
+        write_static(ctx, zf.read("Dockerfile").decode())  # Dockerfile + activation script, as run writes them
         (ctx / "work").mkdir()
         (ctx / "work/image-test.ipynb").write_bytes(zf.read("work/image-test.ipynb"))
 

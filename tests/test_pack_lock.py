@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kbundle.errors import KbundleError
+from kbundle.specs import parse_conda_spec
 from kbundle.pack.lock import channel_urls, lock, unreachable
 from kbundle.pack.records import CudaChoice, NormalisedEnv
 
@@ -48,7 +49,8 @@ def file_channel(tmp_path_factory) -> str:
 
 
 def _env(channel: str, *deps: str) -> NormalisedEnv:
-    return NormalisedEnv(channels=[channel], dependencies=["python=3.11", "ipykernel", *deps], pip=[], python="3.11")
+    specs = [parse_conda_spec(d) for d in ("python=3.11", "ipykernel", *deps)]
+    return NormalisedEnv(channels=[channel], dependencies=specs, pip=[], python="3.11")
 
 
 def _cpu() -> CudaChoice:

@@ -153,6 +153,12 @@ def test_base_image_override_needs_a_from_line():
         imagemod.with_base_image("RUN true\n", "x")
 
 
+def parse_pip_line(text: str):
+    from kbundle.specs import parse_pip_line as parse  # the one pip parser, which fetch uses
+
+    return parse(text)
+
+
 def test_wheel_cache_matches_only_the_target_platform(tmp_path):
     tags = wheels.target_tags("3.11")
     for name in ("numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
@@ -161,19 +167,19 @@ def test_wheel_cache_matches_only_the_target_platform(tmp_path):
                  "numpy-1.26.4-cp311-cp311-manylinux_2_28_x86_64.whl",
                  "tabulate-0.9.0-py3-none-any.whl"):
         (tmp_path / name).write_bytes(b"")
-    found = wheels.find_cached("numpy==1.26.4", tmp_path, tags)
+    found = wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, tags)
     assert found.name.startswith("numpy-1.26.4-cp311-cp311-manylinux_2_17")
-    assert wheels.find_cached("tabulate==0.9.0", tmp_path, tags).name == "tabulate-0.9.0-py3-none-any.whl"
-    assert wheels.find_cached("tabulate==0.8.0", tmp_path, tags) is None
-    assert wheels.find_cached("tabulate>=0.9", tmp_path, tags) is None  # not an exact pin: ask pip
-    assert wheels.find_cached("numpy==1.26.4", tmp_path, wheels.target_tags("3.10")) is None
+    assert wheels.find_cached(parse_pip_line("Tabulate==0.9.0"), tmp_path, tags).name == "tabulate-0.9.0-py3-none-any.whl"
+    assert wheels.find_cached(parse_pip_line("tabulate==0.8.0"), tmp_path, tags) is None
+    assert wheels.find_cached(parse_pip_line("tabulate>=0.9"), tmp_path, tags) is None  # not an exact pin: ask pip
+    assert wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, wheels.target_tags("3.10")) is None
 
 
 def test_wheel_context_layout(tmp_path):
     wheel = tmp_path / "tabulate-0.9.0-py3-none-any.whl"
     wheel.write_bytes(b"zip")
     ctx = tmp_path / "ctx"
-    wheels.write_context(wheels.WheelSet(("tabulate==0.9.0",), (wheel,), 0), ctx)
+    wheels.write_context(wheels.WheelSet((parse_pip_line("tabulate==0.9.0"),), (wheel,), 0), ctx)
     assert (ctx / "pip" / "requirements.txt").read_text() == "tabulate==0.9.0\n"
     assert (ctx / "pip" / "wheels" / wheel.name).read_bytes() == b"zip"
 
@@ -203,7 +209,8 @@ def test_default_workdir_is_one_component_under_cwd(tmp_path, name, expected):
 
 
 @pytest.mark.parametrize("pin", ["--index-url=http://evil.example/simple", "-r /etc/passwd", "tabulate>=0.9",
-                                 "tabulate @ https://evil.example/t.whl", "tabulate"])
+                                 "tabulate @ https://evil.example/t.whl", "tabulate", "tabulate==0.9.*",
+                                 "-e ./src", "git+https://evil.example/t.git", "tabulate==0.9.0\n--index-url=x"])
 def test_pip_pins_are_exact_or_refused(pin, tmp_path, monkeypatch):
     monkeypatch.setenv("KBUNDLE_CACHE_DIR", str(tmp_path))
     with pytest.raises(KbundleError, match="exact pin"):

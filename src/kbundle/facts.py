@@ -1,140 +1,565 @@
-"""Every compatibility table (kbundle/data/*.yaml, each naming its source), and version helpers."""
+"""Every compatibility table (kbundle/data/*.yaml, each naming its sources) as typed, read-only records,
+and the one Version type they are written in.
+
+Each table is validated when it is first loaded and then cached: a missing or mistyped key is one
+`DataError` naming the file and the key, never a KeyError deep inside the CUDA choice on a user's machine.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Optional
+from types import MappingProxyType
+from typing import Any, NoReturn, Optional, TypeVar
 
+from packaging.version import InvalidVersion
+from packaging.version import Version as _Pep440
+
+from kbundle.errors import KbundleError
 from kbundle.resources import load_data
 
-
-def frameworks() -> dict[str, Any]:
-    return load_data("frameworks")
+T = TypeVar("T")
 
 
-def base_tags() -> dict[str, Any]:
-    return load_data("base_tags")
+# ---------------------------------------------------------------- the one Version type
 
 
-def normalise_facts() -> dict[str, Any]:
-    return load_data("normalise")
+@dataclass(frozen=True, order=True)
+class Version:
+    """A dotted version, ordered by its numbers ('11.8' < '11.10'), printed as it was written.
+
+    Only the release numbers count: '2.0.1+cu118' equals '2.0.1', and a driver's '520.61.05'
+    compares as (520, 61, 5) but still prints as '520.61.05' in messages."""
+
+    parts: tuple[int, ...]
+    text: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError("a version needs at least one number")
+
+    @classmethod
+    def parse(cls, text: object) -> Version:
+        """PEP 440 where it applies (packaging); else the leading numbers ('11.8.*', '1.0_1')."""
+        text = str(text).strip()
+        try:
+            parts = _Pep440(text).release
+        except InvalidVersion:
+            parts = _leading_numbers(text)
+        if not parts:
+            raise ValueError(f"not a version: {text!r}")
+        return cls(tuple(parts), text)
+
+    @classmethod
+    def lenient(cls, text: Optional[str]) -> Optional[Version]:
+        """`parse` for versions read from a user's environment: None instead of an error."""
+        if not text:
+            return None
+        try:
+            return cls.parse(text)
+        except ValueError:
+            return None
+
+    @property
+    def major(self) -> int:
+        return self.parts[0]
+
+    @property
+    def minor(self) -> int:
+        return self.parts[1] if len(self.parts) > 1 else 0
+
+    @property
+    def major_minor(self) -> Version:
+        """The grain of the CUDA tables: '12.4.127' -> 12.4, '11' -> 11.0."""
+        return Version((self.major, self.minor))
+
+    def starts_with(self, prefix: Version) -> bool:
+        """'2.3.1' starts with '2.3' (and not with '2.30'): how framework tables are keyed."""
+        return self.parts[: len(prefix.parts)] == prefix.parts
+
+    def __str__(self) -> str:
+        return self.text or ".".join(str(p) for p in self.parts)
 
 
-def version_key(version: str) -> tuple[int, ...]:
-    """'11.8' -> (11, 8); non-numeric parts count as 0, so odd strings still sort."""
-    parts = []
-    for part in version.split("."):
-        digits = "".join(ch for ch in part if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
-def major_minor(version: str | None) -> str | None:
-    if not version:
-        return None
-    parts = version.split(".")
-    digits = [p for p in parts[:2] if p.isdigit()]
-    if len(digits) == 2:
-        return ".".join(digits)
-    return digits[0] if digits else None
-
-
-def lookup_prefix(table: dict[str, Any], version: str | None) -> Any:
-    """The entry whose key is the longest dotted prefix of `version` ('2.3' for 2.3.1)."""
-    if not version:
-        return None
-    best = None
-    for key in table:
-        if version == key or version.startswith(key + "."):
-            if best is None or len(key) > len(best):
-                best = key
-    return table[best] if best is not None else None
-
-
-def glibc_for(image: str) -> str:
-    """The glibc of a base image, from the OS its tag names (data/base_tags.yaml)."""
-    tags = base_tags()
-    for os_name, glibc in tags["glibc"].items():
-        if os_name in image:
-            return glibc
-    if "bookworm" in image:
-        return tags["glibc"]["debian12"]
-    return tags["glibc_unknown"]
-
-
-Version = tuple[int, ...]
-
-
-def parse_version(text: str) -> Version:
-    """'520.61.05' → (520, 61, 5); '11.8' → (11, 8). Non-numeric tails are ignored."""
+def _leading_numbers(text: str) -> tuple[int, ...]:
+    """The dotted numbers a non-PEP 440 version starts with; stops at the first piece that is not one."""
     parts: list[int] = []
-    for piece in str(text).strip().split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
+    for piece in text.split("."):
+        digits = piece[: len(piece) - len(piece.lstrip("0123456789"))]
         if not digits:
             break
         parts.append(int(digits))
-    if not parts:
-        raise ValueError(f"not a version: {text!r}")
+        if digits != piece:
+            break
     return tuple(parts)
 
 
-def cuda_key(text: str) -> Version:
-    """A CUDA version reduced to major.minor, the grain of the tables."""
-    v = parse_version(text)
-    return (v[0], v[1] if len(v) > 1 else 0)
+def longest_prefix(table: Mapping[Version, T], version: Optional[Version]) -> Optional[T]:
+    """The entry whose key is the longest prefix of `version` ('2.3' for 2.3.1)."""
+    if version is None:
+        return None
+    keys = [k for k in table if version.starts_with(k)]
+    return table[max(keys, key=lambda k: len(k.parts))] if keys else None
+
+
+# ---------------------------------------------------------------- reading a table, with clear errors
+
+
+class DataError(KbundleError):
+    """A shipped data table is broken (a missing key, a wrong type): an installation problem."""
+
+
+@dataclass(frozen=True)
+class _Node:
+    """One value in a data file, with its path there, so that every complaint can name both."""
+
+    file: str
+    path: str
+    value: Any
+
+    def fail(self, problem: str) -> NoReturn:
+        raise DataError(f"kbundle's data file {self.file} is broken: {self.path or 'the top level'} {problem}")
+
+    def _child(self, key: object, value: Any) -> _Node:
+        # `builds["2.3"].cuda`, `pip[0].pattern`: keys with dots stay readable.
+        if isinstance(key, int):
+            part = f"[{key}]"
+        elif str(key).isidentifier():
+            part = f".{key}" if self.path else str(key)
+        else:
+            part = f'["{key}"]'
+        return _Node(self.file, self.path + part, value)
+
+    def _typed(self, kind: type, what: str) -> Any:
+        if not isinstance(self.value, kind) or isinstance(self.value, bool) and kind is not bool:
+            self.fail(f"must be {what}, not {type(self.value).__name__} {self.value!r}")
+        return self.value
+
+    def __getitem__(self, key: str) -> _Node:
+        table = self._typed(dict, "a mapping")
+        if key not in table:
+            self._child(key, None).fail("is missing")
+        return self._child(key, table[key])
+
+    def items(self) -> list[tuple[str, _Node]]:
+        table = self._typed(dict, "a mapping")
+        for key in table:
+            if not isinstance(key, str):
+                # An unquoted 11.10 would be read as the float 11.1: keys must be quoted.
+                self._child(key, None).fail("must be a quoted string key")
+        return [(key, self._child(key, value)) for key, value in table.items()]
+
+    def version_items(self) -> list[tuple[Version, _Node]]:
+        return [(_key_version(node, key), node) for key, node in self.items()]
+
+    def seq(self) -> list[_Node]:
+        return [self._child(i, v) for i, v in enumerate(self._typed(list, "a list"))]
+
+    def text(self) -> str:
+        value = self._typed(str, "a string")
+        if not value.strip():
+            self.fail("is empty")
+        return value
+
+    def texts(self) -> tuple[str, ...]:
+        return tuple(node.text() for node in self.seq())
+
+    def flag(self) -> bool:
+        return self._typed(bool, "true or false")
+
+    def version(self) -> Version:
+        text = self.text()
+        try:
+            return Version.parse(text)
+        except ValueError:
+            self.fail(f"is not a version: {text!r}")
+
+
+def _key_version(node: _Node, key: str) -> Version:
+    try:
+        return Version.parse(key)
+    except ValueError:
+        node.fail("is not keyed by a version")
+
+
+def _frozen(mapping: dict) -> Mapping:
+    # Tables are cached and shared: nobody may change one under another's feet.
+    return MappingProxyType(mapping)
+
+
+def _open(name: str, data: Any) -> _Node:
+    """A file's root node; every file must name its sources."""
+    root = _Node(f"{name}.yaml", "", data)
+    root["source"].text()
+    return root
+
+
+# ---------------------------------------------------------------- frameworks.yaml
+
+
+@dataclass(frozen=True)
+class PackageNames:
+    conda: frozenset[str]
+    pip: frozenset[str]
+
+    def of(self, source: str) -> frozenset[str]:
+        """The names on one side: source is 'conda' or 'pip'."""
+        return self.conda if source == "conda" else self.pip
+
+
+@dataclass(frozen=True)
+class TfBuild:
+    cuda: Version
+    cudnn: Version
+
+
+@dataclass(frozen=True)
+class TensorFlow:
+    names: PackageNames
+    builds: Mapping[Version, TfBuild]  # tested build configurations, by TF major.minor
+    cpu_names: frozenset[str]
+    gpu_in_plain_package_from: Version
+
+    def build_for(self, version: Optional[Version]) -> Optional[TfBuild]:
+        return longest_prefix(self.builds, version)
+
+
+@dataclass(frozen=True)
+class Torch:
+    names: PackageNames
+    carries_runtime: bool
+    builds: Mapping[Version, tuple[Version, ...]]  # CUDA builds of a release, PyPI's default first
+
+    def cudas_for(self, version: Optional[Version]) -> tuple[Version, ...]:
+        return longest_prefix(self.builds, version) or ()
+
+
+@dataclass(frozen=True)
+class Jax:
+    names: PackageNames
+    plugins: Mapping[str, Version]  # plug-in wheel -> the CUDA it pulls
+
+
+@dataclass(frozen=True)
+class Cupy:
+    major_defaults: Mapping[int, Version]  # CUDA major -> the version assumed for a major-only wheel
+
+
+@dataclass(frozen=True)
+class PipRuntime:
+    pattern: re.Pattern[str]  # on the canonical distribution name
+    gives: str  # cuda | cudnn
+
+
+@dataclass(frozen=True)
+class RuntimePackages:
+    conda: Mapping[str, str]  # conda name -> cuda | cudnn
+    pip: tuple[PipRuntime, ...]
+
+    def gives(self, name: str, source: str) -> Optional[str]:
+        """What a package is a runtime of (cuda | cudnn), or None."""
+        if source == "conda":
+            return self.conda.get(name)
+        return next((r.gives for r in self.pip if r.pattern.fullmatch(name)), None)
+
+
+@dataclass(frozen=True)
+class CondaRuntime:
+    specs: Mapping[Version, tuple[str, ...]]  # CUDA major.minor -> conda specs; `{cudnn}` is filled in
+    default_cudnn: Mapping[int, Version]  # CUDA major -> cuDNN when the framework names none
+
+
+@dataclass(frozen=True)
+class Frameworks:
+    tensorflow: TensorFlow
+    torch: Torch
+    jax: Jax
+    cupy: Cupy
+    runtime_packages: RuntimePackages
+    conda_runtime: CondaRuntime
+
+
+_RUNTIME_KINDS = ("cuda", "cudnn")
+
+
+def _names(node: _Node) -> PackageNames:
+    return PackageNames(frozenset(node["conda"].texts()), frozenset(node["pip"].texts()))
+
+
+def _section(root: _Node, key: str) -> _Node:
+    node = root[key]
+    node["source"].text()
+    return node
+
+
+def _tensorflow(node: _Node) -> TensorFlow:
+    builds = {v: TfBuild(b["cuda"].version(), b["cudnn"].version()) for v, b in node["builds"].version_items()}
+    return TensorFlow(_names(node["names"]), _frozen(builds), frozenset(node["cpu_names"].texts()),
+                      node["gpu_in_plain_package_from"].version())
+
+
+def _torch(node: _Node) -> Torch:
+    builds = {v: tuple(c.version() for c in b.seq()) for v, b in node["builds"].version_items()}
+    for version, cudas in builds.items():
+        if not cudas:
+            node["builds"].fail(f'["{version}"] lists no CUDA build')
+    return Torch(_names(node["names"]), node["carries_runtime"].flag(), _frozen(builds))
+
+
+def _kind(node: _Node) -> str:
+    kind = node.text()
+    if kind not in _RUNTIME_KINDS:
+        node.fail(f"must be one of {', '.join(_RUNTIME_KINDS)}, not {kind!r}")
+    return kind
+
+
+def _pattern(node: _Node) -> re.Pattern[str]:
+    try:
+        return re.compile(node.text())
+    except re.error as exc:
+        node.fail(f"is not a regular expression ({exc})")
+
+
+def _runtime_packages(node: _Node) -> RuntimePackages:
+    conda = {name: _kind(kind) for name, kind in node["conda"].items()}
+    pip = tuple(PipRuntime(_pattern(p["pattern"]), _kind(p["gives"])) for p in node["pip"].seq())
+    return RuntimePackages(_frozen(conda), pip)
+
+
+def _major_map(node: _Node) -> dict[int, Version]:
+    return {_key_version(n, key).major: n.version() for key, n in node.items()}
+
+
+def _conda_runtime(node: _Node) -> CondaRuntime:
+    specs = {v: s.texts() for v, s in node["specs"].version_items()}
+    defaults = _major_map(node["default_cudnn"])
+    for version in specs:
+        if version.major not in defaults:
+            node["default_cudnn"].fail(f'has no entry for CUDA {version.major} (specs["{version}"] needs one)')
+    return CondaRuntime(_frozen(specs), _frozen(defaults))
+
+
+def frameworks_from(data: Any) -> Frameworks:
+    """frameworks.yaml's contents, checked and typed."""
+    root = _open("frameworks", data)
+    jax = _section(root, "jax")
+    return Frameworks(
+        tensorflow=_tensorflow(_section(root, "tensorflow")),
+        torch=_torch(_section(root, "torch")),
+        jax=Jax(_names(jax["names"]), _frozen({k: n.version() for k, n in jax["plugins"].items()})),
+        cupy=Cupy(_frozen(_major_map(_section(root, "cupy")["major_defaults"]))),
+        runtime_packages=_runtime_packages(_section(root, "runtime_packages")),
+        conda_runtime=_conda_runtime(_section(root, "conda_runtime")),
+    )
+
+
+# ---------------------------------------------------------------- base_tags.yaml
+
+
+@dataclass(frozen=True)
+class LiveTag:
+    """A published nvidia/cuda tag set: `{release}-{flavour}-{os}`."""
+
+    release: str  # the point release in the tag, e.g. 11.8.0
+    os: str
+    cudnn_tag: str  # the cuDNN part of the cudnn-runtime flavour, e.g. cudnn8
+    cudnn: Version  # the cuDNN that flavour holds
+
+
+@dataclass(frozen=True)
+class BaseTags:
+    repository: str
+    live: Mapping[Version, LiveTag]  # CUDA major.minor -> the tag kbundle uses
+    deleted: Mapping[Version, str]  # CUDA major.minor -> the last tag before it was deleted
+    glibc: Mapping[str, Version]  # OS as tags spell it -> its glibc
+    os_aliases: Mapping[str, str]  # another name of an OS in image references (a codename) -> the OS
+    glibc_unknown: Version
+    cpu_image: str
+    cpu_glibc: Version
+
+    def known_cuda(self) -> list[Version]:
+        return sorted(set(self.live) | set(self.deleted))
+
+    def glibc_for(self, image: str) -> Version:
+        """The glibc of a base image, from the OS its reference names."""
+        for os_name, glibc in self.glibc.items():
+            if os_name in image:
+                return glibc
+        for alias, os_name in self.os_aliases.items():
+            if alias in image:
+                return self.glibc[os_name]
+        return self.glibc_unknown
+
+
+def _known_os(node: _Node, glibc: Mapping[str, Version]) -> str:
+    os_name = node.text()
+    if os_name not in glibc:
+        node.fail(f"names the OS {os_name!r}, which the glibc table does not list")
+    return os_name
+
+
+def _live_tag(node: _Node, glibc: Mapping[str, Version]) -> LiveTag:
+    return LiveTag(node["release"].text(), _known_os(node["os"], glibc), node["cudnn"].text(),
+                   node["cudnn_version"].version())
+
+
+def base_tags_from(data: Any) -> BaseTags:
+    """base_tags.yaml's contents, checked and typed (every OS a tag names has a glibc)."""
+    root = _open("base_tags", data)
+    glibc = {os_name: node.version() for os_name, node in root["glibc"].items()}
+    aliases = {alias: _known_os(node, glibc) for alias, node in root["os_aliases"].items()}
+    cpu = root["cpu_base"]
+    return BaseTags(
+        repository=root["repository"].text(),
+        live=_frozen({v: _live_tag(n, glibc) for v, n in root["live"].version_items()}),
+        deleted=_frozen({v: n.text() for v, n in root["deleted"].version_items()}),
+        glibc=_frozen(glibc),
+        os_aliases=_frozen(aliases),
+        glibc_unknown=root["glibc_unknown"].version(),
+        cpu_image=cpu["image"].text(),
+        cpu_glibc=glibc[_known_os(cpu["os"], glibc)],
+    )
+
+
+# ---------------------------------------------------------------- normalise.yaml
+
+
+@dataclass(frozen=True)
+class OsOnly:
+    """Packages that exist only for one other OS, and the reason `pack` records when dropping one."""
+
+    os: str
+    reason: str
+    names: tuple[str, ...]  # a name ending in `*` is a prefix
+
+    def covers(self, name: str) -> bool:
+        return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in self.names)
+
+
+def _os_only_reason(tables: tuple[OsOnly, ...], name: str) -> Optional[str]:
+    return next((t.reason for t in tables if t.covers(name)), None)
+
+
+@dataclass(frozen=True)
+class NormaliseFacts:
+    conda_os_only: tuple[OsOnly, ...]
+    pip_os_only: tuple[OsOnly, ...]
+    pip_replace: Mapping[str, str]  # pip name on another OS -> its name on Linux
+    variant_markers: Mapping[str, str]  # build-string word -> the intent it carries (first match wins)
+    platform_markers: Mapping[str, frozenset[str]]  # subdir -> packages that betray it (first match wins)
+    channel_aliases: Mapping[str, tuple[str, ...]]  # named channel -> its URLs (none: a platform-only channel)
+    channel_alias: str  # the URL other bare channel names live under
+
+    def conda_os_reason(self, name: str) -> Optional[str]:
+        return _os_only_reason(self.conda_os_only, name)
+
+    def pip_os_reason(self, name: str) -> Optional[str]:
+        return _os_only_reason(self.pip_os_only, name)
+
+    @property
+    def platform_channels(self) -> frozenset[str]:
+        """Channels that exist for another OS only (they resolve to no URL)."""
+        return frozenset(name for name, urls in self.channel_aliases.items() if not urls)
+
+
+def _os_only(node: _Node) -> tuple[OsOnly, ...]:
+    return tuple(OsOnly(os_name, n["reason"].text(), n["names"].texts()) for os_name, n in node.items())
+
+
+def normalise_facts_from(data: Any) -> NormaliseFacts:
+    """normalise.yaml's contents, checked and typed."""
+    root = _open("normalise", data)
+    return NormaliseFacts(
+        conda_os_only=_os_only(root["conda_os_only"]),
+        pip_os_only=_os_only(root["pip_os_only"]),
+        pip_replace=_frozen({k: n.text() for k, n in root["pip_replace"].items()}),
+        variant_markers=_frozen({k: n.text() for k, n in root["variant_markers"].items()}),
+        platform_markers=_frozen({k: frozenset(n.texts()) for k, n in root["platform_markers"].items()}),
+        channel_aliases=_frozen({k: n.texts() for k, n in root["channel_aliases"].items()}),
+        channel_alias=root["channel_alias"].text(),
+    )
+
+
+# ---------------------------------------------------------------- cuda_drivers.yaml + gpu_arch.yaml
 
 
 @dataclass(frozen=True)
 class Arch:
-    capability: str
+    capability: Version
     name: str
-    first: Version
-    last: Optional[Version]
+    first: Version  # the first CUDA that compiles native code for it
+    last: Optional[Version]  # the last CUDA that still does; None: still supported
 
 
 @dataclass(frozen=True)
 class CompatTables:
-    toolkit_driver: dict[Version, str]  # CUDA major.minor → minimum driver (full support)
-    minor_compat: dict[int, str]  # CUDA major → oldest driver for minor-version compatibility
-    arches: dict[Version, Arch]  # compute capability → native CUDA range
+    toolkit_driver: Mapping[Version, Version]  # CUDA major.minor -> minimum driver (full support)
+    minor_compat: Mapping[int, Version]  # CUDA major -> oldest driver for minor-version compatibility
+    arches: Mapping[Version, Arch]  # compute capability -> native CUDA range
 
-    def min_driver(self, cuda: str) -> Optional[tuple[Version, str]]:
+    def min_driver(self, cuda: str | Version) -> Optional[tuple[Version, Version]]:
         """The driver needed for `cuda`: the table's entry for it, or for the next release
         listed after it (conservative for versions the table skips). None when newer than all."""
-        want = cuda_key(cuda)
+        want = _as_version(cuda).major_minor
         for key in sorted(self.toolkit_driver):
             if key >= want:
                 return key, self.toolkit_driver[key]
         return None
 
-    def highest_cuda_for_driver(self, driver: str) -> Optional[Version]:
-        have = parse_version(driver)
-        fits = [k for k, d in self.toolkit_driver.items() if parse_version(d) <= have]
+    def highest_cuda_for_driver(self, driver: str | Version) -> Optional[Version]:
+        have = _as_version(driver)
+        fits = [k for k, d in self.toolkit_driver.items() if d <= have]
         return max(fits) if fits else None
 
-    def arch(self, capability: str) -> Optional[Arch]:
-        return self.arches.get(cuda_key(capability))
+    def arch(self, capability: str | Version) -> Optional[Arch]:
+        return self.arches.get(_as_version(capability).major_minor)
+
+
+def _as_version(value: str | Version) -> Version:
+    return value if isinstance(value, Version) else Version.parse(value)
+
+
+def _arch(capability: Version, node: _Node) -> Arch:
+    last = node["last"]
+    return Arch(capability, node["name"].text(), node["first"].version(),
+                last.version() if last.value is not None else None)
+
+
+def compat_tables_from(drivers: Any, arches: Any) -> CompatTables:
+    """cuda_drivers.yaml and gpu_arch.yaml, checked and typed."""
+    drivers_root, arch_root = _open("cuda_drivers", drivers), _open("gpu_arch", arches)
+    return CompatTables(
+        toolkit_driver=_frozen({v: n.version() for v, n in drivers_root["toolkit"].version_items()}),
+        minor_compat=_frozen(_major_map(drivers_root["minor_compat"])),
+        arches=_frozen({v.major_minor: _arch(v, n) for v, n in arch_root["architectures"].version_items()}),
+    )
+
+
+# ---------------------------------------------------------------- the cached loaders
+
+
+@lru_cache(maxsize=1)
+def frameworks() -> Frameworks:
+    return frameworks_from(load_data("frameworks"))
+
+
+@lru_cache(maxsize=1)
+def base_tags() -> BaseTags:
+    return base_tags_from(load_data("base_tags"))
+
+
+@lru_cache(maxsize=1)
+def normalise_facts() -> NormaliseFacts:
+    return normalise_facts_from(load_data("normalise"))
 
 
 @lru_cache(maxsize=1)
 def load_tables() -> CompatTables:
-    drivers = load_data("cuda_drivers")
-    arches = load_data("gpu_arch")
-    return CompatTables(
-        toolkit_driver={cuda_key(k): str(v) for k, v in drivers["toolkit"].items()},
-        minor_compat={int(k): str(v) for k, v in drivers["minor_compat"].items()},
-        arches={
-            cuda_key(k): Arch(
-                capability=str(k),
-                name=str(v["name"]),
-                first=cuda_key(str(v["first"])),
-                last=cuda_key(str(v["last"])) if v.get("last") else None,
-            )
-            for k, v in arches["architectures"].items()
-        },
-    )
+    return compat_tables_from(load_data("cuda_drivers"), load_data("gpu_arch"))
 
 
-def fmt(version: Version) -> str:
-    return ".".join(str(p) for p in version)
+def glibc_for(image: str) -> str:
+    """The glibc of a base image, for the lock's __glibc virtual package (data/base_tags.yaml)."""
+    return str(base_tags().glibc_for(image))

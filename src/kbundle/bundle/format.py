@@ -61,6 +61,8 @@ class Manifest:
     dependencies: list[str]
     pip: list[str]
     dropped: list[Dropped] = field(default_factory=list)
+    cuda_env_libs: bool = False  # the env's lib/ holds CUDA libraries a pip framework must find
+    require_cuda: str | None = None  # NVIDIA_REQUIRE_CUDA, when the env needs less than the base image has
     channel_urls: list[str] = field(default_factory=list)
     added: list[Added] = field(default_factory=list)
     variants: list[Variant] = field(default_factory=list)

@@ -75,7 +75,6 @@ def _execute(result, output: Optional[Path], as_json: bool):
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
     from kbundle.errors import KbundleError
-    from kbundle.facts import fmt
     from kbundle.image import preflight
 
     try:
@@ -95,7 +94,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
         typer.echo(f"{marks[finding.level]}  {finding.topic:<8} {finding.message}")
     for gpu in report.nvml.gpus:
         arch = preflight.load_tables().arch(gpu.capability)
-        native = f"CUDA {fmt(arch.first)}..{fmt(arch.last) if arch.last else 'latest'}" if arch else "unknown"
+        native = f"CUDA {arch.first}..{arch.last or 'latest'}" if arch else "unknown"
         typer.echo(f"gpu {gpu.index}  {gpu.name}  sm_{gpu.capability.replace('.', '')}  native: {native}")
     if report.errors:
         raise KbundleError(report.errors[0].message)

@@ -17,7 +17,6 @@ from kbundle import __version__
 from kbundle.bundle.format import (
     DOCKERFILE,
     ENVIRONMENT,
-    FORMAT_VERSION,
     LOCK,
     MANIFEST,
     ORIGINAL_DIR,
@@ -27,7 +26,7 @@ from kbundle.bundle.format import (
 )
 from kbundle.errors import UsageError
 from kbundle.names import slug
-from kbundle.pack.records import CudaChoice, RawEnv
+from kbundle.pack.records import RawEnv
 
 MAIL_LIMIT = 20 * 1024 * 1024  # mail servers commonly cap attachments at 20-25 MB
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -177,31 +176,10 @@ def _environment(options: PackOptions, notebook: Notebook):
     return raw, env, choice
 
 
-def _dockerfile(name: str, digest: str, notebook: Path, python: str | None, choice: CudaChoice, pip: bool) -> bytes:
-    from kbundle.pack.dockerfile import DockerfileInputs, render
-
-    inputs = DockerfileInputs(
-        name=name,
-        kbundle_version=__version__,
-        format_version=FORMAT_VERSION,
-        content_hash=digest,
-        notebook=notebook.name,
-        python=python,
-        cuda=choice.cuda,
-        cudnn=choice.cudnn,
-        runtime_in_env=choice.runtime_in_env,
-        env_libs=choice.env_libs,
-        base_image=choice.base_image,
-        base_reason=choice.reason,
-        require_cuda=choice.require_cuda,
-        pip=pip,
-    )
-    return render(inputs).encode()
-
-
 def pack(options: PackOptions, progress=None) -> PackResult:
     """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
     from kbundle.bundle.writer import write_bundle
+    from kbundle.pack.dockerfile import render_for
     from kbundle.pack.lock import channel_urls, lock, target
     from kbundle.pack.normalise import environment_yml
 
@@ -222,8 +200,6 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     members[ENVIRONMENT] = environment_yml(name, env).encode()
     if result.locked and result.text:
         members[LOCK] = result.text.encode()
-    digest = content_hash(members)
-    members[DOCKERFILE] = _dockerfile(name, digest, options.notebook, python, choice, bool(env.pip))
     manifest = Manifest(
         name=name,
         notebook=nb_member,
@@ -231,11 +207,13 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         cuda=choice.cuda,
         cudnn=choice.cudnn,
         cuda_runtime_in_env=choice.runtime_in_env,
+        cuda_env_libs=choice.env_libs,
+        require_cuda=choice.require_cuda,
         base_image=choice.base_image,
         base_image_reason=choice.reason,
         channels=env.channels,
-        dependencies=env.dependencies,
-        pip=env.pip,
+        dependencies=[d.text for d in env.dependencies],
+        pip=[p.text for p in env.pip],
         dropped=env.dropped,
         channel_urls=channel_urls(env.channels),
         added=env.added,
@@ -247,9 +225,10 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         original_environment=original_path,
         source={"kind": raw.source_kind, "env_name": raw.name, "platform": env.source_platform},
         includes=sorted(includes),
-        content_hash=digest,
+        content_hash=content_hash(members),
         kbundle_version=__version__,
     )
+    members[DOCKERFILE] = render_for(manifest).encode()  # rendered from the manifest alone, as run can redo it
     sealed = write_bundle(out, manifest, members)
     notes = [f"{a.spec}: added ({a.reason})" for a in env.added]
     if result.note and options.lock != "never":

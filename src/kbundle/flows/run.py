@@ -176,37 +176,51 @@ def _identify(bundle, options: RunOptions, base: str, base_id: str):
 
 
 def _build(client, bundle, resolved, key, workdir: Path, console):
-    """Assemble the build context (image/context.py) and build it; the context is temporary."""
-    from kbundle import contract
+    """Assemble a temporary build context and build it."""
     from kbundle.image import build as imagemod
+    from kbundle.image import context
+
+    with context.temporary_context(key.digest[:12]) as ctx:
+        assemble_context(ctx, bundle, resolved, key.dockerfile, console)
+        return imagemod.build(client, ctx, key, bundle_hash(bundle), workdir / ".kbundle" / "build.log", console)
+
+
+def assemble_context(ctx: Path, bundle, resolved, dockerfile: str, console=None) -> None:
+    """Fill `ctx` as the image contract says (image/context.py): everything is fetched on the host."""
+    from kbundle import contract
     from kbundle.image import bytecode, context, wheels
     from kbundle.image import env as envmod
 
-    with context.temporary_context(key.digest[:12]) as ctx:
-        context.write_static(ctx, key.dockerfile)
-        with console.status(f"installing {resolved.count} conda packages for {contract.PREFIX}") as status:
-            envmod.install(resolved, context.env_dir(ctx),
-                           on_progress=lambda done, total: status.update(
-                               f"installing conda packages for {contract.PREFIX}: {done}/{total}"))
-        with console.status("byte-compiling the environment"):
-            compiled = bytecode.compile_env(context.env_dir(ctx), cache_root() / "pyc", resolved.interpreter_id())
-        if compiled.skipped:
-            console.print(f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): "
-                          f"kernels will start slower", soft_wrap=True)
-        if bundle.pip:
-            python = bundle.python or resolved.python_version()
-            if not python:
-                raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
-            with console.status(f"fetching {len(bundle.pip)} pip wheel(s) for CPython {python}"):
-                wheels.write_context(wheels.fetch(bundle.pip, python), ctx)
-        bundle.extract(ctx, bundle.members_under(WORK_DIR))
-        return imagemod.build(client, ctx, key, bundle_hash(bundle), workdir / ".kbundle" / "build.log", console)
+    console = console or _quiet_console()
+    context.write_static(ctx, dockerfile)
+    with console.status(f"installing {resolved.count} conda packages for {contract.PREFIX}") as status:
+        envmod.install(resolved, context.env_dir(ctx),
+                       on_progress=lambda done, total: status.update(
+                           f"installing conda packages for {contract.PREFIX}: {done}/{total}"))
+    with console.status("byte-compiling the environment"):
+        compiled = bytecode.compile_env(context.env_dir(ctx), cache_root() / "pyc", resolved.interpreter_id())
+    if compiled.skipped:
+        console.print(f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): "
+                      f"kernels will start slower", soft_wrap=True)
+    if bundle.pip:
+        python = bundle.python or resolved.python_version()
+        if not python:
+            raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
+        with console.status(f"fetching {len(bundle.pip)} pip wheel(s) for CPython {python}"):
+            wheels.write_context(wheels.fetch(bundle.pip, python), ctx)
+    bundle.extract(ctx, bundle.members_under(WORK_DIR))
+
+
+def _quiet_console():
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=True)
 
 
 def _register(bundle, options: RunOptions, kernel_name: str, image: str, placement, gpus: list[str],
               warnings: list[str], console) -> Path:
     """Install the kernelspec; a kernel of the same name from another bundle is replaced, and we say so."""
-    from kbundle.kernel.spec import install_kernelspec, list_kernelspecs
+    from kbundle.kernel.spec import KernelRequest, install_kernelspec, list_kernelspecs
 
     digest = bundle_hash(bundle)
     previous = next((k for k in list_kernelspecs() if k.name == kernel_name), None)
@@ -214,9 +228,10 @@ def _register(bundle, options: RunOptions, kernel_name: str, image: str, placeme
         message = f"replaced kernel {kernel_name}, which ran another bundle ({previous.image})"
         warnings.append(message)
         console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-    return install_kernelspec(kernel_name, bundle.name, image, str(placement.workdir), gpus, digest,
-                              extra_metadata={"bundle": str(Path(options.bundle).resolve()),
-                                              "notebook": str(placement.notebook), "cuda": bundle.cuda})
+    metadata = {"bundle": str(Path(options.bundle).resolve()), "notebook": str(placement.notebook),
+                "cuda": bundle.cuda}
+    return install_kernelspec(KernelRequest(kernel_name, bundle.name, image, str(placement.workdir), gpus, digest,
+                                            metadata))
 
 
 def summary_lines(result: RunResult) -> list[str]:

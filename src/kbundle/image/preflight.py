@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from kbundle.facts import CompatTables, cuda_key, fmt, load_tables, parse_version
 from kbundle import contract
 from kbundle.errors import KbundleError, UsageError, first_line
+from kbundle.facts import CompatTables, Version, load_tables
 
 OK, WARN, ERROR = "ok", "warn", "error"
 
@@ -160,15 +160,15 @@ def check_driver(nvml: NvmlFacts, cuda: str, tables: CompatTables) -> Finding:
     if need is None:
         return Finding(WARN, "driver", f"kbundle's table does not know CUDA {cuda} yet; driver {driver} may be too old")
     _, minimum = need
-    if parse_version(driver) >= parse_version(minimum):
+    have = Version.parse(driver)
+    if have >= minimum:
         return Finding(OK, "driver", f"NVIDIA driver {driver} supports CUDA {cuda} (needs >= {minimum})")
-    major = cuda_key(cuda)[0]
-    compat = tables.minor_compat.get(major)
-    if compat and parse_version(driver) >= parse_version(compat):
+    compat = tables.minor_compat.get(Version.parse(cuda).major)
+    if compat and have >= compat:
         return Finding(WARN, "driver",
                        f"NVIDIA driver {driver} runs CUDA {cuda} only through minor-version compatibility "
                        f"(no PTX JIT); upgrade the driver to >= {minimum} for full support")
-    supports = nvml.driver_cuda or (fmt(v) if (v := tables.highest_cuda_for_driver(driver)) else "none")
+    supports = nvml.driver_cuda or str(tables.highest_cuda_for_driver(have) or "none")
     return Finding(ERROR, "driver",
                    f"NVIDIA driver {driver} is too old for this environment's CUDA {cuda} "
                    f"(it supports CUDA up to {supports}; CUDA {cuda} needs >= {minimum}): upgrade the driver, "
@@ -179,16 +179,16 @@ def check_arch(gpu: GpuInfo, cuda: str, tables: CompatTables) -> Finding:
     """Warn when the GPU is newer than the env's CUDA compiles for, or older than it still supports."""
     label = f"GPU {gpu.index} ({gpu.name}, sm_{gpu.capability.replace('.', '')})"
     arch = tables.arch(gpu.capability)
-    have = cuda_key(cuda)
+    have = Version.parse(cuda).major_minor
     if arch is None:
         return Finding(WARN, "gpu", f"{label}: kbundle's table does not know compute capability {gpu.capability}")
     if have < arch.first:
         return Finding(WARN, "gpu",
-                       f"{label} is newer than CUDA {cuda} supports natively (first: CUDA {fmt(arch.first)}): "
+                       f"{label} is newer than CUDA {cuda} supports natively (first: CUDA {arch.first}): "
                        f"code runs only through PTX JIT, slow to start or failing")
     if arch.last is not None and have > arch.last:
         return Finding(WARN, "gpu",
-                       f"{label} is no longer supported by CUDA {cuda} (last: CUDA {fmt(arch.last)}): "
+                       f"{label} is no longer supported by CUDA {cuda} (last: CUDA {arch.last}): "
                        f"frameworks built with it will not use this GPU")
     return Finding(OK, "gpu", f"{label} is supported natively by CUDA {cuda}")
 

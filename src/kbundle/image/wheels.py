@@ -15,9 +15,12 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from kbundle.errors import KbundleError
+
+if TYPE_CHECKING:
+    from kbundle.specs import PipPin
 
 # manylinux2014 (glibc 2.17) runs on every CUDA base kbundle picks; older tags are subsets.
 PLATFORM = "manylinux2014_x86_64"
@@ -26,7 +29,7 @@ _GLIBC_MINORS = range(17, 4, -1)
 
 @dataclass(frozen=True)
 class WheelSet:
-    pins: tuple[str, ...]
+    pins: tuple[PipPin, ...]
     files: tuple[Path, ...]  # in the order of `pins`
     downloaded: int  # how many came from the network this time
 
@@ -55,35 +58,24 @@ def cache_dir(python: str) -> Path:
     return path
 
 
-def _exact_pin(pin: str) -> Optional[tuple[str, str]]:
-    """(canonical name, version) for `name==version`; None for anything else (URLs, ranges)."""
-    from packaging.requirements import InvalidRequirement, Requirement
-    from packaging.utils import canonicalize_name
-
-    try:
-        req = Requirement(pin)
-    except InvalidRequirement:
-        return None
-    specs = list(req.specifier)
-    if req.url or len(specs) != 1 or specs[0].operator not in ("==", "==="):
-        return None
-    return canonicalize_name(req.name), specs[0].version
-
-
-def find_cached(pin: str, directory: Path, wanted_tags: set) -> Optional[Path]:
+def find_cached(pin: PipPin, directory: Path, wanted_tags: set) -> Optional[Path]:
+    """The cached wheel of an exact pin for one of `wanted_tags`; None when there is none (or
+    the pin is not exact, so only pip can say which file it means)."""
     from packaging.utils import InvalidWheelFilename, parse_wheel_filename
-    from packaging.version import Version
+    from packaging.version import InvalidVersion, Version
 
-    exact = _exact_pin(pin)
-    if exact is None:
+    if not pin.exact:
         return None
-    name, version = exact
+    try:
+        version = Version(pin.version)
+    except InvalidVersion:  # `===` pins any string; pip alone can match it
+        return None
     for path in sorted(directory.glob("*.whl")):
         try:
             wname, wversion, _build, wtags = parse_wheel_filename(path.name)
         except (InvalidWheelFilename, ValueError):
             continue
-        if wname == name and wversion == Version(version) and wtags & wanted_tags:
+        if wname == pin.name and wversion == version and wtags & wanted_tags:
             return path
     return None
 
@@ -105,30 +97,44 @@ def _pip_download(pins: Sequence[str], python: str, dest: Path) -> None:
                            f"(kbundle installs pip packages from wheels only)")
 
 
+def parse_pins(pins: Sequence[str]) -> list[PipPin]:
+    """The manifest's pins, read by pack's one pip parser; anything but `name==version` is refused,
+    since pins reach pip's command line and requirements.txt (never an option, a URL or a range)."""
+    from kbundle.specs import parse_pip_line
+
+    parsed = []
+    for text in pins:
+        try:
+            pin = parse_pip_line(text)
+        except KbundleError:
+            pin = None
+        if pin is None or not pin.exact:
+            raise KbundleError(f"pip: {text!r} is not an exact pin (name==version); kbundle installs only those")
+        parsed.append(pin)
+    return parsed
+
+
 def fetch(pins: Sequence[str], python: str) -> WheelSet:
     """Each pin as a wheel file in the shared cache; pip runs only for pins not cached yet."""
     if not pins:
         return WheelSet((), (), 0)
-    for pin in pins:
-        # Pins reach pip's command line and requirements.txt: only `name==version`, never an option or URL.
-        if pin.strip().startswith("-") or _exact_pin(pin) is None:
-            raise KbundleError(f"pip: {pin!r} is not an exact pin (name==version); kbundle installs only those")
+    parsed = parse_pins(pins)
     directory = cache_dir(python)
     wanted = target_tags(python)
-    missing = [p for p in pins if find_cached(p, directory, wanted) is None]
+    missing = [p for p in parsed if find_cached(p, directory, wanted) is None]
     if missing:
         # Download beside the cache, then move in: a broken download leaves nothing half-written.
         with tempfile.TemporaryDirectory(prefix=".download-", dir=directory) as tmp:
-            _pip_download(missing, python, Path(tmp))
+            _pip_download([p.text for p in missing], python, Path(tmp))
             for path in Path(tmp).glob("*.whl"):
                 os.replace(path, directory / path.name)
     files = []
-    for pin in pins:
+    for pin in parsed:
         found = find_cached(pin, directory, wanted)
         if found is None:
-            raise KbundleError(f"pip: no wheel of {pin!r} for {PLATFORM} / CPython {python} came back from pip")
+            raise KbundleError(f"pip: no wheel of {pin.text!r} for {PLATFORM} / CPython {python} came back from pip")
         files.append(found)
-    return WheelSet(tuple(pins), tuple(files), len(missing))
+    return WheelSet(tuple(parsed), tuple(files), len(missing))
 
 
 def write_context(wheels: WheelSet, context: Path) -> None:
@@ -143,4 +149,4 @@ def write_context(wheels: WheelSet, context: Path) -> None:
             os.link(path, dest)  # same filesystem: no copy
         except OSError:
             shutil.copy2(path, dest)
-    (context / "pip" / "requirements.txt").write_text("".join(f"{p}\n" for p in wheels.pins), encoding="utf-8")
+    (context / "pip" / "requirements.txt").write_text("".join(f"{p.text}\n" for p in wheels.pins), encoding="utf-8")

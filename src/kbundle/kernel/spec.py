@@ -2,11 +2,9 @@
 
 Public functions (the `run` command and `kbundle kernels list/remove` call these):
 
-- `install_kernelspec(name, display_name, image, workdir, gpus, bundle_hash, extra_metadata=None) -> Path`
-  writes `<user data dir>/kernels/<name>/kernel.json` atomically and returns its directory.
-  The user data dir is jupyter_core's (`JUPYTER_DATA_DIR` honoured). `display_name` is the
-  bundle's name; the spec shows it as `"<display_name> (kbundle)"`. `gpus` is `[]` for CPU,
-  `["all"]`, or device ids/UUIDs such as `["0", "1"]`.
+- `install_kernelspec(KernelRequest(...)) -> Path` writes `<user data dir>/kernels/<name>/kernel.json`
+  atomically and returns its directory. The user data dir is jupyter_core's
+  (`JUPYTER_DATA_DIR` honoured).
 - `list_kernelspecs() -> list[KernelRecord]`: the kbundle kernels Jupyter can see (every
   directory of `JUPYTER_PATH` and the data dirs), recognised by `metadata.kbundle`.
 - `remove_kernelspec(name) -> Path`: removes one of kbundle's specs; refuses other kernels.
@@ -92,21 +90,26 @@ def gpus_argument(gpus: list[str]) -> str:
     return ",".join(gpus)
 
 
-def build_spec(
-    name: str,
-    display_name: str,
-    image: str,
-    workdir: str,
-    gpus: list[str],
-    bundle_hash: str,
-    extra_metadata: Optional[dict[str, Any]] = None,
-    launcher: Optional[Path] = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class KernelRequest:
+    """What a kernel kbundle registers runs: which image, where, on which GPUs."""
+
+    name: str  # the kernelspec's name, e.g. kbundle-analysis
+    display_name: str  # the bundle's name; shown as "<display_name> (kbundle)"
+    image: str
+    workdir: str
+    gpus: list[str]  # [] for CPU, ["all"], or device ids/UUIDs such as ["0", "1"]
+    bundle_hash: str
+    extra_metadata: dict[str, Any] = field(default_factory=dict)  # more for metadata.kbundle
+
+
+def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[str, Any]:
     """The kernel.json content (pure: no file is touched)."""
+    name, image, gpus, display_name = request.name, request.image, request.gpus, request.display_name
     check_name(name)
     if not image:
         raise UsageError("a kernelspec needs an image")
-    workdir = os.path.abspath(workdir)
+    workdir = os.path.abspath(request.workdir)
     launcher = launcher or launcher_path()
     argv = [
         str(launcher),
@@ -116,8 +119,8 @@ def build_spec(
         "--gpus", gpus_argument(gpus),
         "-f", "{connection_file}",
     ]
-    kb: dict[str, Any] = dict(extra_metadata or {})
-    kb.update(image=image, bundle_hash=bundle_hash, gpus=list(gpus), workdir=workdir)
+    kb: dict[str, Any] = dict(request.extra_metadata)
+    kb.update(image=image, bundle_hash=request.bundle_hash, gpus=list(gpus), workdir=workdir)
     shown = display_name if display_name.endswith(DISPLAY_SUFFIX) else display_name + DISPLAY_SUFFIX
     return {
         "argv": argv,
@@ -154,21 +157,14 @@ def user_kernels_dir() -> Path:
     return Path(_manager().user_kernel_dir)
 
 
-def install_kernelspec(
-    name: str,
-    display_name: str,
-    image: str,
-    workdir: str,
-    gpus: list[str],
-    bundle_hash: str,
-    extra_metadata: Optional[dict[str, Any]] = None,
-) -> Path:
+def install_kernelspec(request: KernelRequest) -> Path:
     """Install (or replace) kbundle's kernelspec `name` for the current user; return its directory.
 
     Replacing is allowed only for a spec kbundle installed: a user's own kernel of the same
     name is never overwritten.
     """
-    spec = build_spec(name, display_name, image, workdir, gpus, bundle_hash, extra_metadata)
+    spec = build_spec(request)
+    name = request.name
     target = user_kernels_dir() / name
     existing = target / "kernel.json"
     if existing.exists() and not _is_kbundle(_read_json(existing)):

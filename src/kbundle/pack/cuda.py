@@ -8,14 +8,14 @@ tested alone. All facts come from data/frameworks.yaml and data/base_tags.yaml.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kbundle.bundle.format import Added
 from kbundle.errors import UsageError
-from kbundle.pack.envfile import canonical
-from kbundle.facts import base_tags, glibc_for, frameworks, lookup_prefix, major_minor, version_key
+from kbundle.facts import LiveTag, Version, base_tags, frameworks, glibc_for
 from kbundle.pack.normalise import variant_of
-from kbundle.pack.records import CondaSpec, CudaChoice, NormalisedEnv, PipPin, RawEnv, spec_name
+from kbundle.pack.records import CudaChoice, NormalisedEnv, RawEnv
+from kbundle.specs import CondaSpec, PipPin, parse_conda_spec
 
 
 @dataclass(frozen=True)
@@ -24,38 +24,44 @@ class Evidence:
 
     package: str
     source: str  # conda | pip
-    cuda: str | None
-    cudnn: str | None = None
+    cuda: Version | None
+    cudnn: Version | None = None
     carries: bool = False  # the package brings the CUDA runtime itself
     runtime: bool = False  # the package *is* a runtime (cudatoolkit, nvidia-cuda-runtime-cu12, cudnn)
 
 
 def _tf(name: str, version: str | None, build: str | None, source: str) -> Evidence | None:
-    table = frameworks()["tensorflow"]
-    if name not in table["names"][source] or name in table["cpu_names"] or not version:
+    table = frameworks().tensorflow
+    if name not in table.names.of(source) or name in table.cpu_names or not version:
         return None
     marker = variant_of(build)
     if marker and marker[0] == "cpu":
         return None
+    parsed = Version.lenient(version)
     if source == "conda":
         gpu = name == "tensorflow-gpu" or (marker is not None and marker[0] in ("gpu", "cuda"))
     else:
-        gpu = name == "tensorflow-gpu" or version_key(version) >= version_key(table["gpu_in_plain_package_from"])
-    build_info = lookup_prefix(table["builds"], version)
-    if not gpu or not build_info:
+        gpu = name == "tensorflow-gpu" or (parsed is not None and parsed >= table.gpu_in_plain_package_from)
+    tested = table.build_for(parsed)
+    if not gpu or not tested:
         return None
-    return Evidence(f"{name}=={version}", source, build_info["cuda"], build_info["cudnn"])
+    return Evidence(f"{name}=={version}", source, tested.cuda, tested.cudnn)
 
 
-def _cuda_in_build(build: str | None) -> str | None:
-    """'py3.9_cuda11.8_cudnn8.7.0_0' -> '11.8'; 'cuda118py310h..' -> '11.8'; 'cuda112' -> '11.2'."""
+def _cuda(major: str, minor: str) -> Version | None:
+    # From package names and build strings the sender controls: an odd one ('cupy-cuda1') names no CUDA.
+    return Version.lenient(f"{major}.{minor}")
+
+
+def _cuda_in_build(build: str | None) -> Version | None:
+    """'py3.9_cuda11.8_cudnn8.7.0_0' -> 11.8; 'cuda118py310h..' -> 11.8; 'cuda112' -> 11.2."""
     match = re.search(r"cuda(\d+)\.(\d+)", build or "") or re.search(r"cuda(\d{2})(\d)", build or "")
-    return f"{match.group(1)}.{match.group(2)}" if match else None
+    return _cuda(match.group(1), match.group(2)) if match else None
 
 
 def _torch(name: str, version: str | None, build: str | None, source: str) -> Evidence | None:
-    table = frameworks()["torch"]
-    if name not in table["names"][source] or not version:
+    table = frameworks().torch
+    if name not in table.names.of(source) or not version:
         return None
     base, _, local = version.partition("+")
     if source == "pip":
@@ -63,24 +69,25 @@ def _torch(name: str, version: str | None, build: str | None, source: str) -> Ev
             return None
         match = re.fullmatch(r"cu(\d+)(\d)", local)
         if match:
-            return Evidence(f"{name}=={version}", source, f"{match.group(1)}.{match.group(2)}", carries=True)
-        builds = lookup_prefix(table["builds"], base)
-        return Evidence(f"{name}=={version}", source, builds[0], carries=True) if builds else None
+            return Evidence(f"{name}=={version}", source, _cuda(match.group(1), match.group(2)), carries=table.carries_runtime)
+        cudas = table.cudas_for(Version.lenient(base))
+        return Evidence(f"{name}=={version}", source, cudas[0], carries=table.carries_runtime) if cudas else None
     cuda = _cuda_in_build(build)
-    return Evidence(f"{name}={version}", source, cuda, carries=True) if cuda else None
+    return Evidence(f"{name}={version}", source, cuda, carries=table.carries_runtime) if cuda else None
 
 
 def _jax(name: str, version: str | None, build: str | None, source: str) -> Evidence | None:
-    table = frameworks()["jax"]
-    if name in table["plugins"]:
-        return Evidence(name, source, table["plugins"][name], carries=True)
-    if name not in table["names"][source] or not version:
+    table = frameworks().jax
+    if name in table.plugins:
+        return Evidence(name, source, table.plugins[name], carries=True)
+    if name not in table.names.of(source) or not version:
         return None
     local = version.partition("+")[2]
     match = re.match(r"cuda(\d+)(?:\.cudnn(\d)(\d+))?", local)
     if match:
-        cuda = frameworks()["cupy"]["major_defaults"].get(match.group(1))
-        cudnn = f"{match.group(2)}.{match.group(3)}" if match.group(2) else None
+        # `+cuda11` names only the major: assume the same CUDA as a major-only CuPy wheel.
+        cuda = frameworks().cupy.major_defaults.get(int(match.group(1)))
+        cudnn = _cuda(match.group(2), match.group(3)) if match.group(2) else None
         return Evidence(f"{name}=={version}", source, cuda, cudnn)
     cuda = _cuda_in_build(build)
     return Evidence(f"{name}={version}", source, cuda) if cuda else None
@@ -92,24 +99,20 @@ def _cupy(name: str, version: str | None, source: str) -> Evidence | None:
         return None
     digits, major_only = match.groups()
     if major_only:
-        cuda = frameworks()["cupy"]["major_defaults"].get(digits)
+        cuda = frameworks().cupy.major_defaults.get(int(digits))
     else:
-        cuda = f"{digits[:-1]}.{digits[-1]}"
+        cuda = _cuda(digits[:-1], digits[-1])
     return Evidence(name, source, cuda) if cuda else None
 
 
 def _runtime(name: str, version: str | None, source: str) -> Evidence | None:
-    table = frameworks()["runtime_packages"]
-    if source == "conda":
-        gives = table["conda"].get(name)
-    else:
-        gives = next((r["gives"] for r in table["pip"] if re.fullmatch(r["pattern"], name)), None)
-    mm = major_minor(version)
-    if not gives or not mm:
+    gives = frameworks().runtime_packages.gives(name, source)
+    parsed = Version.lenient(version)
+    if not gives or parsed is None:
         return None
     if gives == "cudnn":
-        return Evidence(name, source, None, mm, carries=True, runtime=True)
-    return Evidence(name, source, mm, carries=True, runtime=True)
+        return Evidence(name, source, None, parsed.major_minor, carries=True, runtime=True)
+    return Evidence(name, source, parsed.major_minor, carries=True, runtime=True)
 
 
 def _one(name: str, version: str | None, build: str | None, source: str) -> Evidence | None:
@@ -123,7 +126,10 @@ def _one(name: str, version: str | None, build: str | None, source: str) -> Evid
 
 
 def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
-    """Every package's say about CUDA, conda first, then pip (pip installs win)."""
+    """Every package's say about CUDA, conda first, then pip (pip installs win).
+
+    Conda specs are read as the sender wrote them, since their build strings name the CUDA
+    build; only those normalisation kept count."""
     kept = env.names()
     found: list[Evidence] = []
     for spec in raw.conda:
@@ -132,17 +138,14 @@ def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
             if item:
                 found.append(item)
     for pin in env.pip:
-        name, _, version = pin.partition("==")
-        item = _one(canonical(name.split("[")[0].strip()), version.strip() or None, None, "pip")
+        item = _one(pin.name, pin.version, None, "pip")
         if item:
             found.append(item)
     return found
 
 
 def known_cuda_versions() -> list[str]:
-    tags = base_tags()
-    versions = set(tags["live"]) | set(tags["deleted"])
-    return sorted(versions, key=version_key)
+    return [str(v) for v in base_tags().known_cuda()]
 
 
 def check_cuda_option(cuda_option: str) -> None:
@@ -151,29 +154,36 @@ def check_cuda_option(cuda_option: str) -> None:
         raise UsageError(f"unknown --cuda {cuda_option!r}: use auto, none or one of {known}")
 
 
-def _covers(runtime: str, needed: str) -> bool:
+def _covers(runtime: Version, needed: Version) -> bool:
     """Does a runtime of version `runtime` serve a framework built for `needed`?
 
-    From CUDA 11 on, the runtime is compatible within a major version; before it, only
-    the same major.minor works."""
-    r, n = version_key(runtime), version_key(needed)
-    if r[0] != n[0]:
+    From CUDA 11 on, the runtime is compatible within a major version (minor version
+    compatibility); before it, only the same major.minor works."""
+    r, n = runtime.major_minor, needed.major_minor
+    if r.major != n.major:
         return False
-    return r[0] >= 11 and r >= n or r[:2] == n[:2]
+    if r.major >= 11:
+        return r >= n
+    return r == n
 
 
-def _live_tag(cuda: str, flavour: str) -> tuple[str, str] | None:
-    entry = base_tags()["live"].get(cuda)
+def _same_major(a: Version, b: Version) -> bool:
+    return a.major == b.major
+
+
+def _live_tag(cuda: Version, flavour: str) -> tuple[str, LiveTag] | None:
+    tags = base_tags()
+    entry = tags.live.get(cuda)
     if not entry:
         return None
-    kind = {"base": "base", "runtime": "runtime", "cudnn": f"{entry['cudnn']}-runtime"}[flavour]
-    return f"{base_tags()['repository']}:{entry['release']}-{kind}-{entry['os']}", entry["os"]
+    kind = {"base": "base", "runtime": "runtime", "cudnn": f"{entry.cudnn_tag}-runtime"}[flavour]
+    return f"{tags.repository}:{entry.release}-{kind}-{entry.os}", entry
 
 
-def _carried_base(cuda: str) -> tuple[str, str]:
+def _carried_base(cuda: Version) -> tuple[str, Version]:
     """The lowest live `base` tag at or above `cuda` (low keeps the driver requirement low)."""
-    live = sorted(base_tags()["live"], key=version_key)
-    pick = next((v for v in live if version_key(v) >= version_key(cuda)), live[-1])
+    live = sorted(base_tags().live)
+    pick = next((v for v in live if v >= cuda), live[-1])
     image, _ = _live_tag(pick, "base")
     return image, pick
 
@@ -191,10 +201,11 @@ def choose(
     needs_base = [e for e in frameworks_found if not e.carries]
     primary = (needs_base or frameworks_found or runtimes or [None])[-1]
     if cuda_option == "none" or (cuda_option == "auto" and primary is None):
-        cpu = base_tags()["cpu_base"]
+        tags = base_tags()
         reason = "--cuda none" if cuda_option == "none" else "no GPU framework or CUDA package in the environment"
-        return _with_override(CudaChoice(None, None, False, cpu["image"], cpu["glibc"], f"CPU image: {reason}"), base_image)
-    cuda = cuda_option if cuda_option != "auto" else primary.cuda
+        cpu = CudaChoice(None, None, False, tags.cpu_image, str(tags.cpu_glibc), f"CPU image: {reason}")
+        return _with_override(cpu, base_image)
+    cuda = Version.parse(cuda_option) if cuda_option != "auto" else primary.cuda
     cudnn = primary.cudnn if primary is not None else None
     if cudnn is None and cudnn_runtimes:
         cudnn = cudnn_runtimes[-1].cudnn
@@ -204,80 +215,94 @@ def choose(
     carried = bool(frameworks_found) and not needs_base
     if needs_base or not frameworks_found:
         carried = any(_covers(r.cuda, cuda) for r in runtimes) and (
-            cudnn is None or any(version_key(r.cudnn)[0] == version_key(cudnn)[0] for r in cudnn_runtimes)
+            cudnn is None or any(_same_major(r.cudnn, cudnn) for r in cudnn_runtimes)
         )
     if carried:
-        return _with_override(_on_live_base(cuda, cudnn, why + "; the environment carries its own CUDA runtime", (), found), base_image)
+        why += "; the environment carries its own CUDA runtime"
+        return _with_override(_on_live_base(cuda, cudnn, why, (), found), base_image)
     from_image = _from_image(cuda, cudnn, why)
     if from_image is not None:
         return _with_override(from_image, base_image)
     if base_image:
         # The named base image is the sender's answer to the missing tag; add nothing.
-        return _with_override(CudaChoice(cuda, cudnn, False, base_image, glibc_for(base_image), why), base_image)
+        return _with_override(_choice(cuda, cudnn, False, base_image, why), base_image)
     added = _runtime_packages(cuda, cudnn)
-    gone = base_tags()["deleted"].get(cuda)
+    gone = base_tags().deleted.get(cuda)
     why += f"; nvidia/cuda:{gone} was deleted (end of life)" if gone else f"; no published nvidia/cuda {cuda} image with cuDNN {cudnn}"
     why += ", so the environment carries the CUDA runtime (" + ", ".join(a.spec for a in added) + ")"
     return _on_live_base(cuda, cudnn, why, added, found)
 
 
-def _from_image(cuda: str, cudnn: str | None, why: str) -> CudaChoice | None:
+def _choice(cuda: Version, cudnn: Version | None, runtime_in_env: bool, image: str, reason: str,
+            glibc: Version | None = None, **more) -> CudaChoice:
+    """The record the rest of pack reads: versions become text here. Without `glibc`, the
+    image's glibc comes from the OS its reference names."""
+    glibc_text = str(glibc) if glibc is not None else glibc_for(image)
+    return CudaChoice(str(cuda), str(cudnn) if cudnn else None, runtime_in_env, image, glibc_text, reason, **more)
+
+
+def _from_image(cuda: Version, cudnn: Version | None, why: str) -> CudaChoice | None:
     """CUDA (and cuDNN) from a live nvidia/cuda runtime tag, if one fits."""
     tag = _live_tag(cuda, "cudnn" if cudnn else "runtime")
     if tag is None:
         return None
-    live_cudnn = base_tags()["live"][cuda].get("cudnn_version")
-    if not cudnn or (live_cudnn and version_key(live_cudnn)[0] == version_key(cudnn)[0]):
-        image, os_name = tag
+    image, entry = tag
+    if not cudnn or _same_major(entry.cudnn, cudnn):
         reason = f"{why}; the image provides CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else "")
-        return CudaChoice(cuda, cudnn, False, image, base_tags()["glibc"][os_name], reason)
+        return _image_choice(cuda, cudnn, image, entry, reason)
     # The CUDA tag lives but with another cuDNN major: CUDA from the image, cuDNN from conda.
-    image, os_name = _live_tag(cuda, "runtime")
+    image, entry = _live_tag(cuda, "runtime")
     reason = f"{why}; the image provides CUDA {cuda}, the environment brings cuDNN {cudnn}"
-    return CudaChoice(cuda, cudnn, False, image, base_tags()["glibc"][os_name], reason, None, _cudnn_package(cudnn), env_libs=True)
+    return _image_choice(cuda, cudnn, image, entry, reason, added=_cudnn_package(cudnn), env_libs=True)
 
 
-def _on_live_base(cuda: str, cudnn: str | None, why: str, added: tuple[Added, ...], found: list[Evidence]) -> CudaChoice:
+def _image_choice(cuda: Version, cudnn: Version | None, image: str, entry: LiveTag, reason: str, **more) -> CudaChoice:
+    # The tag's own OS is known for certain: no need to read it back out of the image name.
+    return _choice(cuda, cudnn, False, image, reason, glibc=base_tags().glibc[entry.os], **more)
+
+
+def _on_live_base(cuda: Version, cudnn: Version | None, why: str, added: tuple[Added, ...],
+                  found: list[Evidence]) -> CudaChoice:
     """The environment brings the runtime: any live base will do; take the lowest that fits."""
     image, base_cuda = _carried_base(cuda)
     require = f"cuda>={cuda}" if base_cuda != cuda else None
     # Put the env's lib/ on LD_LIBRARY_PATH only when a conda CUDA runtime lives there.
     env_libs = bool(added) or any(e.runtime and e.source == "conda" for e in found)
-    gone = base_tags()["deleted"].get(cuda)
+    gone = base_tags().deleted.get(cuda)
     if gone and not added:
         why += f" (nvidia/cuda:{gone} was deleted, end of life)"
     why += f"; any live base fits, and the lowest, {image}, asks the least of the driver"
-    return CudaChoice(cuda, cudnn, True, image, glibc_for(image), why, require, added, env_libs)
+    return _choice(cuda, cudnn, True, image, why, require_cuda=require, added=added, env_libs=env_libs)
 
 
-def _runtime_packages(cuda: str, cudnn: str | None) -> tuple[Added, ...]:
-    table = frameworks()["conda_runtime"]
-    specs = table.get(cuda)
+def _runtime_packages(cuda: Version, cudnn: Version | None) -> tuple[Added, ...]:
+    table = frameworks().conda_runtime
+    specs = table.specs.get(cuda)
     if not specs:
         raise UsageError(f"no published nvidia/cuda image and no conda CUDA runtime known for CUDA {cuda}; pass --base-image")
-    cudnn = cudnn or table["default_cudnn"].get(cuda.split(".")[0], "8.9")
+    cudnn = cudnn or table.default_cudnn[cuda.major]  # the loader checked every major has one
     reason = f"no live nvidia/cuda {cuda} image; the environment brings the CUDA runtime"
     return tuple(Added(spec.format(cudnn=cudnn), reason) for spec in specs)
 
 
-def _cudnn_package(cudnn: str) -> tuple[Added, ...]:
+def _cudnn_package(cudnn: Version) -> tuple[Added, ...]:
     return (Added(f"cudnn={cudnn}", "the base image's cuDNN is another major version"),)
 
 
 def _with_override(choice: CudaChoice, base_image: str | None) -> CudaChoice:
     if not base_image:
         return choice
-    from dataclasses import replace
-
-    return replace(choice, base_image=base_image, glibc=glibc_for(base_image), reason=choice.reason + f"; base image {base_image} chosen with --base-image")
+    return replace(choice, base_image=base_image, glibc=glibc_for(base_image),
+                   reason=choice.reason + f"; base image {base_image} chosen with --base-image")
 
 
 def apply_added(env: NormalisedEnv, choice: CudaChoice) -> None:
     """Add the runtime packages the choice asked for (once)."""
     names = env.names()
     for item in choice.added:
-        if spec_name(item.spec) not in names:
-            env.dependencies.append(item.spec)
+        spec = parse_conda_spec(item.spec)
+        if spec.name not in names:
+            env.dependencies.append(spec)
             env.added.append(item)
 
 

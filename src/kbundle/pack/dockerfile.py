@@ -82,6 +82,30 @@ def _contract_values() -> dict[str, object]:
     }
 
 
+def inputs_for(manifest) -> DockerfileInputs:
+    """Everything the template needs comes from the manifest, so anyone holding it can re-render."""
+    return DockerfileInputs(
+        name=manifest.name,
+        kbundle_version=manifest.kbundle_version,
+        format_version=manifest.format_version,
+        content_hash=manifest.content_hash,
+        notebook=manifest.notebook.rpartition("/")[2],
+        python=manifest.python,
+        cuda=manifest.cuda,
+        cudnn=manifest.cudnn,
+        runtime_in_env=manifest.cuda_runtime_in_env,
+        env_libs=manifest.cuda_env_libs,
+        base_image=manifest.base_image,
+        base_reason=manifest.base_image_reason,
+        require_cuda=manifest.require_cuda,
+        pip=bool(manifest.pip),
+    )
+
+
+def render_for(manifest) -> str:
+    return render(inputs_for(manifest))
+
+
 def render(inputs: DockerfileInputs) -> str:
     import jinja2
 

@@ -7,77 +7,8 @@ import re
 from pathlib import Path
 
 from kbundle.errors import UsageError
-from kbundle.pack.records import CondaSpec, PipPin, RawEnv
-
-_NAME = re.compile(r"^\s*(?:(?P<channel>[^\s:]+)::)?(?P<name>[A-Za-z0-9_][A-Za-z0-9_.\-]*)(?P<rest>.*)$")
-_PIP_NAME = re.compile(r"^\s*(?P<name>[A-Za-z0-9][A-Za-z0-9._\-]*)\s*(?:\[[^\]]*\])?\s*(?P<rest>.*)$")
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def _one_line(raw: str, what: str) -> str:
-    # Specs end up in the Dockerfile's comments and labels: a newline must not sneak in.
-    text = raw.strip()
-    if _CONTROL.search(text):
-        raise UsageError(f"the {what} {text.splitlines()[0]!r}... spans several lines or has control characters")
-    return text
-
-
-def parse_conda_spec(raw: str) -> CondaSpec:
-    """Split an export line like `numpy=1.19.2=py37hadc3359_0` (or `numpy >=1.2`)."""
-    text = _one_line(raw, "conda dependency")
-    match = _NAME.match(text)
-    if not match:
-        raise UsageError(f"cannot read the conda dependency {raw!r}")
-    name, rest, channel = match["name"], match["rest"].strip(), match["channel"]
-    spaced = match["rest"][:1].isspace()
-    version = build = constraint = None
-    if spaced:
-        # `python 3.8`, `numpy 1.2 py_0` or `numpy >=1.20`: space-separated MatchSpec forms.
-        pieces = rest.split()
-        if len(pieces) == 1 and re.match(r"^[\d.]+$", pieces[0]):
-            version = pieces[0]
-        elif len(pieces) == 2 and re.match(r"^[\d.]+$", pieces[0]):
-            version, build = pieces
-        else:
-            constraint = rest
-    elif rest.startswith("==") and not re.search(r"[<>!,|*]", rest[2:]):
-        version = rest[2:].strip() or None
-    elif rest.startswith("=") and not rest.startswith("=="):
-        parts = rest[1:].split("=")
-        if len(parts) <= 2 and not re.search(r"[<>!,| ]", parts[0]):
-            version = parts[0] or None
-            build = parts[1] if len(parts) == 2 and parts[1] else None
-        else:
-            constraint = rest
-    elif rest:
-        constraint = rest
-    return CondaSpec(raw=text, name=name.lower(), channel=channel, version=version, build=build, constraint=constraint)
-
-
-def parse_pip_line(raw: str) -> PipPin | None:
-    text = _one_line(raw, "pip requirement")
-    if not text or text.startswith("#"):
-        return None
-    lowered = text.lower()
-    if text.startswith(("-e ", "--editable")) or "file:" in lowered or re.match(r"^[a-zA-Z]:[\\/]", text) or text.startswith(("/", ".", "\\")):
-        name = text.split("#egg=")[-1] if "#egg=" in text else text
-        return PipPin(raw=text, name=canonical(re.split(r"[\s@=<>]", name.strip())[0] or name), version=None, local=True)
-    if text.startswith("-"):
-        # Options such as --index-url: not a package; the build decides where wheels come from.
-        return None
-    match = _PIP_NAME.match(text)
-    if not match:
-        raise UsageError(f"cannot read the pip requirement {raw!r}")
-    rest = match["rest"].split(";")[0].strip()
-    version = rest[2:].strip() if rest.startswith("==") and not re.search(r"[<>!,*]", rest[2:]) else None
-    return PipPin(raw=text, name=canonical(match["name"]), version=version)
-
+from kbundle.pack.records import RawEnv
+from kbundle.specs import CondaSpec, PipPin, parse_conda_spec, parse_pip_line
 
 def _load_yaml(path: Path, text: str):
     import yaml

@@ -33,10 +33,10 @@ def channel_urls(channels: list[str]) -> list[str]:
             found = [channel.rstrip("/")]
         elif channel.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", channel):
             found = [Path(channel).resolve().as_uri()]
-        elif channel in facts["channel_aliases"]:
-            found = facts["channel_aliases"][channel]
+        elif channel in facts.channel_aliases:
+            found = list(facts.channel_aliases[channel])
         else:
-            found = [f"{facts['channel_alias']}/{channel}"]
+            found = [f"{facts.channel_alias}/{channel}"]
         urls.extend(u for u in found if u not in urls)
     return urls
 
@@ -103,7 +103,7 @@ def _solve(env: NormalisedEnv, choice: CudaChoice, urls: list[str], mode: str) -
 
     vps = target(choice)
     try:
-        records = asyncio.run(solve.solve(urls, env.dependencies, vps))
+        records = asyncio.run(solve.solve(urls, [d.text for d in env.dependencies], vps))
     except solve.ChannelsDown as exc:
         if mode == "always":
             raise LockError(f"cannot lock: channels unreachable ({exc})") from None

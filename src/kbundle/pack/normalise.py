@@ -9,32 +9,23 @@ the kernel's own package, ipykernel, is there. The facts live in data/normalise.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from kbundle.bundle.format import Added, Dropped, Variant
-from kbundle.pack.envfile import write_environment_yml
 from kbundle.facts import normalise_facts
-from kbundle.pack.records import CondaSpec, NormalisedEnv, PipPin, RawEnv, spec_name
+from kbundle.pack.envfile import write_environment_yml
+from kbundle.pack.records import NormalisedEnv, RawEnv
+from kbundle.specs import CondaSpec, PipPin, parse_conda_spec, parse_pip_line
 
 _WORDS = re.compile(r"[a-z]+")
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
-
-
-def _os_only(name: str, table: dict) -> str | None:
-    for entry in table.values():
-        if _matches(name, entry["names"]):
-            return entry["reason"]
-    return None
 
 
 def guess_platform(env: RawEnv) -> str | None:
     if env.platform:
         return env.platform
     names = {s.name for s in env.conda}
-    for platform, markers in normalise_facts()["platform_markers"].items():
-        if names & set(markers):
+    for platform, markers in normalise_facts().platform_markers.items():
+        if names & markers:
             return platform
     return None
 
@@ -44,28 +35,22 @@ def variant_of(build: str | None) -> tuple[str, str] | None:
     if not build:
         return None
     words = set(_WORDS.findall(build.lower()))
-    for marker, intent in normalise_facts()["variant_markers"].items():
+    for marker, intent in normalise_facts().variant_markers.items():
         if marker in words:
             return marker, intent
     return None
 
 
-def normalise_conda_spec(spec: CondaSpec) -> tuple[str, Variant | None]:
-    head = f"{spec.channel}::{spec.name}" if spec.channel and spec.channel not in _platform_channels() else spec.name
-    if spec.constraint:
-        return f"{head}{spec.constraint if spec.constraint[0] in '<>=!~' else ' ' + spec.constraint}", None
-    if not spec.version:
-        if spec.build and variant_of(spec.build):
-            marker, intent = variant_of(spec.build)
-            text = f"{head}=*={_build_glob(spec.build, marker)}"
-            return text, Variant(spec.name, text, intent)
-        return head, None
-    found = variant_of(spec.build)
-    if found:
-        marker, intent = found
-        text = f"{head}={spec.version}={_build_glob(spec.build, marker)}"
-        return text, Variant(spec.name, text, intent)
-    return f"{head}={spec.version}", None
+def normalise_conda_spec(spec: CondaSpec) -> tuple[CondaSpec, Variant | None]:
+    """The spec for linux-64: no platform-only channel, no build hash, but a variant's build glob."""
+    channel = spec.channel if spec.channel not in normalise_facts().platform_channels else None
+    plain = replace(spec, channel=channel, build=None)
+    found = variant_of(spec.build) if not spec.constraint else None
+    if not found:
+        return plain, None
+    marker, intent = found
+    kept = replace(plain, build=_build_glob(spec.build, marker))
+    return kept, Variant(spec.name, kept.text, intent)
 
 
 def _build_glob(build: str, marker: str) -> str:
@@ -73,12 +58,8 @@ def _build_glob(build: str, marker: str) -> str:
     return build if build.lower() == marker else f"*{marker}*"
 
 
-def _platform_channels() -> set[str]:
-    return {name for name, urls in normalise_facts()["channel_aliases"].items() if not urls}
-
-
 def _channels(env: RawEnv, dropped: list[Dropped], added: list[Added]) -> list[str]:
-    platform_only = _platform_channels()
+    platform_only = normalise_facts().platform_channels
     channels = []
     for channel in env.channels:
         if channel in platform_only:
@@ -91,25 +72,32 @@ def _channels(env: RawEnv, dropped: list[Dropped], added: list[Added]) -> list[s
     return channels
 
 
-def _pip(pins: list[PipPin], dropped: list[Dropped]) -> list[str]:
+def _pip(pins: list[PipPin], dropped: list[Dropped]) -> list[PipPin]:
     facts = normalise_facts()
-    replace = facts["pip_replace"]
-    kept: list[str] = []
+    kept: list[PipPin] = []
     for pin in pins:
         if pin.local:
             dropped.append(Dropped(f"pip: {pin.raw}", "a local path or editable install on the sender's machine"))
             continue
-        reason = _os_only(pin.name, facts["pip_os_only"])
+        reason = facts.pip_os_reason(pin.name)
         if reason:
             dropped.append(Dropped(f"pip: {pin.raw}", reason))
             continue
-        if pin.name in replace and pin.version:
-            new = f"{replace[pin.name]}=={pin.version}"
-            dropped.append(Dropped(f"pip: {pin.raw}", f"replaced by {new} on Linux"))
+        linux_name = facts.pip_replace.get(pin.name)
+        if linux_name and pin.version:
+            new = parse_pip_line(f"{linux_name}=={pin.version}")
+            dropped.append(Dropped(f"pip: {pin.raw}", f"replaced by {new.text} on Linux"))
             kept.append(new)
             continue
-        kept.append(pin.raw)
+        kept.append(pin)
     return kept
+
+
+def _python_version(spec: CondaSpec) -> str | None:
+    """python's version when the spec pins a plain one (3.10, 3.10.*), else None."""
+    if spec.name == "python" and re.fullmatch(r"\d+(\.\d+)*(\.\*)?", spec.version or ""):
+        return spec.version.rstrip(".*")
+    return None
 
 
 def normalise(env: RawEnv) -> NormalisedEnv:
@@ -118,27 +106,25 @@ def normalise(env: RawEnv) -> NormalisedEnv:
     added: list[Added] = []
     variants: list[Variant] = []
     channels = _channels(env, dropped, added)
-    deps: list[str] = []
+    deps: list[CondaSpec] = []
     python = None
     for spec in env.conda:
-        reason = _os_only(spec.name, facts["conda_os_only"])
+        reason = facts.conda_os_reason(spec.name)
         if reason:
             dropped.append(Dropped(spec.raw, reason))
             continue
-        text, variant = normalise_conda_spec(spec)
+        kept, variant = normalise_conda_spec(spec)
         if variant:
             variants.append(variant)
-        if spec.name == "python" and re.fullmatch(r"\d+(\.\d+)*(\.\*)?", spec.version or ""):
-            python = spec.version.rstrip(".*")
-        deps.append(text)
+        python = _python_version(spec) or python
+        deps.append(kept)
     pip = _pip(env.pip, dropped)
-    names = {spec_name(d) for d in deps}
-    pip_names = {p.split("==")[0].strip().lower().replace("_", "-") for p in pip}
+    names = {d.name for d in deps}
     if pip and "pip" not in names:
-        deps.append("pip")
+        deps.append(parse_conda_spec("pip"))
         added.append(Added("pip", "the environment has a pip: section"))
-    if "ipykernel" not in names and "ipykernel" not in pip_names:
-        deps.append("ipykernel")
+    if "ipykernel" not in names and "ipykernel" not in {p.name for p in pip}:
+        deps.append(parse_conda_spec("ipykernel"))
         added.append(Added("ipykernel", "the kernel inside the image needs it"))
     return NormalisedEnv(
         channels=channels,
@@ -155,4 +141,5 @@ def normalise(env: RawEnv) -> NormalisedEnv:
 def environment_yml(name: str, env: NormalisedEnv) -> str:
     """The normalised environment as an environment.yml (no prefix, no build hashes)."""
     header = "normalised by kbundle for linux-64; see kbundle.json for what was dropped or added"
-    return write_environment_yml(header, name, env.channels, env.dependencies, env.pip)
+    return write_environment_yml(header, name, env.channels, [d.text for d in env.dependencies],
+                                 [p.text for p in env.pip])

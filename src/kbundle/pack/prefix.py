@@ -10,8 +10,9 @@ from collections import Counter
 from pathlib import Path
 
 from kbundle.errors import UsageError
-from kbundle.pack.envfile import canonical, parse_conda_spec, write_environment_yml
-from kbundle.pack.records import PipPin, RawEnv
+from kbundle.pack.envfile import write_environment_yml
+from kbundle.pack.records import RawEnv
+from kbundle.specs import PipPin, parse_conda_spec, parse_pip_line
 
 _SUBDIR_TAIL = re.compile(r"/(?:noarch|(?:linux|osx|win)-[a-z0-9_]+)/?$")
 
@@ -56,8 +57,9 @@ def _pip_installed(prefix: Path, conda_files: set[str]) -> list[PipPin]:
             if installer == "conda" or rel in conda_files:
                 continue
             name, version = _metadata(dist)
-            if name and version:
-                pins.append(PipPin(raw=f"{name}=={version}", name=canonical(name), version=version))
+            pin = parse_pip_line(f"{name}=={version}") if name and version else None
+            if pin is not None:
+                pins.append(pin)
     return pins
 
 

@@ -3,30 +3,10 @@ locking, rendering), so each module has one job and can be tested on its own."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from kbundle.bundle.format import Added, Dropped, Variant
-
-
-@dataclass(frozen=True)
-class CondaSpec:
-    """One conda dependency as written by the sender (`name=version=build` or a free spec)."""
-
-    raw: str
-    name: str
-    channel: str | None = None
-    version: str | None = None  # an exact version from `=ver` / `==ver`
-    build: str | None = None
-    constraint: str | None = None  # any other version constraint, kept verbatim (`>=1.2`)
-
-
-@dataclass(frozen=True)
-class PipPin:
-    raw: str
-    name: str  # canonical (lower case, `-`)
-    version: str | None  # from `name==version`
-    local: bool = False  # a path or editable install on the sender's machine
+from kbundle.specs import CondaSpec, PipPin
 
 
 @dataclass
@@ -47,8 +27,8 @@ class RawEnv:
 @dataclass
 class NormalisedEnv:
     channels: list[str]
-    dependencies: list[str]  # normalised conda spec strings
-    pip: list[str]  # exact pins, in order
+    dependencies: list[CondaSpec]  # normalised: no platform build hashes, no platform-only channels
+    pip: list[PipPin]  # in order
     python: str | None
     dropped: list[Dropped] = field(default_factory=list)
     added: list[Added] = field(default_factory=list)
@@ -56,7 +36,7 @@ class NormalisedEnv:
     source_platform: str | None = None
 
     def names(self) -> set[str]:
-        return {spec_name(d) for d in self.dependencies}
+        return {d.name for d in self.dependencies}
 
 
 @dataclass(frozen=True)
@@ -80,9 +60,3 @@ class LockResult:
     note: str | None = None
     python: str | None = None  # the solved python version
 
-
-def spec_name(spec: str) -> str:
-    """The package name of a normalised conda spec string."""
-    spec = spec.split("::", 1)[-1]
-    match = re.match(r"[A-Za-z0-9_.\-]+", spec.strip())
-    return match.group(0).lower() if match else spec
