@@ -108,23 +108,28 @@ def main() -> int:
     p.add_argument("--image", default=None)
     # `kbundle run` byte-compiles the environments it builds, so the compiled variant is the
     # one users get; the world's uncompiled env (a bare rattler install) is measured beside it.
-    p.add_argument("--no-pyc", dest="pyc", action="store_false",
-                   help="skip the container kernels on a byte-compiled env (as `kbundle run` builds them)")
+    p.add_argument(
+        "--no-pyc",
+        dest="pyc",
+        action="store_false",
+        help="skip the container kernels on a byte-compiled env (as `kbundle run` builds them)",
+    )
     p.add_argument("--keep-images", action="store_true", help="keep the derived images for the next run")
     args = p.parse_args()
 
     import docker
 
     from kbundle.kernel.launcher import container_name  # noqa: F401  (kbundle importable)
-    from kbundle.kernel.spec import install_kernelspec
+    from kbundle.kernel.spec import KernelRequest, install_kernelspec
 
     client = docker.from_env(timeout=600)
     image = env_image_tag(args.image)
     dockernel_cmd = 'CMD ["sh", "-c", "exec python -m ipykernel_launcher -f \\"$DOCKERNEL_CONNECTION_FILE\\""]'
     images = {"": image, "dockernel": derived_image(client, image, "kbundle-bench/dockernel:1", dockernel_cmd)}
     if args.pyc:
-        compiled = derived_image(client, image, "kbundle-bench/pyc:1",
-                                 "RUN python -m compileall -q -j0 /opt/kbundle/env >/dev/null")
+        compiled = derived_image(
+            client, image, "kbundle-bench/pyc:1", "RUN python -m compileall -q -j0 /opt/kbundle/env >/dev/null"
+        )
         images["pyc"] = compiled
         images["dockernel-pyc"] = derived_image(client, compiled, "kbundle-bench/dockernel-pyc:1", dockernel_cmd)
 
@@ -134,15 +139,29 @@ def main() -> int:
     os.environ["KBUNDLE_CACHE_DIR"] = str(data_dir / "cache")  # a cold bytecode cache for the launcher
     os.environ["JUPYTER_PATH"] = str(data_dir)
     variants = {"native": "bench-native", "kbundle": "bench-kbundle", "dockernel": "bench-dockernel"}
-    write_spec(data_dir, "bench-native", {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
-                                                   "{connection_file}"], "display_name": "native",
-                                          "language": "python", "interrupt_mode": "signal"})
-    install_kernelspec("bench-kbundle", "bench", image, str(work), [], "bench")
-    dockernel_spec = lambda img: {"argv": [sys.executable, "-m", "dockernel", "start", img, "{connection_file}"],
-                                  "display_name": "dockernel", "language": "python", "interrupt_mode": "message"}
+    write_spec(
+        data_dir,
+        "bench-native",
+        {
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "native",
+            "language": "python",
+            "interrupt_mode": "signal",
+        },
+    )
+    install_kernelspec(KernelRequest("bench-kbundle", "bench", image, str(work), [], "bench"))
+
+    def dockernel_spec(img):
+        return {
+            "argv": [sys.executable, "-m", "dockernel", "start", img, "{connection_file}"],
+            "display_name": "dockernel",
+            "language": "python",
+            "interrupt_mode": "message",
+        }
+
     write_spec(data_dir, "bench-dockernel", dockernel_spec(images["dockernel"]))
     if args.pyc:
-        install_kernelspec("bench-kbundle-pyc", "bench pyc", images["pyc"], str(work), [], "bench")
+        install_kernelspec(KernelRequest("bench-kbundle-pyc", "bench pyc", images["pyc"], str(work), [], "bench"))
         write_spec(data_dir, "bench-dockernel-pyc", dockernel_spec(images["dockernel-pyc"]))
         variants.update({"kbundle (pyc env)": "bench-kbundle-pyc", "dockernel (pyc env)": "bench-dockernel-pyc"})
 
@@ -180,8 +199,10 @@ def main() -> int:
         failed = f"  ({failures[v]} interrupts not delivered)" if failures[v] else ""
         base_d = med["dockernel (pyc env)" if "pyc" in v else "dockernel"]["start"]
         print(f"{v:<22}{s:>9.3f}{i:>11.3f}{s / med['native']['start']:>13.2f}x{s / base_d:>16.2f}x{failed}")
-    print("first start of each variant (cold: kbundle's bytecode cache empty): "
-          + ", ".join(f"{v} {t:.3f}" for v, t in first.items()))
+    print(
+        "first start of each variant (cold: kbundle's bytecode cache empty): "
+        + ", ".join(f"{v} {t:.3f}" for v, t in first.items())
+    )
     k, n, d = med["kbundle"], med["native"], med["dockernel"]
     print(f"kbundle start / native start       = {k['start'] / n['start']:.2f}x (goal <= 1.5x)")
     print(f"kbundle start / dockernel start    = {k['start'] / d['start']:.2f}x (goal <= 1.0x)")

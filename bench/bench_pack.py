@@ -48,8 +48,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "warp-speed.kbundle")
         pack = _kbundle() + [
-            "pack", str(EXAMPLE / "warp-speed.ipynb"), "-e", str(EXAMPLE / "environment.yml"),
-            "-o", out, "--lock", "never",
+            "pack",
+            str(EXAMPLE / "warp-speed.ipynb"),
+            "-e",
+            str(EXAMPLE / "environment.yml"),
+            "-o",
+            out,
+            "--lock",
+            "never",
         ]
         # Warm both once (page cache, .pyc files), then alternate-free medians.
         _time(baseline, 1)
@@ -57,14 +63,19 @@ def main() -> int:
         base = _time(baseline, args.runs)
         packed = _time(pack, args.runs)
         ref = os.path.join(tmp, "ref.zip")
-        subprocess.run(["zip", "-q", "-9", "-j", ref, str(EXAMPLE / "warp-speed.ipynb"), str(EXAMPLE / "environment.yml")], check=True)
+        subprocess.run(
+            ["zip", "-q", "-9", "-j", ref, str(EXAMPLE / "warp-speed.ipynb"), str(EXAMPLE / "environment.yml")],
+            check=True,
+        )
         extra = os.path.getsize(out) - os.path.getsize(ref)
         sizes = (os.path.getsize(out), os.path.getsize(ref))
     ratio = packed / base
     print(f"baseline import typer, yaml, jinja2, nbformat: {base * 1000:.0f} ms (median of {args.runs})")
     print(f"kbundle pack --lock never (example):            {packed * 1000:.0f} ms (median of {args.runs})")
     print(f"ratio: {ratio:.2f} (target <= {TARGET})")
-    print(f"size: bundle {sizes[0]} B, zip -9 of notebook + env file {sizes[1]} B: +{extra} B (target <= {SIZE_TARGET})")
+    print(
+        f"size: bundle {sizes[0]} B, zip -9 of notebook + env file {sizes[1]} B: +{extra} B (target <= {SIZE_TARGET})"
+    )
     return 0 if ratio <= TARGET and extra <= SIZE_TARGET else 1
 
 

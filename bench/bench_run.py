@@ -8,7 +8,7 @@
    from the lock, rattler install, byte-compile: the work `kbundle run` does before building).
    Target: at least 5x faster.
 
-Needs the Docker engine and the offline world (tests/world.py). Builds one image, removes
+Needs the Docker engine and the offline world (tests/world/). Builds one image, removes
 it at the end, and uses throwaway kbundle caches and Jupyter dirs.
 
     .venv/bin/python bench/bench_run.py [--runs 5]
@@ -33,9 +33,21 @@ KBUNDLE = str(Path(sys.executable).with_name("kbundle"))
 WARM_TARGET = 1.0
 CACHE_TARGET = 5.0
 
-NOTEBOOK = {"cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
-                       "source": "import numpy, tabulate\nprint(numpy.__version__)"}],
-            "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+NOTEBOOK = {
+    "cells": [
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "id": "c1",
+            "metadata": {},
+            "outputs": [],
+            "source": "import numpy, tabulate\nprint(numpy.__version__)",
+        }
+    ],
+    "metadata": {},
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
 
 
 def sh(cmd, env=None, cwd=None) -> subprocess.CompletedProcess:
@@ -63,36 +75,55 @@ def pack(world, env, folder: Path, name: str, deps: list[str], pip: list[str]) -
         lines += ["  - pip:"] + [f"    - {p}" for p in pip]
     (folder / "environment.yml").write_text("\n".join(lines) + "\n")
     out = folder / f"{name}.kbundle"
-    sh([KBUNDLE, "pack", "nb.ipynb", "-e", "environment.yml", "--name", name, "--channel", world["channel"],
-        "--base-image", world["base_image"], "-o", out], env, folder)
+    sh(
+        [
+            KBUNDLE,
+            "pack",
+            "nb.ipynb",
+            "-e",
+            "environment.yml",
+            "--name",
+            name,
+            "--channel",
+            world["channel"],
+            "--base-image",
+            world["base_image"],
+            "-o",
+            out,
+        ],
+        env,
+        folder,
+    )
     return out
 
 
 def install_seconds(bundle: Path, target: Path) -> tuple[float, int]:
     """What `kbundle run` does to the env before a build: resolve the lock, install, byte-compile."""
-    from kbundle.image import bytecode, env as envmod
     from kbundle.bundle import open_bundle
+    from kbundle.cache import cache_root
+    from kbundle.flows.run import target_of
+    from kbundle.image import bytecode
+    from kbundle.image import env as envmod
 
     b = open_bundle(bundle)
     t0 = time.perf_counter()
-    resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text, b.cuda))
+    resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text, target_of(b)))
     envmod.install(resolved, target)
-    bytecode.compile_env(target, envmod.cache_root() / "pyc", resolved.interpreter_id())
+    bytecode.compile_env(target, cache_root() / "pyc", resolved.interpreter_id())
     return time.perf_counter() - t0, resolved.count
 
 
 def baseline_context(bundle: Path, base_image: str, ctx: Path) -> None:
-    """The same build context `kbundle run` assembles: env/, pip/, work/, Dockerfile."""
-    from kbundle.image import build as imagemod, bytecode, env as envmod, wheels
-    from kbundle.bundle import extract_bundle, open_bundle
+    """The same build context `kbundle run` assembles (image/context.py), built here by plain `docker build`."""
+    from kbundle.bundle import open_bundle
+    from kbundle.flows.run import assemble_context, target_of
+    from kbundle.image import build as imagemod
+    from kbundle.image import env as envmod
 
     b = open_bundle(bundle)
-    resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text, b.cuda))
-    envmod.install(resolved, ctx / "env")
-    bytecode.compile_env(ctx / "env", envmod.cache_root() / "pyc", resolved.interpreter_id())
-    wheels.write_context(wheels.fetch(b.pip, b.python), ctx)
-    extract_bundle(bundle, ctx, members=[m for m in b.members if m.startswith("work/")])
-    (ctx / "Dockerfile").write_text(imagemod.with_base_image(b.dockerfile_text, base_image))
+    resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text, target_of(b)))
+    ctx.mkdir(parents=True, exist_ok=True)
+    assemble_context(ctx, b, resolved, imagemod.with_base_image(b.dockerfile_text, base_image))
 
 
 def main() -> int:
@@ -109,8 +140,14 @@ def main() -> int:
         tag = os.urandom(3).hex()
         deps = [f"python={world['python']}", "numpy", "ipykernel", "pip"]
         first = pack(world, env, tmp / "a", f"bench-a-{tag}", deps, ["tabulate==0.9.0"])
-        second = pack(world, env, tmp / "b", f"bench-b-{tag}",
-                      [f"python={world['python']}", "ipykernel", "pip", "tzdata", "python-dateutil"], [])
+        second = pack(
+            world,
+            env,
+            tmp / "b",
+            f"bench-b-{tag}",
+            [f"python={world['python']}", "ipykernel", "pip", "tzdata", "python-dateutil"],
+            [],
+        )
 
         # 1. warm run vs a fully cached docker build
         t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Shared fixtures: the offline world (tests/world.py) and an image with a real env in it."""
+"""Shared fixtures: the offline world (the tests/world/ package) and an image with a real env in it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+# tests/ on the path: `world` is the tests/world/ package (`python -m tests.world` from the root).
 sys.path.insert(0, str(Path(__file__).parent))
 
 import world as world_module  # noqa: E402
@@ -41,6 +42,9 @@ def world(docker_client) -> dict:
 def env_image(world) -> str:
     """Tag of an image FROM the world's base with python, ipykernel and numpy at /opt/kbundle/env.
 
-    Its ENTRYPOINT activates the env, so `docker run TAG python ...` runs the env's interpreter.
+    kbundle's own Dockerfile, installer and build context make it (tests/world/env_image.py), so
+    it is an image as `kbundle run` builds one, except that its env is not byte-compiled. Its
+    ENTRYPOINT activates the env, so `docker run TAG python ...` runs the env's interpreter; its
+    default user is the unprivileged `kbundle` and its WORKDIR /opt/kbundle/work.
     """
     return world_module.ensure_env_image(world)

@@ -11,8 +11,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_ships_templates_and_data(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(tmp_path.glob("kbundle-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for template in (ROOT / "templates").rglob("*"):
@@ -20,8 +34,9 @@ def test_wheel_ships_templates_and_data(tmp_path):
             assert f"kbundle/templates/{template.relative_to(ROOT / 'templates').as_posix()}" in names
     data_files = {n for n in names if n.startswith("kbundle/data/") and n.endswith(".yaml")}
     assert len(data_files) >= 4, data_files
-    entry_points = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    entry_points = (
+        zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    )
     assert "kbundle = kbundle.cli:main" in entry_points
     assert "kbundle-kernel = kbundle.kernel.launcher:main" in entry_points
 

@@ -22,10 +22,22 @@ from kbundle.image.env import EnvSpec, resolve
 
 
 def _package(subdir: Path, name: str, depends: list[str]) -> None:
-    index = {"name": name, "version": "1.0", "build": "0", "build_number": 0, "depends": depends,
-             "subdir": "linux-64", "platform": "linux", "arch": "x86_64", "license": "MIT"}
-    files = {"info/index.json": json.dumps(index), "info/paths.json": json.dumps({"paths": [], "paths_version": 1}),
-             "info/files": ""}
+    index = {
+        "name": name,
+        "version": "1.0",
+        "build": "0",
+        "build_number": 0,
+        "depends": depends,
+        "subdir": "linux-64",
+        "platform": "linux",
+        "arch": "x86_64",
+        "license": "MIT",
+    }
+    files = {
+        "info/index.json": json.dumps(index),
+        "info/paths.json": json.dumps({"paths": [], "paths_version": 1}),
+        "info/files": "",
+    }
     subdir.mkdir(parents=True, exist_ok=True)
     with tarfile.open(subdir / f"{name}-1.0-0.tar.bz2", "w:bz2") as tar:
         for path, text in files.items():
@@ -48,12 +60,15 @@ def channel(tmp_path_factory) -> str:
     return root.as_uri()
 
 
-@pytest.mark.parametrize("glibc, cuda, spec, solvable", [
-    ("2.17", None, "needs-glibc-228", False),  # this host's glibc would allow it: the image's does not
-    ("2.28", None, "needs-glibc-228", True),
-    ("2.36", "11.8", "needs-cuda-12", False),  # no GPU here, so the host has no __cuda either way
-    ("2.36", "12.2", "needs-cuda-12", True),
-])
+@pytest.mark.parametrize(
+    "glibc, cuda, spec, solvable",
+    [
+        ("2.17", None, "needs-glibc-228", False),  # this host's glibc would allow it: the image's does not
+        ("2.28", None, "needs-glibc-228", True),
+        ("2.36", "11.8", "needs-cuda-12", False),  # no GPU here, so the host has no __cuda either way
+        ("2.36", "12.2", "needs-cuda-12", True),
+    ],
+)
 def test_solves_against_the_target_virtual_packages(channel, glibc, cuda, spec, solvable):
     target = contract.target_virtual_packages(glibc, cuda)
     if solvable:
@@ -88,9 +103,19 @@ class _Bundle:
 
 
 def _manifest(**fields) -> Manifest:
-    base = dict(name="n", notebook="work/n.ipynb", python="3.11", cuda=None, cudnn=None, cuda_runtime_in_env=False,
-                base_image="nvidia/cuda:12.2.2-runtime-ubuntu22.04", base_image_reason="", channels=[],
-                dependencies=[], pip=[])
+    base = dict(
+        name="n",
+        notebook="work/n.ipynb",
+        python="3.11",
+        cuda=None,
+        cudnn=None,
+        cuda_runtime_in_env=False,
+        base_image="nvidia/cuda:12.2.2-runtime-ubuntu22.04",
+        base_image_reason="",
+        channels=[],
+        dependencies=[],
+        pip=[],
+    )
     return Manifest(**{**base, **fields})
 
 

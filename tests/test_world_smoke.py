@@ -26,8 +26,9 @@ def staged_env(world, tmp_path_factory) -> tuple[Path, list]:
 
 def test_world_up_prints_json_last_and_is_fast_the_second_time(world):
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "world.py"), "up"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.world", "up"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -75,14 +76,22 @@ def test_image_from_base_runs_the_envs_python(world, staged_env, docker_client, 
     world_module.build_image(tmp_path / "ctx", tag, {"kbundle.test": "1"})
     try:
         code = "import sys, numpy, ipykernel; print(sys.executable, numpy.__version__, ipykernel.__version__)"
-        out = docker_client.containers.run(tag, [f"{world_module.ENV_PREFIX}/bin/python", "-c", code],
-                                           remove=True).decode().split()
+        out = (
+            docker_client.containers.run(tag, [f"{world_module.ENV_PREFIX}/bin/python", "-c", code], remove=True)
+            .decode()
+            .split()
+        )
         assert out[0].startswith(world_module.ENV_PREFIX)
         channel_numpy = next(r.version for r in records if r.name.normalized == "numpy")
         assert out[1] == str(channel_numpy)
         # The base image has no python of its own: what ran came from the env.
-        probe = docker_client.containers.run(world["base_image"], ["sh", "-c", "command -v python3 || echo none"],
-                                             remove=True).decode().strip()
+        probe = (
+            docker_client.containers.run(
+                world["base_image"], ["sh", "-c", "command -v python3 || echo none"], remove=True
+            )
+            .decode()
+            .strip()
+        )
         assert probe == "none"
     finally:
         docker_client.images.remove(tag, force=True)
@@ -95,10 +104,16 @@ async def test_kernel_in_container_answers_execute_request(env_image, docker_cli
 
     conn_file, info = write_connection_file(str(tmp_path / "kernel.json"), ip="127.0.0.1")
     os.chmod(conn_file, 0o644)  # readable by the kernel's user in the container
+    # As this user, like kbundle's launcher: the image's own user (`kbundle`) cannot enter tmp_path.
     container = docker_client.containers.run(
-        env_image, ["python", "-m", "ipykernel_launcher", "-f", "/conn/kernel.json"],
-        network_mode="host", volumes={str(tmp_path): {"bind": "/conn", "mode": "rw"}},
-        detach=True, labels={"kbundle.test": "1"})
+        env_image,
+        ["python", "-m", "ipykernel_launcher", "-f", "/conn/kernel.json"],
+        network_mode="host",
+        volumes={str(tmp_path): {"bind": "/conn", "mode": "rw"}},
+        user=f"{os.getuid()}:{os.getgid()}",
+        detach=True,
+        labels={"kbundle.test": "1"},
+    )
     outputs: list[dict] = []
     client = AsyncKernelClient()
     client.load_connection_file(conn_file)
@@ -113,12 +128,13 @@ async def test_kernel_in_container_answers_execute_request(env_image, docker_cli
             time.sleep(0.1)
         await client.wait_for_ready(timeout=60)
         reply = await client.execute_interactive(
-            "import sys, numpy; print(sys.prefix, numpy.__version__)", timeout=30,
-            output_hook=lambda msg: outputs.append(msg))
+            "import sys, numpy; print(sys.prefix, numpy.__version__)",
+            timeout=30,
+            output_hook=lambda msg: outputs.append(msg),
+        )
         assert reply["content"]["status"] == "ok"
         text = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
         assert text.startswith(world_module.ENV_PREFIX + " ")
     finally:
         client.stop_channels()
         container.remove(force=True)
-

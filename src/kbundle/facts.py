@@ -296,8 +296,12 @@ def _section(root: _Node, key: str) -> _Node:
 
 def _tensorflow(node: _Node) -> TensorFlow:
     builds = {v: TfBuild(b["cuda"].version(), b["cudnn"].version()) for v, b in node["builds"].version_items()}
-    return TensorFlow(_names(node["names"]), _frozen(builds), frozenset(node["cpu_names"].texts()),
-                      node["gpu_in_plain_package_from"].version())
+    return TensorFlow(
+        _names(node["names"]),
+        _frozen(builds),
+        frozenset(node["cpu_names"].texts()),
+        node["gpu_in_plain_package_from"].version(),
+    )
 
 
 def _torch(node: _Node) -> Torch:
@@ -401,8 +405,9 @@ def _known_os(node: _Node, glibc: Mapping[str, Version]) -> str:
 
 
 def _live_tag(node: _Node, glibc: Mapping[str, Version]) -> LiveTag:
-    return LiveTag(node["release"].text(), _known_os(node["os"], glibc), node["cudnn"].text(),
-                   node["cudnn_version"].version())
+    return LiveTag(
+        node["release"].text(), _known_os(node["os"], glibc), node["cudnn"].text(), node["cudnn_version"].version()
+    )
 
 
 def base_tags_from(data: Any) -> BaseTags:
@@ -523,8 +528,9 @@ def _as_version(value: str | Version) -> Version:
 
 def _arch(capability: Version, node: _Node) -> Arch:
     last = node["last"]
-    return Arch(capability, node["name"].text(), node["first"].version(),
-                last.version() if last.value is not None else None)
+    return Arch(
+        capability, node["name"].text(), node["first"].version(), last.version() if last.value is not None else None
+    )
 
 
 def compat_tables_from(drivers: Any, arches: Any) -> CompatTables:

@@ -6,7 +6,7 @@ checkout it stays at the repository's top, two levels above this file.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ def yaml_dumper():
     return getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_data(name: str) -> dict[str, Any]:
     """One compatibility table from kbundle/data (`name` without `.yaml`), read once."""
     import yaml

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from kbundle import contract
 from kbundle.errors import KbundleError, first_line
@@ -52,8 +53,9 @@ def _gateway(cache_dir: Optional[Path]):
     return Gateway(cache_dir=cache_dir, show_progress=False, client=rattler_client())
 
 
-async def solve(channels: Sequence[str], specs: Sequence[str], target: Sequence[str],
-                cache_dir: Optional[Path] = None) -> list:
+async def solve(
+    channels: Sequence[str], specs: Sequence[str], target: Sequence[str], cache_dir: Optional[Path] = None
+) -> list:
     """RepoDataRecords for `specs` on the target platform, sorted by name.
 
     `target` is the image's virtual packages (`contract.target_virtual_packages`)."""
@@ -64,9 +66,14 @@ async def solve(channels: Sequence[str], specs: Sequence[str], target: Sequence[
     gateway = _gateway(cache_dir)
     match_specs = [MatchSpec(s, strict=False) for s in specs]
     try:
-        records = await rattler.solve(list(channels), match_specs, gateway=gateway,
-                                      platforms=[contract.PLATFORM, "noarch"],
-                                      virtual_packages=virtual_packages(target), timeout=SOLVE_TIMEOUT)
+        records = await rattler.solve(
+            list(channels),
+            match_specs,
+            gateway=gateway,
+            platforms=[contract.PLATFORM, "noarch"],
+            virtual_packages=virtual_packages(target),
+            timeout=SOLVE_TIMEOUT,
+        )
     except GatewayError as exc:
         raise ChannelsDown(first_line(exc)) from None
     except SolverError as exc:

@@ -115,8 +115,11 @@ def parse_conda_spec(raw: str) -> CondaSpec:
 
 def _is_local(text: str) -> bool:
     """A path or editable install on the sender's machine: nothing the recipient can fetch."""
-    return (text.startswith(("-e ", "--editable", "/", ".", "\\")) or "file:" in text.lower()
-            or re.match(r"^[a-zA-Z]:[\\/]", text) is not None)
+    return (
+        text.startswith(("-e ", "--editable", "/", ".", "\\"))
+        or "file:" in text.lower()
+        or re.match(r"^[a-zA-Z]:[\\/]", text) is not None
+    )
 
 
 def _local_pin(text: str) -> PipPin:

@@ -92,7 +92,7 @@ class Manifest:
         return ordered
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
         data = dict(raw)
         conda = data.pop("conda", None) or {}
         known = set(cls.__dataclass_fields__)
@@ -123,8 +123,6 @@ def content_hash(members: dict[str, bytes]) -> str:
     The Dockerfile carries this hash as an image label, so it cannot be part of it.
     """
     lines = "".join(
-        f"{sha256_hex(data)}  {path}\n"
-        for path, data in sorted(members.items())
-        if path not in (MANIFEST, DOCKERFILE)
+        f"{sha256_hex(data)}  {path}\n" for path, data in sorted(members.items()) if path not in (MANIFEST, DOCKERFILE)
     )
     return sha256_hex(lines.encode())

@@ -152,8 +152,7 @@ def _parse_manifest(raw: bytes) -> Manifest:
     if version != FORMAT_VERSION:
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise BundleError(
-                f"bundle format version {version} is newer than this kbundle reads "
-                f"({FORMAT_VERSION}); upgrade kbundle"
+                f"bundle format version {version} is newer than this kbundle reads ({FORMAT_VERSION}); upgrade kbundle"
             )
         raise BundleError(f"unknown bundle format version {version!r} (this kbundle reads {FORMAT_VERSION})")
     try:

@@ -50,4 +50,3 @@ def write_bundle(target: Path, manifest: Manifest, members: dict[str, bytes]) ->
     with atomic_writer(Path(target), fsync=True) as out:
         zip_bytes_to(out, sealed, members)
     return sealed
-

@@ -45,4 +45,6 @@ def verify(bundle: Path = typer.Argument(..., help="The .kbundle file.")) -> Non
     from kbundle.bundle import open_bundle
 
     opened = open_bundle(bundle)
-    typer.echo(f"ok: {bundle} ({len(opened.manifest.files)} members match the manifest, format {opened.manifest.format_version})")
+    typer.echo(
+        f"ok: {bundle} ({len(opened.manifest.files)} members match the manifest, format {opened.manifest.format_version})"
+    )

@@ -36,7 +36,9 @@ def kernels_list(as_json: bool = typer.Option(False, "--json", help="Print a JSO
 
 
 @kernels_app.command("remove")
-def kernels_remove(name: str = typer.Argument(..., help="The kernel's name, as `kbundle kernels list` shows it.")) -> None:
+def kernels_remove(
+    name: str = typer.Argument(..., help="The kernel's name, as `kbundle kernels list` shows it."),
+) -> None:
     """Unregister one of kbundle's kernels (its image stays until `kbundle gc`)."""
     from kbundle.kernel.spec import remove_kernelspec
 
@@ -63,8 +65,10 @@ def gc(
         return
     if not yes:
         if not sys.stdin.isatty():
-            raise KbundleError(f"{len(plan.items)} item(s) to remove; pass --yes to remove them "
-                               "(stdin is not a terminal, so kbundle cannot ask), or --dry-run to only list")
+            raise KbundleError(
+                f"{len(plan.items)} item(s) to remove; pass --yes to remove them "
+                "(stdin is not a terminal, so kbundle cannot ask), or --dry-run to only list"
+            )
         typer.echo(f"Remove these {len(plan.items)} item(s)? [y/N] ", err=True, nl=False)
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise KbundleError("nothing removed: you declined")

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
-
 
 
 def _size(n: int) -> str:
@@ -25,16 +24,36 @@ def _size(n: int) -> str:
 
 def pack(
     notebook: Path = typer.Argument(..., help="The notebook (.ipynb) to pack."),
-    env_file: Optional[Path] = typer.Option(None, "-e", "--env", help="environment.yml from `conda env export` (any OS), or requirements.txt with --python."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where to write the bundle (default: ./NOTEBOOK.kbundle)."),
-    name: Optional[str] = typer.Option(None, "--name", help="The bundle's (and kernel's) name; default: the notebook's name."),
+    env_file: Optional[Path] = typer.Option(
+        None, "-e", "--env", help="environment.yml from `conda env export` (any OS), or requirements.txt with --python."
+    ),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Where to write the bundle (default: ./NOTEBOOK.kbundle)."
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="The bundle's (and kernel's) name; default: the notebook's name."
+    ),
     cuda: str = typer.Option("auto", "--cuda", help="auto, none (CPU image), or a CUDA version X.Y to force."),
-    base_image: Optional[str] = typer.Option(None, "--base-image", help="Use this base image instead of the chosen nvidia/cuda tag."),
-    include: List[Path] = typer.Option([], "--include", help="A file or folder beside the notebook to carry along (repeatable)."),
+    base_image: Optional[str] = typer.Option(
+        None, "--base-image", help="Use this base image instead of the chosen nvidia/cuda tag."
+    ),
+    include: list[Path] = typer.Option(
+        [], "--include", help="A file or folder beside the notebook to carry along (repeatable)."
+    ),
     lock: str = typer.Option("auto", "--lock", help="auto (lock if the channels answer), always, or never."),
-    channel: List[str] = typer.Option([], "--channel", help="Channel URL or name to solve against; replaces the environment's channels (repeatable, in priority order)."),
-    add_channel: List[str] = typer.Option([], "--add-channel", help="Channel URL or name to solve against before the environment's own channels (repeatable)."),
-    python: Optional[str] = typer.Option(None, "--python", help="Python version X.Y, for a requirements.txt environment."),
+    channel: list[str] = typer.Option(
+        [],
+        "--channel",
+        help="Channel URL or name to solve against; replaces the environment's channels (repeatable, in priority order).",
+    ),
+    add_channel: list[str] = typer.Option(
+        [],
+        "--add-channel",
+        help="Channel URL or name to solve against before the environment's own channels (repeatable).",
+    ),
+    python: Optional[str] = typer.Option(
+        None, "--python", help="Python version X.Y, for a requirements.txt environment."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the bundle's manifest as JSON instead of a summary."),
 ) -> None:
     """Pack a notebook, its environment (cleaned for linux-64 and locked) and a Dockerfile into one file."""
@@ -58,7 +77,10 @@ def pack(
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     if result.size > MAIL_LIMIT:
-        typer.echo(f"warning: {result.path.name} is {_size(result.size)}; mail servers often refuse attachments over 20 MB", err=True)
+        typer.echo(
+            f"warning: {result.path.name} is {_size(result.size)}; mail servers often refuse attachments over 20 MB",
+            err=True,
+        )
     if as_json:
         typer.echo(json.dumps(result.manifest.to_dict(), indent=2))
         return
@@ -83,7 +105,9 @@ def _summary(result) -> None:
         f"  name       {m.name}",
         f"  notebook   {m.notebook}",
         f"  python     {m.python or 'unpinned'}",
-        f"  cuda       {m.cuda or 'none'}" + (f", cuDNN {m.cudnn}" if m.cudnn else "") + (" (runtime inside the environment)" if m.cuda and m.cuda_runtime_in_env else ""),
+        f"  cuda       {m.cuda or 'none'}"
+        + (f", cuDNN {m.cudnn}" if m.cudnn else "")
+        + (" (runtime inside the environment)" if m.cuda and m.cuda_runtime_in_env else ""),
         f"  base image {m.base_image}",
         f"  because    {m.base_image_reason}",
         f"  packages   {len(m.dependencies)} conda, {len(m.pip)} pip",

@@ -26,17 +26,21 @@ def _print_json(data) -> None:
 def run(
     bundle: Path = typer.Argument(..., help="The .kbundle file to rebuild and register as a kernel."),
     gpus: str = typer.Option("auto", "--gpus", help="auto | all | none | N | device=I,J"),
-    base_image: Optional[str] = typer.Option(None, "--base-image", help="Build FROM this image instead of the bundle's."),
+    base_image: Optional[str] = typer.Option(
+        None, "--base-image", help="Build FROM this image instead of the bundle's."
+    ),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Where the notebook goes (default ./<name>/)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the summary."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Build without asking (you reviewed the bundle)."),
-    execute: bool = typer.Option(False, "--execute", help="Run the notebook headless in the kernel and compare outputs."),
+    execute: bool = typer.Option(
+        False, "--execute", help="Run the notebook headless in the kernel and compare outputs."
+    ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --execute: where the executed copy goes."),
     lab: bool = typer.Option(False, "--lab", help="Open JupyterLab on the notebook with the kernel selected."),
 ) -> None:
     """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it."""
-    from kbundle.flows.run import RunOptions, run_bundle, summary_lines
     from kbundle.errors import UsageError
+    from kbundle.flows.run import RunOptions, run_bundle, summary_lines
 
     if output is not None and not execute:
         raise UsageError("-o/--output goes with --execute")

@@ -85,7 +85,9 @@ def read_notebook(path: Path) -> Notebook:
 def bundle_name(options: PackOptions) -> str:
     if options.name is not None:
         if not _NAME_OK.match(options.name):
-            raise UsageError(f"--name {options.name!r} must be lower case letters, digits, '.', '_' or '-' (at most 63)")
+            raise UsageError(
+                f"--name {options.name!r} must be lower case letters, digits, '.', '_' or '-' (at most 63)"
+            )
         return options.name
     return slug(options.notebook.stem, limit=63, fallback="notebook")
 
@@ -189,7 +191,11 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     out = output_path(options, name)
     includes = include_members(options.notebook, options.includes)
     raw, env, choice = _environment(options, notebook)
-    slow = progress("Locking the environment for linux-64 with rattler…") if progress and options.lock != "never" else contextlib.nullcontext()
+    slow = (
+        progress("Locking the environment for linux-64 with rattler…")
+        if progress and options.lock != "never"
+        else contextlib.nullcontext()
+    )
     with slow:
         result = lock(env, choice, options.lock)
     python = result.python or env.python  # the solved version is the precise one

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from rich.markup import escape
 
@@ -83,17 +84,31 @@ def _ask(console, question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def consent(console, *, yes: bool, base_image: str, packages: int, pip: int, dockerfile: Path,
-            ask: Callable[[Any, str], bool] = _ask, interactive: Optional[bool] = None) -> None:
+def consent(
+    console,
+    *,
+    yes: bool,
+    base_image: str,
+    packages: int,
+    pip: int,
+    dockerfile: Path,
+    ask: Callable[[Any, str], bool] = _ask,
+    interactive: Optional[bool] = None,
+) -> None:
     """A bundle is someone else's code: show what will be built and ask, unless --yes."""
     if yes:
         return
     interactive = sys.stdin.isatty() if interactive is None else interactive
     if not interactive:
-        raise KbundleError(f"this bundle builds and runs someone else's code; review {dockerfile} "
-                           f"and pass --yes to build it (stdin is not a terminal, so kbundle cannot ask)")
-    console.print(f"[bold]About to build an image[/] from base [cyan]{escape(base_image)}[/] with {packages} conda "
-                  f"package(s) and {pip} pip wheel(s).\nReview the Dockerfile: {escape(str(dockerfile))}", soft_wrap=True)
+        raise KbundleError(
+            f"this bundle builds and runs someone else's code; review {dockerfile} "
+            f"and pass --yes to build it (stdin is not a terminal, so kbundle cannot ask)"
+        )
+    console.print(
+        f"[bold]About to build an image[/] from base [cyan]{escape(base_image)}[/] with {packages} conda "
+        f"package(s) and {pip} pip wheel(s).\nReview the Dockerfile: {escape(str(dockerfile))}",
+        soft_wrap=True,
+    )
     if not ask(console, "Build it and register the kernel? [y/N] "):
         raise KbundleError("not built: you declined (pass --yes to skip the question)")
 
@@ -112,8 +127,9 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     display_name = f"{bundle.name} (kbundle)"
 
     placement = wd.place(bundle, options.workdir or wd.default_workdir(bundle.name), kernel_name, display_name)
-    warnings = [f"kept your {k.path} (it differs from the bundle's); the bundle's copy is at {k.fresh}"
-                for k in placement.kept]
+    warnings = [
+        f"kept your {k.path} (it differs from the bundle's); the bundle's copy is at {k.fresh}" for k in placement.kept
+    ]
 
     client = preflight.connect()
     base = options.base_image or bundle.base_image
@@ -128,19 +144,31 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     build_log = None
     if image_id is None:
         review = wd.review_dockerfile(placement.workdir, key.dockerfile)
-        consent(console, yes=options.yes, base_image=base, packages=resolved.count, pip=len(bundle.pip),
-                dockerfile=review)
+        consent(
+            console, yes=options.yes, base_image=base, packages=resolved.count, pip=len(bundle.pip), dockerfile=review
+        )
         result = _build(client, bundle, resolved, key, placement.workdir, console)
         image_id, build_log = result.image_id, result.log
 
     spec_dir = _register(bundle, options, kernel_name, key.tag, placement, list(report.plan.gpus), warnings, console)
     return RunResult(
-        name=bundle.name, kernel_name=kernel_name, display_name=display_name, image=key.tag, image_id=image_id,
-        workdir=placement.workdir, notebook=placement.notebook, built=build_log is not None,
-        gpus=list(report.plan.gpus), seconds=time.perf_counter() - t0, packages=resolved.count,
-        pip=len(bundle.pip), base_image=base, warnings=warnings,
+        name=bundle.name,
+        kernel_name=kernel_name,
+        display_name=display_name,
+        image=key.tag,
+        image_id=image_id,
+        workdir=placement.workdir,
+        notebook=placement.notebook,
+        built=build_log is not None,
+        gpus=list(report.plan.gpus),
+        seconds=time.perf_counter() - t0,
+        packages=resolved.count,
+        pip=len(bundle.pip),
+        base_image=base,
+        warnings=warnings,
         kept=[{"path": str(k.path), "fresh": str(k.fresh)} for k in placement.kept],
-        kernelspec=spec_dir, build_log=build_log,
+        kernelspec=spec_dir,
+        build_log=build_log,
     )
 
 
@@ -167,7 +195,9 @@ def _identify(bundle, options: RunOptions, base: str, base_id: str):
     from kbundle.image import build as imagemod
     from kbundle.image import env as envmod
 
-    dockerfile = imagemod.with_base_image(bundle.dockerfile_text, base) if options.base_image else bundle.dockerfile_text
+    dockerfile = (
+        imagemod.with_base_image(bundle.dockerfile_text, base) if options.base_image else bundle.dockerfile_text
+    )
     # channel_urls: the channels as the sender's conda resolved their names, for unlocked bundles
     channels = tuple(bundle.manifest.channel_urls or bundle.channels)
     resolved = envmod.resolve(envmod.EnvSpec(channels, tuple(bundle.dependencies), bundle.lock_text, target_of(bundle)))
@@ -194,14 +224,20 @@ def assemble_context(ctx: Path, bundle, resolved, dockerfile: str, console=None)
     console = console or _quiet_console()
     context.write_static(ctx, dockerfile)
     with console.status(f"installing {resolved.count} conda packages for {contract.PREFIX}") as status:
-        envmod.install(resolved, context.env_dir(ctx),
-                       on_progress=lambda done, total: status.update(
-                           f"installing conda packages for {contract.PREFIX}: {done}/{total}"))
+        envmod.install(
+            resolved,
+            context.env_dir(ctx),
+            on_progress=lambda done, total: status.update(
+                f"installing conda packages for {contract.PREFIX}: {done}/{total}"
+            ),
+        )
     with console.status("byte-compiling the environment"):
         compiled = bytecode.compile_env(context.env_dir(ctx), cache_root() / "pyc", resolved.interpreter_id())
     if compiled.skipped:
-        console.print(f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): "
-                      f"kernels will start slower", soft_wrap=True)
+        console.print(
+            f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): kernels will start slower",
+            soft_wrap=True,
+        )
     if bundle.pip:
         python = bundle.python or resolved.python_version()
         if not python:
@@ -217,8 +253,9 @@ def _quiet_console():
     return Console(stderr=True, quiet=True)
 
 
-def _register(bundle, options: RunOptions, kernel_name: str, image: str, placement, gpus: list[str],
-              warnings: list[str], console) -> Path:
+def _register(
+    bundle, options: RunOptions, kernel_name: str, image: str, placement, gpus: list[str], warnings: list[str], console
+) -> Path:
     """Install the kernelspec; a kernel of the same name from another bundle is replaced, and we say so."""
     from kbundle.kernel.spec import KernelRequest, install_kernelspec, list_kernelspecs
 
@@ -228,10 +265,10 @@ def _register(bundle, options: RunOptions, kernel_name: str, image: str, placeme
         message = f"replaced kernel {kernel_name}, which ran another bundle ({previous.image})"
         warnings.append(message)
         console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-    metadata = {"bundle": str(Path(options.bundle).resolve()), "notebook": str(placement.notebook),
-                "cuda": bundle.cuda}
-    return install_kernelspec(KernelRequest(kernel_name, bundle.name, image, str(placement.workdir), gpus, digest,
-                                            metadata))
+    metadata = {"bundle": str(Path(options.bundle).resolve()), "notebook": str(placement.notebook), "cuda": bundle.cuda}
+    return install_kernelspec(
+        KernelRequest(kernel_name, bundle.name, image, str(placement.workdir), gpus, digest, metadata)
+    )
 
 
 def summary_lines(result: RunResult) -> list[str]:
@@ -240,8 +277,8 @@ def summary_lines(result: RunResult) -> list[str]:
     lines = [
         f"image      {result.image} ({state})",
         f"runs on    {where}",
-        f"kernel     {result.kernel_name}  \"{result.display_name}\"",
+        f'kernel     {result.kernel_name}  "{result.display_name}"',
         f"workdir    {result.workdir}",
-        f"open it    jupyter lab {result.notebook}   (or pick \"{result.display_name}\" in VS Code)",
+        f'open it    jupyter lab {result.notebook}   (or pick "{result.display_name}" in VS Code)',
     ]
     return lines

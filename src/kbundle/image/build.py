@@ -35,8 +35,16 @@ class ImageKey:
 
     @property
     def digest(self) -> str:
-        payload = json.dumps({"context": contract.CONTEXT_VERSION, "env": self.env_hash, "pip": list(self.pip),
-                              "dockerfile": self.dockerfile, "base_id": self.base_id}, sort_keys=True)
+        payload = json.dumps(
+            {
+                "context": contract.CONTEXT_VERSION,
+                "env": self.env_hash,
+                "pip": list(self.pip),
+                "dockerfile": self.dockerfile,
+                "base_id": self.base_id,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(payload.encode()).hexdigest()
 
     @property
@@ -107,8 +115,10 @@ def _pull(client, image: str, console) -> None:
                 if console and event.get("status"):
                     status.update(f"pulling {image}: {event.get('status')} {event.get('progress', '')}")
     except docker.errors.APIError as exc:
-        raise KbundleError(f"base image {image} is not on this engine and cannot be pulled: "
-                           f"{exc.explanation or exc}; pull or load it, or pass --base-image") from None
+        raise KbundleError(
+            f"base image {image} is not on this engine and cannot be pulled: "
+            f"{exc.explanation or exc}; pull or load it, or pass --base-image"
+        ) from None
 
 
 def existing_image(client, tag: str) -> Optional[str]:
@@ -131,9 +141,16 @@ def build(client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path
     image_id: Optional[str] = None
     step = ""
     # The SDK tars and uploads the whole context (the env is hundreds of MB) before the first step.
-    with (console.status("sending the build context to the engine") if console else _Null()):
-        stream = client.api.build(path=str(context), rm=True, forcerm=True, pull=False, decode=True,
-                                  labels=labels(key, bundle_hash), nocache=False)
+    with console.status("sending the build context to the engine") if console else _Null():
+        stream = client.api.build(
+            path=str(context),
+            rm=True,
+            forcerm=True,
+            pull=False,
+            decode=True,
+            labels=labels(key, bundle_hash),
+            nocache=False,
+        )
     progress = _BuildProgress(console, key.tag)
     try:
         with open(log_path, "w", encoding="utf-8") as log, progress:
@@ -157,8 +174,10 @@ def build(client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path
                 if "error" in event:
                     log.write(event["error"] + "\n")
                     detail = (event.get("errorDetail") or {}).get("message") or event["error"]
-                    raise KbundleError(f"the image build failed at {step or 'the start'}: "
-                                       f"{detail.strip().splitlines()[-1]} (full log: {log_path})")
+                    raise KbundleError(
+                        f"the image build failed at {step or 'the start'}: "
+                        f"{detail.strip().splitlines()[-1]} (full log: {log_path})"
+                    )
     except KeyboardInterrupt:
         _close(stream)
         raise
@@ -207,9 +226,16 @@ class _BuildProgress:
             return self
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        self.progress = Progress(SpinnerColumn(), TextColumn("[bold]building[/] {task.fields[step]}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[line]}"),
-                                 console=self.console, transient=True)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]building[/] {task.fields[step]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[line]}"),
+            console=self.console,
+            transient=True,
+        )
         self.progress.__enter__()
         self.task = self.progress.add_task("build", total=None, step=self.tag, line="")
         return self

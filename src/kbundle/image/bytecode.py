@@ -43,7 +43,7 @@ def _cache_tag(target: Path) -> Optional[str]:
     libs = sorted(p.name for p in (target / "lib").glob("python3.*") if p.is_dir())
     if not libs:
         return None
-    major, minor = libs[-1][len("python"):].split(".")[:2]
+    major, minor = libs[-1][len("python") :].split(".")[:2]
     return f"cpython-{major}{minor}"
 
 
@@ -80,8 +80,20 @@ def _store(pyc: Path, cached: Path) -> None:
 
 def _run_compileall(python: Path, target: Path, only: Optional[list[Path]]) -> subprocess.CompletedProcess:
     scrubbed = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    command = [str(python), "-m", "compileall", "-q", "-j", "0", "--invalidation-mode", "checked-hash",
-               "-s", str(target), "-p", contract.PREFIX]
+    command = [
+        str(python),
+        "-m",
+        "compileall",
+        "-q",
+        "-j",
+        "0",
+        "--invalidation-mode",
+        "checked-hash",
+        "-s",
+        str(target),
+        "-p",
+        contract.PREFIX,
+    ]
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
         if only is None:
             command.append(str(target / "lib"))
@@ -102,7 +114,9 @@ def compile_env(target: Path, cache: Path, interpreter_id: str) -> CompileStats:
     t0 = time.perf_counter()
     python = target / "bin" / "python"
     if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
-        return CompileStats(skipped=f"this host ({sys.platform}/{platform.machine()}) cannot run the linux-64 interpreter")
+        return CompileStats(
+            skipped=f"this host ({sys.platform}/{platform.machine()}) cannot run the linux-64 interpreter"
+        )
     tag = _cache_tag(target)
     if not python.exists() or tag is None:
         return CompileStats(skipped="the environment has no CPython")

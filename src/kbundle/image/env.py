@@ -19,7 +19,6 @@ from kbundle.cache import cache_root
 from kbundle.errors import KbundleError, first_line
 
 
-
 @dataclass(frozen=True)
 class EnvSpec:
     """What the bundle says about its conda environment."""
@@ -42,8 +41,9 @@ class ResolvedEnv:
     @property
     def content_hash(self) -> str:
         """A hash of exactly what gets installed: every package's URL and checksum."""
-        lines = sorted(f"{r.url} {r.sha256.hex() if r.sha256 else ''} {r.md5.hex() if r.md5 else ''}"
-                       for r in self.records)
+        lines = sorted(
+            f"{r.url} {r.sha256.hex() if r.sha256 else ''} {r.md5.hex() if r.md5 else ''}" for r in self.records
+        )
         return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     def interpreter_id(self) -> str:
@@ -82,12 +82,15 @@ def resolve(spec: EnvSpec) -> ResolvedEnv:
     if not spec.channels:
         raise KbundleError("the bundle is not locked and names no channels to solve from")
     try:
-        records = asyncio.run(solve.solve(spec.channels, spec.dependencies, spec.target,
-                                          cache_dir=cache_root() / "repodata"))
+        records = asyncio.run(
+            solve.solve(spec.channels, spec.dependencies, spec.target, cache_dir=cache_root() / "repodata")
+        )
     except KbundleError as exc:
         raise KbundleError(f"cannot solve the bundle's environment for {contract.PLATFORM}: {exc}") from None
     except Exception as exc:
-        raise KbundleError(f"cannot solve the bundle's environment for {contract.PLATFORM}: {first_line(exc)}") from None
+        raise KbundleError(
+            f"cannot solve the bundle's environment for {contract.PLATFORM}: {first_line(exc)}"
+        ) from None
     return ResolvedEnv(tuple(records), locked=False)
 
 
@@ -111,10 +114,17 @@ def install(env: ResolvedEnv, target: Path, on_progress=None) -> InstallStats:
     reporter = _reporter(on_progress) if on_progress else None
 
     async def go():
-        await rattler.install(list(env.records), target_prefix=str(target), alternative_target_prefix=contract.PREFIX,
-                              cache_dir=package_cache_dir(), platform=rattler.Subdir(contract.PLATFORM),
-                              execute_link_scripts=False, show_progress=False, client=net.rattler_client(),
-                              reporter=reporter)
+        await rattler.install(
+            list(env.records),
+            target_prefix=str(target),
+            alternative_target_prefix=contract.PREFIX,
+            cache_dir=package_cache_dir(),
+            platform=rattler.Subdir(contract.PLATFORM),
+            execute_link_scripts=False,
+            show_progress=False,
+            client=net.rattler_client(),
+            reporter=reporter,
+        )
 
     try:
         asyncio.run(go())
@@ -142,4 +152,3 @@ def _reporter(on_progress):
             on_progress(self.done, self.total)
 
     return Reporter()
-

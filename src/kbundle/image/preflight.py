@@ -73,14 +73,23 @@ class EngineFacts:
 
     def describe_gpu_support(self) -> str:
         if self.gpu_capable:
-            how = [n for n, on in (("nvidia runtime", "nvidia" in self.runtimes), ("CDI", self.cdi_nvidia),
-                                   ("nvidia-container-toolkit hook", self.nvidia_hook),
-                                   ("a test container got GPUs", bool(self.gpu_probe))) if on]
+            how = [
+                n
+                for n, on in (
+                    ("nvidia runtime", "nvidia" in self.runtimes),
+                    ("CDI", self.cdi_nvidia),
+                    ("nvidia-container-toolkit hook", self.nvidia_hook),
+                    ("a test container got GPUs", bool(self.gpu_probe)),
+                )
+                if on
+            ]
             return "the Docker engine can pass GPUs through (" + ", ".join(how) + ")"
         runtimes = ", ".join(self.runtimes) or "none"
         said = f"; the engine says: {self.gpu_probe_error}" if self.gpu_probe_error else ""
-        return (f"the Docker engine has no NVIDIA runtime (runtimes: {runtimes}; no NVIDIA CDI spec, "
-                f"no nvidia-container-toolkit{said})")
+        return (
+            f"the Docker engine has no NVIDIA runtime (runtimes: {runtimes}; no NVIDIA CDI spec, "
+            f"no nvidia-container-toolkit{said})"
+        )
 
 
 @dataclass(frozen=True)
@@ -90,14 +99,14 @@ class GpuRequest:
     devices: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "GpuRequest":
+    def parse(cls, text: str) -> GpuRequest:
         value = (text or "auto").strip()
         if value in ("auto", "all", "none"):
             return cls(value)
         if value.isdigit():
             return cls("none") if int(value) == 0 else cls("count", count=int(value))
         if value.startswith("device="):
-            ids = tuple(p.strip() for p in value[len("device="):].split(",") if p.strip())
+            ids = tuple(p.strip() for p in value[len("device=") :].split(",") if p.strip())
             if ids:
                 return cls("devices", devices=ids)
         raise UsageError(f"--gpus {value!r}: use auto, all, none, a count (e.g. 2) or device=0,1")
@@ -165,14 +174,20 @@ def check_driver(nvml: NvmlFacts, cuda: str, tables: CompatTables) -> Finding:
         return Finding(OK, "driver", f"NVIDIA driver {driver} supports CUDA {cuda} (needs >= {minimum})")
     compat = tables.minor_compat.get(Version.parse(cuda).major)
     if compat and have >= compat:
-        return Finding(WARN, "driver",
-                       f"NVIDIA driver {driver} runs CUDA {cuda} only through minor-version compatibility "
-                       f"(no PTX JIT); upgrade the driver to >= {minimum} for full support")
+        return Finding(
+            WARN,
+            "driver",
+            f"NVIDIA driver {driver} runs CUDA {cuda} only through minor-version compatibility "
+            f"(no PTX JIT); upgrade the driver to >= {minimum} for full support",
+        )
     supports = nvml.driver_cuda or str(tables.highest_cuda_for_driver(have) or "none")
-    return Finding(ERROR, "driver",
-                   f"NVIDIA driver {driver} is too old for this environment's CUDA {cuda} "
-                   f"(it supports CUDA up to {supports}; CUDA {cuda} needs >= {minimum}): upgrade the driver, "
-                   f"or pass --gpus none to run on CPU")
+    return Finding(
+        ERROR,
+        "driver",
+        f"NVIDIA driver {driver} is too old for this environment's CUDA {cuda} "
+        f"(it supports CUDA up to {supports}; CUDA {cuda} needs >= {minimum}): upgrade the driver, "
+        f"or pass --gpus none to run on CPU",
+    )
 
 
 def check_arch(gpu: GpuInfo, cuda: str, tables: CompatTables) -> Finding:
@@ -183,13 +198,19 @@ def check_arch(gpu: GpuInfo, cuda: str, tables: CompatTables) -> Finding:
     if arch is None:
         return Finding(WARN, "gpu", f"{label}: kbundle's table does not know compute capability {gpu.capability}")
     if have < arch.first:
-        return Finding(WARN, "gpu",
-                       f"{label} is newer than CUDA {cuda} supports natively (first: CUDA {arch.first}): "
-                       f"code runs only through PTX JIT, slow to start or failing")
+        return Finding(
+            WARN,
+            "gpu",
+            f"{label} is newer than CUDA {cuda} supports natively (first: CUDA {arch.first}): "
+            f"code runs only through PTX JIT, slow to start or failing",
+        )
     if arch.last is not None and have > arch.last:
-        return Finding(WARN, "gpu",
-                       f"{label} is no longer supported by CUDA {cuda} (last: CUDA {arch.last}): "
-                       f"frameworks built with it will not use this GPU")
+        return Finding(
+            WARN,
+            "gpu",
+            f"{label} is no longer supported by CUDA {cuda} (last: CUDA {arch.last}): "
+            f"frameworks built with it will not use this GPU",
+        )
     return Finding(OK, "gpu", f"{label} is supported natively by CUDA {cuda}")
 
 
@@ -203,35 +224,55 @@ def plan_gpus(request: GpuRequest, engine: EngineFacts, nvml: NvmlFacts) -> tupl
             why = nvml.reason or "NVML reports no GPU"
             return GpuPlan(), [Finding(WARN, "runtime", f"no NVIDIA GPU found ({why}): the kernel runs on CPU")]
         if not engine.gpu_capable:
-            return GpuPlan(), [Finding(WARN, "runtime",
-                                       f"GPUs found but {engine.describe_gpu_support()}: the kernel runs on CPU; "
-                                       f"install the NVIDIA Container Toolkit to use them")]
+            return GpuPlan(), [
+                Finding(
+                    WARN,
+                    "runtime",
+                    f"GPUs found but {engine.describe_gpu_support()}: the kernel runs on CPU; "
+                    f"install the NVIDIA Container Toolkit to use them",
+                )
+            ]
         gpus = tuple(visible) or ("all",)
         return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
     if not engine.gpu_capable:
-        return GpuPlan(), [Finding(ERROR, "runtime",
-                                   f"--gpus {request} needs GPU passthrough but {engine.describe_gpu_support()}: "
-                                   f"install the NVIDIA Container Toolkit, or pass --gpus none to run on CPU")]
+        return GpuPlan(), [
+            Finding(
+                ERROR,
+                "runtime",
+                f"--gpus {request} needs GPU passthrough but {engine.describe_gpu_support()}: "
+                f"install the NVIDIA Container Toolkit, or pass --gpus none to run on CPU",
+            )
+        ]
     if request.mode == "all":
         gpus = tuple(visible) or ("all",)
         return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
     if request.mode == "count":
         if nvml.available and request.count > len(visible):
-            return GpuPlan(), [Finding(ERROR, "runtime", f"--gpus {request.count}: this host has {len(visible)} GPU(s)")]
+            return GpuPlan(), [
+                Finding(ERROR, "runtime", f"--gpus {request.count}: this host has {len(visible)} GPU(s)")
+            ]
         gpus = tuple(visible[: request.count]) if visible else tuple(str(i) for i in range(request.count))
         return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
     known = set(visible) | {g.uuid for g in nvml.gpus}
     missing = [d for d in request.devices if nvml.available and d not in known]
     if missing:
-        return GpuPlan(), [Finding(ERROR, "runtime",
-                                   f"--gpus {request}: no GPU {', '.join(missing)} on this host "
-                                   f"(GPUs: {', '.join(visible) or 'none'})")]
-    return GpuPlan(request.devices), [
-        Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(request.devices)}")]
+        return GpuPlan(), [
+            Finding(
+                ERROR,
+                "runtime",
+                f"--gpus {request}: no GPU {', '.join(missing)} on this host (GPUs: {', '.join(visible) or 'none'})",
+            )
+        ]
+    return GpuPlan(request.devices), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(request.devices)}")]
 
 
-def evaluate(engine: EngineFacts, nvml: NvmlFacts, cuda: Optional[str], request: GpuRequest,
-             tables: Optional[CompatTables] = None) -> Report:
+def evaluate(
+    engine: EngineFacts,
+    nvml: NvmlFacts,
+    cuda: Optional[str],
+    request: GpuRequest,
+    tables: Optional[CompatTables] = None,
+) -> Report:
     tables = tables or load_tables()
     if not engine.reachable:
         findings = [Finding(ERROR, "docker", engine.error or f"cannot reach the Docker daemon at {engine.host}")]
@@ -247,8 +288,13 @@ def evaluate(engine: EngineFacts, nvml: NvmlFacts, cuda: Optional[str], request:
         chosen = [g for g in nvml.gpus if str(g.index) in plan.gpus or g.uuid in plan.gpus or "all" in plan.gpus]
         findings += [check_arch(g, cuda, tables) for g in (chosen or nvml.gpus)]
     elif plan.on_gpu and cuda:
-        findings.append(Finding(WARN, "driver", f"cannot check the NVIDIA driver against CUDA {cuda}: "
-                                                f"{nvml.reason or 'NVML gave no driver version'}"))
+        findings.append(
+            Finding(
+                WARN,
+                "driver",
+                f"cannot check the NVIDIA driver against CUDA {cuda}: {nvml.reason or 'NVML gave no driver version'}",
+            )
+        )
     elif plan.on_gpu and not cuda:
         findings.append(Finding(WARN, "driver", "this environment has no CUDA: the GPUs are passed through unused"))
     return Report(engine, nvml, cuda, request, plan, findings)
@@ -257,7 +303,9 @@ def evaluate(engine: EngineFacts, nvml: NvmlFacts, cuda: Optional[str], request:
 def _nvml_findings(nvml: NvmlFacts) -> list[Finding]:
     if not nvml.available:
         return []
-    return [Finding(OK, "nvml", f"NVIDIA driver {nvml.driver_version} (CUDA {nvml.driver_cuda}), {len(nvml.gpus)} GPU(s)")]
+    return [
+        Finding(OK, "nvml", f"NVIDIA driver {nvml.driver_version} (CUDA {nvml.driver_cuda}), {len(nvml.gpus)} GPU(s)")
+    ]
 
 
 # ---------------------------------------------------------------- probes (impure)
@@ -274,12 +322,26 @@ def docker_host() -> str:
 def describe_docker_error(exc: BaseException, host: str) -> str:
     text = str(exc)
     if isinstance(exc, PermissionError) or "Permission denied" in text or "PermissionError" in text:
-        return (f"permission denied on the Docker socket {host}: add your user to the 'docker' group "
-                f"(sudo usermod -aG docker $USER, then log in again)")
-    if any(s in text for s in ("No such file", "FileNotFoundError", "Connection refused", "ConnectionRefused",
-                               "Connection aborted", "Max retries", "timed out")):
-        return (f"cannot reach the Docker daemon at {host}: is it running? "
-                f"(start it, e.g. sudo systemctl start docker, or fix DOCKER_HOST)")
+        return (
+            f"permission denied on the Docker socket {host}: add your user to the 'docker' group "
+            f"(sudo usermod -aG docker $USER, then log in again)"
+        )
+    if any(
+        s in text
+        for s in (
+            "No such file",
+            "FileNotFoundError",
+            "Connection refused",
+            "ConnectionRefused",
+            "Connection aborted",
+            "Max retries",
+            "timed out",
+        )
+    ):
+        return (
+            f"cannot reach the Docker daemon at {host}: is it running? "
+            f"(start it, e.g. sudo systemctl start docker, or fix DOCKER_HOST)"
+        )
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"cannot use the Docker daemon at {host}: {first}"
 
@@ -318,8 +380,8 @@ def probe_engine(client) -> EngineFacts:
         version=info.get("ServerVersion"),
         runtimes=tuple(sorted((info.get("Runtimes") or {}).keys())),
         cdi_nvidia=_has_nvidia_cdi() if local or cdi_dirs else False,
-        nvidia_hook=local and any(shutil.which(h, path=os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin")
-                                  for h in NVIDIA_HOOKS),
+        nvidia_hook=local
+        and any(shutil.which(h, path=os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin") for h in NVIDIA_HOOKS),
         local=local,
     )
 
@@ -329,8 +391,11 @@ def probe_nvml() -> NvmlFacts:
     try:
         import pynvml  # from nvidia-ml-py, the optional `gpu` extra
     except ImportError:
-        return NvmlFacts(False, "nvidia-ml-py is not installed; `pip install 'kbundle[gpu]'` lets kbundle read GPUs"
-                         + (", and /dev/nvidia* exists" if _device_nodes() else ""))
+        return NvmlFacts(
+            False,
+            "nvidia-ml-py is not installed; `pip install 'kbundle[gpu]'` lets kbundle read GPUs"
+            + (", and /dev/nvidia* exists" if _device_nodes() else ""),
+        )
     try:
         pynvml.nvmlInit()
     except Exception as exc:
@@ -343,8 +408,9 @@ def probe_nvml() -> NvmlFacts:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(h)
-            gpus.append(GpuInfo(i, _text(pynvml.nvmlDeviceGetName(h)), _text(pynvml.nvmlDeviceGetUUID(h)),
-                                f"{major}.{minor}"))
+            gpus.append(
+                GpuInfo(i, _text(pynvml.nvmlDeviceGetName(h)), _text(pynvml.nvmlDeviceGetUUID(h)), f"{major}.{minor}")
+            )
         return NvmlFacts(True, "", driver, driver_cuda, tuple(gpus))
     except Exception as exc:
         return NvmlFacts(False, f"NVML error: {exc}")
@@ -365,8 +431,9 @@ def probe_gpu_run(client, image: str) -> Optional[str]:
 
     request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
     try:
-        container = client.containers.create(image, entrypoint=["true"], device_requests=[request],
-                                             labels={contract.LABEL_PROBE: "1"})
+        container = client.containers.create(
+            image, entrypoint=["true"], device_requests=[request], labels={contract.LABEL_PROBE: "1"}
+        )
     except docker.errors.APIError as exc:
         return first_line(exc.explanation or exc)
     try:

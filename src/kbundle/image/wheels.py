@@ -13,9 +13,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 from kbundle.errors import KbundleError
 
@@ -82,10 +83,32 @@ def find_cached(pin: PipPin, directory: Path, wanted_tags: set) -> Optional[Path
 
 def _pip_download(pins: Sequence[str], python: str, dest: Path) -> None:
     version = python.split(".")
-    command = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-deps",
-               "--platform", PLATFORM, "--python-version", python, "--implementation", "cp",
-               "--abi", f"cp{version[0]}{version[1]}", "--abi", "abi3", "--abi", "none",
-               "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest), *pins]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        "--no-deps",
+        "--platform",
+        PLATFORM,
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "--abi",
+        f"cp{version[0]}{version[1]}",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(dest),
+        *pins,
+    ]
     # pip reads the host's proxy variables, pip.conf and CA settings from this environment.
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
     if result.returncode != 0:
@@ -93,8 +116,10 @@ def _pip_download(pins: Sequence[str], python: str, dest: Path) -> None:
         detail = errors[0].removeprefix("ERROR: ").strip() if errors else f"pip exited with {result.returncode}"
         if "No module named pip" in result.stderr:
             detail = "pip is not installed next to kbundle"
-        raise KbundleError(f"cannot fetch the pip: wheels for {PLATFORM} / CPython {python}: {detail} "
-                           f"(kbundle installs pip packages from wheels only)")
+        raise KbundleError(
+            f"cannot fetch the pip: wheels for {PLATFORM} / CPython {python}: {detail} "
+            f"(kbundle installs pip packages from wheels only)"
+        )
 
 
 def parse_pins(pins: Sequence[str]) -> list[PipPin]:

@@ -72,15 +72,16 @@ def place(bundle, workdir: Path, kernel_name: str, display_name: str) -> Placeme
     workdir.mkdir(parents=True, exist_ok=True)
     workdir = workdir.resolve()
     state = _load_state(workdir)
-    placement = Placement(workdir, workdir / bundle.notebook[len(WORK_DIR):])
+    placement = Placement(workdir, workdir / bundle.notebook[len(WORK_DIR) :])
     (workdir / STATE_DIR).mkdir(exist_ok=True)
     for member in bundle.members_under(WORK_DIR):
         data = bundle.read(member)
         if member == bundle.notebook:
             data = with_kernelspec(data, kernel_name, display_name)
-        _place_one(workdir, member[len(WORK_DIR):], data, state, placement)
-    write_atomic(workdir / STATE_DIR / STATE_FILE,
-                 (json.dumps({"files": state}, indent=1, sort_keys=True) + "\n").encode())
+        _place_one(workdir, member[len(WORK_DIR) :], data, state, placement)
+    write_atomic(
+        workdir / STATE_DIR / STATE_FILE, (json.dumps({"files": state}, indent=1, sort_keys=True) + "\n").encode()
+    )
     return placement
 
 

@@ -30,14 +30,18 @@ DIFF_LINES = 8
 _MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*"
 _DAY = r"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)[a-z]*"
 VOLATILE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (name, re.compile(rx)) for name, rx in (
+    (name, re.compile(rx))
+    for name, rx in (
         ("timestamp", r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"),
         ("date", rf"\b(?:{_DAY},?\s+)?{_MONTH}\s+\d{{1,2}}(?:,?\s+\d{{2}}:\d{{2}}(?::\d{{2}})?)?(?:,?\s+\d{{4}})?\b"),
         ("clock", r"\b\d{1,2}:\d{2}:\d{2}(?:\.\d+)?\b"),
         ("progress", r"\b\d{1,2}:\d{2}<\d{1,2}:\d{2}|\d+(?:\.\d+)?\s?(?:it/s|s/it)"),
         ("loops", r"\b\d[\d,]*\s+loops?\s+each"),
-        ("duration", r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\s?"
-                     r"(?:ns|µs|μs|us|ms|s|sec|secs|seconds?|min|mins|minutes?|h|hr|hours?)\b"),
+        (
+            "duration",
+            r"(?<![\w.])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\s?"
+            r"(?:ns|µs|μs|us|ms|s|sec|secs|seconds?|min|mins|minutes?|h|hr|hours?)\b",
+        ),
         ("address", r"\b0x[0-9a-fA-F]{6,}\b"),
         ("uuid", r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"),
         ("tmpname", r"/tmp/tmp[\w-]+"),
@@ -118,7 +122,7 @@ def _numbers_close(old: str, new: str) -> Optional[float]:
     if len(old_nums) != len(new_nums) or _NUMBER.sub("#", old) != _NUMBER.sub("#", new):
         return None
     worst = 0.0
-    for a_text, b_text in zip(old_nums, new_nums):
+    for a_text, b_text in zip(old_nums, new_nums, strict=True):
         a, b = float(a_text), float(b_text)
         if a == b or (math.isnan(a) and math.isnan(b)):
             continue
@@ -129,10 +133,13 @@ def _numbers_close(old: str, new: str) -> Optional[float]:
 
 
 def short_diff(old: str, new: str, limit: int = DIFF_LINES) -> str:
-    lines = [line for line in difflib.unified_diff(old.splitlines(), new.splitlines(), "saved", "now", lineterm="",
-                                                   n=0) if not line.startswith("@@")]
+    lines = [
+        line
+        for line in difflib.unified_diff(old.splitlines(), new.splitlines(), "saved", "now", lineterm="", n=0)
+        if not line.startswith("@@")
+    ]
     if len(lines) > limit + 2:
-        lines = lines[:limit + 2] + [f"... ({len(lines) - limit - 2} more lines)"]
+        lines = lines[: limit + 2] + [f"... ({len(lines) - limit - 2} more lines)"]
     return "\n".join(lines)
 
 
@@ -148,7 +155,9 @@ def compare_outputs(saved: list[dict[str, Any]], new: list[dict[str, Any]]) -> C
         return Comparison(VOLATILE, "differs only in " + ", ".join(_masked_kinds(old_text, new_text)))
     worst = _numbers_close(old_masked, new_masked)
     if worst is not None:
-        return Comparison(NUMERIC_CLOSE, f"numbers agree within rtol={RTOL:g} (largest relative difference {worst:.2g})")
+        return Comparison(
+            NUMERIC_CLOSE, f"numbers agree within rtol={RTOL:g} (largest relative difference {worst:.2g})"
+        )
     return Comparison(DIFFERS, short_diff(old_text, new_text))
 
 

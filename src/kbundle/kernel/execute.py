@@ -33,6 +33,7 @@ from kbundle.atomic import write_atomic
 from kbundle.errors import KbundleError, UsageError
 from kbundle.kernel.compare import DIFF_LINES, ERROR, NOT_RUN, compare_outputs, text_of
 
+
 @dataclass(frozen=True)
 class CellReport:
     index: int  # position among all cells of the notebook
@@ -75,16 +76,22 @@ class Report:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
-        return {"notebook": self.notebook, "output": self.output, "kernel_name": self.kernel_name,
-                "errored": self.errored, "seconds": round(self.seconds, 3), "counts": self.counts(),
-                "cells": [c.to_dict() for c in self.cells]}
+        return {
+            "notebook": self.notebook,
+            "output": self.output,
+            "kernel_name": self.kernel_name,
+            "errored": self.errored,
+            "seconds": round(self.seconds, 3),
+            "counts": self.counts(),
+            "cells": [c.to_dict() for c in self.cells],
+        }
 
     def summary_lines(self) -> list[str]:
         lines = []
         for cell in self.cells:
             label = f"cell {cell.index:>3} [{cell.execution_count if cell.execution_count is not None else ' '}]"
             lines.append(f"{label} {cell.status:<13} {cell.source[:50]}")
-            for detail in cell.detail.splitlines()[:DIFF_LINES + 2]:
+            for detail in cell.detail.splitlines()[: DIFF_LINES + 2]:
                 lines.append(f"{'':>19}{detail}")
         tally = ", ".join(f"{n} {status}" for status, n in sorted(self.counts().items()))
         lines.append(f"{len(self.cells)} code cells: {tally}; executed copy: {self.output}")
@@ -107,9 +114,15 @@ def cell_report(index: int, cell: dict[str, Any], saved: list[dict[str, Any]], r
 # ----------------------------------------------------------------- execution
 
 
-def execute_notebook(notebook_path: os.PathLike | str, kernel_name: str, output_path: os.PathLike | str, *,
-                     timeout: Optional[int] = None, cwd: Optional[os.PathLike | str] = None,
-                     startup_timeout: int = 120) -> Report:
+def execute_notebook(
+    notebook_path: os.PathLike | str,
+    kernel_name: str,
+    output_path: os.PathLike | str,
+    *,
+    timeout: Optional[int] = None,
+    cwd: Optional[os.PathLike | str] = None,
+    startup_timeout: int = 120,
+) -> Report:
     """Run the notebook in `kernel_name`, write the executed copy, and return the report."""
     import nbformat
     from jupyter_client.kernelspec import NoSuchKernel
@@ -122,11 +135,16 @@ def execute_notebook(notebook_path: os.PathLike | str, kernel_name: str, output_
         nb = nbformat.read(str(source), as_version=4)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read notebook {source}: {exc}") from None
-    saved = {i: [dict(o) for o in cell.get("outputs", [])] for i, cell in enumerate(nb.cells)
-             if cell.cell_type == "code"}
+    saved = {
+        i: [dict(o) for o in cell.get("outputs", [])] for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+    }
     started: list[int] = []
     client = NotebookClient(
-        nb, kernel_name=kernel_name, timeout=timeout, startup_timeout=startup_timeout, allow_errors=False,
+        nb,
+        kernel_name=kernel_name,
+        timeout=timeout,
+        startup_timeout=startup_timeout,
+        allow_errors=False,
         resources={"metadata": {"path": str(Path(cwd) if cwd else source.resolve().parent)}},
         on_cell_start=lambda cell, cell_index: started.append(cell_index),
     )
@@ -159,7 +177,9 @@ def _check_paths(source: Path, target: Path) -> None:
     if not source.is_file():
         raise UsageError(f"no notebook at {source}")
     if target.exists() and target.resolve() == source.resolve():
-        raise UsageError(f"the executed copy would overwrite {source}, whose saved outputs are the reference; "
-                         "pass another output path")
+        raise UsageError(
+            f"the executed copy would overwrite {source}, whose saved outputs are the reference; "
+            "pass another output path"
+        )
     if not target.parent.is_dir():
         raise UsageError(f"the output folder {target.parent} does not exist")

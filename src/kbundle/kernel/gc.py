@@ -61,8 +61,10 @@ class GcResult:
     failed: list[tuple[GcItem, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"removed": [i.to_dict() for i in self.removed],
-                "failed": [dict(i.to_dict(), error=e) for i, e in self.failed]}
+        return {
+            "removed": [i.to_dict() for i in self.removed],
+            "failed": [dict(i.to_dict(), error=e) for i, e in self.failed],
+        }
 
 
 def connect():
@@ -76,9 +78,15 @@ def connect():
         raise KbundleError(f"cannot reach the Docker engine ({exc.__class__.__name__}); is it running?") from None
 
 
-def plan_gc(client, *, kernels: Optional[list] = None, host: Optional[str] = None,
-            contexts_dir: Optional[Path] = None, pycache_dir: Optional[Path] = None,
-            now: Optional[float] = None) -> GcPlan:
+def plan_gc(
+    client,
+    *,
+    kernels: Optional[list] = None,
+    host: Optional[str] = None,
+    contexts_dir: Optional[Path] = None,
+    pycache_dir: Optional[Path] = None,
+    now: Optional[float] = None,
+) -> GcPlan:
     """What `kbundle gc` would remove (nothing is removed here)."""
     from kbundle.kernel.spec import list_kernelspecs
 
@@ -104,9 +112,15 @@ def _unused_pycaches(kernels: list, root: Path) -> list[GcItem]:
         except OSError:
             image = ""
         if image not in wanted:
-            items.append(GcItem(DIRECTORY, str(path.resolve()), path.name,
-                                f"bytecode cache of {image or 'an unknown image'}, which no registered kernel uses",
-                                _du(path)))
+            items.append(
+                GcItem(
+                    DIRECTORY,
+                    str(path.resolve()),
+                    path.name,
+                    f"bytecode cache of {image or 'an unknown image'}, which no registered kernel uses",
+                    _du(path),
+                )
+            )
     return items
 
 
@@ -128,8 +142,11 @@ def _dead_kernel_containers(client, host: str) -> list[GcItem]:
         name = (c.get("Names") or ["?"])[0].lstrip("/")
         kernel = kernel_labels.read(labels, contract.LABEL_KERNEL_NAME) or "?"
         pid = kernel_labels.read(labels, contract.LABEL_LAUNCHER_PID) or "?"
-        items.append(GcItem(CONTAINER, c["Id"], name,
-                            f"kernel {kernel}: its launcher (pid {pid}) is gone; {c.get('State', '?')}"))
+        items.append(
+            GcItem(
+                CONTAINER, c["Id"], name, f"kernel {kernel}: its launcher (pid {pid}) is gone; {c.get('State', '?')}"
+            )
+        )
     return items
 
 
@@ -152,8 +169,9 @@ def _unused_images(client, kernels: list, leaving: set[str]) -> list[GcItem]:
         tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
         digest = contract.image_content_hash(image.get("Labels")) or "?"
         for ref in tags or [image["Id"]]:
-            items.append(GcItem(IMAGE, ref, ref, f"bundle {digest[:19]}: no registered kernel uses it",
-                                image.get("Size")))
+            items.append(
+                GcItem(IMAGE, ref, ref, f"bundle {digest[:19]}: no registered kernel uses it", image.get("Size"))
+            )
     return items
 
 
@@ -172,14 +190,18 @@ def _stale_directories(kernels: list, contexts_dir: Path, now: float) -> list[Gc
     for kernel in kernels:
         scratch = Path(kernel.workdir) / ".kbundle" if kernel.workdir else None
         if scratch and scratch.is_dir():
-            candidates += [(p, f"unfinished extraction for kernel {kernel.name}") for p in scratch.glob("extract-*")
-                           if p.is_dir()]
+            candidates += [
+                (p, f"unfinished extraction for kernel {kernel.name}") for p in scratch.glob("extract-*") if p.is_dir()
+            ]
     items = []
     for path, reason in candidates:
         age = now - _newest_mtime(path)
         if age >= STALE_AFTER_S:
-            items.append(GcItem(DIRECTORY, str(path.resolve()), path.name,
-                                f"{reason}, untouched for {age / 3600:.0f} h", _du(path)))
+            items.append(
+                GcItem(
+                    DIRECTORY, str(path.resolve()), path.name, f"{reason}, untouched for {age / 3600:.0f} h", _du(path)
+                )
+            )
     return items
 
 

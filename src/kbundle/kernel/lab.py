@@ -57,8 +57,7 @@ def open_lab(workdir: os.PathLike | str, notebook_path: os.PathLike | str, kerne
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         command = lab_command(lab, workdir, notebook, kernel_name, as_root=os.geteuid() == 0)
-        proc = subprocess.Popen(command, cwd=workdir,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(command, cwd=workdir, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         return proc.wait()
     finally:
         signal.signal(signal.SIGINT, previous)

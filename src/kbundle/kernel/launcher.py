@@ -66,8 +66,24 @@ PYCACHE_IMAGE_FILE = "image.txt"
 PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 LOOPBACK = ("127.0.0.1", "localhost")
 # A bind mount at (or above) these paths would hide the container's own system or environment.
-RESERVED = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", contract.ROOT, "/proc",
-            "/run", "/sbin", "/sys", "/usr", "/var")
+RESERVED = (
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    contract.ROOT,
+    "/proc",
+    "/run",
+    "/sbin",
+    "/sys",
+    "/usr",
+    "/var",
+)
+
 
 class LaunchError(Exception):
     """A problem the launcher reports as one `error:` line before exiting 1."""
@@ -141,8 +157,10 @@ def mount_dirs(workdir: str, cwd: str) -> tuple[list[str], str]:
     base = os.path.realpath(workdir) if workdir else cwd
     hidden = _hidden_by(base)
     if hidden:
-        raise LaunchError(f"refusing to mount {base} into the kernel: it would hide the image's {hidden}; "
-                          "start the kernel from your notebook's folder")
+        raise LaunchError(
+            f"refusing to mount {base} into the kernel: it would hide the image's {hidden}; "
+            "start the kernel from your notebook's folder"
+        )
     if not os.path.isdir(base):
         raise LaunchError(f"the kernel's working directory {base} does not exist")
     if _inside(cwd, base):
@@ -192,8 +210,18 @@ def _hidden_by(mount: str) -> str:
     return contract.ROOT if mount.startswith(contract.ROOT + "/") else ""
 
 
-def plan_launch(args: argparse.Namespace, info: dict[str, Any], *, cwd: str, uid: int, gid: int,
-                groups: list[int], pid: int, environ: dict[str, str], platform: str) -> LaunchPlan:
+def plan_launch(
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    *,
+    cwd: str,
+    uid: int,
+    gid: int,
+    groups: list[int],
+    pid: int,
+    environ: dict[str, str],
+    platform: str,
+) -> LaunchPlan:
     """Decide the container's settings (pure, apart from checking that the workdir exists)."""
     if info.get("transport", "tcp") != "tcp":
         raise LaunchError(f"transport {info.get('transport')!r} is not supported; kbundle kernels use tcp")
@@ -331,10 +359,18 @@ class Launcher:
             group_add=plan.group_add or None,
         )
         kwargs = dict(
-            image=plan.image, command=plan.command, name=plan.name, user=plan.user,
-            stdin_open=True, detach=False, tty=False,  # detach=False makes StdinOnce: our EOF is the kernel's
-            working_dir=plan.working_dir, environment=plan.environment, labels=plan.labels,
-            host_config=host_config, ports=plan.ports or None,
+            image=plan.image,
+            command=plan.command,
+            name=plan.name,
+            user=plan.user,
+            stdin_open=True,
+            detach=False,
+            tty=False,  # detach=False makes StdinOnce: our EOF is the kernel's
+            working_dir=plan.working_dir,
+            environment=plan.environment,
+            labels=plan.labels,
+            host_config=host_config,
+            ports=plan.ports or None,
         )
         deadline = time.monotonic() + REPLACE_WAIT_S
         while True:
@@ -416,8 +452,9 @@ class Launcher:
                     self._call(self.api.kill, self.cid, signal="SIGKILL")
                 else:
                     stopping = True
-                    threading.Thread(target=self._call, args=(self.api.stop, self.cid),
-                                     kwargs={"timeout": STOP_GRACE_S}, daemon=True).start()
+                    threading.Thread(
+                        target=self._call, args=(self.api.stop, self.cid), kwargs={"timeout": STOP_GRACE_S}, daemon=True
+                    ).start()
 
     @staticmethod
     def _call(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -434,8 +471,10 @@ def _docker_message(exc: Exception, plan: LaunchPlan) -> str:
     if isinstance(exc, docker.errors.ImageNotFound) or "No such image" in text:
         return f"the kernel's image {plan.image} is missing; run `kbundle run` on the bundle again to rebuild it"
     if "could not select device driver" in text:
-        return ("this kernel asks for GPUs but the Docker engine has no NVIDIA runtime; install the NVIDIA "
-                "Container Toolkit or re-register the kernel with `kbundle run --gpus none`")
+        return (
+            "this kernel asks for GPUs but the Docker engine has no NVIDIA runtime; install the NVIDIA "
+            "Container Toolkit or re-register the kernel with `kbundle run --gpus none`"
+        )
     if "permission denied" in text.lower() and "docker.sock" in text:
         return "permission denied on the Docker socket; add yourself to the `docker` group"
     return f"Docker refused to run the kernel: {text}"
@@ -448,9 +487,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     try:
         info = read_connection_file(args.connection_file)
-        plan = plan_launch(args, info, cwd=os.getcwd(), uid=os.getuid(), gid=os.getgid(),
-                           groups=os.getgroups(), pid=os.getpid(), environ=dict(os.environ),
-                           platform=sys.platform)
+        plan = plan_launch(
+            args,
+            info,
+            cwd=os.getcwd(),
+            uid=os.getuid(),
+            gid=os.getgid(),
+            groups=os.getgroups(),
+            pid=os.getpid(),
+            environ=dict(os.environ),
+            platform=sys.platform,
+        )
         plan = prepare_pycache(plan)
         code = Launcher(plan, kernel_connection(info, plan.network)).run()
     except LaunchError as exc:

@@ -113,11 +113,16 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
     launcher = launcher or launcher_path()
     argv = [
         str(launcher),
-        "--kernel-name", name,
-        "--image", image,
-        "--workdir", workdir,
-        "--gpus", gpus_argument(gpus),
-        "-f", "{connection_file}",
+        "--kernel-name",
+        name,
+        "--image",
+        image,
+        "--workdir",
+        workdir,
+        "--gpus",
+        gpus_argument(gpus),
+        "-f",
+        "{connection_file}",
     ]
     kb: dict[str, Any] = dict(request.extra_metadata)
     kb.update(image=image, bundle_hash=request.bundle_hash, gpus=list(gpus), workdir=workdir)
@@ -141,9 +146,7 @@ def kernel_name_for(bundle_name: str) -> str:
 
 def check_name(name: str) -> None:
     if not _NAME.match(name or ""):
-        raise UsageError(
-            f"invalid kernel name {name!r}: use lower-case letters, digits, '.', '_' and '-'"
-        )
+        raise UsageError(f"invalid kernel name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
 
 
 def _manager():
@@ -168,7 +171,9 @@ def install_kernelspec(request: KernelRequest) -> Path:
     target = user_kernels_dir() / name
     existing = target / "kernel.json"
     if existing.exists() and not _is_kbundle(_read_json(existing)):
-        raise KbundleError(f"a kernel named {name!r} that kbundle did not install exists at {target}; remove it or pick another name")
+        raise KbundleError(
+            f"a kernel named {name!r} that kbundle did not install exists at {target}; remove it or pick another name"
+        )
     target.mkdir(parents=True, exist_ok=True)
     write_atomic(existing, json.dumps(spec, indent=1) + "\n")
     return target

@@ -69,7 +69,9 @@ def _torch(name: str, version: str | None, build: str | None, source: str) -> Ev
             return None
         match = re.fullmatch(r"cu(\d+)(\d)", local)
         if match:
-            return Evidence(f"{name}=={version}", source, _cuda(match.group(1), match.group(2)), carries=table.carries_runtime)
+            return Evidence(
+                f"{name}=={version}", source, _cuda(match.group(1), match.group(2)), carries=table.carries_runtime
+            )
         cudas = table.cudas_for(Version.lenient(base))
         return Evidence(f"{name}=={version}", source, cudas[0], carries=table.carries_runtime) if cudas else None
     cuda = _cuda_in_build(build)
@@ -228,13 +230,24 @@ def choose(
         return _with_override(_choice(cuda, cudnn, False, base_image, why), base_image)
     added = _runtime_packages(cuda, cudnn)
     gone = base_tags().deleted.get(cuda)
-    why += f"; nvidia/cuda:{gone} was deleted (end of life)" if gone else f"; no published nvidia/cuda {cuda} image with cuDNN {cudnn}"
+    why += (
+        f"; nvidia/cuda:{gone} was deleted (end of life)"
+        if gone
+        else f"; no published nvidia/cuda {cuda} image with cuDNN {cudnn}"
+    )
     why += ", so the environment carries the CUDA runtime (" + ", ".join(a.spec for a in added) + ")"
     return _on_live_base(cuda, cudnn, why, added, found)
 
 
-def _choice(cuda: Version, cudnn: Version | None, runtime_in_env: bool, image: str, reason: str,
-            glibc: Version | None = None, **more) -> CudaChoice:
+def _choice(
+    cuda: Version,
+    cudnn: Version | None,
+    runtime_in_env: bool,
+    image: str,
+    reason: str,
+    glibc: Version | None = None,
+    **more,
+) -> CudaChoice:
     """The record the rest of pack reads: versions become text here. Without `glibc`, the
     image's glibc comes from the OS its reference names."""
     glibc_text = str(glibc) if glibc is not None else glibc_for(image)
@@ -261,8 +274,9 @@ def _image_choice(cuda: Version, cudnn: Version | None, image: str, entry: LiveT
     return _choice(cuda, cudnn, False, image, reason, glibc=base_tags().glibc[entry.os], **more)
 
 
-def _on_live_base(cuda: Version, cudnn: Version | None, why: str, added: tuple[Added, ...],
-                  found: list[Evidence]) -> CudaChoice:
+def _on_live_base(
+    cuda: Version, cudnn: Version | None, why: str, added: tuple[Added, ...], found: list[Evidence]
+) -> CudaChoice:
     """The environment brings the runtime: any live base will do; take the lowest that fits."""
     image, base_cuda = _carried_base(cuda)
     require = f"cuda>={cuda}" if base_cuda != cuda else None
@@ -279,7 +293,9 @@ def _runtime_packages(cuda: Version, cudnn: Version | None) -> tuple[Added, ...]
     table = frameworks().conda_runtime
     specs = table.specs.get(cuda)
     if not specs:
-        raise UsageError(f"no published nvidia/cuda image and no conda CUDA runtime known for CUDA {cuda}; pass --base-image")
+        raise UsageError(
+            f"no published nvidia/cuda image and no conda CUDA runtime known for CUDA {cuda}; pass --base-image"
+        )
     cudnn = cudnn or table.default_cudnn[cuda.major]  # the loader checked every major has one
     reason = f"no live nvidia/cuda {cuda} image; the environment brings the CUDA runtime"
     return tuple(Added(spec.format(cudnn=cudnn), reason) for spec in specs)
@@ -292,8 +308,12 @@ def _cudnn_package(cudnn: Version) -> tuple[Added, ...]:
 def _with_override(choice: CudaChoice, base_image: str | None) -> CudaChoice:
     if not base_image:
         return choice
-    return replace(choice, base_image=base_image, glibc=glibc_for(base_image),
-                   reason=choice.reason + f"; base image {base_image} chosen with --base-image")
+    return replace(
+        choice,
+        base_image=base_image,
+        glibc=glibc_for(base_image),
+        reason=choice.reason + f"; base image {base_image} chosen with --base-image",
+    )
 
 
 def apply_added(env: NormalisedEnv, choice: CudaChoice) -> None:

@@ -10,6 +10,7 @@ from kbundle.errors import UsageError
 from kbundle.pack.records import RawEnv
 from kbundle.specs import CondaSpec, PipPin, parse_conda_spec, parse_pip_line
 
+
 def _load_yaml(path: Path, text: str):
     import yaml
 
@@ -105,8 +106,9 @@ def _read_text(path: Path) -> str:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def write_environment_yml(header: str, name: str, channels: list[str], conda: list[str], pip: list[str],
-                          prefix: str | None = None) -> str:
+def write_environment_yml(
+    header: str, name: str, channels: list[str], conda: list[str], pip: list[str], prefix: str | None = None
+) -> str:
     """An environment.yml in `conda env export`'s layout, after a one-line `# header`.
 
     The width is wide so that no spec is ever folded onto a second line."""
@@ -120,5 +122,4 @@ def write_environment_yml(header: str, name: str, channels: list[str], conda: li
     doc: dict = {"name": name, "channels": list(channels), "dependencies": deps}
     if prefix is not None:
         doc["prefix"] = prefix
-    return f"# {header}\n" + yaml.dump(doc, Dumper=yaml_dumper(), sort_keys=False, default_flow_style=False,
-                                       width=1000)
+    return f"# {header}\n" + yaml.dump(doc, Dumper=yaml_dumper(), sort_keys=False, default_flow_style=False, width=1000)

@@ -46,7 +46,7 @@ def _reachable(url: str, timeout: float) -> bool:
     import urllib.request
 
     if url.startswith("file://"):
-        return Path(urllib.request.url2pathname(url[len("file://"):])).is_dir()
+        return Path(urllib.request.url2pathname(url[len("file://") :])).is_dir()
     # Every conda channel has noarch/repodata.json. Only a real answer counts: an
     # intercepting proxy answers 404/403 for hosts it will not reach.
     request = urllib.request.Request(f"{url}/noarch/repodata.json", method="HEAD")
@@ -107,7 +107,9 @@ def _solve(env: NormalisedEnv, choice: CudaChoice, urls: list[str], mode: str) -
     except solve.ChannelsDown as exc:
         if mode == "always":
             raise LockError(f"cannot lock: channels unreachable ({exc})") from None
-        return LockResult(False, None, note=f"channels unreachable ({exc}): wrote an unlocked bundle; the recipient will resolve it")
+        return LockResult(
+            False, None, note=f"channels unreachable ({exc}): wrote an unlocked bundle; the recipient will resolve it"
+        )
     except solve.Unsolvable as exc:
         raise LockError(f"cannot lock the environment for {contract.PLATFORM}: {exc} (or pass --lock never)") from None
     python = next((str(r.version) for r in records if str(r.name.normalized) == "python"), None)

@@ -141,5 +141,6 @@ def normalise(env: RawEnv) -> NormalisedEnv:
 def environment_yml(name: str, env: NormalisedEnv) -> str:
     """The normalised environment as an environment.yml (no prefix, no build hashes)."""
     header = "normalised by kbundle for linux-64; see kbundle.json for what was dropped or added"
-    return write_environment_yml(header, name, env.channels, [d.text for d in env.dependencies],
-                                 [p.text for p in env.pip])
+    return write_environment_yml(
+        header, name, env.channels, [d.text for d in env.dependencies], [p.text for p in env.pip]
+    )

@@ -53,7 +53,9 @@ def _pip_installed(prefix: Path, conda_files: set[str]) -> list[PipPin]:
     for site in _site_packages(prefix):
         for dist in sorted(site.glob("*.dist-info")):
             rel = dist.relative_to(prefix).as_posix()
-            installer = (dist / "INSTALLER").read_text(errors="replace").strip() if (dist / "INSTALLER").exists() else ""
+            installer = (
+                (dist / "INSTALLER").read_text(errors="replace").strip() if (dist / "INSTALLER").exists() else ""
+            )
             if installer == "conda" or rel in conda_files:
                 continue
             name, version = _metadata(dist)
@@ -113,5 +115,6 @@ def read_prefix(prefix: Path, source_kind: str) -> RawEnv:
 def export_text(env: RawEnv) -> str:
     """The prefix as `conda env export` would print it, so the bundle keeps an original."""
     header = f"read by kbundle from the conda prefix {env.prefix} ({env.platform or 'unknown platform'})"
-    return write_environment_yml(header, env.name, env.channels, [s.raw for s in env.conda],
-                                 [p.raw for p in env.pip], env.prefix)
+    return write_environment_yml(
+        header, env.name, env.channels, [s.raw for s in env.conda], [p.raw for p in env.pip], env.prefix
+    )

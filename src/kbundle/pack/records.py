@@ -59,4 +59,3 @@ class LockResult:
     virtual_packages: tuple[str, ...] = ()
     note: str | None = None
     python: str | None = None  # the solved python version
-

@@ -8,33 +8,51 @@ from pathlib import Path
 
 import pytest
 
-from kbundle.image import build as imagemod
-from kbundle.image import wheels, workdir as wd
-from kbundle.flows.run import consent
-from kbundle.kernel.spec import kernel_name_for
 from kbundle.bundle import Manifest, open_bundle, write_bundle
 from kbundle.errors import KbundleError
+from kbundle.flows.run import consent
+from kbundle.image import build as imagemod
+from kbundle.image import wheels
+from kbundle.image import workdir as wd
+from kbundle.kernel.spec import kernel_name_for
 
-NOTEBOOK = {"cells": [{"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [],
-                       "source": "print(1)"}],
-            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-            "nbformat": 4, "nbformat_minor": 5}
+NOTEBOOK = {
+    "cells": [
+        {"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [], "source": "print(1)"}
+    ],
+    "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    "nbformat": 4,
+    "nbformat_minor": 5,
+}
 
 
 def make_bundle(path: Path, name: str = "demo", notebook: dict = NOTEBOOK, data: bytes = b"a,b\n1,2\n") -> Path:
-    manifest = Manifest(name=name, notebook="work/nb.ipynb", python="3.11", cuda=None, cudnn=None,
-                        cuda_runtime_in_env=False, base_image="debian:bookworm", base_image_reason="test",
-                        channels=["http://127.0.0.1:1/"], dependencies=["python 3.11.*"], pip=[],
-                        includes=["work/data/table.csv"])
-    members = {"work/nb.ipynb": json.dumps(notebook).encode(), "work/data/table.csv": data,
-               "Dockerfile": b"FROM debian:bookworm\n", "env/environment.yml": b"dependencies: [python]\n"}
+    manifest = Manifest(
+        name=name,
+        notebook="work/nb.ipynb",
+        python="3.11",
+        cuda=None,
+        cudnn=None,
+        cuda_runtime_in_env=False,
+        base_image="debian:bookworm",
+        base_image_reason="test",
+        channels=["http://127.0.0.1:1/"],
+        dependencies=["python 3.11.*"],
+        pip=[],
+        includes=["work/data/table.csv"],
+    )
+    members = {
+        "work/nb.ipynb": json.dumps(notebook).encode(),
+        "work/data/table.csv": data,
+        "Dockerfile": b"FROM debian:bookworm\n",
+        "env/environment.yml": b"dependencies: [python]\n",
+    }
     write_bundle(path, manifest, members)
     return path
 
 
 def place(bundle: Path, workdir: Path) -> wd.Placement:
-    return wd.place(open_bundle(bundle), workdir,
-                    "kbundle-demo", "demo (kbundle)")
+    return wd.place(open_bundle(bundle), workdir, "kbundle-demo", "demo (kbundle)")
 
 
 def test_notebook_names_the_new_kernel(tmp_path):
@@ -89,8 +107,9 @@ def test_a_symlink_in_the_workdir_is_never_followed(tmp_path):
 
 def test_consent_without_tty_says_to_pass_yes(tmp_path):
     with pytest.raises(KbundleError, match="--yes"):
-        consent(None, yes=False, base_image="b", packages=3, pip=0, dockerfile=tmp_path / "Dockerfile",
-                interactive=False)
+        consent(
+            None, yes=False, base_image="b", packages=3, pip=0, dockerfile=tmp_path / "Dockerfile", interactive=False
+        )
 
 
 @pytest.mark.parametrize("answer, ok", [(True, True), (False, False)])
@@ -100,9 +119,15 @@ def test_consent_asks_and_shows_what_will_be_built(tmp_path, answer, ok):
     out = io.StringIO()
     console = Console(file=out, width=200)
     asked = []
-    kwargs = dict(yes=False, base_image="nvidia/cuda:12.2.2-runtime-ubuntu22.04", packages=42, pip=2,
-                  dockerfile=tmp_path / "Dockerfile", interactive=True,
-                  ask=lambda c, q: asked.append(q) or answer)
+    kwargs = dict(
+        yes=False,
+        base_image="nvidia/cuda:12.2.2-runtime-ubuntu22.04",
+        packages=42,
+        pip=2,
+        dockerfile=tmp_path / "Dockerfile",
+        interactive=True,
+        ask=lambda c, q: asked.append(q) or answer,
+    )
     if ok:
         consent(console, **kwargs)
     else:
@@ -114,13 +139,27 @@ def test_consent_asks_and_shows_what_will_be_built(tmp_path, answer, ok):
 
 
 def test_consent_with_yes_asks_nothing():
-    consent(None, yes=True, base_image="b", packages=1, pip=0, dockerfile=Path("x"),
-            ask=lambda c, q: pytest.fail("asked"), interactive=False)
+    consent(
+        None,
+        yes=True,
+        base_image="b",
+        packages=1,
+        pip=0,
+        dockerfile=Path("x"),
+        ask=lambda c, q: pytest.fail("asked"),
+        interactive=False,
+    )
 
 
 def key(**changes) -> imagemod.ImageKey:
-    base = dict(name="My Notebook!", env_hash="e" * 64, pip=("tabulate==0.9.0",), dockerfile="FROM x\n",
-                base_image="x", base_id="sha256:1")
+    base = dict(
+        name="My Notebook!",
+        env_hash="e" * 64,
+        pip=("tabulate==0.9.0",),
+        dockerfile="FROM x\n",
+        base_image="x",
+        base_id="sha256:1",
+    )
     base.update(changes)
     return imagemod.ImageKey(**base)
 
@@ -139,11 +178,17 @@ def test_kernel_names_are_valid_jupyter_names():
         check_name(kernel_name_for(name))
 
 
-@pytest.mark.parametrize("dockerfile, expected", [
-    ("FROM nvidia/cuda:11.8.0-runtime-ubuntu22.04\nRUN true\n", "FROM base:1\nRUN true\n"),
-    ("ARG BASE_IMAGE=nvidia/cuda:11.8.0\nFROM ${BASE_IMAGE}\n", "ARG BASE_IMAGE=base:1\nFROM ${BASE_IMAGE}\n"),
-    ("# c\nFROM --platform=linux/amd64 a AS env\nFROM b\n", "# c\nFROM --platform=linux/amd64 base:1 AS env\nFROM b\n"),
-])
+@pytest.mark.parametrize(
+    "dockerfile, expected",
+    [
+        ("FROM nvidia/cuda:11.8.0-runtime-ubuntu22.04\nRUN true\n", "FROM base:1\nRUN true\n"),
+        ("ARG BASE_IMAGE=nvidia/cuda:11.8.0\nFROM ${BASE_IMAGE}\n", "ARG BASE_IMAGE=base:1\nFROM ${BASE_IMAGE}\n"),
+        (
+            "# c\nFROM --platform=linux/amd64 a AS env\nFROM b\n",
+            "# c\nFROM --platform=linux/amd64 base:1 AS env\nFROM b\n",
+        ),
+    ],
+)
 def test_base_image_override(dockerfile, expected):
     assert imagemod.with_base_image(dockerfile, "base:1") == expected
 
@@ -161,15 +206,19 @@ def parse_pip_line(text: str):
 
 def test_wheel_cache_matches_only_the_target_platform(tmp_path):
     tags = wheels.target_tags("3.11")
-    for name in ("numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-                 "numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-                 "numpy-1.26.4-cp311-cp311-macosx_11_0_arm64.whl",
-                 "numpy-1.26.4-cp311-cp311-manylinux_2_28_x86_64.whl",
-                 "tabulate-0.9.0-py3-none-any.whl"):
+    for name in (
+        "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "numpy-1.26.4-cp311-cp311-macosx_11_0_arm64.whl",
+        "numpy-1.26.4-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "tabulate-0.9.0-py3-none-any.whl",
+    ):
         (tmp_path / name).write_bytes(b"")
     found = wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, tags)
     assert found.name.startswith("numpy-1.26.4-cp311-cp311-manylinux_2_17")
-    assert wheels.find_cached(parse_pip_line("Tabulate==0.9.0"), tmp_path, tags).name == "tabulate-0.9.0-py3-none-any.whl"
+    assert (
+        wheels.find_cached(parse_pip_line("Tabulate==0.9.0"), tmp_path, tags).name == "tabulate-0.9.0-py3-none-any.whl"
+    )
     assert wheels.find_cached(parse_pip_line("tabulate==0.8.0"), tmp_path, tags) is None
     assert wheels.find_cached(parse_pip_line("tabulate>=0.9"), tmp_path, tags) is None  # not an exact pin: ask pip
     assert wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, wheels.target_tags("3.10")) is None
@@ -199,18 +248,38 @@ def test_rattler_uses_the_hosts_proxy_and_ca_trust(monkeypatch):
     assert rattler_config().proxy_https is None
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("analysis", "analysis"), ("tf warp-speed", "tf warp-speed"), ("../../escape", "escape"),
-    ("/etc", "etc"), ("..", "bundle"), ("a/b\\c", "a-b-c"), ("Überblick", "Überblick"), (".hidden", "hidden"),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("analysis", "analysis"),
+        ("tf warp-speed", "tf warp-speed"),
+        ("../../escape", "escape"),
+        ("/etc", "etc"),
+        ("..", "bundle"),
+        ("a/b\\c", "a-b-c"),
+        ("Überblick", "Überblick"),
+        (".hidden", "hidden"),
+    ],
+)
 def test_default_workdir_is_one_component_under_cwd(tmp_path, name, expected):
     path = wd.default_workdir(name, tmp_path)
     assert path.parent == tmp_path and path.name == expected
 
 
-@pytest.mark.parametrize("pin", ["--index-url=http://evil.example/simple", "-r /etc/passwd", "tabulate>=0.9",
-                                 "tabulate @ https://evil.example/t.whl", "tabulate", "tabulate==0.9.*",
-                                 "-e ./src", "git+https://evil.example/t.git", "tabulate==0.9.0\n--index-url=x"])
+@pytest.mark.parametrize(
+    "pin",
+    [
+        "--index-url=http://evil.example/simple",
+        "-r /etc/passwd",
+        "tabulate>=0.9",
+        "tabulate @ https://evil.example/t.whl",
+        "tabulate",
+        "tabulate==0.9.*",
+        "-e ./src",
+        "git+https://evil.example/t.git",
+        "tabulate==0.9.0\n--index-url=x",
+    ],
+)
 def test_pip_pins_are_exact_or_refused(pin, tmp_path, monkeypatch):
     monkeypatch.setenv("KBUNDLE_CACHE_DIR", str(tmp_path))
     with pytest.raises(KbundleError, match="exact pin"):

@@ -5,45 +5,33 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import assert_one_error_line, kbundle, notebook
+
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "warp-speed"
 NOTEBOOK = EXAMPLE / "warp-speed.ipynb"
 ENVFILE = EXAMPLE / "environment.yml"
 
-INSPECT_KEYS = {"format_version", "name", "notebook", "python", "cuda", "cudnn", "base_image", "conda", "pip", "dropped", "locked", "files"}
-
-
-def kbundle(*args, cwd: Path | None = None, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("CONDA_PREFIX", "KBUNDLE_DEBUG")}
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "kbundle.cli", *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-def notebook(folder: Path, kernel: str | None = None, name: str = "nb.ipynb") -> Path:
-    meta = {"kernelspec": {"name": kernel, "display_name": kernel, "language": "python"}} if kernel else {}
-    path = folder / name
-    path.write_text(json.dumps({"cells": [{"cell_type": "code", "source": "print(1)", "metadata": {}, "outputs": [], "execution_count": None}],
-                                "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
-    return path
+INSPECT_KEYS = {
+    "format_version",
+    "name",
+    "notebook",
+    "python",
+    "cuda",
+    "cudnn",
+    "base_image",
+    "conda",
+    "pip",
+    "dropped",
+    "locked",
+    "files",
+}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +45,7 @@ def packed(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, float]:
 def test_example_packs_offline_with_one_line_about_channels(packed):
     out, result, seconds = packed
     assert result.returncode == 0, result.stderr
-    notes = [l for l in result.stderr.splitlines() if "unreachable" in l]
+    notes = [line for line in result.stderr.splitlines() if "unreachable" in line]
     assert len(notes) == 1 and "unlocked" in notes[0]
     assert "Traceback" not in result.stderr
     assert seconds < 15  # the unreachable check fails fast instead of hanging
@@ -150,8 +138,22 @@ def test_includes_and_cuda_none(tmp_path):
     env = tmp_path / "environment.yml"
     env.write_text("channels: [conda-forge]\ndependencies:\n  - python=3.11\n  - pip:\n    - tensorflow==2.12.0\n")
     out = tmp_path / "x.kbundle"
-    result = kbundle("pack", nb, "-e", env, "-o", out, "--lock", "never", "--cuda", "none",
-                     "--include", tmp_path / "data", "--include", tmp_path / "helper.py")
+    result = kbundle(
+        "pack",
+        nb,
+        "-e",
+        env,
+        "-o",
+        out,
+        "--lock",
+        "never",
+        "--cuda",
+        "none",
+        "--include",
+        tmp_path / "data",
+        "--include",
+        tmp_path / "helper.py",
+    )
     assert result.returncode == 0, result.stderr
     doc = json.loads(kbundle("inspect", out, "--json").stdout)
     assert doc["includes"] == ["work/data/a.csv", "work/helper.py"]
@@ -173,9 +175,18 @@ def _fake_prefix(root: Path) -> Path:
         ("libgcc-ng", "13.2.0", "h807b86a_5", []),
     ]
     for name, version, build, files in records:
-        (prefix / "conda-meta" / f"{name}-{version}-{build}.json").write_text(json.dumps({
-            "name": name, "version": version, "build": build, "subdir": "linux-64",
-            "channel": "https://conda.anaconda.org/conda-forge/linux-64", "files": files}))
+        (prefix / "conda-meta" / f"{name}-{version}-{build}.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "version": version,
+                    "build": build,
+                    "subdir": "linux-64",
+                    "channel": "https://conda.anaconda.org/conda-forge/linux-64",
+                    "files": files,
+                }
+            )
+        )
         for f in files:
             (prefix / f).parent.mkdir(parents=True, exist_ok=True)
             (prefix / f).write_text(f"Name: {name}\nVersion: {version}\n")
@@ -205,12 +216,20 @@ def test_environment_from_the_notebooks_kernelspec(tmp_path):
     prefix = _fake_prefix(tmp_path)
     kernels = tmp_path / "share" / "jupyter" / "kernels" / "fake-env"
     kernels.mkdir(parents=True)
-    (kernels / "kernel.json").write_text(json.dumps({
-        "argv": [str(prefix / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "Fake", "language": "python"}))
+    (kernels / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [str(prefix / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Fake",
+                "language": "python",
+            }
+        )
+    )
     nb = notebook(tmp_path, kernel="fake-env")
     out = tmp_path / "k.kbundle"
-    result = kbundle("pack", nb, "-o", out, "--lock", "never", env={"JUPYTER_PATH": str(tmp_path / "share" / "jupyter")})
+    result = kbundle(
+        "pack", nb, "-o", out, "--lock", "never", env={"JUPYTER_PATH": str(tmp_path / "share" / "jupyter")}
+    )
     assert result.returncode == 0, result.stderr
     doc = json.loads(kbundle("inspect", out, "--json").stdout)
     assert doc["source"]["kind"] == "kernelspec-prefix"
@@ -245,7 +264,9 @@ def test_invalid_yaml(tmp_path):
     _no_output(tmp_path)
 
 
-@pytest.mark.parametrize("content", ["name: x\nchannels: [conda-forge]\n", "name: x\ndependencies: []\n", "just a string\n"])
+@pytest.mark.parametrize(
+    "content", ["name: x\nchannels: [conda-forge]\n", "name: x\ndependencies: []\n", "just a string\n"]
+)
 def test_env_without_dependencies(tmp_path, content):
     env = tmp_path / "environment.yml"
     env.write_text(content)
@@ -256,7 +277,9 @@ def test_env_without_dependencies(tmp_path, content):
 
 
 def test_unknown_cuda(tmp_path):
-    assert_one_error_line(kbundle("pack", notebook(tmp_path), "-e", ENVFILE, "--cuda", "7.7", cwd=tmp_path), "unknown --cuda")
+    assert_one_error_line(
+        kbundle("pack", notebook(tmp_path), "-e", ENVFILE, "--cuda", "7.7", cwd=tmp_path), "unknown --cuda"
+    )
     _no_output(tmp_path)
 
 
@@ -285,7 +308,9 @@ def test_requirements_without_python(tmp_path):
 
 
 def test_no_environment_found_says_how_to_pass_one(tmp_path):
-    result = kbundle("pack", notebook(tmp_path, kernel="no-such-kernel"), cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path)})
+    result = kbundle(
+        "pack", notebook(tmp_path, kernel="no-such-kernel"), cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path)}
+    )
     assert_one_error_line(result, "-e")
     _no_output(tmp_path)
 
@@ -296,7 +321,9 @@ def test_never_clobbers_a_users_file(tmp_path):
     result = kbundle("pack", notebook(tmp_path), "-e", ENVFILE, "-o", precious, "--lock", "never", cwd=tmp_path)
     assert_one_error_line(result, "refusing to overwrite")
     assert precious.read_text() == "my notes"
-    assert_one_error_line(kbundle("pack", notebook(tmp_path), "-e", ENVFILE, "-o", tmp_path / "nb.ipynb", cwd=tmp_path), "refusing")
+    assert_one_error_line(
+        kbundle("pack", notebook(tmp_path), "-e", ENVFILE, "-o", tmp_path / "nb.ipynb", cwd=tmp_path), "refusing"
+    )
 
 
 def test_include_outside_the_notebook_folder(tmp_path):
@@ -310,7 +337,17 @@ def test_include_outside_the_notebook_folder(tmp_path):
 
 def test_lock_always_fails_when_channels_are_unreachable(tmp_path):
     start = time.monotonic()
-    result = kbundle("pack", notebook(tmp_path), "-e", ENVFILE, "--lock", "always", "--channel", "http://127.0.0.1:9/nothing", cwd=tmp_path)
+    result = kbundle(
+        "pack",
+        notebook(tmp_path),
+        "-e",
+        ENVFILE,
+        "--lock",
+        "always",
+        "--channel",
+        "http://127.0.0.1:9/nothing",
+        cwd=tmp_path,
+    )
     assert_one_error_line(result, "unreachable")
     assert time.monotonic() - start < 15
     _no_output(tmp_path)
@@ -329,7 +366,7 @@ def test_summary_warns_above_the_mail_limit(tmp_path):
     out = tmp_path / "big.kbundle"
     result = kbundle("pack", nb, "-e", ENVFILE, "-o", out, "--lock", "never", "--include", tmp_path / "big.bin")
     assert result.returncode == 0, result.stderr
-    warning = [l for l in result.stderr.splitlines() if l.startswith("warning:")]
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "20 MB" in warning[0]
     assert "21.0 MB" in result.stdout or "MB" in warning[0]
 

@@ -17,25 +17,43 @@ KBUNDLE = str(Path(sys.executable).parent / "kbundle")
 
 
 def code_cell(source: str, text: str, count: int) -> dict:
-    return {"cell_type": "code", "execution_count": count, "id": f"c{count}", "metadata": {}, "source": source,
-            "outputs": [{"name": "stdout", "output_type": "stream", "text": text}]}
+    return {
+        "cell_type": "code",
+        "execution_count": count,
+        "id": f"c{count}",
+        "metadata": {},
+        "source": source,
+        "outputs": [{"name": "stdout", "output_type": "stream", "text": text}],
+    }
 
 
 # What the sender saved: one deterministic cell, one timing cell.
 NOTEBOOK = {
     "cells": [
         code_cell("import numpy as np\nprint(int(np.arange(10).sum()))", "45\n", 1),
-        code_cell("import time\nt0 = time.perf_counter()\nsum(i * i for i in range(10000))\n"
-                  "print(f'took {time.perf_counter() - t0:.6f} s')", "took 0.001234 s\n", 2),
+        code_cell(
+            "import time\nt0 = time.perf_counter()\nsum(i * i for i in range(10000))\n"
+            "print(f'took {time.perf_counter() - t0:.6f} s')",
+            "took 0.001234 s\n",
+            2,
+        ),
     ],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-    "nbformat": 4, "nbformat_minor": 5,
+    "nbformat": 4,
+    "nbformat_minor": 5,
 }
 
 
 def kbundle(args, env, cwd, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([KBUNDLE, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [KBUNDLE, *map(str, args)],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_run_execute_reports_same_and_volatile(world, tmp_path, docker_client):
@@ -45,19 +63,38 @@ def test_run_execute_reports_same_and_volatile(world, tmp_path, docker_client):
     sender = tmp_path / "sender"
     sender.mkdir()
     (sender / f"{name}.ipynb").write_text(json.dumps(NOTEBOOK))
-    (sender / "environment.yml").write_text(f"name: {name}\nchannels:\n  - {world['channel']}\ndependencies:\n"
-                                            f"  - python={world['python']}\n  - numpy\n  - ipykernel\n")
+    (sender / "environment.yml").write_text(
+        f"name: {name}\nchannels:\n  - {world['channel']}\ndependencies:\n"
+        f"  - python={world['python']}\n  - numpy\n  - ipykernel\n"
+    )
     bundle = sender / f"{name}.kbundle"
-    packed = kbundle(["pack", f"{name}.ipynb", "-e", "environment.yml", "--channel", world["channel"],
-                      "--base-image", world["base_image"], "-o", bundle], env, sender)
+    packed = kbundle(
+        [
+            "pack",
+            f"{name}.ipynb",
+            "-e",
+            "environment.yml",
+            "--channel",
+            world["channel"],
+            "--base-image",
+            world["base_image"],
+            "-o",
+            bundle,
+        ],
+        env,
+        sender,
+    )
     assert packed.returncode == 0, packed.stderr
 
     recipient = tmp_path / "recipient"
     recipient.mkdir()
     image = None
     try:
-        proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--gpus", "none", "--yes", "--json",
-                        "--execute"], env, recipient)
+        proc = kbundle(
+            ["run", bundle, "--base-image", world["base_image"], "--gpus", "none", "--yes", "--json", "--execute"],
+            env,
+            recipient,
+        )
         assert proc.returncode == 0, proc.stderr
         data = json.loads(proc.stdout)
         image = data["image"]

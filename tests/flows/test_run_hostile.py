@@ -24,17 +24,35 @@ def good_members() -> dict[str, bytes]:
     return {"work/nb.ipynb": NOTEBOOK, "Dockerfile": b"FROM scratch\n", "env/environment.yml": b"dependencies: []\n"}
 
 
-def craft(path: Path, members: dict[str, bytes], *, sizes: dict[str, int] | None = None,
-          hashes: dict[str, bytes] | None = None, links: set[str] = frozenset()) -> Path:
+def craft(
+    path: Path,
+    members: dict[str, bytes],
+    *,
+    sizes: dict[str, int] | None = None,
+    hashes: dict[str, bytes] | None = None,
+    links: set[str] = frozenset(),
+) -> Path:
     """A zip whose manifest lists `members` (with optional lies about sizes and hashes)."""
     sizes = sizes or {}
     hashes = hashes or {}
-    manifest = Manifest(name="evil", notebook="work/nb.ipynb", python="3.11", cuda=None, cudnn=None,
-                        cuda_runtime_in_env=False, base_image="scratch", base_image_reason="", channels=[],
-                        dependencies=[], pip=[])
+    manifest = Manifest(
+        name="evil",
+        notebook="work/nb.ipynb",
+        python="3.11",
+        cuda=None,
+        cudnn=None,
+        cuda_runtime_in_env=False,
+        base_image="scratch",
+        base_image_reason="",
+        channels=[],
+        dependencies=[],
+        pip=[],
+    )
     raw = manifest.to_dict()
-    raw["files"] = [{"path": name, "sha256": sha256_hex(hashes.get(name, data)), "size": sizes.get(name, len(data))}
-                    for name, data in sorted(members.items())]
+    raw["files"] = [
+        {"path": name, "sha256": sha256_hex(hashes.get(name, data)), "size": sizes.get(name, len(data))}
+        for name, data in sorted(members.items())
+    ]
     raw["content_hash"] = content_hash(members)
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(MANIFEST, json.dumps(raw))
@@ -52,8 +70,7 @@ ABSOLUTE = f"/tmp/kbundle-hostile-{uuid.uuid4().hex}.txt"
 CASES = {
     "traversal": (lambda p: craft(p, good_members() | {"work/../../../evil.txt": b"pwned\n"}), ["unsafe member"]),
     "dotdot-only": (lambda p: craft(p, good_members() | {"../evil.txt": b"pwned\n"}), ["unsafe member"]),
-    "symlink": (lambda p: craft(p, good_members() | {"work/passwd": b"/etc/passwd"}, links={"work/passwd"}),
-                ["link"]),
+    "symlink": (lambda p: craft(p, good_members() | {"work/passwd": b"/etc/passwd"}, links={"work/passwd"}), ["link"]),
     "absolute": (lambda p: craft(p, good_members() | {ABSOLUTE: b"pwned\n"}), ["unsafe member"]),
     "size-mismatch": (lambda p: craft(p, good_members(), sizes={"work/nb.ipynb": len(NOTEBOOK) + 7}), ["size"]),
     "hash-mismatch": (lambda p: craft(p, good_members(), hashes={"work/nb.ipynb": NOTEBOOK + b" "}), ["sha256"]),
@@ -73,8 +90,14 @@ def test_hostile_bundle_is_rejected_and_writes_nothing(tmp_path, case):
     bundle = make(tmp_path / "evil.kbundle")
     before = tree(tmp_path)
     env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "jupyter"), KBUNDLE_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([KBUNDLE, "run", str(bundle), "--workdir", str(recipient / "target"), "--yes"],
-                          cwd=recipient, env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [KBUNDLE, "run", str(bundle), "--workdir", str(recipient / "target"), "--yes"],
+        cwd=recipient,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -96,18 +119,33 @@ def test_a_hostile_bundle_name_cannot_steer_the_default_workdir(tmp_path):
     """The manifest's name picks ./<name>/; a name like ../../escape must stay one folder under cwd."""
     from kbundle.bundle import write_bundle
 
-    manifest = Manifest(name="../../escape", notebook="work/nb.ipynb", python="3.11", cuda=None, cudnn=None,
-                        cuda_runtime_in_env=False, base_image="scratch", base_image_reason="", channels=[],
-                        dependencies=[], pip=[])
+    manifest = Manifest(
+        name="../../escape",
+        notebook="work/nb.ipynb",
+        python="3.11",
+        cuda=None,
+        cudnn=None,
+        cuda_runtime_in_env=False,
+        base_image="scratch",
+        base_image_reason="",
+        channels=[],
+        dependencies=[],
+        pip=[],
+    )
     bundle = tmp_path / "b.kbundle"
     write_bundle(bundle, manifest, good_members())
     recipient = tmp_path / "x" / "y" / "recipient"
     recipient.mkdir(parents=True)
     before = tree(tmp_path)
-    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "jupyter"), KBUNDLE_CACHE_DIR=str(tmp_path / "cache"),
-               DOCKER_HOST="unix:///nonexistent.sock")  # stop right after the extraction
-    proc = subprocess.run([KBUNDLE, "run", str(bundle), "--yes"], cwd=recipient, env=env, capture_output=True,
-                          text=True, timeout=60)
+    env = dict(
+        os.environ,
+        JUPYTER_DATA_DIR=str(tmp_path / "jupyter"),
+        KBUNDLE_CACHE_DIR=str(tmp_path / "cache"),
+        DOCKER_HOST="unix:///nonexistent.sock",
+    )  # stop right after the extraction
+    proc = subprocess.run(
+        [KBUNDLE, "run", str(bundle), "--yes"], cwd=recipient, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     new = tree(tmp_path) - before
     assert new and all(p.startswith("x/y/recipient/escape") for p in new), sorted(new)

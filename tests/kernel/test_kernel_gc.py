@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kbundle.kernel import gc as G
 from kbundle import contract
+from kbundle.kernel import gc as G
 from kbundle.kernel.labels import process_start
 from kbundle.kernel.spec import KernelRecord
 
@@ -47,11 +47,20 @@ def made(docker_client, env_image):
 
 
 def kernel_container(client, image: str, made, pid: int, start: str, host: str) -> str:
-    labels = {contract.LABEL_KERNEL: "1", contract.LABEL_KERNEL_NAME: "kbundle-gc-test",
-              contract.LABEL_LAUNCHER_PID: str(pid), contract.LABEL_LAUNCHER_START: start,
-              contract.LABEL_LAUNCHER_HOST: host, "kbundle.test": "1"}
-    cid = client.api.create_container(image, command=["python", "-c", "import time; time.sleep(300)"],
-                                      labels=labels, host_config=client.api.create_host_config(init=True))["Id"]
+    labels = {
+        contract.LABEL_KERNEL: "1",
+        contract.LABEL_KERNEL_NAME: "kbundle-gc-test",
+        contract.LABEL_LAUNCHER_PID: str(pid),
+        contract.LABEL_LAUNCHER_START: start,
+        contract.LABEL_LAUNCHER_HOST: host,
+        "kbundle.test": "1",
+    }
+    cid = client.api.create_container(
+        image,
+        command=["python", "-c", "import time; time.sleep(300)"],
+        labels=labels,
+        host_config=client.api.create_host_config(init=True),
+    )["Id"]
     made["containers"].append(cid)
     client.api.start(cid)
     return cid
@@ -90,7 +99,9 @@ def test_plan_lists_only_leftovers_and_apply_removes_them(docker_client, env_ima
         d = pycaches / image.replace("/", "-").replace(":", "-")
         (d / "opt").mkdir(parents=True)
         (d / "image.txt").write_text(image + "\n")
-    used_cache, unused_cache = (str((pycaches / i.replace("/", "-").replace(":", "-")).resolve()) for i in (used, unused))
+    used_cache, unused_cache = (
+        str((pycaches / i.replace("/", "-").replace(":", "-")).resolve()) for i in (used, unused)
+    )
 
     plan = G.plan_gc(docker_client, kernels=kernels, host=host, contexts_dir=contexts, pycache_dir=pycaches)
     refs = {i.ref for i in plan.items}
@@ -116,8 +127,9 @@ def test_plan_lists_only_leftovers_and_apply_removes_them(docker_client, env_ima
 
 def test_cli_lists_and_refuses_to_remove_without_yes(docker_client, env_image, made):
     dead = kernel_container(docker_client, env_image, made, dead_pid(), "", socket.gethostname())
-    listed = subprocess.run([KBUNDLE, "gc", "--dry-run", "--json"], capture_output=True, text=True, timeout=60,
-                            stdin=subprocess.DEVNULL)
+    listed = subprocess.run(
+        [KBUNDLE, "gc", "--dry-run", "--json"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
     assert listed.returncode == 0, listed.stderr
     data = json.loads(listed.stdout)
     assert dead in {i["ref"] for i in data["items"]} and data["removed"] == [] and data["dry_run"] is True

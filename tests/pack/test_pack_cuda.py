@@ -15,7 +15,7 @@ from kbundle.pack.envfile import read_env_file
 from kbundle.pack.normalise import normalise
 from kbundle.resources import data_dir
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "warp-speed" / "environment.yml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "warp-speed" / "environment.yml"
 TAGS = yaml.safe_load((data_dir() / "base_tags.yaml").read_text())
 DELETED = {f"nvidia/cuda:{tag}" for tag in TAGS["deleted"].values()}
 
@@ -37,7 +37,9 @@ def _choose(tmp_path, deps="", pip="", **kw):
     return choice, env
 
 
-@pytest.mark.parametrize("name", ["frameworks.yaml", "base_tags.yaml", "normalise.yaml", "cuda_drivers.yaml", "gpu_arch.yaml"])
+@pytest.mark.parametrize(
+    "name", ["frameworks.yaml", "base_tags.yaml", "normalise.yaml", "cuda_drivers.yaml", "gpu_arch.yaml"]
+)
 def test_every_table_names_its_source(name):
     table = yaml.safe_load((data_dir() / name).read_text())
     assert table["source"].strip()
@@ -57,8 +59,11 @@ def _table(name: str) -> dict:
 def _broken(name: str, change) -> str:
     data = _table(name)
     change(data)
-    loader = {"frameworks": facts.frameworks_from, "base_tags": facts.base_tags_from,
-              "normalise": facts.normalise_facts_from}[name]
+    loader = {
+        "frameworks": facts.frameworks_from,
+        "base_tags": facts.base_tags_from,
+        "normalise": facts.normalise_facts_from,
+    }[name]
     with pytest.raises(facts.DataError) as caught:
         loader(data)
     return str(caught.value)
@@ -77,13 +82,16 @@ def test_a_broken_table_names_its_file_and_key_at_load_time():
     assert "normalise.yaml" in message and "source is missing" in message
 
 
-@pytest.mark.parametrize("text, parts, shown", [
-    ("11.8", (11, 8), "11.8"),
-    ("520.61.05", (520, 61, 5), "520.61.05"),  # a driver: numbers compare, the text is kept for messages
-    ("2.0.1+cu118", (2, 0, 1), "2.0.1+cu118"),
-    ("11.8.*", (11, 8), "11.8.*"),  # conda's glob: not PEP 440, read up to the glob
-    ("1.0_1", (1, 0), "1.0_1"),
-])
+@pytest.mark.parametrize(
+    "text, parts, shown",
+    [
+        ("11.8", (11, 8), "11.8"),
+        ("520.61.05", (520, 61, 5), "520.61.05"),  # a driver: numbers compare, the text is kept for messages
+        ("2.0.1+cu118", (2, 0, 1), "2.0.1+cu118"),
+        ("11.8.*", (11, 8), "11.8.*"),  # conda's glob: not PEP 440, read up to the glob
+        ("1.0_1", (1, 0), "1.0_1"),
+    ],
+)
 def test_version_parse(text, parts, shown):
     version = Version.parse(text)
     assert version.parts == parts and str(version) == shown
@@ -156,7 +164,9 @@ def test_pip_torch_cpu_wheel_gives_cpu_image(tmp_path):
 
 
 def test_conda_pytorch_cuda_build(tmp_path):
-    choice, _ = _choose(tmp_path, "  - pytorch=1.12.1=py3.10_cuda11.3_cudnn8.3.2_0\n  - cudatoolkit=11.3.1=h2bc3f7f_2\n")
+    choice, _ = _choose(
+        tmp_path, "  - pytorch=1.12.1=py3.10_cuda11.3_cudnn8.3.2_0\n  - cudatoolkit=11.3.1=h2bc3f7f_2\n"
+    )
     assert choice.cuda == "11.3" and choice.runtime_in_env
     assert choice.base_image not in DELETED
     assert choice.require_cuda == "cuda>=11.3"
@@ -257,7 +267,13 @@ CARRIED_CASES = [
     # cudatoolkit 11.8 serves tensorflow 2.5 (CUDA 11.2): the env carries it, nothing is added
     ("  - cudatoolkit=11.8\n  - cudnn=8.9\n", "tensorflow==2.5.0", "11.2", True, set()),
     # cudatoolkit 10.1 does not serve tensorflow-gpu 1.15 (CUDA 10.0): a 10.0 runtime is added
-    ("  - cudatoolkit=10.1\n  - cudnn=7.6\n", "tensorflow-gpu==1.15.0", "10.0", True, {"cudatoolkit=10.0", "cudnn=7.4"}),
+    (
+        "  - cudatoolkit=10.1\n  - cudnn=7.6\n",
+        "tensorflow-gpu==1.15.0",
+        "10.0",
+        True,
+        {"cudatoolkit=10.0", "cudnn=7.4"},
+    ),
     # cudatoolkit 11.2 does not serve tensorflow 2.12 (CUDA 11.8): the live 11.8 image brings it
     ("  - cudatoolkit=11.2\n  - cudnn=8.1\n", "tensorflow==2.12.0", "11.8", False, set()),
     # across majors: cudatoolkit 11.8 does not serve tensorflow 2.15 (CUDA 12.2)

@@ -8,10 +8,10 @@ import pytest
 
 from kbundle.errors import UsageError
 from kbundle.pack.envfile import read_env_file
-from kbundle.specs import parse_conda_spec, parse_pip_line
 from kbundle.pack.normalise import environment_yml, normalise
+from kbundle.specs import parse_conda_spec, parse_pip_line
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "warp-speed" / "environment.yml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "warp-speed" / "environment.yml"
 
 MACOS = """\
 name: mac-env
@@ -83,7 +83,9 @@ def test_windows_export_drops_build_hashes_and_prefix_but_keeps_versions():
     env = normalise(read_env_file(EXAMPLE))
     assert "numpy=1.19.2" in _deps(env)
     assert "python=3.7.9" in _deps(env)
-    assert not any("h" in d.build for d in env.dependencies if d.build and "*" not in d.build and d.build not in ("gpu", "mkl"))
+    assert not any(
+        "h" in d.build for d in env.dependencies if d.build and "*" not in d.build and d.build not in ("gpu", "mkl")
+    )
     text = environment_yml("warp-speed", env)
     assert "prefix" not in text and "C:\\Users" not in text
     assert "py37hadc3359_0" not in text
@@ -132,7 +134,10 @@ def test_macos_export(tmp_path):
 
 
 def test_ipykernel_and_pip_are_added_when_missing(tmp_path):
-    path = _write(tmp_path, "name: x\nchannels: [conda-forge]\ndependencies:\n  - python=3.11\n  - numpy\n  - pip:\n    - rich==13.0.0\n")
+    path = _write(
+        tmp_path,
+        "name: x\nchannels: [conda-forge]\ndependencies:\n  - python=3.11\n  - numpy\n  - pip:\n    - rich==13.0.0\n",
+    )
     env = normalise(read_env_file(path))
     assert "ipykernel" in _deps(env) and "pip" in _deps(env)
     assert {a.spec for a in env.added} == {"ipykernel", "pip"}
@@ -147,7 +152,10 @@ def test_ipykernel_from_pip_counts(tmp_path):
 
 
 def test_local_pip_paths_are_dropped(tmp_path):
-    path = _write(tmp_path, "dependencies:\n  - python=3.11\n  - pip:\n    - -e C:\\Users\\me\\src\\mylib\n    - mylib @ file:///C:/Users/me/mylib-0.1-py3-none-any.whl\n    - rich==13.0.0\n")
+    path = _write(
+        tmp_path,
+        "dependencies:\n  - python=3.11\n  - pip:\n    - -e C:\\Users\\me\\src\\mylib\n    - mylib @ file:///C:/Users/me/mylib-0.1-py3-none-any.whl\n    - rich==13.0.0\n",
+    )
     env = normalise(read_env_file(path))
     assert _pip(env) == ["rich==13.0.0"]
     assert len(env.dropped) == 2

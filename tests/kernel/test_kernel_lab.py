@@ -39,9 +39,11 @@ def test_runs_jupyterlab_on_the_workdir_with_the_kernel(work, tmp_path, monkeypa
     bindir.mkdir()
     record = tmp_path / "argv.json"
     script = bindir / "jupyter-lab"
-    script.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                      f"json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd()}}, open({str(record)!r}, 'w'))\n"
-                      "sys.exit(3)\n")
+    script.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd()}}, open({str(record)!r}, 'w'))\n"
+        "sys.exit(3)\n"
+    )
     script.chmod(0o755)
     monkeypatch.setenv("PATH", str(bindir))
     monkeypatch.setattr(sys, "executable", str(bindir / "python"))  # the stand-in, not the venv's JupyterLab
@@ -49,8 +51,12 @@ def test_runs_jupyterlab_on_the_workdir_with_the_kernel(work, tmp_path, monkeypa
     seen = json.loads(record.read_text())
     assert seen["cwd"] == str(workdir.resolve())
     root_flag = ["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []
-    assert seen["argv"] == [f"--ServerApp.root_dir={workdir.resolve()}",
-                            "--MultiKernelManager.default_kernel_name=kbundle-demo", *root_flag, str(notebook.resolve())]
+    assert seen["argv"] == [
+        f"--ServerApp.root_dir={workdir.resolve()}",
+        "--MultiKernelManager.default_kernel_name=kbundle-demo",
+        *root_flag,
+        str(notebook.resolve()),
+    ]
 
 
 def test_notebook_must_be_inside_the_workdir(work, tmp_path):
@@ -82,8 +88,11 @@ def jupyterlab_bin() -> Path:
     lab_bin = venv / "bin"
     if not (lab_bin / "jupyter-lab").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(lab_bin / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        "jupyterlab>=4"], check=True, capture_output=True)
+        subprocess.run(
+            [str(lab_bin / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "jupyterlab>=4"],
+            check=True,
+            capture_output=True,
+        )
     return lab_bin
 
 
@@ -103,13 +112,17 @@ def test_real_jupyterlab_serves_the_workdir_with_the_kernel_as_default(work, tmp
     monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
     monkeypatch.setenv("BROWSER", "true")  # no browser on a CI machine: the "open" is a no-op
-    install_kernelspec(KernelRequest("kbundle-demo", "demo (kbundle)", "kbundle-test/none:latest", str(workdir), [], "0" * 64))
+    install_kernelspec(
+        KernelRequest("kbundle-demo", "demo (kbundle)", "kbundle-test/none:latest", str(workdir), [], "0" * 64)
+    )
     port, token = _free_port(), "kbundle-test-token"
     monkeypatch.setenv("JUPYTER_PORT", str(port))
     monkeypatch.setenv("JUPYTER_TOKEN", token)
 
-    code = ("import sys; from kbundle.kernel.lab import open_lab; "
-            f"sys.exit(open_lab({str(workdir)!r}, {str(notebook)!r}, 'kbundle-demo'))")
+    code = (
+        "import sys; from kbundle.kernel.lab import open_lab; "
+        f"sys.exit(open_lab({str(workdir)!r}, {str(notebook)!r}, 'kbundle-demo'))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/api"
     try:

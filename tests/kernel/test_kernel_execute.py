@@ -19,8 +19,12 @@ def stream(text: str, name: str = "stdout") -> dict:
 
 
 def result(text: str, **extra) -> dict:
-    return {"output_type": "execute_result", "execution_count": 1, "metadata": {},
-            "data": {"text/plain": text, **extra}}
+    return {
+        "output_type": "execute_result",
+        "execution_count": 1,
+        "metadata": {},
+        "data": {"text/plain": text, **extra},
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -34,33 +38,43 @@ def private_kbundle_cache(tmp_path_factory, monkeypatch):
 # ----------------------------------------------------------------- pure rules
 
 
-@pytest.mark.parametrize("saved, new, status", [
-    ([stream("45\n")], [stream("45\n")], "same"),
-    ([stream("4"), stream("5\n")], [stream("45\n")], "same"),  # chunking differs, text does not
-    ([], [], "same"),
-    ([stream("took 0.0123 s\n")], [stream("took 1.5 s\n")], "volatile"),
-    ([stream("CPU times: user 2.1 ms, sys: 0 ns, total: 2.1 ms\nWall time: 2.5 ms\n")],
-     [stream("CPU times: user 3 ms, sys: 12 µs, total: 3.01 ms\nWall time: 3.2 ms\n")], "volatile"),
-    ([stream("1.2 µs ± 3.1 ns per loop (mean ± std. dev. of 7 runs, 1,000,000 loops each)\n")],
-     [stream("980 ns ± 10.2 ns per loop (mean ± std. dev. of 7 runs, 100,000 loops each)\n")], "volatile"),
-    ([result("<Model object at 0x7f3a2b1c9d50>")], [result("<Model object at 0x7ffe01234560>")], "volatile"),
-    ([stream("run at 2024-05-01 10:11:12.345\n")], [stream("run at 2026-11-27 15:03:40.001\n")], "volatile"),
-    ([stream("Fri Nov 27 15:03:40 2026\n")], [stream("Mon Jan  5 09:00:01 2027\n")], "volatile"),
-    ([result("0.3")], [result("0.30000000000000004")], "numeric-close"),
-    ([result("array([1.0000001, 2.       ])")], [result("array([1.0000002, 2.       ])")], "numeric-close"),
-    ([result("0.3")], [result("0.31")], "differs"),
-    ([stream("accuracy 0.91 in 3.2 s\n")], [stream("accuracy 0.87 in 2.9 s\n")], "differs"),
-    ([stream("hello\n")], [stream("hello\n", name="stderr")], "differs"),
-    ([result("x", **{"image/png": "AAAA"})], [result("x", **{"image/png": "BBBB"})], "differs"),
-    ([], [stream("new\n")], "no-reference"),
-])
+@pytest.mark.parametrize(
+    "saved, new, status",
+    [
+        ([stream("45\n")], [stream("45\n")], "same"),
+        ([stream("4"), stream("5\n")], [stream("45\n")], "same"),  # chunking differs, text does not
+        ([], [], "same"),
+        ([stream("took 0.0123 s\n")], [stream("took 1.5 s\n")], "volatile"),
+        (
+            [stream("CPU times: user 2.1 ms, sys: 0 ns, total: 2.1 ms\nWall time: 2.5 ms\n")],
+            [stream("CPU times: user 3 ms, sys: 12 µs, total: 3.01 ms\nWall time: 3.2 ms\n")],
+            "volatile",
+        ),
+        (
+            [stream("1.2 µs ± 3.1 ns per loop (mean ± std. dev. of 7 runs, 1,000,000 loops each)\n")],
+            [stream("980 ns ± 10.2 ns per loop (mean ± std. dev. of 7 runs, 100,000 loops each)\n")],
+            "volatile",
+        ),
+        ([result("<Model object at 0x7f3a2b1c9d50>")], [result("<Model object at 0x7ffe01234560>")], "volatile"),
+        ([stream("run at 2024-05-01 10:11:12.345\n")], [stream("run at 2026-11-27 15:03:40.001\n")], "volatile"),
+        ([stream("Fri Nov 27 15:03:40 2026\n")], [stream("Mon Jan  5 09:00:01 2027\n")], "volatile"),
+        ([result("0.3")], [result("0.30000000000000004")], "numeric-close"),
+        ([result("array([1.0000001, 2.       ])")], [result("array([1.0000002, 2.       ])")], "numeric-close"),
+        ([result("0.3")], [result("0.31")], "differs"),
+        ([stream("accuracy 0.91 in 3.2 s\n")], [stream("accuracy 0.87 in 2.9 s\n")], "differs"),
+        ([stream("hello\n")], [stream("hello\n", name="stderr")], "differs"),
+        ([result("x", **{"image/png": "AAAA"})], [result("x", **{"image/png": "BBBB"})], "differs"),
+        ([], [stream("new\n")], "no-reference"),
+    ],
+)
 def test_compare_outputs(saved, new, status):
     assert compare_outputs(saved, new).status == status
 
 
 def test_differs_gives_a_short_diff():
-    comparison = compare_outputs([stream("".join(f"line {i}\n" for i in range(40)))],
-                                 [stream("".join(f"line {i * 2}\n" for i in range(40)))])
+    comparison = compare_outputs(
+        [stream("".join(f"line {i}\n" for i in range(40)))], [stream("".join(f"line {i * 2}\n" for i in range(40)))]
+    )
     assert comparison.status == "differs"
     lines = comparison.detail.splitlines()
     assert lines[0] == "--- saved" and lines[1] == "+++ now"
@@ -113,18 +127,23 @@ def test_execute_notebook_reports_each_cell(kernel):
     import nbformat
 
     kernel_name, work = kernel
-    nb = _notebook([
-        ("code", "total = sum(range(10))\nprint(total)", [stream("45\n")]),
-        ("md", "# timing", []),
-        ("code", "import time\nt0 = time.perf_counter(); time.sleep(0.01)\nprint(f'took {time.perf_counter() - t0:.4f} s')",
-         [stream("took 0.0123 s\n")]),
-        ("code", "0.1 + 0.2", [result("0.3")]),
-        ("code", "import numpy as np\nnp.arange(3) * total", [result("array([ 0, 45, 90])")]),
-        ("code", "print('changed')", [stream("original\n")]),
-        ("code", "import os\nprint(os.path.basename(os.getcwd()))", [stream(work.name + "\n")]),
-        ("code", "1 / 0", []),
-        ("code", "print('after')", [stream("after\n")]),
-    ])
+    nb = _notebook(
+        [
+            ("code", "total = sum(range(10))\nprint(total)", [stream("45\n")]),
+            ("md", "# timing", []),
+            (
+                "code",
+                "import time\nt0 = time.perf_counter(); time.sleep(0.01)\nprint(f'took {time.perf_counter() - t0:.4f} s')",
+                [stream("took 0.0123 s\n")],
+            ),
+            ("code", "0.1 + 0.2", [result("0.3")]),
+            ("code", "import numpy as np\nnp.arange(3) * total", [result("array([ 0, 45, 90])")]),
+            ("code", "print('changed')", [stream("original\n")]),
+            ("code", "import os\nprint(os.path.basename(os.getcwd()))", [stream(work.name + "\n")]),
+            ("code", "1 / 0", []),
+            ("code", "print('after')", [stream("after\n")]),
+        ]
+    )
     source = work / "demo.ipynb"
     nbformat.write(nb, str(source))
     out = work / "demo.executed.ipynb"
@@ -132,8 +151,16 @@ def test_execute_notebook_reports_each_cell(kernel):
     report = execute_notebook(source, kernel_name, out)
 
     statuses = [(c.index, c.status) for c in report.cells]
-    assert statuses == [(0, "same"), (2, "volatile"), (3, "numeric-close"), (4, "same"), (5, "differs"),
-                        (6, "same"), (7, "error"), (8, "not-run")]
+    assert statuses == [
+        (0, "same"),
+        (2, "volatile"),
+        (3, "numeric-close"),
+        (4, "same"),
+        (5, "differs"),
+        (6, "same"),
+        (7, "error"),
+        (8, "not-run"),
+    ]
     assert report.errored and report.exit_code == 1
     rendered = str(report.render())
     assert "ZeroDivisionError: division by zero" in rendered and "+changed" in rendered
@@ -144,8 +171,14 @@ def test_execute_notebook_reports_each_cell(kernel):
     assert executed.cells[8].outputs == [] and executed.cells[8].execution_count is None
     assert nbformat.read(str(source), as_version=4).cells[8].outputs[0]["text"] == "after\n"  # input untouched
     data = report.to_dict()
-    assert json.loads(json.dumps(data))["counts"] == {"same": 3, "volatile": 1, "numeric-close": 1, "differs": 1,
-                                                      "error": 1, "not-run": 1}
+    assert json.loads(json.dumps(data))["counts"] == {
+        "same": 3,
+        "volatile": 1,
+        "numeric-close": 1,
+        "differs": 1,
+        "error": 1,
+        "not-run": 1,
+    }
     assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -8,17 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
+import world as world_module
+from helpers import kbundle, notebook
 from kbundle.image.context import write_static
-
-sys.path.insert(0, str(Path(__file__).parent))
-import world as world_module  # noqa: E402
-from test_pack_cli import kbundle, notebook  # noqa: E402
 
 pytestmark = pytest.mark.docker
 LABEL = {"kbundle.test": "1"}
@@ -44,12 +41,26 @@ def _wheel(folder: Path) -> Path:
 def built(world, docker_client, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("image")
     env_file = tmp / "environment.yml"
-    env_file.write_text(f"name: img\nchannels: [defaults]\ndependencies:\n  - python={world['python']}\n  - numpy\n"
-                        "  - pip\n  - pip:\n    - kbtestwheel==1.0\n")
+    env_file.write_text(
+        f"name: img\nchannels: [defaults]\ndependencies:\n  - python={world['python']}\n  - numpy\n"
+        "  - pip\n  - pip:\n    - kbtestwheel==1.0\n"
+    )
     nb = notebook(tmp, name="image-test.ipynb")
     out = tmp / "image-test.kbundle"
-    result = kbundle("pack", nb, "-e", env_file, "-o", out, "--channel", world["channel"],
-                     "--base-image", world["base_image"], "--lock", "always")
+    result = kbundle(
+        "pack",
+        nb,
+        "-e",
+        env_file,
+        "-o",
+        out,
+        "--channel",
+        world["channel"],
+        "--base-image",
+        world["base_image"],
+        "--lock",
+        "always",
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads(zipfile.ZipFile(out).read("kbundle.json"))
 
@@ -72,7 +83,9 @@ def built(world, docker_client, tmp_path_factory):
     tag = f"kbundle-test/pack-image:{hashlib.sha256((ctx / 'Dockerfile').read_bytes()).hexdigest()[:12]}"
     docker_client.images.build(path=str(ctx), tag=tag, rm=True, forcerm=True, labels=LABEL)
     yield {"tag": tag, "ctx": ctx, "manifest": manifest, "nvidia": nvidia}
-    for image in docker_client.images.list(filters={"label": "kbundle.test=1", "reference": "kbundle-test/pack-image*"}):
+    for image in docker_client.images.list(
+        filters={"label": "kbundle.test=1", "reference": "kbundle-test/pack-image*"}
+    ):
         try:
             docker_client.images.remove(image.id, force=True)
         except Exception:

@@ -167,7 +167,9 @@ def test_not_a_zip(tmp_path):
         open_bundle(bad)
 
 
-@pytest.mark.parametrize("version, message", [(2, "newer than this kbundle"), (0, "unknown bundle format version"), ("1", "unknown")])
+@pytest.mark.parametrize(
+    "version, message", [(2, "newer than this kbundle"), (0, "unknown bundle format version"), ("1", "unknown")]
+)
 def test_unknown_format_version(bundle, tmp_path, version, message):
     def change(name, data):
         if name != MANIFEST:
@@ -215,7 +217,9 @@ def _evil_bundle(tmp_path: Path, name: str, *, symlink: bool = False) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["../escape.txt", "/etc/passwd", "work/../../x", "C:/x.txt", "work\\..\\x", "work/a\nb"])
+@pytest.mark.parametrize(
+    "name", ["../escape.txt", "/etc/passwd", "work/../../x", "C:/x.txt", "work\\..\\x", "work/a\nb"]
+)
 def test_unsafe_member_names_are_refused(tmp_path, name):
     with pytest.raises(BundleError, match="unsafe member name"):
         open_bundle(_evil_bundle(tmp_path, name))

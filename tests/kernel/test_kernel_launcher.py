@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kbundle.kernel.launcher import container_name
-from kbundle.kernel.spec import install_kernelspec
+from kbundle.kernel.spec import KernelRequest, install_kernelspec
 
 pytestmark = pytest.mark.docker
 
@@ -52,8 +51,8 @@ def wait_until(predicate, timeout: float, step: float = 0.1) -> bool:
     return predicate()
 
 
-async def execute(kc, code: str, timeout: float = 60, on_input=None) -> dict:
-    """Run `code`; return its stdout, error name and reply status. `on_input` runs once execute_input arrives."""
+async def execute(kc, code: str, timeout: float = 60, on_stdout=None) -> dict:
+    """Run `code`; return its stdout and error name. `on_stdout` runs once, when the first stdout arrives."""
     msg_id = kc.execute(code)
     out, error = [], None
     deadline = time.monotonic() + timeout
@@ -62,9 +61,9 @@ async def execute(kc, code: str, timeout: float = 60, on_input=None) -> dict:
         if msg["parent_header"].get("msg_id") != msg_id:
             continue
         kind, content = msg["msg_type"], msg["content"]
-        if kind == "execute_input" and on_input:
-            await on_input()
-        elif kind == "stream" and content["name"] == "stdout":
+        if kind == "stream" and content["name"] == "stdout":
+            if on_stdout and not out:
+                await on_stdout()
             out.append(content["text"])
         elif kind == "error":
             error = content["ename"]
@@ -95,7 +94,7 @@ def workdir():
 
 @pytest.fixture
 def kernel_name(env_image, jupyter_dirs, workdir) -> str:
-    install_kernelspec("kbundle-test", "test", env_image, str(workdir), [], "sha256:test")
+    install_kernelspec(KernelRequest("kbundle-test", "test", env_image, str(workdir), [], "sha256:test"))
     return "kbundle-test"
 
 
@@ -122,7 +121,7 @@ def listening_addresses(ports: list[int]) -> dict[int, str]:
                 if cols[3] != "0A" or int(port, 16) not in ports:  # 0A = LISTEN
                     continue
                 if len(addr) == 8:
-                    ip = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                    ip = ".".join(str(int(addr[i : i + 2], 16)) for i in (6, 4, 2, 0))
                 else:
                     ip = "v6:" + addr
                 found[int(port, 16)] = ip
@@ -140,8 +139,11 @@ async def test_execute_in_container_as_jupyter_does(kernel_name, workdir, docker
         assert result["error"] is None
         assert result["stdout"].split() == ["/opt/kbundle/env", str(workdir.resolve()), "False"]
         # The shim's copy of the connection info inside the container is readable by the kernel's user only.
-        modes = await execute(kc, "import glob, os; print(sorted((oct(os.stat(f).st_mode & 0o777), os.stat(f).st_uid)"
-                                  " for f in glob.glob('/tmp/kbundle-kernel-*.json')))")
+        modes = await execute(
+            kc,
+            "import glob, os; print(sorted((oct(os.stat(f).st_mode & 0o777), os.stat(f).st_uid)"
+            " for f in glob.glob('/tmp/kbundle-kernel-*.json')))",
+        )
         assert modes["stdout"] == f"[('0o600', {os.getuid()})]\n"
 
         info = docker_client.api.inspect_container(name)
@@ -166,15 +168,14 @@ async def test_interrupt_restart_and_kill(kernel_name, workdir, docker_client):
     km, kc = await start(kernel_name, workdir)
     name = container_name(km.connection_file)
     try:
-        # Interrupt only once the code is running, as a user's Ctrl-C would: after execute_input,
-        # and a moment later, since ipykernel itself swallows a SIGINT that lands while IPython
-        # is still preparing the cell (a race of ipykernel's, native kernels included).
+        # Interrupt only once the code is running, as a user's Ctrl-C would: when the cell has printed.
+        # Not at execute_input: ipykernel itself swallows a SIGINT that lands while IPython is still
+        # preparing the cell (a race of ipykernel's, native kernels included).
         async def interrupt():
-            await asyncio.sleep(0.5)
             await km.interrupt_kernel()
 
         started = time.monotonic()
-        result = await execute(kc, "import time; time.sleep(60)", on_input=interrupt)
+        result = await execute(kc, "import time; print('running', flush=True); time.sleep(60)", on_stdout=interrupt)
         assert result["error"] == "KeyboardInterrupt"
         assert time.monotonic() - started < 20
         assert (await execute(kc, "print(6 * 7)"))["stdout"] == "42\n"  # still alive, state kept
@@ -232,6 +233,25 @@ async def test_bridge_network_and_a_notebook_outside_the_workdir(kernel_name, wo
     assert wait_until(lambda: not container_exists(docker_client, name), 10)
 
 
+def wait_for_stdout(kc, msg_id: str, text: str, timeout: float = 30) -> None:
+    """Until the code of request `msg_id` prints `text`: it has then run everything before that print."""
+    from queue import Empty
+
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = kc.get_iopub_msg(timeout=0.5)
+        except Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        seen.append(msg["msg_type"])
+        if msg["msg_type"] == "stream" and text in msg["content"].get("text", ""):
+            return
+    raise AssertionError(f"the kernel did not print {text!r} within {timeout:.0f} s (iopub for the request: {seen})")
+
+
 def wait_ready(kc, timeout: float = 60) -> None:
     """kernel_info until it answers (a client without a manager cannot ask whether the kernel lives)."""
     from queue import Empty
@@ -256,10 +276,13 @@ async def test_bytecode_cache_only_for_environments_without_pyc(env_image, jupyt
 
     compiled = "kbundle-test/ipykernel-pyc:1"
     site = "/opt/kbundle/env/lib/python*/site-packages/ipykernel"
-    docker_client.images.build(fileobj=io.BytesIO(
-        f"FROM {env_image}\nRUN python -m compileall -q {site}\nLABEL kbundle.test=1\n".encode()), tag=compiled, rm=True)
-    install_kernelspec("kbundle-plain", "plain", env_image, str(workdir), [], "h")
-    install_kernelspec("kbundle-compiled", "compiled", compiled, str(workdir), [], "h")
+    # The world's image runs as the unprivileged `kbundle`, who may not write into the env.
+    dockerfile = (
+        f"FROM {env_image}\nUSER root\nRUN python -m compileall -q {site}\nUSER kbundle\nLABEL kbundle.test=1\n"
+    )
+    docker_client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=compiled, rm=True)
+    install_kernelspec(KernelRequest("kbundle-plain", "plain", env_image, str(workdir), [], "h"))
+    install_kernelspec(KernelRequest("kbundle-compiled", "compiled", compiled, str(workdir), [], "h"))
     probe = "import sys, ipykernel; print(sys.pycache_prefix, ipykernel.__cached__)"
     try:
         seen = {}
@@ -314,15 +337,18 @@ def test_files_written_by_the_kernel_belong_to_the_invoking_user(env_image, work
     os.chown(conn, uid, gid)
     os.chown(workdir, uid, gid)
     argv = ["--image", env_image, "--workdir", str(workdir), "-f", str(conn)]
-    proc = subprocess.Popen([sys.executable, "-c", _AS_USER, str(uid), str(gid), str(grp.getgrnam("docker").gr_gid),
-                             *argv], cwd=workdir, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _AS_USER, str(uid), str(gid), str(grp.getgrnam("docker").gr_gid), *argv],
+        cwd=workdir,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     kc = BlockingKernelClient(connection_file=str(conn))
     kc.load_connection_file()
     kc.start_channels()
     try:
         wait_ready(kc)
-        reply = kc.execute_interactive("import os; open('made-by-kernel.txt', 'w').write(str(os.getuid()))",
-                                       timeout=30)
+        reply = kc.execute_interactive("import os; open('made-by-kernel.txt', 'w').write(str(os.getuid()))", timeout=30)
         assert reply["content"]["status"] == "ok"
         made = workdir / "made-by-kernel.txt"
         assert (made.stat().st_uid, made.stat().st_gid) == (uid, gid)
@@ -341,16 +367,24 @@ def test_sigterm_stops_the_container_and_exits_with_its_code(env_image, workdir,
     from jupyter_client.blocking import BlockingKernelClient
 
     conn = _connection_file(workdir)
-    proc = subprocess.Popen([LAUNCHER, "--image", env_image, "--workdir", str(workdir), "-f", str(conn)],
-                            cwd=workdir, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [LAUNCHER, "--image", env_image, "--workdir", str(workdir), "-f", str(conn)],
+        cwd=workdir,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     kc = BlockingKernelClient(connection_file=str(conn))
     kc.load_connection_file()
     kc.start_channels()
     try:
         wait_ready(kc)
-        # Busy, ignoring SIGTERM: only the SIGKILL after the grace period ends it.
-        kc.execute("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)")
-        time.sleep(0.5)
+        # Busy, ignoring SIGTERM: only the SIGKILL after the grace period ends it. Signal it once the
+        # handler is in place, which the kernel says by printing.
+        msg_id = kc.execute(
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ignoring SIGTERM', flush=True); time.sleep(60)"
+        )
+        wait_for_stdout(kc, msg_id, "ignoring SIGTERM")
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=15)
@@ -367,8 +401,13 @@ def test_sigterm_stops_the_container_and_exits_with_its_code(env_image, workdir,
 def test_missing_gpu_runtime_is_one_clear_line(env_image, workdir, docker_client):
     """This engine has no NVIDIA runtime: asking for GPUs must fail clearly and leave nothing behind."""
     conn = _connection_file(workdir)
-    proc = subprocess.run([LAUNCHER, "--image", env_image, "--gpus", "all", "-f", str(conn)], cwd=workdir,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [LAUNCHER, "--image", env_image, "--gpus", "all", "-f", str(conn)],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and "NVIDIA" in proc.stderr and "--gpus none" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -380,11 +419,16 @@ def test_a_restart_replaces_a_leftover_container_of_the_same_name(env_image, wor
 
     conn = _connection_file(workdir)
     name = container_name(str(conn))
-    stale = docker_client.api.create_container(env_image, command=["sleep", "300"], name=name,
-                                               labels={"kbundle.test": "1"})["Id"]
+    stale = docker_client.api.create_container(
+        env_image, command=["sleep", "300"], name=name, labels={"kbundle.test": "1"}
+    )["Id"]
     docker_client.api.start(stale)
-    proc = subprocess.Popen([LAUNCHER, "--image", env_image, "--workdir", str(workdir), "-f", str(conn)],
-                            cwd=workdir, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [LAUNCHER, "--image", env_image, "--workdir", str(workdir), "-f", str(conn)],
+        cwd=workdir,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     kc = BlockingKernelClient(connection_file=str(conn))
     kc.load_connection_file()
     kc.start_channels()

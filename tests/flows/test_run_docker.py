@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,11 +24,19 @@ pytestmark = pytest.mark.docker
 KBUNDLE = str(Path(sys.executable).parent / "kbundle")
 
 NOTEBOOK = {
-    "cells": [{"cell_type": "code", "execution_count": 1, "id": "c1", "metadata": {},
-               "outputs": [{"name": "stdout", "output_type": "stream", "text": "3\n"}],
-               "source": "from tabulate import tabulate\nprint(1 + 2)"}],
+    "cells": [
+        {
+            "cell_type": "code",
+            "execution_count": 1,
+            "id": "c1",
+            "metadata": {},
+            "outputs": [{"name": "stdout", "output_type": "stream", "text": "3\n"}],
+            "source": "from tabulate import tabulate\nprint(1 + 2)",
+        }
+    ],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-    "nbformat": 4, "nbformat_minor": 5,
+    "nbformat": 4,
+    "nbformat_minor": 5,
 }
 
 
@@ -42,8 +51,9 @@ def run_env(tmp_path_factory) -> dict:
 
 
 def kbundle(args, env, cwd=None, timeout=300, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
-    return subprocess.run([KBUNDLE, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, stdin=stdin)
+    return subprocess.run(
+        [KBUNDLE, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=stdin
+    )
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> str:
@@ -61,10 +71,25 @@ def pack(world, env, folder: Path, name: str) -> Path:
     (folder / f"{name}.ipynb").write_text(json.dumps(NOTEBOOK))
     (folder / "environment.yml").write_text(
         f"name: {name}\nchannels:\n  - {world['channel']}\ndependencies:\n"
-        f"  - python={world['python']}\n  - numpy\n  - ipykernel\n  - pip\n  - pip:\n    - tabulate==0.9.0\n")
+        f"  - python={world['python']}\n  - numpy\n  - ipykernel\n  - pip\n  - pip:\n    - tabulate==0.9.0\n"
+    )
     out = folder / f"{name}.kbundle"
-    proc = kbundle(["pack", f"{name}.ipynb", "-e", "environment.yml", "--channel", world["channel"],
-                    "--base-image", world["base_image"], "-o", out], env, cwd=folder)
+    proc = kbundle(
+        [
+            "pack",
+            f"{name}.ipynb",
+            "-e",
+            "environment.yml",
+            "--channel",
+            world["channel"],
+            "--base-image",
+            world["base_image"],
+            "-o",
+            out,
+        ],
+        env,
+        cwd=folder,
+    )
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -79,8 +104,12 @@ def built_run(world, run_env, tmp_path_factory, docker_client, session_tag):
     """Pack → `kbundle run --gpus auto --json --yes`, once; yields (json, stderr, bundle path, cwd)."""
     cwd = tmp_path_factory.mktemp("recipient")
     bundle = pack(world, run_env, tmp_path_factory.mktemp("sender"), f"kbt-{session_tag}")
-    proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--gpus", "auto", "--json", "--yes"],
-                   run_env, cwd=cwd, timeout=600)
+    proc = kbundle(
+        ["run", bundle, "--base-image", world["base_image"], "--gpus", "auto", "--json", "--yes"],
+        run_env,
+        cwd=cwd,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     yield data, proc.stderr, bundle, cwd
@@ -132,9 +161,11 @@ def test_kernel_runs_inside_the_image_and_leaves_no_container(built_run, run_env
         kc.start_channels()
         kc.wait_for_ready(timeout=60)
         out = []
-        code = ("import json, os, sys, importlib.util, numpy, tabulate, ipykernel.kernelapp as ka\n"
-                "print(json.dumps({'prefix': sys.prefix, 'numpy': numpy.__file__, 'tab': tabulate.__version__,\n"
-                "                  'pyc': os.path.exists(importlib.util.cache_from_source(ka.__file__))}))")
+        code = (
+            "import json, os, sys, importlib.util, numpy, tabulate, ipykernel.kernelapp as ka\n"
+            "print(json.dumps({'prefix': sys.prefix, 'numpy': numpy.__file__, 'tab': tabulate.__version__,\n"
+            "                  'pyc': os.path.exists(importlib.util.cache_from_source(ka.__file__))}))"
+        )
         reply = kc.execute_interactive(code, timeout=60, output_hook=lambda m: out.append(m))
         assert reply["content"]["status"] == "ok"
         text = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
@@ -154,8 +185,10 @@ def test_kernel_runs_inside_the_image_and_leaves_no_container(built_run, run_env
 
 def test_warm_run_starts_no_build(built_run, world, run_env, docker_client):
     data, _, bundle, cwd = built_run
-    time.sleep(1.1)  # events are filtered by whole seconds: keep earlier tests' containers out
-    since = int(time.time())
+    # Events are filtered by whole seconds: start at the next one, so earlier tests' containers stay out.
+    since = int(time.time()) + 1
+    while time.time() < since:
+        time.sleep(0.05)
     proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--json", "--yes"], run_env, cwd=cwd)
     until = int(time.time()) + 1
     assert proc.returncode == 0, proc.stderr
@@ -184,8 +217,9 @@ def test_unlocked_bundle_solves_on_this_host_to_the_lock(built_run, world, run_e
 
 def test_a_second_env_links_packages_and_bytecode_from_the_shared_cache(built_run, run_env, tmp_path, monkeypatch):
     """After the session's build, installing the same lock again downloads and compiles nothing."""
-    from kbundle.image import bytecode, env as envmod
     from kbundle.bundle import open_bundle
+    from kbundle.image import bytecode
+    from kbundle.image import env as envmod
 
     monkeypatch.setenv("KBUNDLE_CACHE_DIR", run_env["KBUNDLE_CACHE_DIR"])
     pkgs = envmod.package_cache_dir()
@@ -236,8 +270,15 @@ def test_on_a_terminal_it_asks_and_a_no_builds_nothing(world, run_env, tmp_path,
     bundle = pack(world, run_env, tmp_path / "s", f"kbt-tty-{session_tag}")
     master, slave = pty.openpty()
     try:
-        proc = subprocess.Popen([KBUNDLE, "run", str(bundle), "--base-image", world["base_image"]], env=run_env,
-                                cwd=tmp_path, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [KBUNDLE, "run", str(bundle), "--base-image", world["base_image"]],
+            env=run_env,
+            cwd=tmp_path,
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         os.write(master, b"n\n")
         out, err = proc.communicate(timeout=120)
     finally:
@@ -261,8 +302,9 @@ def rewrite_dockerfile(bundle: Path, target: Path, name: str, extra_step: str) -
     lines = b.dockerfile_text.splitlines(keepends=True)
     at = next(i for i, ln in enumerate(lines) if ln.startswith("FROM ")) + 1
     members["Dockerfile"] = "".join(lines[:at] + [extra_step + "\n"] + lines[at:]).encode()
-    manifest = dataclasses.replace(b.manifest, name=name, files=[], content_hash="", dependencies=["tzdata"],
-                                   pip=[], locked=False, lock=None)
+    manifest = dataclasses.replace(
+        b.manifest, name=name, files=[], content_hash="", dependencies=["tzdata"], pip=[], locked=False, lock=None
+    )
     write_bundle(target, manifest, members)
     return target
 
@@ -275,8 +317,21 @@ def _no_trace(docker_client, run_env, name: str, log: Path) -> None:
     assert not list(cache.iterdir()) if cache.exists() else True, "the build context was left behind"
 
 
-def test_failed_build_leaves_no_image_and_no_kernel(built_run, world, run_env, docker_client, tmp_path,
-                                                     session_tag):
+def _step_running(docker_client, log: Path, step: str) -> bool:
+    """Whether the container of the build step `step` (a Dockerfile line) is running, per the build log."""
+    import docker
+
+    text = log.read_text() if log.exists() else ""
+    found = re.search(re.escape(step) + r"\s*\n\s*---> Running in ([0-9a-f]+)", text)
+    if not found:
+        return False
+    try:
+        return docker_client.api.inspect_container(found.group(1))["State"]["Running"]
+    except docker.errors.NotFound:
+        return False
+
+
+def test_failed_build_leaves_no_image_and_no_kernel(built_run, world, run_env, docker_client, tmp_path, session_tag):
     name = f"kbt-fail-{session_tag}"
     bundle = rewrite_dockerfile(built_run[2], tmp_path / "fail.kbundle", name, "RUN echo failing-on-purpose && false")
     proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--yes"], run_env, cwd=tmp_path)
@@ -285,24 +340,40 @@ def test_failed_build_leaves_no_image_and_no_kernel(built_run, world, run_env, d
     _no_trace(docker_client, run_env, name, tmp_path / name / ".kbundle" / "build.log")
 
 
-def test_interrupted_build_leaves_no_image_and_no_kernel(built_run, world, run_env, docker_client, tmp_path,
-                                                          session_tag):
+def test_interrupted_build_leaves_no_image_and_no_kernel(
+    built_run, world, run_env, docker_client, tmp_path, session_tag
+):
     name = f"kbt-int-{session_tag}"
     bundle = rewrite_dockerfile(built_run[2], tmp_path / "int.kbundle", name, "RUN sleep 120")
     log = tmp_path / name / ".kbundle" / "build.log"
-    proc = subprocess.Popen([KBUNDLE, "run", str(bundle), "--base-image", world["base_image"], "--yes"],
-                            env=run_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [KBUNDLE, "run", str(bundle), "--base-image", world["base_image"], "--yes"],
+        env=run_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Interrupt once the RUN step's container runs: the build log names it ("---> Running in <id>").
     deadline = time.monotonic() + 120
-    while not (log.exists() and "sleep 120" in log.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+    while not _step_running(docker_client, log, "RUN sleep 120"):
+        if proc.poll() is not None:
+            pytest.fail(f"kbundle run ended before the RUN step ran: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(
+                "the RUN sleep 120 step's container was not running after 120 s; build log:\n"
+                + (log.read_text()[-2000:] if log.exists() else "(none)")
+            )
         time.sleep(0.2)
-    time.sleep(1.0)  # the RUN step's container is running now
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     _no_trace(docker_client, run_env, name, log)
     deadline = time.monotonic() + 30  # the engine cancels the step and removes its container
-    while [c for c in docker_client.containers.list(all=True) if "sleep 120" in " ".join(c.attrs["Config"]["Cmd"] or [])]:
+    while [
+        c for c in docker_client.containers.list(all=True) if "sleep 120" in " ".join(c.attrs["Config"]["Cmd"] or [])
+    ]:
         assert time.monotonic() < deadline, "the interrupted build's container kept running"
         time.sleep(0.5)
 

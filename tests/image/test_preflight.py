@@ -6,10 +6,22 @@ import sys
 
 import pytest
 
-from kbundle.facts import load_tables
-from kbundle.image.preflight import (ERROR, OK, WARN, EngineFacts, GpuInfo, GpuRequest, NvmlFacts,
-                                     check_arch, check_driver, describe_docker_error, evaluate, plan_gpus)
 from kbundle.errors import KbundleError, UsageError
+from kbundle.facts import load_tables
+from kbundle.image.preflight import (
+    ERROR,
+    OK,
+    WARN,
+    EngineFacts,
+    GpuInfo,
+    GpuRequest,
+    NvmlFacts,
+    check_arch,
+    check_driver,
+    describe_docker_error,
+    evaluate,
+    plan_gpus,
+)
 
 TABLES = load_tables()
 
@@ -89,8 +101,10 @@ def test_tables_are_ordered_and_sourced():
     assert drivers == sorted(drivers)
     for arch in TABLES.arches.values():
         assert arch.last is None or arch.last >= arch.first
-    from kbundle.resources import data_dir
     import yaml
+
+    from kbundle.resources import data_dir
+
     for name in ("cuda_drivers.yaml", "gpu_arch.yaml"):
         assert yaml.safe_load((data_dir() / name).read_text())["source"]
 
@@ -155,13 +169,20 @@ def test_bad_gpus_values(text):
         GpuRequest.parse(text)
 
 
-@pytest.mark.parametrize("exc, words", [
-    (PermissionError(13, "Permission denied"), ["permission denied", "docker' group"]),
-    (Exception("Error while fetching server API version: ('Connection aborted.', FileNotFoundError(2, 'No such file or directory'))"),
-     ["cannot reach", "is it running"]),
-    (Exception("Connection refused"), ["cannot reach"]),
-    (Exception("weird\nsecond line"), ["cannot use", "weird"]),
-])
+@pytest.mark.parametrize(
+    "exc, words",
+    [
+        (PermissionError(13, "Permission denied"), ["permission denied", "docker' group"]),
+        (
+            Exception(
+                "Error while fetching server API version: ('Connection aborted.', FileNotFoundError(2, 'No such file or directory'))"
+            ),
+            ["cannot reach", "is it running"],
+        ),
+        (Exception("Connection refused"), ["cannot reach"]),
+        (Exception("weird\nsecond line"), ["cannot use", "weird"]),
+    ],
+)
 def test_docker_error_messages_are_one_actionable_line(exc, words):
     message = describe_docker_error(exc, "unix:///x.sock")
     assert "\n" not in message and "unix:///x.sock" in message
@@ -169,15 +190,18 @@ def test_docker_error_messages_are_one_actionable_line(exc, words):
         assert word in message
 
 
-@pytest.mark.parametrize("text, engine, facts, probe", [
-    ("all", CPU_ENGINE, NO_NVML, True),  # asked for GPUs, host says no: ask the engine itself
-    ("device=0", CPU_ENGINE, NO_NVML, True),
-    ("auto", CPU_ENGINE, NO_NVML, False),  # no GPU here: nothing to ask
-    ("auto", CPU_ENGINE, nvml("535.1", "8.6"), True),  # GPUs here, runtime unknown to the host checks
-    ("auto", EngineFacts(True, "tcp://gpu-box:2376", "24.0", ("runc",), local=False), NO_NVML, True),
-    ("all", GPU_ENGINE, NO_NVML, False),  # the host checks already say yes
-    ("none", CPU_ENGINE, nvml("535.1", "8.6"), False),
-])
+@pytest.mark.parametrize(
+    "text, engine, facts, probe",
+    [
+        ("all", CPU_ENGINE, NO_NVML, True),  # asked for GPUs, host says no: ask the engine itself
+        ("device=0", CPU_ENGINE, NO_NVML, True),
+        ("auto", CPU_ENGINE, NO_NVML, False),  # no GPU here: nothing to ask
+        ("auto", CPU_ENGINE, nvml("535.1", "8.6"), True),  # GPUs here, runtime unknown to the host checks
+        ("auto", EngineFacts(True, "tcp://gpu-box:2376", "24.0", ("runc",), local=False), NO_NVML, True),
+        ("all", GPU_ENGINE, NO_NVML, False),  # the host checks already say yes
+        ("none", CPU_ENGINE, nvml("535.1", "8.6"), False),
+    ],
+)
 def test_when_to_ask_the_engine(text, engine, facts, probe):
     from kbundle.image.preflight import should_probe
 
@@ -187,7 +211,9 @@ def test_when_to_ask_the_engine(text, engine, facts, probe):
 def test_the_engines_answer_overrides_the_host_checks():
     from dataclasses import replace
 
-    refused = replace(CPU_ENGINE, gpu_probe=False, gpu_probe_error='could not select device driver "" with capabilities: [[gpu]]')
+    refused = replace(
+        CPU_ENGINE, gpu_probe=False, gpu_probe_error='could not select device driver "" with capabilities: [[gpu]]'
+    )
     report = evaluate(refused, NO_NVML, "12.2", GpuRequest.parse("all"), TABLES)
     assert "could not select device driver" in report.errors[0].message and "--gpus none" in report.errors[0].message
     accepted = replace(CPU_ENGINE, gpu_probe=True)
@@ -197,8 +223,13 @@ def test_the_engines_answer_overrides_the_host_checks():
 
 
 def test_unreachable_engine_is_an_error_finding():
-    report = evaluate(EngineFacts(False, "unix:///x.sock", error="cannot reach the Docker daemon at unix:///x.sock"),
-                      NO_NVML, None, GpuRequest.parse("auto"), TABLES)
+    report = evaluate(
+        EngineFacts(False, "unix:///x.sock", error="cannot reach the Docker daemon at unix:///x.sock"),
+        NO_NVML,
+        None,
+        GpuRequest.parse("auto"),
+        TABLES,
+    )
     assert [f.topic for f in report.errors] == ["docker"] and report.to_dict()["ok"] is False
 
 
@@ -250,7 +281,10 @@ def test_nvml_reading_and_the_decision_it_feeds(monkeypatch):
     report = evaluate(GPU_ENGINE, facts, "10.1", GpuRequest.parse("auto"), TABLES)
     assert not report.errors and report.plan.gpus == ("0", "1")
     assert [f.message.split(" (")[0] for f in report.warnings] == ["GPU 0"]  # the 3090 under CUDA 10.1
-    assert "supports CUDA up to 10.1" in evaluate(GPU_ENGINE, facts, "11.8", GpuRequest.parse("all"), TABLES).errors[0].message
+    assert (
+        "supports CUDA up to 10.1"
+        in evaluate(GPU_ENGINE, facts, "11.8", GpuRequest.parse("all"), TABLES).errors[0].message
+    )
 
 
 def test_nvml_that_cannot_start_is_no_gpu(monkeypatch):

@@ -4,25 +4,33 @@ failure messages, and the offline world's real http channel for success and fail
 from __future__ import annotations
 
 import json
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from helpers import assert_one_error_line, kbundle, notebook
 from kbundle.errors import KbundleError
-from kbundle.specs import parse_conda_spec
 from kbundle.pack.lock import channel_urls, lock, unreachable
 from kbundle.pack.records import CudaChoice, NormalisedEnv
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_pack_cli import assert_one_error_line, kbundle, notebook  # noqa: E402
+from kbundle.specs import parse_conda_spec
 
 
 def _record(name, version, build, depends=(), subdir="linux-64", noarch=None):
-    rec = {"name": name, "version": version, "build": build, "build_number": 0, "depends": list(depends),
-           "subdir": subdir, "md5": "0" * 32, "sha256": "0" * 64, "size": 100, "timestamp": 1700000000000, "license": "MIT"}
+    rec = {
+        "name": name,
+        "version": version,
+        "build": build,
+        "build_number": 0,
+        "depends": list(depends),
+        "subdir": subdir,
+        "md5": "0" * 32,
+        "sha256": "0" * 64,
+        "size": 100,
+        "timestamp": 1700000000000,
+        "license": "MIT",
+    }
     if noarch:
         rec["noarch"] = noarch
     return rec
@@ -33,18 +41,25 @@ def file_channel(tmp_path_factory) -> str:
     """A channel with repodata only: enough for solving, nothing to download."""
     root = tmp_path_factory.mktemp("channel")
     subdirs = {
-        "linux-64": [_record("python", "3.11.7", "h0_0"), _record("python", "3.12.1", "h0_0"),
-                     _record("numpy", "2.0.0", "py312_0", ["python >=3.12,<3.13"]),
-                     _record("numpy", "1.26.4", "py311_0", ["python >=3.11,<3.12"]),
-                     _record("torchish", "2.0.1", "cuda118_py311_0", ["python >=3.11,<3.12", "__cuda >=11.8"])],
-        "noarch": [_record("ipykernel", "6.29.0", "pyh0_0", ["python >=3.8"], "noarch", "python"),
-                   _record("pip", "24.0", "pyh0_0", ["python >=3.7"], "noarch", "python")],
+        "linux-64": [
+            _record("python", "3.11.7", "h0_0"),
+            _record("python", "3.12.1", "h0_0"),
+            _record("numpy", "2.0.0", "py312_0", ["python >=3.12,<3.13"]),
+            _record("numpy", "1.26.4", "py311_0", ["python >=3.11,<3.12"]),
+            _record("torchish", "2.0.1", "cuda118_py311_0", ["python >=3.11,<3.12", "__cuda >=11.8"]),
+        ],
+        "noarch": [
+            _record("ipykernel", "6.29.0", "pyh0_0", ["python >=3.8"], "noarch", "python"),
+            _record("pip", "24.0", "pyh0_0", ["python >=3.7"], "noarch", "python"),
+        ],
         "win-64": [_record("winonly", "1.0", "py311_0", ["python >=3.11,<3.12"], "win-64")],
     }
     for subdir, records in subdirs.items():
         (root / subdir).mkdir()
         packages = {f"{r['name']}-{r['version']}-{r['build']}.conda": r for r in records}
-        (root / subdir / "repodata.json").write_text(json.dumps({"info": {"subdir": subdir}, "packages": {}, "packages.conda": packages}))
+        (root / subdir / "repodata.json").write_text(
+            json.dumps({"info": {"subdir": subdir}, "packages": {}, "packages.conda": packages})
+        )
     return root.as_uri()
 
 
@@ -132,8 +147,20 @@ def _world_env(tmp_path: Path, deps: str) -> Path:
 def test_pack_locks_against_the_world_channel(world, tmp_path):
     env = _world_env(tmp_path, f"  - python={world['python']}\n  - numpy\n")
     out = tmp_path / "w.kbundle"
-    result = kbundle("pack", notebook(tmp_path), "-e", env, "-o", out, "--channel", world["channel"],
-                     "--base-image", world["base_image"], "--lock", "always")
+    result = kbundle(
+        "pack",
+        notebook(tmp_path),
+        "-e",
+        env,
+        "-o",
+        out,
+        "--channel",
+        world["channel"],
+        "--base-image",
+        world["base_image"],
+        "--lock",
+        "always",
+    )
     assert result.returncode == 0, result.stderr
     doc = json.loads(kbundle("inspect", out, "--json").stdout)
     assert doc["locked"] is True and doc["conda"]["channels"] == [world["channel"]]
@@ -176,7 +203,18 @@ def test_add_channel_goes_in_front_and_keeps_the_envs_channels(file_channel, tmp
     env = tmp_path / "environment.yml"
     env.write_text(f"channels: [{file_channel}]\ndependencies:\n  - python=3.11\n  - numpy\n")
     out = tmp_path / "x.kbundle"
-    result = kbundle("pack", notebook(tmp_path), "-e", env, "-o", out, "--add-channel", "http://127.0.0.1:9/mirror", "--lock", "never")
+    result = kbundle(
+        "pack",
+        notebook(tmp_path),
+        "-e",
+        env,
+        "-o",
+        out,
+        "--add-channel",
+        "http://127.0.0.1:9/mirror",
+        "--lock",
+        "never",
+    )
     assert result.returncode == 0, result.stderr
     doc = json.loads(kbundle("inspect", out, "--json").stdout)
     assert doc["conda"]["channels"] == ["http://127.0.0.1:9/mirror", file_channel]

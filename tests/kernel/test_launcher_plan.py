@@ -1,0 +1,180 @@
+"""The launcher's pure decisions (`launcher.plan_launch` and its helpers), table-driven: no engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from kbundle import contract
+from kbundle.kernel import launcher as L
+from kbundle.kernel.labels import process_start
+from kbundle.kernel.spec import launcher_path
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(
+        connection_file="/run/user/1/jupyter/kernel-abc.json",
+        image="img",
+        workdir="",
+        gpus="none",
+        kernel_name="k",
+        network="auto",
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+INFO = {
+    "ip": "127.0.0.1",
+    "transport": "tcp",
+    "key": "secret-key",
+    "shell_port": 5001,
+    "iopub_port": 5002,
+    "stdin_port": 5003,
+    "control_port": 5004,
+    "hb_port": 5005,
+    "signature_scheme": "hmac-sha256",
+}
+
+
+def _plan(tmp_path, environ=None, platform="linux", info=INFO, **kw):
+    return L.plan_launch(
+        _args(**kw),
+        info,
+        cwd=str(tmp_path),
+        uid=1000,
+        gid=1000,
+        groups=[1000, 27, 105],
+        pid=os.getpid(),
+        environ=environ or {},
+        platform=platform,
+    )
+
+
+@pytest.mark.parametrize(
+    "requested, environ, platform, expected",
+    [
+        ("auto", {}, "linux", "host"),
+        ("auto", {"DOCKER_HOST": "unix:///var/run/docker.sock"}, "linux", "host"),
+        ("auto", {"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}, "linux", "bridge"),  # rootless
+        ("auto", {"DOCKER_HOST": "unix:///home/u/.docker/desktop/docker.sock"}, "linux", "bridge"),
+        ("auto", {"DOCKER_HOST": "tcp://10.0.0.2:2376"}, "linux", "bridge"),
+        ("auto", {}, "darwin", "bridge"),
+        ("auto", {"KBUNDLE_KERNEL_NETWORK": "bridge"}, "linux", "bridge"),
+        ("host", {"KBUNDLE_KERNEL_NETWORK": "bridge"}, "darwin", "host"),
+    ],
+)
+def test_network_choice(requested, environ, platform, expected):
+    assert L.choose_network(requested, environ, platform) == expected
+
+
+def test_plan_keeps_the_key_out_and_names_the_container_from_the_connection_file(tmp_path):
+    plan = _plan(tmp_path)
+    assert "secret-key" not in repr(plan)
+    assert plan.name == L.container_name("/run/user/1/jupyter/kernel-abc.json") == _plan(tmp_path).name
+    assert plan.name != L.container_name("/run/user/1/jupyter/kernel-def.json")
+    assert plan.user == "1000:1000" and plan.group_add == ["27", "105"]
+    assert plan.mounts == [plan.working_dir] == [str(tmp_path.resolve())]
+    assert plan.network == "host" and plan.ports == []
+    assert "JPY_PARENT_PID" not in plan.environment
+    assert plan.labels[contract.LABEL_KERNEL] == "1" and plan.labels[contract.LABEL_LAUNCHER_PID] == str(os.getpid())
+    assert plan.labels[contract.LABEL_LAUNCHER_START] == process_start(os.getpid()) != ""
+
+
+def test_bridge_plan_publishes_the_five_ports(tmp_path):
+    plan = _plan(tmp_path, environ={"KBUNDLE_KERNEL_NETWORK": "bridge"})
+    assert plan.ports == [5001, 5002, 5003, 5004, 5005]
+    assert json.loads(L.kernel_connection(INFO, "bridge"))["ip"] == "0.0.0.0"
+    line = L.kernel_connection(INFO, "host")
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == dict(INFO, ip="127.0.0.1")
+
+
+@pytest.mark.parametrize(
+    "workdir, cwd, mounts, working",
+    [
+        ("w", "w/chapter", ["w"], "w/chapter"),  # a notebook in a subfolder of the bundle's files
+        ("w", "elsewhere", ["w", "elsewhere"], "elsewhere"),  # another notebook's folder: mounted, and the cwd
+        ("w", ".", ["."], "."),  # the notebook's folder holds the workdir: one mount
+        ("w", "/", ["w"], "w"),  # Jupyter started from /: never mount it, start in the workdir
+        ("", "w", ["w"], "w"),
+    ],
+)
+def test_mounts_and_working_dir(tmp_path, workdir, cwd, mounts, working):
+    for d in ("w/chapter", "elsewhere"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+
+    def at(p):
+        return str((tmp_path / p).resolve())
+
+    plan = L.plan_launch(
+        _args(workdir=at(workdir) if workdir else ""),
+        INFO,
+        cwd=at(cwd),
+        uid=1,
+        gid=1,
+        groups=[],
+        pid=1,
+        environ={},
+        platform="linux",
+    )
+    assert (plan.mounts, plan.working_dir) == ([at(m) for m in mounts], at(working))
+
+
+@pytest.mark.parametrize("workdir", ["/", "/usr", "/opt", "/opt/kbundle/env/lib", "/etc"])
+def test_refuses_mounts_that_hide_the_image(workdir, tmp_path):
+    with pytest.raises(L.LaunchError, match="refusing to mount"):
+        _plan(tmp_path, workdir=workdir)
+
+
+@pytest.mark.parametrize(
+    "info, message",
+    [
+        (dict(INFO, ip="0.0.0.0"), "127.0.0.1 only"),
+        (dict(INFO, transport="ipc"), "transport"),
+    ],
+)
+def test_refuses_connections_it_cannot_keep_local(tmp_path, info, message):
+    with pytest.raises(L.LaunchError, match=message):
+        _plan(tmp_path, info=info)
+
+
+def test_device_requests():
+    assert L.device_requests("none") == []
+    (all_gpus,) = L.device_requests("all")
+    assert all_gpus["Count"] == -1 and all_gpus["Capabilities"] == [["gpu"]]
+    (some,) = L.device_requests("device=0,2")
+    assert some["DeviceIDs"] == ["0", "2"]
+
+
+def test_bad_connection_file_is_one_error_line(tmp_path):
+    import subprocess
+
+    bad = tmp_path / "k.json"
+    bad.write_text("{not json")
+    proc = subprocess.run(
+        [str(launcher_path()), "--image", "img", "-f", str(bad)], capture_output=True, text=True, timeout=30
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"error: the connection file {bad} is not JSON\n")
+
+
+def test_pycache_dir_is_per_image_in_kbundles_cache(tmp_path):
+    env = {"KBUNDLE_CACHE_DIR": str(tmp_path)}
+    a, b = L.pycache_dir("kbundle/demo:abc", env), L.pycache_dir("kbundle/demo:abd", env)
+    assert a != b and Path(a).parent == tmp_path / "pycache" and Path(a).name.startswith("kbundle-demo-abc-")
+    assert L.pycache_dir("img", dict(env, KBUNDLE_KERNEL_PYCACHE="0")) == ""
+
+
+def test_prepare_pycache_falls_back_to_none(tmp_path):
+    plan = _plan(tmp_path, environ={"KBUNDLE_CACHE_DIR": str(tmp_path / "cache")})
+    assert plan.environment["KBUNDLE_PYCACHE"] == L.PYCACHE_IN_CONTAINER
+    ready = L.prepare_pycache(plan)
+    assert ready == plan and (Path(plan.pycache) / "image.txt").read_text() == "img\n"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    broken = L.prepare_pycache(_plan(tmp_path, environ={"KBUNDLE_CACHE_DIR": str(blocker)}))
+    assert broken.pycache == "" and "KBUNDLE_PYCACHE" not in broken.environment

@@ -1,0 +1,110 @@
+"""The offline world: a CUDA-base stand-in image and a real conda channel, built on this machine.
+
+No container registry and no conda channel can be reached from our machines, so the
+tests build their own:
+
+* ``base_image``: Debian bookworm from ``debootstrap --variant=minbase``, imported into
+  Docker. It stands in for an ``nvidia/cuda`` base (which is also a plain distro image).
+* ``channel``: a conda channel indexed with py-rattler: a relocatable CPython repackaged
+  from this machine's interpreter, and ipykernel, numpy, pip and all their dependencies
+  converted from PyPI wheels.
+* ``server``: the channel served over HTTP on 127.0.0.1, kept running between calls.
+* ``env_image``: an image of kbundle's own making (its Dockerfile, installer and build
+  context) with python, ipykernel and numpy, for the kernel tests.
+
+Usage, from the repository's root::
+
+    python -m tests.world up     # build or reuse; last stdout line is a JSON object
+    python -m tests.world down   # remove what ``up`` made
+
+``up`` is idempotent: a second call only checks that the parts are still there.
+Set ``KBUNDLE_WORLD_DIR`` to move the cache (default ``~/.cache/kbundle-world``).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+from .base_image import BASE_IMAGE, ensure_base_image, remove_base_image
+from .channel import (
+    PLACEHOLDER,
+    RECIPE_VERSION,
+    TOP_LEVEL,
+    build_channel,
+    ensure_channel,
+    fingerprint,
+    linux_virtual_packages,
+    solve_and_install,
+)
+from .common import docker_client, log, platform_full, python_version, world_dir
+from .env_image import (
+    ENV_PREFIX,
+    ENV_SPECS,
+    LABELS,
+    build_image,
+    ensure_env_image,
+    render_dockerfile,
+    write_env_context,
+)
+from .server import DEFAULT_PORT, ensure_server, stop_server
+
+__all__ = [
+    "BASE_IMAGE",
+    "DEFAULT_PORT",
+    "ENV_PREFIX",
+    "ENV_SPECS",
+    "PLACEHOLDER",
+    "RECIPE_VERSION",
+    "TOP_LEVEL",
+    "build_channel",
+    "build_image",
+    "docker_client",
+    "down",
+    "ensure_base_image",
+    "ensure_channel",
+    "ensure_env_image",
+    "ensure_server",
+    "fingerprint",
+    "linux_virtual_packages",
+    "log",
+    "platform_full",
+    "python_version",
+    "render_dockerfile",
+    "solve_and_install",
+    "up",
+    "world_dir",
+    "write_env_context",
+]
+
+
+def up() -> dict:
+    """Build what is missing, reuse the rest; the world as a JSON-able dict."""
+    root = world_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    channel = ensure_channel(root)
+    base = ensure_base_image()
+    url = ensure_server(root, channel)
+    return {
+        "base_image": base,
+        "channel": url,
+        "channel_path": str(channel),
+        "channel_file_url": channel.as_uri(),
+        "python": python_version(),
+        "world_dir": str(root),
+    }
+
+
+def down() -> None:
+    """Stop the server, remove the world's images and its cached directory."""
+    root = world_dir()
+    stop_server(root)
+    try:
+        client = docker_client()
+        label = ",".join(f"{k}={v}" for k, v in LABELS.items())
+        for image in client.images.list(filters={"label": label}):
+            client.images.remove(image.id, force=True)
+        remove_base_image(client)
+    except Exception:
+        pass
+    shutil.rmtree(root, ignore_errors=True)
+    log(f"removed {BASE_IMAGE} and {root}")
