@@ -16,6 +16,10 @@ world's env has no .pyc (like a bare rattler install): kbundle's launcher then k
 bytecode in a per-image cache, so only its first start compiles; the
 bench starts from an empty cache and prints that first (cold) start separately.
 Goal (issue 5): kbundle ≤ 1.5× native start, and no slower than dockernel.
+
+Kernels run on a bridge network by default (ports published on 127.0.0.1); `--network host`
+is an opt-in. `--network-only` measures just those two, interleaved in the same run, on the
+byte-compiled image, and prints bridge/host (goal: ≤ 1.10×).
 """
 
 from __future__ import annotations
@@ -115,7 +119,10 @@ def main() -> int:
         help="skip the container kernels on a byte-compiled env (as `kbundle run` builds them)",
     )
     p.add_argument("--keep-images", action="store_true", help="keep the derived images for the next run")
+    p.add_argument("--network-only", action="store_true", help="only kbundle on a bridge vs on the host network")
     args = p.parse_args()
+    if args.network_only:
+        return network_only(args)
 
     import docker
 
@@ -128,7 +135,10 @@ def main() -> int:
     images = {"": image, "dockernel": derived_image(client, image, "kbundle-bench/dockernel:1", dockernel_cmd)}
     if args.pyc:
         compiled = derived_image(
-            client, image, "kbundle-bench/pyc:1", "RUN python -m compileall -q -j0 /opt/kbundle/env >/dev/null"
+            client,
+            image,
+            "kbundle-bench/pyc:1",
+            "USER root\nRUN python -m compileall -q -j0 /opt/kbundle/env >/dev/null\nUSER kbundle",
         )
         images["pyc"] = compiled
         images["dockernel-pyc"] = derived_image(client, compiled, "kbundle-bench/dockernel-pyc:1", dockernel_cmd)
@@ -212,6 +222,50 @@ def main() -> int:
         kp, dp = med["kbundle (pyc env)"], med["dockernel (pyc env)"]
         print(f"kbundle start / native (pyc env)   = {kp['start'] / n['start']:.2f}x")
         print(f"kbundle start / dockernel (pyc env)= {kp['start'] / dp['start']:.2f}x")
+    return 0
+
+
+def network_only(args) -> int:
+    """kbundle's kernel on its default bridge vs `--network host`: same image, same run, interleaved."""
+    import docker
+
+    from kbundle.kernel.spec import KernelRequest, install_kernelspec
+
+    client = docker.from_env(timeout=600)
+    image = env_image_tag(args.image)
+    compiled = image
+    if args.pyc:
+        compiled = derived_image(
+            client,
+            image,
+            "kbundle-bench/pyc:1",
+            "USER root\nRUN python -m compileall -q -j0 /opt/kbundle/env >/dev/null\nUSER kbundle",
+        )
+    data_dir = Path(tempfile.mkdtemp(prefix="kbundle-bench-jupyter-"))
+    work = Path(tempfile.mkdtemp(prefix="kbundle-bench-work-"))
+    os.environ.update(JUPYTER_DATA_DIR=str(data_dir), JUPYTER_PATH=str(data_dir), KBUNDLE_CACHE_DIR=str(data_dir / "c"))
+    variants = {"bridge": "bench-bridge", "host": "bench-host"}
+    for label, name in variants.items():
+        install_kernelspec(KernelRequest(name, name, compiled, str(work), [], "bench", network=label))
+    starts: dict[str, list[float]] = {v: [] for v in variants}
+    try:
+        for name in variants.values():
+            asyncio.run(one_run(name, str(work)))  # warm-up
+        for r in range(args.rounds):
+            for label, name in variants.items():
+                starts[label].append(asyncio.run(one_run(name, str(work)))[0])
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        cleanup_containers(client, [compiled])
+        if compiled != image and not args.keep_images:
+            client.api.remove_image(compiled, force=True)  # auto-removed kernels may linger a moment
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    med = {v: statistics.median(xs) for v, xs in starts.items()}
+    print(f"image {compiled}; {args.rounds} rounds; start medians (seconds)")
+    for v, xs in starts.items():
+        print(f"{v:<8}{med[v]:>8.3f}   all: {', '.join(f'{x:.3f}' for x in xs)}")
+    print(f"bridge start / host start = {med['bridge'] / med['host']:.2f}x (goal <= 1.10x)")
     return 0
 
 

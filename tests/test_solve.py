@@ -7,9 +7,12 @@ package that needs a newer glibc than the target image has.
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
 import io
 import json
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,18 +49,9 @@ def _package(subdir: Path, name: str, depends: list[str]) -> None:
             tar.addfile(info, io.BytesIO(text.encode()))
 
 
-@pytest.fixture(scope="module")
-def channel(tmp_path_factory) -> str:
-    from rattler.index import index_fs
-
-    root = tmp_path_factory.mktemp("channel")
-    _package(root / "linux-64", "needs-glibc-228", ["__glibc >=2.28"])
-    _package(root / "linux-64", "needs-cuda-12", ["__cuda >=12"])
-    (root / "noarch").mkdir()
-    result = index_fs(root, write_zst=False, write_shards=False)
-    if asyncio.iscoroutine(result):
-        asyncio.run(result)
-    return root.as_uri()
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output clean
+        pass
 
 
 @pytest.mark.parametrize(
@@ -130,3 +124,22 @@ def test_target_of_a_bundle_is_what_its_manifest_records():
 def test_target_of_an_old_unlocked_bundle_comes_from_its_base_image():
     target = target_of(_Bundle(_manifest(cuda="12.2")))
     assert "__glibc=2.35" in target and "__cuda=12.2" in target  # ubuntu22.04's glibc, from the data table
+
+
+@pytest.fixture(scope="module")
+def channel(tmp_path_factory):
+    """The channel served over HTTP on 127.0.0.1: run refuses file:// channels (docs/security.md)."""
+    from rattler.index import index_fs
+
+    root = tmp_path_factory.mktemp("channel")
+    _package(root / "linux-64", "needs-glibc-228", ["__glibc >=2.28"])
+    _package(root / "linux-64", "needs-cuda-12", ["__cuda >=12"])
+    (root / "noarch").mkdir()
+    result = index_fs(root, write_zst=False, write_shards=False)
+    if asyncio.iscoroutine(result):
+        asyncio.run(result)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

@@ -8,7 +8,7 @@ import sys
 import typer
 
 from kbundle import __version__
-from kbundle.commands import bundle, kernels, pack, run
+from kbundle.commands import bundle, kernels, pack, run, trust
 from kbundle.errors import KbundleError
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app.command()(bundle.verify)
 app.command()(run.run)
 app.command()(run.doctor)
 app.add_typer(kernels.kernels_app, name="kernels")
+app.add_typer(trust.trust_app, name="trust")
 app.command()(kernels.gc)
 
 

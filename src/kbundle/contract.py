@@ -45,6 +45,7 @@ LABEL_LAUNCHER_PID = LABEL_NS + "launcher-pid"
 LABEL_LAUNCHER_START = LABEL_NS + "launcher-start"
 LABEL_LAUNCHER_HOST = LABEL_NS + "launcher-host"
 LABEL_PROBE = LABEL_NS + "probe"  # preflight's throwaway GPU probe
+LABEL_BYTECODE = LABEL_NS + "bytecode"  # the throwaway container that byte-compiles an env
 
 # Images and containers made before kbundle 0.2 used a `kbundle.` namespace; gc still reads them.
 LEGACY_LABEL_CONTENT_HASH = "kbundle.bundle_hash"

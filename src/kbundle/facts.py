@@ -7,6 +7,7 @@ Each table is validated when it is first loaded and then cached: a missing or mi
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -221,6 +222,7 @@ class TensorFlow:
     builds: Mapping[Version, TfBuild]  # tested build configurations, by TF major.minor
     cpu_names: frozenset[str]
     gpu_in_plain_package_from: Version
+    carrying_extras: frozenset[str]  # pip extras that pull the CUDA runtime as nvidia-* wheels
 
     def build_for(self, version: Optional[Version]) -> Optional[TfBuild]:
         return longest_prefix(self.builds, version)
@@ -237,9 +239,34 @@ class Torch:
 
 
 @dataclass(frozen=True)
+class JaxExtra:
+    cuda: Version
+    carries: bool  # pulls nvidia-* wheels
+
+
+@dataclass(frozen=True)
 class Jax:
     names: PackageNames
     plugins: Mapping[str, Version]  # plug-in wheel -> the CUDA it pulls
+    extras: Mapping[str, JaxExtra]  # `jax[cuda12]` -> what it gives
+
+
+@dataclass(frozen=True)
+class Rapids:
+    names: frozenset[str]
+    cuda: Mapping[Version, Version]  # RAPIDS release line -> the CUDA assumed without a build string
+
+    def cuda_for(self, version: Optional[Version]) -> Optional[Version]:
+        return longest_prefix(self.cuda, version)
+
+
+@dataclass(frozen=True)
+class OnnxRuntime:
+    names: frozenset[str]
+    builds: Mapping[Version, TfBuild]  # release -> CUDA, cuDNN
+
+    def build_for(self, version: Optional[Version]) -> Optional[TfBuild]:
+        return longest_prefix(self.builds, version)
 
 
 @dataclass(frozen=True)
@@ -269,6 +296,7 @@ class RuntimePackages:
 class CondaRuntime:
     specs: Mapping[Version, tuple[str, ...]]  # CUDA major.minor -> conda specs; `{cudnn}` is filled in
     default_cudnn: Mapping[int, Version]  # CUDA major -> cuDNN when the framework names none
+    unnamed_build_cuda: Version  # a conda CUDA build that names no version (`*cuda*`)
 
 
 @dataclass(frozen=True)
@@ -277,6 +305,8 @@ class Frameworks:
     torch: Torch
     jax: Jax
     cupy: Cupy
+    rapids: Rapids
+    onnxruntime: OnnxRuntime
     runtime_packages: RuntimePackages
     conda_runtime: CondaRuntime
 
@@ -301,7 +331,24 @@ def _tensorflow(node: _Node) -> TensorFlow:
         _frozen(builds),
         frozenset(node["cpu_names"].texts()),
         node["gpu_in_plain_package_from"].version(),
+        frozenset(node["carrying_extras"].texts()),
     )
+
+
+def _jax(node: _Node) -> Jax:
+    extras = {k: JaxExtra(n["cuda"].version(), n["carries"].flag()) for k, n in node["extras"].items()}
+    plugins = {k: n.version() for k, n in node["plugins"].items()}
+    return Jax(_names(node["names"]), _frozen(plugins), _frozen(extras))
+
+
+def _rapids(node: _Node) -> Rapids:
+    cuda = {v: n.version() for v, n in node["cuda"].version_items()}
+    return Rapids(frozenset(node["names"].texts()), _frozen(cuda))
+
+
+def _onnxruntime(node: _Node) -> OnnxRuntime:
+    builds = {v: TfBuild(b["cuda"].version(), b["cudnn"].version()) for v, b in node["builds"].version_items()}
+    return OnnxRuntime(frozenset(node["names"].texts()), _frozen(builds))
 
 
 def _torch(node: _Node) -> Torch:
@@ -342,18 +389,19 @@ def _conda_runtime(node: _Node) -> CondaRuntime:
     for version in specs:
         if version.major not in defaults:
             node["default_cudnn"].fail(f'has no entry for CUDA {version.major} (specs["{version}"] needs one)')
-    return CondaRuntime(_frozen(specs), _frozen(defaults))
+    return CondaRuntime(_frozen(specs), _frozen(defaults), node["unnamed_build_cuda"].version())
 
 
 def frameworks_from(data: Any) -> Frameworks:
     """frameworks.yaml's contents, checked and typed."""
     root = _open("frameworks", data)
-    jax = _section(root, "jax")
     return Frameworks(
         tensorflow=_tensorflow(_section(root, "tensorflow")),
         torch=_torch(_section(root, "torch")),
-        jax=Jax(_names(jax["names"]), _frozen({k: n.version() for k, n in jax["plugins"].items()})),
+        jax=_jax(_section(root, "jax")),
         cupy=Cupy(_frozen(_major_map(_section(root, "cupy")["major_defaults"]))),
+        rapids=_rapids(_section(root, "rapids")),
+        onnxruntime=_onnxruntime(_section(root, "onnxruntime")),
         runtime_packages=_runtime_packages(_section(root, "runtime_packages")),
         conda_runtime=_conda_runtime(_section(root, "conda_runtime")),
     )
@@ -437,10 +485,26 @@ class OsOnly:
 
     os: str
     reason: str
-    names: tuple[str, ...]  # a name ending in `*` is a prefix
+    names: tuple[str, ...]  # a name may be a glob: `m2-*`, `vs20*_runtime`
 
     def covers(self, name: str) -> bool:
-        return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in self.names)
+        return _matches_any(name, self.names)
+
+
+def _matches_any(name: str, patterns) -> bool:
+    # fnmatchcase: package names are lower case already, and `[` never appears in one.
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+@dataclass(frozen=True)
+class OsOnlyVersions:
+    """Versions of a package that exist on Linux too, published only for another OS."""
+
+    os: str
+    versions: tuple[str, ...]  # globs on the version text: `5.*`
+
+    def covers(self, version: Optional[str]) -> bool:
+        return version is not None and _matches_any(version, self.versions)
 
 
 def _os_only_reason(tables: tuple[OsOnly, ...], name: str) -> Optional[str]:
@@ -453,7 +517,10 @@ class NormaliseFacts:
     pip_os_only: tuple[OsOnly, ...]
     pip_replace: Mapping[str, str]  # pip name on another OS -> its name on Linux
     variant_markers: Mapping[str, str]  # build-string word -> the intent it carries (first match wins)
-    platform_markers: Mapping[str, frozenset[str]]  # subdir -> packages that betray it (first match wins)
+    platform_markers: Mapping[str, frozenset[str]]  # subdir -> packages (globs) published for it alone
+    platform_build_words: Mapping[str, frozenset[str]]  # subdir -> `_`-separated build-string words
+    platform_prefixes: Mapping[str, re.Pattern[str]]  # subdir -> a pattern on `prefix:`
+    conda_os_only_versions: Mapping[str, OsOnlyVersions]  # package -> its versions for another OS
     channel_aliases: Mapping[str, tuple[str, ...]]  # named channel -> its URLs (none: a platform-only channel)
     channel_alias: str  # the URL other bare channel names live under
 
@@ -462,6 +529,10 @@ class NormaliseFacts:
 
     def pip_os_reason(self, name: str) -> Optional[str]:
         return _os_only_reason(self.pip_os_only, name)
+
+    def platforms_of_package(self, name: str) -> set[str]:
+        """The subdirs a package's presence betrays (empty when it says nothing)."""
+        return {p for p, names in self.platform_markers.items() if _matches_any(name, names)}
 
     @property
     def platform_channels(self) -> frozenset[str]:
@@ -482,6 +553,14 @@ def normalise_facts_from(data: Any) -> NormaliseFacts:
         pip_replace=_frozen({k: n.text() for k, n in root["pip_replace"].items()}),
         variant_markers=_frozen({k: n.text() for k, n in root["variant_markers"].items()}),
         platform_markers=_frozen({k: frozenset(n.texts()) for k, n in root["platform_markers"].items()}),
+        platform_build_words=_frozen({k: frozenset(n.texts()) for k, n in root["platform_build_words"].items()}),
+        platform_prefixes=_frozen({k: _pattern(n) for k, n in root["platform_prefixes"].items()}),
+        conda_os_only_versions=_frozen(
+            {
+                k: OsOnlyVersions(n["os"].text(), n["versions"].texts())
+                for k, n in root["conda_os_only_versions"].items()
+            }
+        ),
         channel_aliases=_frozen({k: n.texts() for k, n in root["channel_aliases"].items()}),
         channel_alias=root["channel_alias"].text(),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -19,7 +20,7 @@ from kbundle.bundle import (
     open_bundle,
     write_bundle,
 )
-from kbundle.bundle.format import MANIFEST
+from kbundle.bundle.format import MANIFEST, SIGNATURE, content_hash_of
 
 
 def _members() -> dict[str, bytes]:
@@ -130,13 +131,35 @@ def test_member_changed_with_a_resealed_manifest_breaks_the_content_hash(tmp_pat
         open_bundle(path)
 
 
-def test_content_hash_ignores_only_the_manifest_and_dockerfile():
+def test_content_hash_covers_every_member_but_the_manifest_and_signature():
     members = _members()
     base = content_hash(members)
-    assert content_hash({**members, "Dockerfile": b"FROM other\n", MANIFEST: b"{}"}) == base
-    for name in ("work/nb.ipynb", "env/environment.yml", "env/original/environment.yml"):
+    assert content_hash({**members, MANIFEST: b"{}", SIGNATURE: b"sig"}) == base
+    for name in ("work/nb.ipynb", "env/environment.yml", "env/original/environment.yml", "Dockerfile"):
         assert content_hash({**members, name: members[name] + b" "}) != base, name
     assert content_hash({**members, "work/extra.txt": b""}) != base
+
+
+def _legacy_bundle(tmp_path: Path, version: str) -> Path:
+    """A bundle sealed the way kbundle 0.1 did: the content hash leaves out the Dockerfile."""
+    members = _members()
+    digests = {p: hashlib.sha256(d).hexdigest() for p, d in members.items()}
+    manifest = _manifest(members)
+    manifest.content_hash = content_hash_of(digests, legacy=True)
+    manifest.kbundle_version = version
+    path = tmp_path / f"legacy-{version or 'none'}.kbundle"
+    write_bundle(path, manifest, members)
+    return path
+
+
+def test_bundles_from_before_0_2_still_open_with_the_old_hash_rule(tmp_path):
+    assert open_bundle(_legacy_bundle(tmp_path, "0.1.0")).name == "nb"
+
+
+@pytest.mark.parametrize("version", ["0.2.0", "1.0", "", "not-a-version"])
+def test_the_old_hash_rule_is_refused_for_newer_bundles(tmp_path, version):
+    with pytest.raises(BundleError, match="content hash"):
+        open_bundle(_legacy_bundle(tmp_path, version))
 
 
 def test_truncated_archive_is_detected(bundle, tmp_path):

@@ -215,19 +215,24 @@ def test_unlocked_bundle_solves_on_this_host_to_the_lock(built_run, world, run_e
     assert solved.content_hash == locked.content_hash and solved.python_version() == world["python"]
 
 
-def test_a_second_env_links_packages_and_bytecode_from_the_shared_cache(built_run, run_env, tmp_path, monkeypatch):
+def test_a_second_env_links_packages_and_bytecode_from_the_shared_cache(
+    built_run, world, run_env, tmp_path, monkeypatch, docker_client
+):
     """After the session's build, installing the same lock again downloads and compiles nothing."""
     from kbundle.bundle import open_bundle
     from kbundle.image import bytecode
     from kbundle.image import env as envmod
 
     monkeypatch.setenv("KBUNDLE_CACHE_DIR", run_env["KBUNDLE_CACHE_DIR"])
+    base = world["base_image"]
     pkgs = envmod.package_cache_dir()
     before = {p.name for p in pkgs.iterdir()}
     b = open_bundle(built_run[2])
     resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text))
     envmod.install(resolved, tmp_path / "env")
-    stats = bytecode.compile_env(tmp_path / "env", envmod.cache_root() / "pyc", resolved.interpreter_id())
+    stats = bytecode.compile_env(
+        tmp_path / "env", envmod.cache_root() / "pyc", resolved.interpreter_id(), client=docker_client, image=base
+    )
     assert {p.name for p in pkgs.iterdir()} == before, "packages were fetched again"
     assert stats.compiled == 0 and stats.linked > 1000 and stats.skipped is None
     numpy_init = next((tmp_path / "env" / "lib").glob("python3.*/site-packages/numpy/__init__.py"))
@@ -286,6 +291,7 @@ def test_on_a_terminal_it_asks_and_a_no_builds_nothing(world, run_env, tmp_path,
         os.close(slave)
     assert proc.returncode == 1 and "declined" in err, err
     assert "Build it and register the kernel?" in err and world["base_image"] in err and "Dockerfile" in err
+    assert "unsigned" in err and "127.0.0.1:18765" in err and "package(s), locked" in err
     listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
     assert f"kbundle-kbt-tty-{session_tag}" not in [k["name"] for k in listed]
 
@@ -298,7 +304,7 @@ def rewrite_dockerfile(bundle: Path, target: Path, name: str, extra_step: str) -
     from kbundle.bundle import open_bundle, write_bundle
 
     b = open_bundle(bundle)
-    members = {k: v for k, v in b.members.items() if k != b.manifest.lock}
+    members = {k: b.read(k) for k in b.members if k != b.manifest.lock}
     lines = b.dockerfile_text.splitlines(keepends=True)
     at = next(i for i, ln in enumerate(lines) if ln.startswith("FROM ")) + 1
     members["Dockerfile"] = "".join(lines[:at] + [extra_step + "\n"] + lines[at:]).encode()
@@ -334,7 +340,8 @@ def _step_running(docker_client, log: Path, step: str) -> bool:
 def test_failed_build_leaves_no_image_and_no_kernel(built_run, world, run_env, docker_client, tmp_path, session_tag):
     name = f"kbt-fail-{session_tag}"
     bundle = rewrite_dockerfile(built_run[2], tmp_path / "fail.kbundle", name, "RUN echo failing-on-purpose && false")
-    proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--yes"], run_env, cwd=tmp_path)
+    args = ["run", bundle, "--base-image", world["base_image"], "--yes", "--use-bundled-dockerfile"]
+    proc = kbundle(args, run_env, cwd=tmp_path)
     line = assert_clean_error(proc, "build failed", "build.log")
     assert "failing-on-purpose" in (tmp_path / name / ".kbundle" / "build.log").read_text(), line
     _no_trace(docker_client, run_env, name, tmp_path / name / ".kbundle" / "build.log")
@@ -347,7 +354,7 @@ def test_interrupted_build_leaves_no_image_and_no_kernel(
     bundle = rewrite_dockerfile(built_run[2], tmp_path / "int.kbundle", name, "RUN sleep 120")
     log = tmp_path / name / ".kbundle" / "build.log"
     proc = subprocess.Popen(
-        [KBUNDLE, "run", str(bundle), "--base-image", world["base_image"], "--yes"],
+        [KBUNDLE, "run", str(bundle), "--base-image", world["base_image"], "--yes", "--use-bundled-dockerfile"],
         env=run_env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,

@@ -116,7 +116,8 @@ def test_a_sound_crafted_bundle_passes_the_same_checks(tmp_path):
 
 
 def test_a_hostile_bundle_name_cannot_steer_the_default_workdir(tmp_path):
-    """The manifest's name picks ./<name>/; a name like ../../escape must stay one folder under cwd."""
+    """The manifest's name picks ./<name>/; a name like ../../escape breaks the manifest schema, so
+    the bundle is refused as damaged (exit 3) before anything is written anywhere."""
     from kbundle.bundle import write_bundle
 
     manifest = Manifest(
@@ -142,11 +143,56 @@ def test_a_hostile_bundle_name_cannot_steer_the_default_workdir(tmp_path):
         JUPYTER_DATA_DIR=str(tmp_path / "jupyter"),
         KBUNDLE_CACHE_DIR=str(tmp_path / "cache"),
         DOCKER_HOST="unix:///nonexistent.sock",
-    )  # stop right after the extraction
+    )
     proc = subprocess.run(
         [KBUNDLE, "run", str(bundle), "--yes"], cwd=recipient, env=env, capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    new = tree(tmp_path) - before
-    assert new and all(p.startswith("x/y/recipient/escape") for p in new), sorted(new)
-    assert (recipient / "escape" / "nb.ipynb").is_file()
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "manifest.name" in lines[0], proc.stderr
+    assert tree(tmp_path) == before
+
+
+def test_the_default_workdir_is_one_folder_under_cwd_whatever_the_name():
+    """Defence in depth below the schema: even a name that got past it stays one folder down."""
+    from kbundle.image.workdir import default_workdir
+
+    for name in ("../../escape", "/etc", "a/../../b", "..", ""):
+        path = default_workdir(name, Path("/home/u"))
+        assert path.parent == Path("/home/u") and path.name not in ("", ".", ".."), path
+
+
+def test_max_extract_refuses_before_writing_anything(tmp_path):
+    members = {**good_members(), "work/data.bin": b"x" * 4096}
+    bundle = craft(tmp_path / "big.kbundle", members)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = subprocess.run(
+        [KBUNDLE, "run", str(bundle), "--yes", "--gpus", "none", "--max-extract", "2K"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "limit" in proc.stderr
+    assert list(work.iterdir()) == []  # not even the working directory
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("2G", 2 * 1024**3), ("500M", 500 * 1024**2), ("64k", 64 * 1024), ("1GiB", 1024**3), ("4096", 4096)],
+)
+def test_max_extract_sizes(text, size):
+    from kbundle.commands.run import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "-1G", "0", ""])
+def test_bad_max_extract_is_a_usage_error(text):
+    from kbundle.commands.run import parse_size
+    from kbundle.errors import UsageError
+
+    with pytest.raises(UsageError, match="--max-extract"):
+        parse_size(text)

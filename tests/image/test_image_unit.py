@@ -10,7 +10,7 @@ import pytest
 
 from kbundle.bundle import Manifest, open_bundle, write_bundle
 from kbundle.errors import KbundleError
-from kbundle.flows.run import consent
+from kbundle.flows.review import consent
 from kbundle.image import build as imagemod
 from kbundle.image import wheels
 from kbundle.image import workdir as wd
@@ -105,11 +105,25 @@ def test_a_symlink_in_the_workdir_is_never_followed(tmp_path):
     assert result.kept and result.kept[0].fresh.read_bytes() == b"a,b\n1,2\n"
 
 
+def _review(tmp_path, **changes):
+    from kbundle.flows.review import Review
+
+    base = dict(
+        sender="unsigned: nobody vouches for this bundle",
+        base_image="nvidia/cuda:12.2.2-runtime-ubuntu22.04",
+        base_local=False,
+        hosts=("conda.anaconda.org", "registry-1.docker.io"),
+        conda="42 package(s), locked (12.5 MB to download at most)",
+        pip=2,
+        dockerfile=str(tmp_path / "Dockerfile"),
+    )
+    base.update(changes)
+    return Review(**base)
+
+
 def test_consent_without_tty_says_to_pass_yes(tmp_path):
     with pytest.raises(KbundleError, match="--yes"):
-        consent(
-            None, yes=False, base_image="b", packages=3, pip=0, dockerfile=tmp_path / "Dockerfile", interactive=False
-        )
+        consent(None, yes=False, review=_review(tmp_path), interactive=False)
 
 
 @pytest.mark.parametrize("answer, ok", [(True, True), (False, False)])
@@ -121,10 +135,7 @@ def test_consent_asks_and_shows_what_will_be_built(tmp_path, answer, ok):
     asked = []
     kwargs = dict(
         yes=False,
-        base_image="nvidia/cuda:12.2.2-runtime-ubuntu22.04",
-        packages=42,
-        pip=2,
-        dockerfile=tmp_path / "Dockerfile",
+        review=_review(tmp_path, diff=("-FROM evil/backdoor", "+FROM nvidia/cuda")),
         interactive=True,
         ask=lambda c, q: asked.append(q) or answer,
     )
@@ -134,21 +145,125 @@ def test_consent_asks_and_shows_what_will_be_built(tmp_path, answer, ok):
         with pytest.raises(KbundleError, match="declined"):
             consent(console, **kwargs)
     text = out.getvalue()
-    assert asked and "nvidia/cuda:12.2.2-runtime-ubuntu22.04" in text and "42" in text
-    assert str(tmp_path / "Dockerfile") in text
+    assert asked == ["Build it and register the kernel? [y/N] "]
+    for shown in ("nvidia/cuda:12.2.2-runtime-ubuntu22.04", "42 package(s)", "12.5 MB", "registry-1.docker.io"):
+        assert shown in text
+    assert "unsigned" in text and "-FROM evil/backdoor" in text and str(tmp_path / "Dockerfile") in text
 
 
-def test_consent_with_yes_asks_nothing():
+def test_consent_with_yes_asks_nothing(tmp_path):
+    consent(None, yes=True, review=_review(tmp_path), ask=lambda c, q: pytest.fail("asked"), interactive=False)
+
+
+def test_an_unknown_signer_gets_a_trust_question_in_the_same_review(tmp_path, monkeypatch):
+    import io as _io
+
+    from rich.console import Console
+
+    from kbundle.flows import review as flow
+
+    class Unknown:
+        state, identity, fingerprint = "unknown", "alice@example.org", "SHA256:abc"
+
+        def describe(self):
+            return "signed by alice@example.org (SHA256:abc), not trusted yet"
+
+    trusted = []
+    monkeypatch.setattr(flow, "trust", trusted.append)
+    asked = []
+    answers = iter([True, True])
+    console = Console(file=_io.StringIO(), width=200)
     consent(
-        None,
-        yes=True,
-        base_image="b",
-        packages=1,
-        pip=0,
-        dockerfile=Path("x"),
-        ask=lambda c, q: pytest.fail("asked"),
-        interactive=False,
+        console,
+        yes=False,
+        review=_review(tmp_path),
+        signature=Unknown(),
+        interactive=True,
+        ask=lambda c, q: asked.append(q) or next(answers),
     )
+    assert len(asked) == 2 and "Trust" in asked[0] and len(trusted) == 1
+
+
+@pytest.mark.parametrize(
+    "review, expected",
+    [
+        ({}, ["sender      unsigned", "base image  nvidia/cuda:12.2.2-runtime-ubuntu22.04 (will be pulled)"]),
+        ({"base_local": True, "hosts": ()}, ["(on this engine)", "contacts    nothing (all local)"]),
+        ({"base_image": "evil\x1b[2J\nfake"}, ["base image  evil\\x1b[2J\\nfake"]),  # escaped, one line
+        ({"hosts": ("a\x1b]0;x\x07",)}, ["contacts    a\\x1b]0;x\\x07"]),
+        ({"unusual": ("not locked",)}, ["unusual     not locked"]),
+        ({"diff": ("-a", "+b")}, ["the bundle's Dockerfile differs", "  -a", "  +b"]),
+    ],
+)
+def test_review_lines(tmp_path, review, expected):
+    from kbundle.flows.review import review_lines
+
+    lines = review_lines(_review(tmp_path, **review))
+    text = "\n".join(lines)
+    for fragment in expected:
+        assert fragment in text
+    assert all("\x1b" not in line and "\n" not in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "image, registry",
+    [
+        ("nvidia/cuda:12.2.2-runtime-ubuntu22.04", "registry-1.docker.io"),
+        ("ubuntu", "registry-1.docker.io"),
+        ("ghcr.io/org/img:1", "ghcr.io"),
+        ("localhost:5000/img", "localhost:5000"),
+        ("localhost/img", "localhost"),
+    ],
+)
+def test_registry_of(image, registry):
+    from kbundle.flows.review import registry_of
+
+    assert registry_of(image) == registry
+
+
+def test_dockerfile_diff_is_escaped_and_bounded():
+    from kbundle.flows.review import dockerfile_diff
+
+    assert dockerfile_diff("FROM a\n", "FROM a\n") == ()
+    diff = dockerfile_diff("FROM evil/backdoor\nRUN chmod u+s /bin/sh \x1b[2J\n", "FROM a\n")
+    assert "-FROM evil/backdoor" in diff and "+FROM a" in diff
+    assert all("\x1b" not in line for line in diff)
+    long = dockerfile_diff("".join(f"RUN {i}\n" for i in range(200)), "FROM a\n", limit=10)
+    assert len(long) == 11 and long[-1].startswith("... ")
+
+
+@pytest.mark.parametrize(
+    "records, specs, expected",
+    [
+        (None, ["numpy", "python=3.11"], "not locked: solved here from 2 spec(s)"),
+        ((), [], "0 package(s), locked"),
+    ],
+)
+def test_conda_summary(records, specs, expected):
+    from kbundle.flows.review import conda_summary
+
+    assert conda_summary(records, specs) == expected
+
+
+def test_conda_summary_adds_sizes_only_when_all_are_known():
+    from types import SimpleNamespace
+
+    from kbundle.flows.review import conda_summary
+
+    assert conda_summary((SimpleNamespace(size=2_000_000), SimpleNamespace(size=500_000)), []).endswith(
+        "(2.5 MB to download at most)"
+    )
+    assert "MB" not in conda_summary((SimpleNamespace(size=2_000_000), SimpleNamespace(size=None)), [])
+
+
+@pytest.mark.parametrize(
+    "specs, loose",
+    [(["numpy", "python=3.11", "scipy >=1.0", "pandas 2.*", "ipykernel"], ["numpy", "ipykernel"])],
+)
+def test_unpinned(specs, loose):
+    from kbundle.flows.review import unpinned
+
+    assert unpinned(specs) == loose
 
 
 def key(**changes) -> imagemod.ImageKey:
@@ -271,16 +386,12 @@ def test_default_workdir_is_one_component_under_cwd(tmp_path, name, expected):
     [
         "--index-url=http://evil.example/simple",
         "-r /etc/passwd",
-        "tabulate>=0.9",
-        "tabulate @ https://evil.example/t.whl",
-        "tabulate",
-        "tabulate==0.9.*",
         "-e ./src",
-        "git+https://evil.example/t.git",
         "tabulate==0.9.0\n--index-url=x",
     ],
 )
-def test_pip_pins_are_exact_or_refused(pin, tmp_path, monkeypatch):
+def test_pip_options_and_local_paths_are_refused(pin, tmp_path, monkeypatch):
+    # Ranges, bare names, URLs and VCS lines are resolved by pip on the host: tests/pack/test_pip_lines.py.
     monkeypatch.setenv("KBUNDLE_CACHE_DIR", str(tmp_path))
-    with pytest.raises(KbundleError, match="exact pin"):
+    with pytest.raises(KbundleError, match="not a requirement kbundle can install"):
         wheels.fetch([pin], "3.11")

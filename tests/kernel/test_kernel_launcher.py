@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kbundle.kernel.launcher import container_name
+from kbundle.kernel.launcher import container_name, folder_owner, kernel_user
 from kbundle.kernel.spec import KernelRequest, install_kernelspec
 
 pytestmark = pytest.mark.docker
@@ -141,10 +142,10 @@ async def test_execute_in_container_as_jupyter_does(kernel_name, workdir, docker
         # The shim's copy of the connection info inside the container is readable by the kernel's user only.
         modes = await execute(
             kc,
-            "import glob, os; print(sorted((oct(os.stat(f).st_mode & 0o777), os.stat(f).st_uid)"
+            "import glob, os; print(sorted((oct(os.stat(f).st_mode & 0o777), os.stat(f).st_uid == os.getuid())"
             " for f in glob.glob('/tmp/kbundle-kernel-*.json')))",
         )
-        assert modes["stdout"] == f"[('0o600', {os.getuid()})]\n"
+        assert modes["stdout"] == "[('0o600', True)]\n"
 
         info = docker_client.api.inspect_container(name)
         # The key reaches the kernel through stdin only: not in argv, env, labels or mounts.
@@ -152,12 +153,16 @@ async def test_execute_in_container_as_jupyter_does(kernel_name, workdir, docker
         assert key and key not in json.dumps(info)
         assert info["HostConfig"]["Init"] is True and info["HostConfig"]["AutoRemove"] is True
         assert info["Config"]["Labels"]["org.kbundle.kernel"] == "1"
-        assert info["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
-        assert info["HostConfig"]["NetworkMode"] == "host"
+        # Never root: the invoker, or (for a root invoker) the notebook folder's owner or the image's user.
+        expected = kernel_user(os.getuid(), os.getgid(), os.getgroups(), folder_owner(str(workdir)))[0]
+        assert info["Config"]["User"] == expected != "0:0"
+        assert info["HostConfig"]["CapDrop"] == ["ALL"] and info["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]
+        # The default network is a bridge: the five ports reach the host on its loopback only, held
+        # by the launcher itself on this local engine (kernel/forward.py), not published by the engine.
+        assert info["HostConfig"]["NetworkMode"] == "bridge"
+        ports = {km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port}
         assert not info["HostConfig"]["PortBindings"]
-        # Host network: the kernel's sockets are this machine's, and bound to loopback only.
-        ports = [km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port]
-        assert listening_addresses(ports) == {p: "127.0.0.1" for p in ports}
+        assert listening(ports) == {(port, "127.0.0.1") for port in ports}
     finally:
         kc.stop_channels()
         await km.shutdown_kernel()
@@ -210,9 +215,22 @@ async def test_sigkilled_launcher_takes_its_container_along(kernel_name, workdir
     assert gone, "the container outlived its SIGKILLed launcher by more than 10 s"
 
 
+def listening(ports: set[int]) -> set[tuple[int, str]]:
+    """(port, address) of the host's IPv4 TCP listeners on `ports`, from /proc/net/tcp."""
+    found = set()
+    with open("/proc/net/tcp", encoding="ascii") as fh:
+        for line in fh.readlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port = local.split(":")
+            if state == "0A" and int(port, 16) in ports:  # 0A: LISTEN
+                found.add((int(port, 16), socket.inet_ntoa(bytes.fromhex(address)[::-1])))
+    return found
+
+
 async def test_bridge_network_and_a_notebook_outside_the_workdir(kernel_name, workdir, docker_client, tmp_path):
     """Bridge ports on loopback only; a notebook opened from another folder runs in that folder."""
     other = Path(tempfile.mkdtemp(prefix="kbundle-test-other-"))
+    other.chmod(0o755)  # a root invoker's kernel runs as another user (never root): it must read here
     (other / "data.txt").write_text("from the notebook's folder")
     env = dict(os.environ, KBUNDLE_KERNEL_NETWORK="bridge")
     km, kc = await start(kernel_name, other, env=env)
@@ -222,10 +240,8 @@ async def test_bridge_network_and_a_notebook_outside_the_workdir(kernel_name, wo
         assert result["stdout"] == f"{other.resolve()}\nfrom the notebook's folder\n"
         info = docker_client.api.inspect_container(name)
         assert info["HostConfig"]["NetworkMode"] == "bridge"
-        bindings = info["NetworkSettings"]["Ports"]
         ports = {km.shell_port, km.iopub_port, km.stdin_port, km.control_port, km.hb_port}
-        assert {int(k.split("/")[0]) for k in bindings} == ports
-        assert all(b["HostIp"] == "127.0.0.1" for v in bindings.values() for b in v)
+        assert listening(ports) == {(port, "127.0.0.1") for port in ports}
     finally:
         kc.stop_channels()
         await km.shutdown_kernel()
@@ -301,7 +317,9 @@ async def test_bytecode_cache_only_for_environments_without_pyc(env_image, jupyt
     caches = list((jupyter_dirs / "cache" / "pycache").iterdir())
     plain_cache = next(c for c in caches if (c / "image.txt").read_text() == env_image + "\n")
     pyc = list(plain_cache.rglob("ipykernel/__init__*.pyc"))
-    assert pyc and pyc[0].stat().st_uid == os.getuid()
+    assert pyc
+    # Written by the kernel's user: the invoker, or for a root invoker someone unprivileged.
+    assert pyc[0].stat().st_uid == os.getuid() if os.getuid() else pyc[0].stat().st_uid != 0
 
 
 def _connection_file(directory: Path) -> Path:

@@ -53,6 +53,7 @@ def test_install_writes_a_user_spec_jupyter_client_finds(data_dir, tmp_path):
         "bundle_hash": "sha256:42",
         "gpus": ["0", "1"],
         "workdir": str(tmp_path),
+        "network": "bridge",
         "cuda": "12.1",
     }
     assert "kernel_provisioner" not in spec.metadata

@@ -58,14 +58,16 @@ def _plan(tmp_path, environ=None, platform="linux", info=INFO, **kw):
 @pytest.mark.parametrize(
     "requested, environ, platform, expected",
     [
-        ("auto", {}, "linux", "host"),
-        ("auto", {"DOCKER_HOST": "unix:///var/run/docker.sock"}, "linux", "host"),
-        ("auto", {"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}, "linux", "bridge"),  # rootless
-        ("auto", {"DOCKER_HOST": "unix:///home/u/.docker/desktop/docker.sock"}, "linux", "bridge"),
-        ("auto", {"DOCKER_HOST": "tcp://10.0.0.2:2376"}, "linux", "bridge"),
+        ("auto", {}, "linux", "bridge"),  # the default: the kernel gets a network of its own
+        ("auto", {"DOCKER_HOST": "unix:///var/run/docker.sock"}, "linux", "bridge"),
         ("auto", {}, "darwin", "bridge"),
+        ("bridge", {}, "linux", "bridge"),
+        ("host", {}, "linux", "host"),  # `kbundle run --network host` wrote it into the kernelspec
+        ("auto", {"KBUNDLE_KERNEL_NETWORK": "host"}, "linux", "host"),  # the user's own opt-in
         ("auto", {"KBUNDLE_KERNEL_NETWORK": "bridge"}, "linux", "bridge"),
+        ("auto", {"KBUNDLE_KERNEL_NETWORK": "nonsense"}, "linux", "bridge"),
         ("host", {"KBUNDLE_KERNEL_NETWORK": "bridge"}, "darwin", "host"),
+        ("bridge", {"KBUNDLE_KERNEL_NETWORK": "host"}, "linux", "bridge"),
     ],
 )
 def test_network_choice(requested, environ, platform, expected):
@@ -79,15 +81,65 @@ def test_plan_keeps_the_key_out_and_names_the_container_from_the_connection_file
     assert plan.name != L.container_name("/run/user/1/jupyter/kernel-def.json")
     assert plan.user == "1000:1000" and plan.group_add == ["27", "105"]
     assert plan.mounts == [plan.working_dir] == [str(tmp_path.resolve())]
-    assert plan.network == "host" and plan.ports == []
+    assert plan.network == "bridge" and plan.forward == [5001, 5002, 5003, 5004, 5005] and plan.ports == []
+    assert plan.cap_drop == ["ALL"] and plan.security_opt == ["no-new-privileges"]
     assert "JPY_PARENT_PID" not in plan.environment
     assert plan.labels[contract.LABEL_KERNEL] == "1" and plan.labels[contract.LABEL_LAUNCHER_PID] == str(os.getpid())
     assert plan.labels[contract.LABEL_LAUNCHER_START] == process_start(os.getpid()) != ""
 
 
-def test_bridge_plan_publishes_the_five_ports(tmp_path):
-    plan = _plan(tmp_path, environ={"KBUNDLE_KERNEL_NETWORK": "bridge"})
-    assert plan.ports == [5001, 5002, 5003, 5004, 5005]
+def test_host_plan_publishes_nothing(tmp_path):
+    plan = _plan(tmp_path, network="host")
+    assert plan.network == "host" and plan.ports == [] and plan.forward == []
+    assert plan.cap_drop == ["ALL"] and plan.security_opt == ["no-new-privileges"]
+
+
+@pytest.mark.parametrize(
+    "uid, gid, groups, owner, user, group_add",
+    [
+        (1000, 1000, [1000, 27, 0], (1000, 1000), "1000:1000", ["27"]),  # the invoker; never group 0
+        (0, 0, [0], (1000, 100), "1000:100", []),  # root invoker: the notebook folder's owner
+        (0, 0, [0, 1], (0, 0), contract.USER, []),  # root owns that too: the image's unprivileged user
+        (1000, 1000, [], (0, 0), "1000:1000", []),  # a non-root invoker is never changed
+    ],
+)
+def test_the_kernel_never_runs_as_root(uid, gid, groups, owner, user, group_add):
+    assert L.kernel_user(uid, gid, groups, owner) == (user, group_add)
+
+
+def test_root_plan_asks_who_owns_the_notebook_folder(tmp_path):
+    asked = []
+    plan = L.plan_launch(
+        _args(),
+        INFO,
+        cwd=str(tmp_path),
+        uid=0,
+        gid=0,
+        groups=[0],
+        pid=1,
+        environ={},
+        platform="linux",
+        owner=lambda path: asked.append(path) or (4242, 4243),
+    )
+    assert plan.user == "4242:4243" and plan.group_add == [] and asked == [str(tmp_path.resolve())]
+
+
+@pytest.mark.parametrize(
+    "environ, platform, forwarded",
+    [
+        ({}, "linux", True),  # a local engine: the launcher holds the ports (kernel/forward.py)
+        ({"DOCKER_HOST": "unix:///var/run/docker.sock"}, "linux", True),
+        ({"DOCKER_HOST": "unix:///run/podman/podman.sock"}, "linux", True),  # rootful podman's bridge
+        ({"DOCKER_HOST": "unix:///run/user/1000/docker.sock"}, "linux", False),  # rootless: its own namespace
+        ({"DOCKER_HOST": "unix:///home/u/.docker/desktop/docker.sock"}, "linux", False),  # Desktop's VM
+        ({"DOCKER_HOST": "tcp://build-box:2376"}, "linux", False),  # a remote engine publishes them
+        ({}, "darwin", False),
+    ],
+)
+def test_bridge_plan_forwards_or_publishes_the_five_ports(tmp_path, environ, platform, forwarded):
+    plan = _plan(tmp_path, environ=environ, platform=platform)
+    ports = [5001, 5002, 5003, 5004, 5005]
+    assert (plan.forward, plan.ports) == ((ports, []) if forwarded else ([], ports))
     assert json.loads(L.kernel_connection(INFO, "bridge"))["ip"] == "0.0.0.0"
     line = L.kernel_connection(INFO, "host")
     assert line.endswith(b"\n") and line.count(b"\n") == 1

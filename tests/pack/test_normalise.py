@@ -147,8 +147,8 @@ def test_ipykernel_from_pip_counts(tmp_path):
     path = _write(tmp_path, "dependencies:\n  - python=3.11\n  - pip\n  - pip:\n    - ipykernel==6.29.0\n")
     env = normalise(read_env_file(path))
     assert "ipykernel" not in _deps(env)
-    assert env.channels == ["conda-forge"]  # none named: the default, recorded as added
-    assert any(a.spec == "channel conda-forge" for a in env.added)
+    assert env.channels == ["defaults"]  # none named: conda's own default, recorded as added
+    assert any(a.spec == "channel defaults" for a in env.added)
 
 
 def test_local_pip_paths_are_dropped(tmp_path):

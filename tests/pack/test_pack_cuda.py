@@ -266,14 +266,9 @@ def test_runtime_covers_rule(runtime, needed, covers):
 CARRIED_CASES = [
     # cudatoolkit 11.8 serves tensorflow 2.5 (CUDA 11.2): the env carries it, nothing is added
     ("  - cudatoolkit=11.8\n  - cudnn=8.9\n", "tensorflow==2.5.0", "11.2", True, set()),
-    # cudatoolkit 10.1 does not serve tensorflow-gpu 1.15 (CUDA 10.0): a 10.0 runtime is added
-    (
-        "  - cudatoolkit=10.1\n  - cudnn=7.6\n",
-        "tensorflow-gpu==1.15.0",
-        "10.0",
-        True,
-        {"cudatoolkit=10.0", "cudnn=7.4"},
-    ),
+    # cudatoolkit 10.1 cannot serve tensorflow-gpu 1.15 (CUDA 10.0), and no 10.0 image lives: a
+    # conflict; the bundle keeps (and says) what the env carries, nothing is added behind its back
+    ("  - cudatoolkit=10.1\n  - cudnn=7.6\n", "tensorflow-gpu==1.15.0", "10.1", True, set()),
     # cudatoolkit 11.2 does not serve tensorflow 2.12 (CUDA 11.8): the live 11.8 image brings it
     ("  - cudatoolkit=11.2\n  - cudnn=8.1\n", "tensorflow==2.12.0", "11.8", False, set()),
     # across majors: cudatoolkit 11.8 does not serve tensorflow 2.15 (CUDA 12.2)
@@ -287,4 +282,4 @@ def test_choice_follows_the_covers_rule(tmp_path, deps, pin, cuda, in_env, added
     assert choice.cuda == cuda
     assert choice.runtime_in_env is in_env
     assert {a.spec for a in choice.added} == added
-    assert ("carries its own CUDA runtime" in choice.reason) is (in_env and not added)
+    assert ("carries its own CUDA runtime" in choice.reason) is (in_env and not added and not choice.conflict)

@@ -190,13 +190,21 @@ def test_pack_lock_failure_against_the_world_channel(world, tmp_path):
     assert_one_error_line(result, "`winpty-agent` is not in")
 
 
-def test_cli_names_a_package_that_exists_only_for_another_os(file_channel, tmp_path):
+def test_cli_drops_a_package_the_channel_has_only_for_another_os(file_channel, tmp_path):
+    # The channel answers at pack time: its repodata, not a table, says winonly is win-64 only.
     env = tmp_path / "environment.yml"
     env.write_text("channels: [defaults]\ndependencies:\n  - python=3.11\n  - winonly=1.0\n")
     out = tmp_path / "x.kbundle"
     result = kbundle("pack", notebook(tmp_path), "-e", env, "-o", out, "--channel", file_channel)
-    assert_one_error_line(result, "`winonly` exists only for win-64")
-    assert not out.exists()
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(kbundle("inspect", out, "--json").stdout)
+    assert {"spec": "winonly=1.0", "reason": "exists only for win-64"} in doc["dropped"]
+    assert doc["locked"] and "fully locked" in result.stdout.splitlines()[-1]
+    strict = kbundle(
+        "pack", notebook(tmp_path), "-e", env, "-o", tmp_path / "s.kbundle", "--channel", file_channel, "--strict"
+    )
+    assert_one_error_line(strict, "dropped `winonly=1.0`: exists only for win-64")
+    assert not (tmp_path / "s.kbundle").exists()
 
 
 def test_add_channel_goes_in_front_and_keeps_the_envs_channels(file_channel, tmp_path):
@@ -230,6 +238,12 @@ def test_requirements_file_with_python(file_channel, tmp_path):
     result = kbundle("pack", notebook(tmp_path), "-e", req, "--python", "3.11", "-o", out, "--channel", file_channel)
     assert result.returncode == 0, result.stderr
     doc = json.loads(kbundle("inspect", out, "--json").stdout)
-    assert doc["pip"] == ["rich==13.7.0"] and doc["locked"] and doc["source"]["kind"] == "requirements"
+    # When the package index answers, pip's part is locked too: the whole closure, each with its hash.
+    assert doc["pip"][0].split()[0] == "rich==13.7.0" and doc["locked"]
+    if doc.get("pip_locked"):
+        assert all(" --hash=sha256:" in p for p in doc["pip"]), doc["pip"]
+    else:
+        assert doc["pip"] == ["rich==13.7.0"]
+    assert doc["source"]["kind"] == "requirements"
     assert {"python=3.11", "pip", "ipykernel"} <= set(doc["conda"]["dependencies"])
     assert zipfile.ZipFile(out).read("env/original/requirements.txt") == req.read_bytes()

@@ -9,6 +9,8 @@ tests build their own:
   from this machine's interpreter, and ipykernel, numpy, pip and all their dependencies
   converted from PyPI wheels.
 * ``server``: the channel served over HTTP on 127.0.0.1, kept running between calls.
+* ``pypi``: two PEP 503 simple indexes of tiny wheels (one with a ``+cu118`` local version)
+  and a git repository of a tiny package, served over HTTP on 127.0.0.1.
 * ``env_image``: an image of kbundle's own making (its Dockerfile, installer and build
   context) with python, ipykernel and numpy, for the kernel tests.
 
@@ -46,6 +48,7 @@ from .env_image import (
     render_dockerfile,
     write_env_context,
 )
+from .pypi import ensure_pypi, stop_pypi
 from .server import DEFAULT_PORT, ensure_server, stop_server
 
 __all__ = [
@@ -63,6 +66,7 @@ __all__ = [
     "ensure_base_image",
     "ensure_channel",
     "ensure_env_image",
+    "ensure_pypi",
     "ensure_server",
     "fingerprint",
     "linux_virtual_packages",
@@ -91,6 +95,7 @@ def up() -> dict:
         "channel_file_url": channel.as_uri(),
         "python": python_version(),
         "world_dir": str(root),
+        **ensure_pypi(root),
     }
 
 
@@ -98,6 +103,7 @@ def down() -> None:
     """Stop the server, remove the world's images and its cached directory."""
     root = world_dir()
     stop_server(root)
+    stop_pypi(root)
     try:
         client = docker_client()
         label = ",".join(f"{k}={v}" for k, v in LABELS.items())

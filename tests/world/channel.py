@@ -82,6 +82,14 @@ class CondaPackage:
         return f"{self.name}-{self.version}-{self.build}.tar.bz2"
 
 
+_SUBDIR_PLATFORM = {
+    "linux-64": ("linux", "x86_64"),
+    "win-64": ("win", "x86_64"),
+    "osx-64": ("osx", "x86_64"),
+    "osx-arm64": ("osx", "arm64"),
+}
+
+
 def _tarinfo(name: str, size: int = 0, mode: int = 0o644) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = size, mode, TIMESTAMP // 1000
@@ -115,7 +123,8 @@ def write_conda_package(pkg: CondaPackage, subdir_dir: Path) -> Path:
     if pkg.noarch:
         index["noarch"] = pkg.noarch
     else:
-        index.update(platform="linux", arch="x86_64")
+        platform, arch = _SUBDIR_PLATFORM[pkg.subdir]
+        index.update(platform=platform, arch=arch)
     info_files = {
         "info/index.json": json.dumps(index, indent=2, sort_keys=True),
         "info/paths.json": json.dumps({"paths": paths, "paths_version": 1}, indent=2),
@@ -396,6 +405,51 @@ def build_channel(root: Path) -> Path:
     return channel
 
 
+# Empty packages for other OSes (and a Linux libgfortran of another version line), as the real
+# channels publish them, so that pack's "no linux-64 build" decision reads real repodata:
+# (name, version, build, subdir).
+STUBS = [
+    ("vc", "14.3", "h2eaa2aa_17", "win-64"),
+    ("vs2015_runtime", "14.36.32532", "h05e6639_17", "win-64"),
+    ("icc_rt", "2022.1.0", "h6049295_2", "win-64"),
+    ("appnope", "0.1.3", "py311h0_0", "osx-64"),
+    ("appnope", "0.1.3", "py311h1_0", "osx-arm64"),
+    ("libgfortran", "5.0.0.dev0", "11_0_1_hf114ba7_23", "osx-64"),
+    ("libgfortran", "5.0.0", "13_2_0_h97931a8_3", "osx-arm64"),
+    ("libgfortran", "14.2.0", "h69a702a_1", "linux-64"),
+    # libcxx: the static table calls it macOS-only; the channel, which decides, has a Linux build.
+    ("libcxx", "16.0.6", "h4653b0c_0", "osx-arm64"),
+    ("libcxx", "16.0.6", "h59595ed_0", "linux-64"),
+]
+
+
+def ensure_stubs(channel: Path) -> bool:
+    """Add the STUBS the channel lacks and re-index it; True when something was added.
+
+    A separate step, so a new stub does not rebuild the whole channel (the Python and the wheels)."""
+    missing = [
+        CondaPackage(name, version, build, subdir, [])
+        for name, version, build, subdir in STUBS
+        if not (channel / subdir / f"{name}-{version}-{build}.tar.bz2").exists()
+    ]
+    for pkg in missing:
+        write_conda_package(pkg, channel / pkg.subdir)
+    if missing:
+        log(f"adding {len(missing)} stub packages for other platforms and re-indexing")
+        _index(channel)
+    return bool(missing)
+
+
+def _index(channel: Path) -> None:
+    import asyncio
+
+    from rattler.index import index_fs
+
+    result = index_fs(channel, write_zst=False, write_shards=False)
+    if asyncio.iscoroutine(result):
+        asyncio.run(result)
+
+
 def fingerprint() -> str:
     """The channel's recipe: a cached channel whose stamp differs is rebuilt."""
     return f"{RECIPE_VERSION}:{sys.base_prefix}:{platform_full()}:{','.join(TOP_LEVEL)}"
@@ -408,6 +462,7 @@ def ensure_channel(root: Path) -> Path:
     if not (stamp.exists() and stamp.read_text() == fingerprint() and (channel / "noarch/repodata.json").exists()):
         build_channel(root)
         stamp.write_text(fingerprint())
+    ensure_stubs(channel)
     return channel
 
 

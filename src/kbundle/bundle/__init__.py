@@ -3,30 +3,34 @@ extract it safely. docs/format.md describes the format itself.
 
 Public API (other stages use only these):
 
-``open_bundle(path) -> Bundle``
-    Opens and fully verifies a bundle (format version, safe member names, no links,
-    every member's size and sha256, the content hash). Raises ``BundleError`` (a
-    ``KbundleError``, so the CLI prints one ``error:`` line) when anything is off.
-    ``Bundle`` is a frozen dataclass holding ``path``, ``manifest`` (a ``Manifest``)
-    and ``members`` (``dict[str, bytes]``), with read-only shortcuts for the manifest
-    fields: ``name``, ``notebook`` (member path, e.g. ``work/nb.ipynb``), ``python``,
-    ``cuda``, ``cudnn``, ``base_image``, ``channels``, ``dependencies`` (normalised conda
-    specs), ``pip`` (exact pins, in install order), ``dropped``, ``locked``,
-    ``includes`` (member paths under ``work/``), ``files``; and the texts
-    ``lock_text`` (rattler lock file, or None), ``dockerfile_text``,
-    ``environment_text`` (normalised environment.yml). ``bundle.read(member)`` and
-    ``bundle.text(member)`` give any member. ``bundle.manifest.cuda_runtime_in_env``
-    says whether the environment carries its own CUDA runtime;
-    ``bundle.manifest.content_hash`` identifies the bundle's content.
+``open_bundle(path, *, max_extract=2 GiB) -> Bundle``
+    Opens and fully verifies a bundle, streaming it in bounded memory (the zip's directory,
+    safe member names, no links, the manifest's schema, every member's size and sha256, the
+    content hash, the notebook, the signature when there is one). Raises ``BundleError`` (a
+    ``KbundleError``, exit 3, so the CLI prints one ``error:`` line) when anything is off.
+    ``Bundle`` is a frozen dataclass holding ``path``, ``manifest`` (a ``Manifest``),
+    ``members`` (a read-only mapping name -> ``FileEntry``), ``signer`` (the verified
+    signature or None; ``signing.read_signature(bundle)`` says who and whether trusted) and
+    ``max_extract``, with read-only shortcuts for the manifest fields: ``name``, ``notebook``
+    (member path, e.g. ``work/nb.ipynb``), ``python``, ``cuda``, ``cudnn``, ``base_image``,
+    ``channels``, ``dependencies`` (normalised conda specs), ``pip`` (exact pins, in install
+    order), ``dropped``, ``locked``, ``includes`` (member paths under ``work/``), ``files``,
+    ``content_hash``; and the texts ``lock_text`` (rattler lock file, or None),
+    ``dockerfile_text``, ``environment_text`` (normalised environment.yml), which stay in
+    memory. ``bundle.read(member)`` and ``bundle.text(member)`` give any member (read again
+    from the zip, with the hash check, when it is not one of those texts);
+    ``bundle.copy_member(member, fileobj)`` streams one.
 
-``extract_bundle(path, dest, members=None) -> list[Path]``
-    Verifies the bundle, then writes its members (or only ``members``) under ``dest``,
-    refusing to overwrite any existing file or to write outside ``dest``. Returns the
-    written paths.
+``Bundle.extract(dest, members=None, limit=None)`` / ``extract_bundle(path, dest, members=None) -> list[Path]``
+    Writes the bundle's members (or only ``members``) under ``dest``: refused before anything is
+    written when their sizes pass ``limit`` (default ``max_extract``) or a target exists; never
+    follows a link already in ``dest``; each file appears only once its sha256 matched. Returns
+    the written paths.
 
-``write_bundle(target, manifest, members) -> Manifest``
+``write_bundle(target, manifest, members, sign=None) -> Manifest``
     Writes ``members`` (``dict[str, bytes]``) plus the sealed manifest, atomically and
-    byte-for-byte reproducibly. Returns the manifest with its ``files`` filled in.
+    byte-for-byte reproducibly; with ``sign`` (``signing.signer_for(key)``) also the signature
+    member ``kbundle.sig``. Returns the manifest with its ``files`` filled in.
 
 ``Manifest``, ``FileEntry``, ``Dropped``, ``Added``, ``Variant``: the typed records.
 ``FORMAT_VERSION`` and the member-name constants live in ``kbundle.bundle.format``.

@@ -7,11 +7,15 @@ data; writer.py and reader.py move bytes.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
 MANIFEST = "kbundle.json"
+# The sender's signature (bundle/signing.py): the one member the manifest does not list,
+# since it signs the manifest itself.
+SIGNATURE = "kbundle.sig"
 DOCKERFILE = "Dockerfile"
 ENVIRONMENT = "env/environment.yml"
 LOCK = "env/rattler.lock"
@@ -39,6 +43,15 @@ class Added:
 
 
 @dataclass(frozen=True)
+class Changed:
+    """An input line the bundle carries in another form (`libgfortran=5.0.0.dev0` -> `libgfortran`)."""
+
+    spec: str
+    to: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Variant:
     package: str
     spec: str
@@ -61,11 +74,18 @@ class Manifest:
     dependencies: list[str]
     pip: list[str]
     dropped: list[Dropped] = field(default_factory=list)
+    # The pip: section's indexes ({index_url, extra_index_urls, find_links}) and whether every
+    # pip line is an exact pin with its wheel's hash (pack resolved it with pip's resolver).
+    pip_indexes: dict[str, Any] = field(
+        default_factory=lambda: {"index_url": None, "extra_index_urls": [], "find_links": []}
+    )
+    pip_locked: bool = False
     cuda_env_libs: bool = False  # the env's lib/ holds CUDA libraries a pip framework must find
     require_cuda: str | None = None  # NVIDIA_REQUIRE_CUDA, when the env needs less than the base image has
     channel_urls: list[str] = field(default_factory=list)
     added: list[Added] = field(default_factory=list)
     variants: list[Variant] = field(default_factory=list)
+    changed: list[Changed] = field(default_factory=list)  # added in 0.2: older bundles read as []
     locked: bool = False
     lock: str | None = None
     # The image's virtual packages (`__glibc=2.35`, `__cuda=11.8`, ...): what the lock was
@@ -101,7 +121,13 @@ class Manifest:
             kwargs["virtual_packages"] = data["lock_virtual_packages"]  # its name in kbundle 0.1
         kwargs["channels"] = list(conda.get("channels") or [])
         kwargs["dependencies"] = list(conda.get("dependencies") or [])
-        for key, record in (("dropped", Dropped), ("added", Added), ("variants", Variant), ("files", FileEntry)):
+        for key, record in (
+            ("dropped", Dropped),
+            ("added", Added),
+            ("variants", Variant),
+            ("changed", Changed),
+            ("files", FileEntry),
+        ):
             kwargs[key] = [_record(record, d) for d in kwargs.get(key) or []]
         return cls(**kwargs)
 
@@ -117,12 +143,21 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def content_hash(members: dict[str, bytes]) -> str:
-    """One hash over the bundle's content members (all but the manifest and the Dockerfile).
+# Members outside the content hash: the manifest holds the hash, the signature signs it.
+_NOT_CONTENT = (MANIFEST, SIGNATURE)
 
-    The Dockerfile carries this hash as an image label, so it cannot be part of it.
+
+def content_hash(members: Mapping[str, bytes]) -> str:
+    """One hash over every member that changes what is built: all but the manifest and the signature."""
+    return content_hash_of({path: sha256_hex(data) for path, data in members.items()})
+
+
+def content_hash_of(digests: Mapping[str, str], *, legacy: bool = False) -> str:
+    """The content hash from each member's sha256 (hex), so a reader never holds the members.
+
+    `legacy` is the rule kbundle before 0.2 used: it also left out the Dockerfile, whose
+    template carried the hash as a LABEL. Readers accept it only for bundles that old.
     """
-    lines = "".join(
-        f"{sha256_hex(data)}  {path}\n" for path, data in sorted(members.items()) if path not in (MANIFEST, DOCKERFILE)
-    )
+    skipped = _NOT_CONTENT + ((DOCKERFILE,) if legacy else ())
+    lines = "".join(f"{digest}  {path}\n" for path, digest in sorted(digests.items()) if path not in skipped)
     return sha256_hex(lines.encode())

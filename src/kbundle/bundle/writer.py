@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from kbundle.atomic import atomic_writer
-from kbundle.bundle.format import MANIFEST, FileEntry, Manifest, sha256_hex
+from kbundle.bundle.format import MANIFEST, SIGNATURE, FileEntry, Manifest, content_hash, sha256_hex
+
+Signer = Callable[[bytes, str], bytes]  # (manifest bytes, content hash) -> the kbundle.sig member
 
 # zip cannot store dates before 1980; any fixed date makes the bytes reproducible.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -31,9 +34,11 @@ def seal(manifest: Manifest, members: dict[str, bytes]) -> Manifest:
     return replace(manifest, files=files)
 
 
-def zip_bytes_to(fileobj, manifest: Manifest, members: dict[str, bytes]) -> None:
+def zip_bytes_to(fileobj, manifest: Manifest, members: dict[str, bytes], signature: bytes | None = None) -> None:
+    """The zip: the manifest, the members by path, and last the signature when there is one."""
     with zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         ordered = [(MANIFEST, manifest_bytes(manifest))] + sorted(members.items())
+        ordered += [(SIGNATURE, signature)] if signature is not None else []
         for path, data in ordered:
             info = zipfile.ZipInfo(path, date_time=_EPOCH)
             info.compress_type = zipfile.ZIP_DEFLATED
@@ -42,11 +47,16 @@ def zip_bytes_to(fileobj, manifest: Manifest, members: dict[str, bytes]) -> None
             zf.writestr(info, data, compresslevel=9)
 
 
-def write_bundle(target: Path, manifest: Manifest, members: dict[str, bytes]) -> Manifest:
-    """Write `members` plus the sealed manifest to `target`; return the sealed manifest."""
-    if MANIFEST in members:
-        raise ValueError(f"{MANIFEST} is reserved for the manifest")
+def write_bundle(target: Path, manifest: Manifest, members: dict[str, bytes], sign: Signer | None = None) -> Manifest:
+    """Write `members` plus the sealed manifest to `target`; return the sealed manifest.
+
+    `sign(manifest_bytes, content_hash)` (bundle/signing.py `signer_for`) gives the signature
+    member; it runs before anything is written, so a failed signature leaves no bundle."""
+    for reserved in (MANIFEST, SIGNATURE):
+        if reserved in members:
+            raise ValueError(f"{reserved} is reserved for kbundle")
     sealed = seal(manifest, members)
+    signature = sign(manifest_bytes(sealed), sealed.content_hash or content_hash(members)) if sign is not None else None
     with atomic_writer(Path(target), fsync=True) as out:
-        zip_bytes_to(out, sealed, members)
+        zip_bytes_to(out, sealed, members, signature)
     return sealed

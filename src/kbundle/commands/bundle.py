@@ -1,4 +1,8 @@
-"""`kbundle inspect` and `kbundle verify`: read a bundle without building anything."""
+"""`kbundle inspect` and `kbundle verify`: read a bundle without building anything.
+
+Everything a bundle says comes from a stranger: every string from it is shown through
+`display.safe`, so a name, spec or reason cannot print fake lines or erase real ones.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +11,63 @@ from pathlib import Path
 
 import typer
 
+from kbundle.display import safe
+
 
 def inspect(
     bundle: Path = typer.Argument(..., help="The .kbundle file."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (the documented public contract)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object: the manifest plus `signature` (the documented public contract)."
+    ),
 ) -> None:
-    """Show what a bundle carries."""
+    """Show what a bundle carries, and who signed it."""
     from kbundle.bundle import open_bundle
+    from kbundle.bundle.signing import read_signature
 
     opened = open_bundle(bundle)
-    m = opened.manifest
+    signature = read_signature(opened)
     if as_json:
-        typer.echo(json.dumps(m.to_dict(), indent=2))
+        # json.dumps escapes control characters itself (ensure_ascii), so the JSON is safe as it is.
+        typer.echo(json.dumps({**opened.manifest.to_dict(), "signature": signature.to_dict()}, indent=2))
         return
+    typer.echo("\n".join(inspect_lines(bundle, opened.manifest, signature.describe())))
+
+
+def inspect_lines(path: Path, m, signature: str) -> list[str]:
+    """The text `inspect` prints; every bundle-supplied value passes through `safe`."""
     lines = [
-        f"{bundle} (format {m.format_version}, kbundle {m.kbundle_version or '?'})",
-        f"  name       {m.name}",
-        f"  notebook   {m.notebook}",
-        f"  python     {m.python or 'unpinned'}",
-        f"  cuda       {m.cuda or 'none'}" + (f", cuDNN {m.cudnn}" if m.cudnn else ""),
-        f"  base image {m.base_image}",
-        f"  channels   {', '.join(m.channels)}",
-        f"  locked     {'yes' if m.locked else 'no'}" + (f" ({m.lock_note})" if m.lock_note and not m.locked else ""),
+        f"{path} (format {m.format_version}, kbundle {safe(m.kbundle_version or '?', 64)})",
+        f"  name       {safe(m.name, 80)}",
+        f"  notebook   {safe(m.notebook)}",
+        f"  signature  {signature}",
+        f"  python     {safe(m.python or 'unpinned')}",
+        f"  cuda       {safe(m.cuda or 'none')}" + (f", cuDNN {safe(m.cudnn)}" if m.cudnn else ""),
+        f"  base image {safe(m.base_image)}",
+        f"  because    {safe(m.base_image_reason)}",
+        f"  channels   {', '.join(safe(c) for c in m.channels)}",
+        f"  locked     {'yes' if m.locked else 'no'}"
+        + (f" ({safe(m.lock_note)})" if m.lock_note and not m.locked else ""),
         "  conda:",
-        *[f"    {d}" for d in m.dependencies],
+        *[f"    {safe(d)}" for d in m.dependencies],
     ]
     if m.pip:
-        lines += ["  pip:", *[f"    {p}" for p in m.pip]]
+        lines += ["  pip:", *[f"    {safe(p)}" for p in m.pip]]
     if m.dropped:
-        lines += ["  dropped:", *[f"    {d.spec}  ({d.reason})" for d in m.dropped]]
-    lines += ["  files:", *[f"    {f.path}  {f.size} B  sha256:{f.sha256[:12]}" for f in m.files]]
-    typer.echo("\n".join(lines))
+        lines += ["  dropped:", *[f"    {safe(d.spec)}  ({safe(d.reason)})" for d in m.dropped]]
+    if m.added:
+        lines += ["  added:", *[f"    {safe(a.spec)}  ({safe(a.reason)})" for a in m.added]]
+    lines += ["  files:", *[f"    {safe(f.path)}  {f.size} B  sha256:{safe(f.sha256[:12])}" for f in m.files]]
+    return lines
 
 
 def verify(bundle: Path = typer.Argument(..., help="The .kbundle file.")) -> None:
-    """Check a bundle: format version, every member against its sha256 in the manifest."""
+    """Check a bundle: format, schema, every member against its sha256, the content hash and the signature."""
     from kbundle.bundle import open_bundle
+    from kbundle.bundle.signing import read_signature
 
     opened = open_bundle(bundle)
+    signature = read_signature(opened)
     typer.echo(
         f"ok: {bundle} ({len(opened.manifest.files)} members match the manifest, format {opened.manifest.format_version})"
     )
+    typer.echo(f"signature: {signature.describe()}")

@@ -55,9 +55,15 @@ def pack(
         None, "--python", help="Python version X.Y, for a requirements.txt environment."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the bundle's manifest as JSON instead of a summary."),
+    sign: Optional[Path] = typer.Option(
+        None, "--sign", help="Sign the bundle with this SSH private key (its .pub comment names you)."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Refuse to write the bundle if anything is dropped, unreadable or in CUDA conflict."
+    ),
 ) -> None:
     """Pack a notebook, its environment (cleaned for linux-64 and locked) and a Dockerfile into one file."""
-    from kbundle.flows.pack import MAIL_LIMIT, PackOptions
+    from kbundle.flows.pack import MAIL_LIMIT, PackOptions, StrictError
     from kbundle.flows.pack import pack as run_pack
 
     options = PackOptions(
@@ -72,19 +78,39 @@ def pack(
         channels=list(channel),
         add_channels=list(add_channel),
         python=python,
+        sign=sign,
+        strict=strict,
     )
-    result = run_pack(options, progress=_progress)
+    try:
+        result = run_pack(options, progress=_progress)
+    except StrictError as exc:
+        # --strict: every problem on its own line, then a non-zero exit; no bundle was written.
+        for problem in exc.problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(exc.exit_code) from None
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     if result.size > MAIL_LIMIT:
         typer.echo(
             f"warning: {result.path.name} is {_size(result.size)}; mail servers often refuse attachments over 20 MB",
             err=True,
         )
-    if as_json:
-        typer.echo(json.dumps(result.manifest.to_dict(), indent=2))
+    if as_json:  # the same object `kbundle inspect --json` prints: the manifest and its signature
+        typer.echo(json.dumps({**result.manifest.to_dict(), "signature": _signature(result.path).to_dict()}, indent=2))
         return
     _summary(result)
+    if sign is not None:
+        typer.echo(f"  signature  {_signature(result.path).describe()}")
+
+
+def _signature(path: Path):
+    """The written bundle's signature, as a recipient will see it (read back and verified)."""
+    from kbundle.bundle import open_bundle
+    from kbundle.bundle.signing import read_signature
+
+    return read_signature(open_bundle(path))
 
 
 def _progress(message: str):
@@ -110,11 +136,42 @@ def _summary(result) -> None:
         + (" (runtime inside the environment)" if m.cuda and m.cuda_runtime_in_env else ""),
         f"  base image {m.base_image}",
         f"  because    {m.base_image_reason}",
+        f"  channels   {', '.join(m.channels)}" + _channels_note(m),
         f"  packages   {len(m.dependencies)} conda, {len(m.pip)} pip",
         f"  locked     {'yes (linux-64)' if m.locked else 'no'}",
     ]
     for d in m.dropped:
         lines.append(f"  dropped    {d.spec}: {d.reason}")
+    for c in m.changed:
+        lines.append(f"  changed    {c.spec} -> {c.to}: {c.reason}")
     for v in m.variants:
         lines.append(f"  kept       {v.spec} ({v.intent})")
+    lines.append(lock_status(m))
     typer.echo("\n".join(lines))
+
+
+def _channels_note(m) -> str:
+    added = next((a for a in m.added if a.spec.startswith("channel ")), None)
+    return f" ({added.reason})" if added else ""
+
+
+def lock_status(m) -> str:
+    """The summary's last line: how much of the environment the recipient will still resolve."""
+    from kbundle.specs import parse_pip_line
+
+    loose = [p for p in m.pip if not (getattr(m, "pip_locked", False) or _exact(parse_pip_line, p))]
+    if not m.locked:
+        return "unlocked: the recipient will resolve the whole environment" + (
+            f" ({m.lock_note})" if m.lock_note else ""
+        )
+    if loose:
+        return f"partly locked: conda is locked; the recipient will resolve the pip lines {', '.join(loose)}"
+    return "fully locked: every conda package" + (" and pip pin" if m.pip else "") + " is fixed"
+
+
+def _exact(parse, line: str) -> bool:
+    try:
+        pin = parse(line)
+    except Exception:  # a line the reader refuses is, for this summary, not an exact pin
+        return False
+    return pin is not None and pin.exact

@@ -37,6 +37,18 @@ def run(
     ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="With --execute: where the executed copy goes."),
     lab: bool = typer.Option(False, "--lab", help="Open JupyterLab on the notebook with the kernel selected."),
+    use_bundled_dockerfile: bool = typer.Option(
+        False,
+        "--use-bundled-dockerfile",
+        help="Build the bundle's own Dockerfile instead of kbundle's rendering of its manifest (review the diff first).",
+    ),
+    require_signature: bool = typer.Option(False, "--require-signature", help="Refuse bundles that are not signed."),
+    network: str = typer.Option(
+        "bridge", "--network", help="The kernel's network: bridge (ports on 127.0.0.1 only) or host."
+    ),
+    max_extract: str = typer.Option(
+        "2G", "--max-extract", help="Refuse, before writing anything, a bundle that unpacks to more (e.g. 500M, 4G)."
+    ),
 ) -> None:
     """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it."""
     from kbundle.errors import UsageError
@@ -45,7 +57,18 @@ def run(
     if output is not None and not execute:
         raise UsageError("-o/--output goes with --execute")
     console = _stderr_console()
-    result = run_bundle(RunOptions(bundle, gpus, base_image, workdir, yes), console)
+    options = RunOptions(
+        bundle,
+        gpus,
+        base_image,
+        workdir,
+        yes,
+        use_bundled_dockerfile,
+        require_signature,
+        network,
+        parse_size(max_extract),
+    )
+    result = run_bundle(options, console)
     data = result.to_dict()
     if not as_json:
         for line in summary_lines(result):
@@ -76,6 +99,34 @@ def _execute(result, output: Optional[Path], as_json: bool):
     return report.to_dict(), report.exit_code
 
 
+def _kernel_networks() -> list[dict[str, str]]:
+    """Each registered kbundle kernel and the network its launcher gives it."""
+    from kbundle.kernel.spec import list_kernelspecs
+
+    try:
+        return [{"name": k.name, "network": k.network} for k in list_kernelspecs()]
+    except Exception:  # doctor reports what it can; a broken Jupyter setup is not its topic
+        return []
+
+
+def parse_size(text: str) -> int:
+    """`2G`, `500M`, `64K` or plain bytes (binary units, as `du -h` prints them)."""
+    from kbundle.errors import UsageError
+
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    if not value:
+        raise UsageError("--max-extract needs a size such as 500M or 4G")
+    number, unit = (value[:-1], value[-1]) if value[-1:] in units else (value, "")
+    try:
+        size = int(float(number) * units[unit])
+    except ValueError:
+        raise UsageError(f"--max-extract {text!r}: give a size such as 500M or 4G") from None
+    if size <= 0:
+        raise UsageError(f"--max-extract {text!r} must be more than nothing")
+    return size
+
+
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
     """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
     from kbundle.errors import KbundleError
@@ -88,8 +139,9 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
         report = preflight.evaluate(engine, preflight.probe_nvml(), None, preflight.GpuRequest.parse("auto"))
     else:
         report = preflight.run_preflight(client, None, preflight.GpuRequest.parse("auto"))
+    kernels = _kernel_networks()
     if as_json:
-        _print_json(report.to_dict())
+        _print_json(report.to_dict() | {"kernels": kernels})
         if report.errors:
             raise KbundleError(report.errors[0].message)
         return
@@ -100,5 +152,8 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
         arch = preflight.load_tables().arch(gpu.capability)
         native = f"CUDA {arch.first}..{arch.last or 'latest'}" if arch else "unknown"
         typer.echo(f"gpu {gpu.index}  {gpu.name}  sm_{gpu.capability.replace('.', '')}  native: {native}")
+    for kernel in kernels:
+        note = "  (shares this machine's network: --network host)" if kernel["network"] == "host" else ""
+        typer.echo(f"kernel {kernel['name']}  network {kernel['network']}{note}")
     if report.errors:
         raise KbundleError(report.errors[0].message)

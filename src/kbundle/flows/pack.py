@@ -24,7 +24,7 @@ from kbundle.bundle.format import (
     Manifest,
     content_hash,
 )
-from kbundle.errors import UsageError
+from kbundle.errors import KbundleError, UsageError
 from kbundle.names import slug
 from kbundle.pack.records import RawEnv
 
@@ -46,6 +46,16 @@ class PackOptions:
     channels: list[str] = field(default_factory=list)  # replace the environment's channels
     add_channels: list[str] = field(default_factory=list)  # go in front of them
     python: str | None = None
+    sign: Path | None = None  # an SSH private key: sign the bundle with it (bundle/signing.py)
+    strict: bool = False  # any drop, unreadable line or CUDA conflict is an error
+
+
+class StrictError(KbundleError):
+    """`--strict` found problems: the command prints each as its own `error:` line."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
 @dataclass
@@ -54,6 +64,7 @@ class PackResult:
     manifest: Manifest
     size: int
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,15 @@ def _check(options: PackOptions) -> None:
         raise UsageError(f"--base-image {options.base_image!r} is not an image reference")
 
 
+def _signer(options: PackOptions):
+    """`--sign KEY`: checked now, before the slow steps; it signs just before the bundle is written."""
+    if options.sign is None:
+        return None
+    from kbundle.bundle.signing import signer_for
+
+    return signer_for(options.sign)
+
+
 def _environment(options: PackOptions, notebook: Notebook):
     """Find, normalise, choose CUDA: the environment as the bundle will carry it."""
     from kbundle.pack import cuda
@@ -168,29 +188,77 @@ def _environment(options: PackOptions, notebook: Notebook):
     from kbundle.pack.normalise import normalise
 
     raw = find_environment(notebook.kernel_name, options.env_file, options.python)
-    env = normalise(raw)
-    if options.channels:
-        env.channels = list(dict.fromkeys(options.channels))
-    if options.add_channels:
-        env.channels = list(dict.fromkeys(options.add_channels + env.channels))
+    env = _with_channels(normalise(raw), options)
+    if options.lock != "never":
+        # The channels, when they answer, decide what exists for linux-64 (else data/normalise.yaml does).
+        available, down = _availability(raw, env)
+        if available is not None:
+            env = _with_channels(normalise(raw, available), options)
+        env.channels_down = down
     choice = cuda.choose(cuda.evidence(raw, env), options.cuda, options.base_image)
     cuda.apply_added(env, choice)
+    if options.strict:
+        _strict(env, choice)
     return raw, env, choice
+
+
+def _with_channels(env, options: PackOptions):
+    if options.channels:
+        env.channels = list(dict.fromkeys(options.channels))
+        # --channel replaced them: "conda's defaults, since none was named" no longer holds.
+        env.added = [a for a in env.added if not a.spec.startswith("channel ")]
+    if options.add_channels:
+        env.channels = list(dict.fromkeys(options.add_channels + env.channels))
+    return env
+
+
+def _availability(raw, env):
+    """What the environment's channels publish of its packages, and the channels that did not answer."""
+    import asyncio
+
+    from kbundle.pack import platforms
+    from kbundle.pack.lock import channel_urls, unreachable
+
+    urls = channel_urls(env.channels)
+    down = unreachable(urls)
+    if down:
+        return None, down
+    names = [spec.name for spec in raw.conda]
+    try:
+        found = asyncio.run(platforms.query(urls, names, platforms.query_platforms(env.source_platform)))
+    except Exception:  # asking is a courtesy: the lock reports channel trouble in its own words
+        return None, down
+    return found, down
+
+
+def _strict(env, choice) -> None:
+    """--strict: every drop, unreadable line and conflict is a problem; all of them, one line each."""
+    problems = [f"dropped `{d.spec}`: {d.reason}" for d in env.dropped]
+    problems += [f"unresolved pip line `{p.raw}`: kbundle cannot read it" for p in env.pip if p.requirement is None]
+    if choice.conflict:
+        problems.append(choice.conflict)
+    if problems:
+        raise StrictError(problems)
 
 
 def pack(options: PackOptions, progress=None) -> PackResult:
     """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
     from kbundle.bundle.writer import write_bundle
+    from kbundle.pack import piplock
     from kbundle.pack.dockerfile import render_for
     from kbundle.pack.lock import channel_urls, lock, target
-    from kbundle.pack.normalise import environment_yml
+    from kbundle.pack.normalise import environment_yml, pip_indexes
 
     _check(options)
+    signer = _signer(options)
     notebook = read_notebook(options.notebook)
     name = bundle_name(options)
     out = output_path(options, name)
     includes = include_members(options.notebook, options.includes)
     raw, env, choice = _environment(options, notebook)
+    indexes = pip_indexes(raw)
+    # pip's resolver runs beside rattler's solve when the Python version is already known.
+    pending = piplock.start(env.pip, indexes, env.python, choice.glibc, options.lock) if env.python else None
     slow = (
         progress("Locking the environment for linux-64 with rattler…")
         if progress and options.lock != "never"
@@ -198,12 +266,13 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     )
     with slow:
         result = lock(env, choice, options.lock)
-    python = result.python or env.python  # the solved version is the precise one
+        python = result.python or env.python  # the solved version is the precise one
+        pip_lock = pending.result() if pending else piplock.lock(env.pip, indexes, python, choice.glibc, options.lock)
 
     nb_member = WORK_DIR + options.notebook.name
     original_path, original_bytes = _original_member(raw, options)
     members: dict[str, bytes] = {nb_member: notebook.data, **includes, original_path: original_bytes}
-    members[ENVIRONMENT] = environment_yml(name, env).encode()
+    members[ENVIRONMENT] = environment_yml(name, env, indexes).encode()
     if result.locked and result.text:
         members[LOCK] = result.text.encode()
     manifest = Manifest(
@@ -219,11 +288,14 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         base_image_reason=choice.reason,
         channels=env.channels,
         dependencies=[d.text for d in env.dependencies],
-        pip=[p.text for p in env.pip],
+        pip=[p.text for p in pip_lock.pins],
+        pip_indexes=indexes.to_dict(),
+        pip_locked=bool(pip_lock.pins) and pip_lock.locked,
         dropped=env.dropped,
         channel_urls=channel_urls(env.channels),
         added=env.added,
         variants=env.variants,
+        changed=env.changed,
         locked=result.locked,
         lock=LOCK if result.locked else None,
         virtual_packages=target(choice),
@@ -231,12 +303,16 @@ def pack(options: PackOptions, progress=None) -> PackResult:
         original_environment=original_path,
         source={"kind": raw.source_kind, "env_name": raw.name, "platform": env.source_platform},
         includes=sorted(includes),
-        content_hash=content_hash(members),
         kbundle_version=__version__,
     )
     members[DOCKERFILE] = render_for(manifest).encode()  # rendered from the manifest alone, as run can redo it
-    sealed = write_bundle(out, manifest, members)
+    # The hash covers the Dockerfile too, so it is taken once every member exists.
+    manifest.content_hash = content_hash(members)
+    sealed = write_bundle(out, manifest, members, sign=signer)
     notes = [f"{a.spec}: added ({a.reason})" for a in env.added]
     if result.note and options.lock != "never":
         notes.append(result.note)
-    return PackResult(out, sealed, out.stat().st_size, notes)
+    if options.lock != "never":
+        notes += pip_lock.notes
+    warnings = [choice.conflict] if choice.conflict else []
+    return PackResult(out, sealed, out.stat().st_size, notes, warnings)

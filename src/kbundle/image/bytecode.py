@@ -1,23 +1,30 @@
-"""Byte-compile the installed environment on the host, through a shared .pyc cache.
+"""Byte-compile the installed environment in a throwaway container, through a shared .pyc cache.
 
 Why: the kernel runs as the invoking user over a root-owned env, so Python could never
 cache bytecode there, and every kernel start would recompile ipykernel and its friends
 (about a second). conda compiles noarch packages at install time; rattler does not.
 
-The env's own interpreter compiles (so the magic number is right), recording paths as the
-in-image prefix, with hash-based validation so the files stay valid whatever timestamps
-the image ends up with. A .pyc is then a pure function of (interpreter, path in the env,
-source bytes), so it is cached under that key and hard-linked into the next env that
-holds the same file: a second bundle sharing packages compiles almost nothing.
+Nothing from the bundle runs on the host: the env's own interpreter (so the magic number
+is right) runs in a container of the base image, with the env mounted read-only at its
+final prefix, no network, no capabilities, no new privileges, not as root, and one
+empty writable folder where `-X pycache_prefix` sends the .pyc files. It runs `-I -S`:
+no site module, so no `.pth` file and no sitecustomize is read. The host then copies
+back only regular files, for the sources it asked for.
+
+A .pyc is a pure function of (compiler, path in the env, source bytes), so it is cached
+under that key and hard-linked into the next env that holds the same file: a second
+bundle sharing packages compiles almost nothing. The compiler is the base image plus
+every package that can change what the interpreter runs with `-I -S` (anything outside
+site-packages, bin/ scripts and data): a bundle that ships a doctored stdlib or libc
+gets a cache of its own and cannot poison another bundle's bytecode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import platform
-import subprocess
-import sys
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +35,19 @@ from kbundle import contract
 
 # Above this share of files to compile, one parallel pass over the whole lib/ beats a file list.
 WHOLE_DIR_SHARE = 0.5
+OUT_IN_CONTAINER = "/kbundle-pyc"  # the one writable mount: where the .pyc files go
+NOBODY = "65534:65534"  # the compiler's user when kbundle itself runs as root
+# Package files that the interpreter never reads when it runs `-I -S -m compileall`.
+INERT_PREFIXES = (
+    "site-packages/",
+    "python-scripts/",
+    "share/",
+    "include/",
+    "man/",
+    "info/",
+    "conda-meta/",
+    "etc/conda/",
+)
 
 
 @dataclass(frozen=True)
@@ -78,49 +98,53 @@ def _store(pyc: Path, cached: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _run_compileall(python: Path, target: Path, only: Optional[list[Path]]) -> subprocess.CompletedProcess:
-    scrubbed = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    command = [
-        str(python),
-        "-m",
-        "compileall",
-        "-q",
-        "-j",
-        "0",
-        "--invalidation-mode",
-        "checked-hash",
-        "-s",
-        str(target),
-        "-p",
-        contract.PREFIX,
-    ]
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as listing:
-        if only is None:
-            command.append(str(target / "lib"))
-        else:
-            listing.write("".join(f"{p}\n" for p in only))
-            command += ["-i", listing.name]
-    try:
-        # A non-zero exit only means some file did not compile (test data, Python 2 leftovers), as with conda.
-        return subprocess.run(command, capture_output=True, text=True, env=scrubbed)
-    finally:
-        os.unlink(listing.name)
+def inert(path: str, site_packages: str) -> bool:
+    """Whether an installed file cannot change what `python -I -S -m compileall` runs."""
+    if path.startswith(site_packages + "/"):
+        return True
+    if path.startswith("bin/"):
+        name = path[4:]
+        return not name.startswith(("python", "pyvenv")) and "/" not in name
+    return path.startswith(INERT_PREFIXES)
 
 
-def compile_env(target: Path, cache: Path, interpreter_id: str) -> CompileStats:
-    """Link cached .pyc files into `target`, compile the rest with the env's python, cache them.
+def compiler_id(target: Path, interpreter_id: str, image_id: str) -> str:
+    """The compiler: base image, python package, and every package that reaches its startup."""
+    libs = sorted(p.name for p in (target / "lib").glob("python3.*") if p.is_dir())
+    site = f"lib/{libs[-1]}/site-packages" if libs else "site-packages"
+    parts = [interpreter_id, image_id]
+    for meta in sorted((target / "conda-meta").glob("*.json")):
+        try:
+            record = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            parts.append(meta.name + ":unreadable")
+            continue
+        if not all(inert(str(f), site) for f in record.get("files") or []):
+            parts.append(f"{record.get('sha256') or record.get('md5') or meta.name}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _user() -> str:
+    """The compiler's user: the invoking uid:gid, or nobody when that is root."""
+    uid, gid = os.getuid(), os.getgid()
+    return NOBODY if uid == 0 else f"{uid}:{gid}"
+
+
+def compile_env(target: Path, cache: Path, interpreter_id: str, *, client=None, image: str = "") -> CompileStats:
+    """Link cached .pyc files into `target`, compile the rest in a container of `image`, cache them.
 
     `interpreter_id` names the exact interpreter (e.g. the python package's sha256)."""
     t0 = time.perf_counter()
-    python = target / "bin" / "python"
-    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
-        return CompileStats(
-            skipped=f"this host ({sys.platform}/{platform.machine()}) cannot run the linux-64 interpreter"
-        )
     tag = _cache_tag(target)
-    if not python.exists() or tag is None:
+    if not (target / "bin" / "python").exists() or tag is None:
         return CompileStats(skipped="the environment has no CPython")
-    store = cache / interpreter_id[:24]
+    if client is None or not image:
+        return CompileStats(skipped="no container engine to compile in")
+    try:
+        image_id = client.images.get(image).id
+    except Exception as exc:
+        return CompileStats(skipped=f"base image {image} is not available: {exc}")
+    store = cache / compiler_id(target, interpreter_id, image_id)
     store.mkdir(parents=True, exist_ok=True)
     sources = [p for p in (target / "lib").rglob("*.py") if p.is_file() and not p.is_symlink()]
     keys: dict[Path, Path] = {}
@@ -132,14 +156,87 @@ def compile_env(target: Path, cache: Path, interpreter_id: str) -> CompileStats:
             linked += 1
         else:
             misses.append(source)
-    if misses:
-        whole = len(misses) > WHOLE_DIR_SHARE * max(len(sources), 1)
-        proc = _run_compileall(python, target, None if whole else misses)
-        compiled = [s for s in misses if _pyc_path(s, tag).exists()]
-        if not compiled and proc.returncode != 0:
-            reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-            return CompileStats(linked, 0, time.perf_counter() - t0, reason)
-        for source in compiled:
-            _store(_pyc_path(source, tag), keys[source])
-        return CompileStats(linked, len(compiled), time.perf_counter() - t0)
-    return CompileStats(linked, 0, time.perf_counter() - t0)
+    if not misses:
+        return CompileStats(linked, 0, time.perf_counter() - t0)
+    whole = len(misses) > WHOLE_DIR_SHARE * max(len(sources), 1)
+    with tempfile.TemporaryDirectory(prefix=".kbundle-pyc-", dir=target.parent) as out:
+        error = _compile_in_container(client, image, target, Path(out), None if whole else misses)
+        compiled = [s for s in misses if _take(Path(out), target, s, tag)]
+    if not compiled and error:
+        return CompileStats(linked, 0, time.perf_counter() - t0, error)
+    for source in compiled:
+        _store(_pyc_path(source, tag), keys[source])
+    return CompileStats(linked, len(compiled), time.perf_counter() - t0)
+
+
+def _in_image(target: Path, path: Path) -> str:
+    return f"{contract.PREFIX}/{path.relative_to(target).as_posix()}"
+
+
+def _take(out: Path, target: Path, source: Path, tag: str) -> bool:
+    """Copy the container's .pyc for `source` into the env: a regular file only, never a link."""
+    produced = out / _in_image(target, source).lstrip("/")
+    produced = produced.parent / f"{source.stem}.{tag}.pyc"
+    try:
+        fd = os.open(produced, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                return False
+            data = fh.read()
+    except OSError:
+        return False
+    dest = _pyc_path(source, tag)
+    dest.parent.mkdir(exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+    tmp.write_bytes(data)  # written by kbundle, owned by the invoker: not the container's file
+    os.replace(tmp, dest)
+    return True
+
+
+def _compile_in_container(client, image: str, target: Path, out: Path, only: Optional[list[Path]]) -> Optional[str]:
+    """Run compileall in a locked-down throwaway container; the error's last line, or None."""
+    import docker
+
+    user = _user()
+    args = ["-I", "-S", "-X", f"pycache_prefix={OUT_IN_CONTAINER}", "-m", "compileall", "-q", "-j", "0"]
+    args += ["--invalidation-mode", "checked-hash"]
+    if only is None:
+        args.append(f"{contract.PREFIX}/lib")
+    else:
+        (out / ".sources").write_text("".join(f"{_in_image(target, p)}\n" for p in only), encoding="utf-8")
+        args += ["-i", f"{OUT_IN_CONTAINER}/.sources"]
+    if user == NOBODY:
+        os.chown(out, 65534, 65534)
+    try:
+        client.containers.run(
+            image,
+            args,
+            entrypoint=[f"{contract.PREFIX}/bin/python"],
+            user=user,
+            environment={"LD_PRELOAD": "", "LD_LIBRARY_PATH": ""},  # whatever the base image's ENV says
+            volumes={
+                str(target): {"bind": contract.PREFIX, "mode": "ro"},
+                str(out): {"bind": OUT_IN_CONTAINER, "mode": "rw"},
+            },
+            network_disabled=True,
+            network_mode="none",
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            read_only=True,
+            tmpfs={"/tmp": "rw,nosuid,nodev,noexec"},
+            pids_limit=512,
+            labels={contract.LABEL_BYTECODE: "1"},
+            remove=True,
+            stdout=False,
+            stderr=True,
+        )
+        return None
+    except docker.errors.ContainerError as exc:
+        # A non-zero exit only means some file did not compile (test data, Python 2 leftovers), as with conda.
+        text = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
+        return (text.strip().splitlines() or [f"exit {exc.exit_status}"])[-1]
+    except docker.errors.DockerException as exc:
+        return str(getattr(exc, "explanation", None) or exc).splitlines()[0]

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,11 @@ from typing import Optional
 
 from kbundle import contract, net
 from kbundle.cache import cache_root
+from kbundle.display import safe
 from kbundle.errors import KbundleError, first_line
+from kbundle.image import provenance
+
+FETCH_WORKERS = 8  # parallel package downloads
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,10 @@ def resolve(spec: EnvSpec) -> ResolvedEnv:
     from kbundle import solve
 
     if spec.lock_text:
-        return ResolvedEnv(tuple(solve.records_from_lock(spec.lock_text)), locked=True)
+        check_lock_text(spec.lock_text)
+        records = tuple(solve.records_from_lock(spec.lock_text))
+        check_records(records, spec.channels)
+        return ResolvedEnv(records, locked=True)
     if not spec.channels:
         raise KbundleError("the bundle is not locked and names no channels to solve from")
     try:
@@ -91,7 +101,33 @@ def resolve(spec: EnvSpec) -> ResolvedEnv:
         raise KbundleError(
             f"cannot solve the bundle's environment for {contract.PLATFORM}: {first_line(exc)}"
         ) from None
+    check_records(records, spec.channels)
     return ResolvedEnv(tuple(records), locked=False)
+
+
+def check_lock_text(text: str) -> None:
+    """Refuse a lock that names a path or a non-http location, before rattler parses it."""
+    import yaml
+
+    from kbundle.bundle import BundleError
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise BundleError("the bundle's lock is not YAML") from None
+    problem = provenance.lock_problem(raw)
+    if problem:
+        raise BundleError(problem)
+
+
+def check_records(records, channels) -> None:
+    """Every package must come from one of the bundle's declared channels, under a plain file name."""
+    from kbundle.bundle import BundleError
+
+    for record in records:
+        problem = provenance.record_problem(str(record.url), str(record.file_name), channels)
+        if problem:
+            raise BundleError(problem)
 
 
 # ----------------------------------------------------------------- install
@@ -106,31 +142,167 @@ class InstallStats:
 def install(env: ResolvedEnv, target: Path, on_progress=None) -> InstallStats:
     """Install the records into `target`, with the image's prefix patched in as the final prefix.
 
-    Link scripts stay off: they would run someone else's code on the host."""
+    Every package's file list is checked before rattler links it (vet_packages), and the
+    installed prefix is checked for symlinks that leave it (check_prefix). Link scripts
+    stay off: they would run someone else's code on the host."""
     import rattler
 
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     reporter = _reporter(on_progress) if on_progress else None
+    origins = {_stem(r): (str(r.url), str(r.channel) if r.channel else None) for r in env.records}
+    with tempfile.TemporaryDirectory(prefix="kbundle-archives-", dir=package_cache_dir().parent) as staging:
+        records = vet_packages(env.records, Path(staging))
 
-    async def go():
-        await rattler.install(
-            list(env.records),
-            target_prefix=str(target),
-            alternative_target_prefix=contract.PREFIX,
-            cache_dir=package_cache_dir(),
-            platform=rattler.Subdir(contract.PLATFORM),
-            execute_link_scripts=False,
-            show_progress=False,
-            client=net.rattler_client(),
-            reporter=reporter,
+        async def go():
+            await rattler.install(
+                records,
+                target_prefix=str(target),
+                alternative_target_prefix=contract.PREFIX,
+                cache_dir=package_cache_dir(),
+                platform=rattler.Subdir(contract.PLATFORM),
+                execute_link_scripts=False,
+                show_progress=False,
+                client=net.rattler_client(),
+                reporter=reporter,
+            )
+
+        try:
+            asyncio.run(go())
+        except Exception as exc:
+            raise KbundleError(f"installing the environment failed: {first_line(exc)}") from None
+        finally:
+            for record in env.records:  # the records are the caller's: give them their URLs back
+                record.url = origins[_stem(record)][0]
+    _restore_urls(target, origins)
+    check_prefix(target)
+    return InstallStats(env.count, time.perf_counter() - t0)
+
+
+def check_prefix(target: Path) -> None:
+    """Refuse an installed prefix holding a symlink that resolves outside it (to a host file, say)."""
+    from kbundle.bundle import BundleError
+
+    for link in provenance.escaping_links(target):
+        raise BundleError(
+            f"the environment holds a symlink that leaves it: {safe(link)} -> {safe(os.readlink(target / link))}"
         )
 
+
+# ----------------------------------------------------------------- vetting packages
+
+
+def vet_packages(records, staging: Path) -> list:
+    """The records, each package's paths.json checked; fetched packages point at verified local copies.
+
+    A package already in rattler's cache under the same sha256 is read there. Any other is
+    downloaded here and checked against the lock's sha256, and rattler then installs that
+    very file (a file:// URL): what rattler links is what was checked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = []
+    for record in records:
+        cached = _cached_paths(record)
+        if cached is None:
+            todo.append(record)
+        else:
+            _check_paths(record, cached)
+    with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
+        fetched = dict(zip([id(r) for r in todo], pool.map(lambda r: _fetch_verified(r, staging), todo), strict=True))
+    vetted = []
+    for record in records:
+        archive = fetched.get(id(record))
+        if archive is not None:
+            _check_paths(record, _archive_paths(record, archive))
+            record = _relocated(record, archive)
+        vetted.append(record)
+    return vetted
+
+
+def _stem(record) -> str:
+    name = str(record.file_name)
+    for suffix in (".tar.bz2", ".conda"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _cached_paths(record) -> Optional[list[str]]:
+    """paths.json of rattler's cached copy, when its lock file records this record's sha256."""
+    if not record.sha256:
+        return None
+    cache = package_cache_dir()
     try:
-        asyncio.run(go())
+        stamp = (cache / f"{_stem(record)}.lock").read_bytes()
+        if stamp[8:40] != bytes(record.sha256):
+            return None
+        raw = json.loads((cache / _stem(record) / "info" / "paths.json").read_text(encoding="utf-8"))
+        return [str(p.get("_path", "")) for p in raw.get("paths", [])]
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _archive_paths(record, archive: Path) -> list[str]:
+    import rattler
+
+    try:
+        return [str(e.relative_path) for e in rattler.PathsJson.from_package_archive(archive).paths]
     except Exception as exc:
-        raise KbundleError(f"installing the environment failed: {first_line(exc)}") from None
-    return InstallStats(env.count, time.perf_counter() - t0)
+        raise KbundleError(f"cannot read the file list of {safe(record.file_name)}: {first_line(exc)}") from None
+
+
+def _check_paths(record, paths: list[str]) -> None:
+    from kbundle.bundle import BundleError
+
+    problem = provenance.paths_problem(str(record.file_name), paths)
+    if problem:
+        raise BundleError(problem)
+
+
+def _fetch_verified(record, staging: Path) -> Path:
+    """Download one package archive and check it against the lock's sha256 (or md5)."""
+    import urllib.request
+
+    url = str(record.url)
+    target = staging / str(record.file_name)
+    digest = hashlib.sha256() if record.sha256 else hashlib.md5()
+    expected = bytes(record.sha256 or record.md5 or b"")
+    if not expected:
+        raise KbundleError(f"package {safe(record.file_name)} has no checksum to verify it against")
+    try:
+        with urllib.request.urlopen(url, timeout=60, context=_ssl_context()) as response, open(target, "wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as exc:
+        raise KbundleError(f"cannot download {safe(url)}: {first_line(exc)}") from None
+    if digest.digest() != expected:
+        raise KbundleError(f"{safe(url)} does not match the checksum the bundle records")
+    return target
+
+
+def _ssl_context():
+    import ssl
+
+    return ssl.create_default_context(cafile=net.host_ca_bundle())
+
+
+def _relocated(record, archive: Path):
+    """The record, pointing at the verified local archive (its checksums stay as they are)."""
+    record.url = archive.as_uri()
+    return record
+
+
+def _restore_urls(target: Path, urls: dict) -> None:
+    """conda-meta names where each package came from, not the temporary local copy."""
+    for meta in (target / "conda-meta").glob("*.json"):
+        original = urls.get(meta.stem)
+        if original is None:
+            continue
+        data = json.loads(meta.read_text(encoding="utf-8"))
+        if str(data.get("url", "")).startswith("file:"):
+            data["url"], data["channel"] = original
+            meta.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def _reporter(on_progress):

@@ -1,13 +1,27 @@
-"""The bundle's `pip:` pins, fetched as wheels on the host for the image's platform and Python.
+"""The bundle's `pip:` section, fetched as wheels on the host for the image's platform and Python.
 
 The image build then installs them with `--no-index --no-deps`: nothing is downloaded
 inside the build, where proxies and intercepting CAs break things. The host's pip runs
-with the user's own pip configuration, proxy variables and CA settings. Wheels are cached
-per target (Python, platform) so that a second run does not even start pip.
+with the user's own pip configuration, proxy variables and CA settings, plus the bundle's
+indexes (`pip_indexes`, passed as PIP_* variables, never in argv). Two paths:
+
+* every line an exact pin (`name==version`, with or without its wheel's hash) or a hashed
+  wheel URL: each is fetched alone (`--no-deps`), through a cache per target (Python,
+  platform) so that a second run does not even start pip; recorded hashes are checked;
+* anything else (a range, a bare name, a VCS requirement, a URL): pip's resolver picks the
+  whole set for the image (`pip download`, wheels only). A VCS or sdist requirement is first
+  fetched on the host (git, or a plain download: no package code runs here) and built into a
+  wheel by the environment's own Python in a throwaway container of the base image: no
+  network, no capabilities, not root (`ContainerBuilder`).
+
+Either way the exact resolution, each wheel with its sha256, is what `pip/requirements.txt`
+lists, the build log shows and the kernelspec records.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from kbundle.errors import KbundleError
+from kbundle.specs import PipIndexes, manylinux_platforms
 
 if TYPE_CHECKING:
     from kbundle.specs import PipPin
@@ -30,22 +45,22 @@ _GLIBC_MINORS = range(17, 4, -1)
 
 @dataclass(frozen=True)
 class WheelSet:
-    pins: tuple[PipPin, ...]
+    pins: tuple[PipPin, ...]  # what pip/requirements.txt lists: exact pins with their wheel's hash
     files: tuple[Path, ...]  # in the order of `pins`
     downloaded: int  # how many came from the network this time
+    resolution: tuple[str, ...] = ()  # the exact resolution, one line per wheel (built ones name their source)
 
 
-def target_platforms() -> list[str]:
-    names = [f"manylinux_2_{m}_x86_64" for m in _GLIBC_MINORS]
-    return names + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+def target_platforms(glibc: str | None = None) -> list[str]:
+    return [p for p in manylinux_platforms(glibc) if p != "linux_x86_64"]
 
 
-def target_tags(python: str) -> set:
+def target_tags(python: str, glibc: str | None = None) -> set:
     from packaging import tags
 
     version = tuple(int(p) for p in python.split(".")[:2])
     interpreter = f"cp{version[0]}{version[1]}"
-    platforms = target_platforms()
+    platforms = target_platforms(glibc)
     found = set(tags.cpython_tags(version, platforms=platforms))
     found |= set(tags.compatible_tags(version, interpreter=interpreter, platforms=platforms))
     return found
@@ -59,9 +74,23 @@ def cache_dir(python: str) -> Path:
     return path
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _matches_hash(path: Path, hashes: Sequence[str]) -> bool:
+    wanted = {h.split(":", 1)[1].lower() for h in hashes if h.lower().startswith("sha256:")}
+    return not wanted or sha256_file(path) in wanted
+
+
 def find_cached(pin: PipPin, directory: Path, wanted_tags: set) -> Optional[Path]:
-    """The cached wheel of an exact pin for one of `wanted_tags`; None when there is none (or
-    the pin is not exact, so only pip can say which file it means)."""
+    """The cached wheel of an exact pin for one of `wanted_tags` (and of its recorded hash, when
+    it has one); None when there is none (or the pin is not exact, so only pip can say which
+    file it means)."""
     from packaging.utils import InvalidWheelFilename, parse_wheel_filename
     from packaging.version import InvalidVersion, Version
 
@@ -76,55 +105,61 @@ def find_cached(pin: PipPin, directory: Path, wanted_tags: set) -> Optional[Path
             wname, wversion, _build, wtags = parse_wheel_filename(path.name)
         except (InvalidWheelFilename, ValueError):
             continue
-        if wname == pin.name and wversion == version and wtags & wanted_tags:
+        if wname == pin.name and wversion == version and wtags & wanted_tags and _matches_hash(path, pin.hashes):
             return path
     return None
 
 
-def _pip_download(pins: Sequence[str], python: str, dest: Path) -> None:
+def _target_args(python: str, glibc: str | None) -> list[str]:
     version = python.split(".")
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--only-binary=:all:",
-        "--no-deps",
-        "--platform",
-        PLATFORM,
-        "--python-version",
-        python,
-        "--implementation",
-        "cp",
-        "--abi",
-        f"cp{version[0]}{version[1]}",
-        "--abi",
-        "abi3",
-        "--abi",
-        "none",
-        "--disable-pip-version-check",
-        "--progress-bar",
-        "off",
-        "-d",
-        str(dest),
-        *pins,
-    ]
-    # pip reads the host's proxy variables, pip.conf and CA settings from this environment.
-    result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    args = ["--only-binary=:all:", "--python-version", ".".join(version[:2]), "--implementation", "cp"]
+    for platform in target_platforms(glibc):
+        args += ["--platform", platform]
+    for abi in (f"cp{version[0]}{version[1]}", "abi3", "none"):
+        args += ["--abi", abi]
+    return args
+
+
+def _run_pip(args: list[str], lines: Sequence[str], indexes: PipIndexes, what: str) -> None:
+    """`pip ARGS -r FILE` with the host's pip settings and the bundle's indexes; one error line."""
+    from kbundle.net import pip_environment
+
+    with tempfile.TemporaryDirectory(prefix="kbundle-pipreq-") as tmp:
+        reqs = Path(tmp) / "requirements.txt"
+        # A file, not argv: a bundle's line can never become an option of this command.
+        reqs.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        command = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--no-input"]
+        command += ["--progress-bar", "off", "-r", str(reqs)]
+        env = indexes.environment(pip_environment())
+        result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
         errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")] or result.stderr.splitlines()[-1:]
         detail = errors[0].removeprefix("ERROR: ").strip() if errors else f"pip exited with {result.returncode}"
         if "No module named pip" in result.stderr:
             detail = "pip is not installed next to kbundle"
         raise KbundleError(
-            f"cannot fetch the pip: wheels for {PLATFORM} / CPython {python}: {detail} "
-            f"(kbundle installs pip packages from wheels only)"
+            f"cannot fetch the pip: wheels for {what}: {detail} (kbundle installs pip packages from wheels only)"
         )
 
 
+def _pip_download(
+    pins: Sequence[str], python: str, dest: Path, indexes: PipIndexes | None = None, glibc: str | None = None
+) -> None:
+    """Each line alone (`--no-deps`) as a wheel into `dest`."""
+    args = ["download", "--no-deps", *_target_args(python, glibc), "-d", str(dest)]
+    _run_pip(args, pins, indexes or PipIndexes(), f"{PLATFORM} / CPython {python}")
+
+
+def _refused(text: str) -> KbundleError:
+    return KbundleError(
+        f"pip: {text!r} is not a requirement kbundle can install (an option, a local path, or several lines)"
+    )
+
+
 def parse_pins(pins: Sequence[str]) -> list[PipPin]:
-    """The manifest's pins, read by pack's one pip parser; anything but `name==version` is refused,
-    since pins reach pip's command line and requirements.txt (never an option, a URL or a range)."""
+    """The manifest's pip lines, read by pack's one pip parser. Every requirement form pip
+    accepts is read; options (`--index-url`, `-r`: the bundle's indexes are `pip_indexes`),
+    local paths and multi-line texts are refused, since lines reach pip and requirements.txt."""
     from kbundle.specs import parse_pip_line
 
     parsed = []
@@ -133,33 +168,351 @@ def parse_pins(pins: Sequence[str]) -> list[PipPin]:
             pin = parse_pip_line(text)
         except KbundleError:
             pin = None
-        if pin is None or not pin.exact:
-            raise KbundleError(f"pip: {text!r} is not an exact pin (name==version); kbundle installs only those")
+        if pin is None or pin.local:
+            raise _refused(text)
         parsed.append(pin)
     return parsed
 
 
-def fetch(pins: Sequence[str], python: str) -> WheelSet:
-    """Each pin as a wheel file in the shared cache; pip runs only for pins not cached yet."""
+def _alone(pin: PipPin) -> bool:
+    """Fetched by itself: an exact pin, or a wheel URL whose hash the bundle records."""
+    return pin.exact or (pin.wheel_url and bool(pin.hashes))
+
+
+def fetch(
+    pins: Sequence[str],
+    python: str,
+    indexes: PipIndexes | None = None,
+    glibc: str | None = None,
+    builder: ContainerBuilder | None = None,
+) -> WheelSet:
+    """The bundle's pip: section as wheel files for the image, and its exact resolution."""
     if not pins:
         return WheelSet((), (), 0)
     parsed = parse_pins(pins)
+    indexes = indexes or PipIndexes()
+    if all(_alone(p) for p in parsed):
+        return _fetch_pins(parsed, python, indexes, glibc)
+    return _resolve_and_fetch(parsed, python, indexes, glibc, builder)
+
+
+def _fetch_pins(parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: str | None) -> WheelSet:
+    """Each pin as a wheel file in the shared cache; pip runs only for pins not cached yet."""
     directory = cache_dir(python)
-    wanted = target_tags(python)
+    wanted = target_tags(python, glibc)
     missing = [p for p in parsed if find_cached(p, directory, wanted) is None]
     if missing:
         # Download beside the cache, then move in: a broken download leaves nothing half-written.
+        # Hashed lines go together (pip checks every hash), unhashed ones apart.
         with tempfile.TemporaryDirectory(prefix=".download-", dir=directory) as tmp:
-            _pip_download([p.text for p in missing], python, Path(tmp))
+            for group in ([p for p in missing if p.hashes], [p for p in missing if not p.hashes]):
+                if group:
+                    _pip_download([p.text for p in group], python, Path(tmp), indexes, glibc)
             for path in Path(tmp).glob("*.whl"):
                 os.replace(path, directory / path.name)
     files = []
     for pin in parsed:
-        found = find_cached(pin, directory, wanted)
+        found = find_cached(pin, directory, wanted) if pin.exact else _url_wheel(pin, directory)
         if found is None:
             raise KbundleError(f"pip: no wheel of {pin.text!r} for {PLATFORM} / CPython {python} came back from pip")
         files.append(found)
-    return WheelSet(tuple(parsed), tuple(files), len(missing))
+    exact = [_exact_line(path) for path in files]
+    return WheelSet(tuple(p for p, _ in exact), tuple(files), len(missing), tuple(line for _, line in exact))
+
+
+def _url_wheel(pin: PipPin, directory: Path) -> Optional[Path]:
+    from kbundle.specs import url_filename
+
+    path = directory / url_filename(pin.url)
+    return path if path.is_file() and _matches_hash(path, pin.hashes) else None
+
+
+def _exact_line(path: Path, source: str | None = None) -> tuple[PipPin, str]:
+    """The exact pin of a wheel file, with its sha256; and its resolution line (naming a built wheel's source)."""
+    from packaging.utils import parse_wheel_filename
+
+    from kbundle.specs import parse_pip_line
+
+    name, version, _build, _tags = parse_wheel_filename(path.name)
+    pin = parse_pip_line(f"{name}=={version} --hash=sha256:{sha256_file(path)}")
+    return pin, pin.text + (f"  # built from {source}" if source else "")
+
+
+def _resolve_and_fetch(
+    parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: str | None, builder: ContainerBuilder | None
+) -> WheelSet:
+    """pip's resolver over the whole section, for the image; VCS and sdist lines built first."""
+    from packaging.utils import parse_wheel_filename
+
+    directory = cache_dir(python)
+    built: dict[str, tuple[Path, str]] = {}  # wheel file name -> (file, source)
+    lines = []
+    for pin in parsed:
+        if pin.vcs or (pin.url and not pin.wheel_url):
+            if builder is None:
+                raise KbundleError(f"pip: {pin.text} must be built into a wheel, and no container builder is set up")
+            wheel, source = builder.build(pin, python, indexes, glibc)
+            built[wheel.name] = (wheel, source)
+            lines.append(str(wheel))
+        else:
+            lines.append(pin.spec or pin.text)  # hashes are checked below: pip would want one for every line
+    with tempfile.TemporaryDirectory(prefix=".resolve-", dir=directory) as tmp:
+        _run_pip(["download", *_target_args(python, glibc), "-d", tmp], lines, indexes, f"CPython {python}")
+        files, resolution, kept = [], [], []
+        for path in sorted(Path(tmp).glob("*.whl")):
+            if path.name in built:
+                wheel, source = built[path.name]
+                files.append(wheel)
+                pin, line = _exact_line(wheel, source)
+            else:
+                dest = directory / path.name
+                os.replace(path, dest)
+                files.append(dest)
+                pin, line = _exact_line(dest)
+            kept.append(pin)
+            resolution.append(line)
+        for wheel, source in built.values():
+            if wheel not in files:  # pip may leave a local wheel where it is
+                files.append(wheel)
+                pin, line = _exact_line(wheel, source)
+                kept.append(pin)
+                resolution.append(line)
+    by_name = {parse_wheel_filename(f.name)[0]: f for f in files}
+    for pin in parsed:
+        if pin.hashes and pin.name in by_name and not _matches_hash(by_name[pin.name], pin.hashes):
+            raise KbundleError(f"pip: the wheel pip chose for {pin.name} does not match the bundle's hash")
+    return WheelSet(tuple(kept), tuple(files), len(files) - len(built), tuple(resolution))
+
+
+class ContainerBuilder:
+    """Build a VCS or sdist requirement into a wheel without running its code on this host.
+
+    The source is fetched here (git, or a plain HTTP download), then the environment's own
+    Python (`env_dir`, installed for the image's prefix) runs `pip wheel` in a throwaway
+    container of the base image: no network, every capability dropped, no new privileges, an
+    unprivileged user; the build requirements the project declares are fetched here first as
+    wheels for the image and offered to it as its only index."""
+
+    def __init__(self, client, base_image: str, env_dir: Path, timeout: float = 600):
+        self.client, self.base_image, self.env_dir, self.timeout = client, base_image, env_dir, timeout
+
+    def build(self, pin: PipPin, python: str, indexes: PipIndexes, glibc: str | None) -> tuple[Path, str]:
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=cache_root_dir("built")))
+        try:
+            src, source, subdir = _fetch_source(pin, work / "src")
+            deps = work / "deps"
+            deps.mkdir()
+            requires = _build_requires(src / subdir if subdir else src)
+            if requires:
+                args = ["download", *_target_args(python, glibc), "-d", str(deps)]
+                _run_pip(args, requires, indexes, f"building {pin.name}")
+            out = work / "out"
+            out.mkdir()
+            self._run(pin, work, subdir)
+            wheels = sorted(out.glob("*.whl"))
+            if len(wheels) != 1:
+                raise KbundleError(f"pip: building {pin.text} made {len(wheels)} wheels, not one")
+            final = cache_root_dir("built") / sha256_file(wheels[0])[:16]
+            final.mkdir(exist_ok=True)
+            wheel = final / wheels[0].name
+            os.replace(wheels[0], wheel)
+            return wheel, source
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
+        from kbundle import contract
+
+        uid = os.getuid() if hasattr(os, "getuid") and os.getuid() != 0 else 65534
+        for path in [work, *work.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(0o777 if path.is_dir() else 0o666)
+        command = [
+            f"{contract.PREFIX}/bin/python",
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-index",
+            "--find-links",
+            "/kbundle/deps",
+            "--wheel-dir",
+            "/kbundle/out",
+            "--disable-pip-version-check",
+            "--no-cache-dir",
+            "--progress-bar",
+            "off",
+            "/kbundle/src" + (f"/{subdir}" if subdir else ""),
+        ]
+        container = self.client.containers.create(
+            self.base_image,
+            command=command,
+            entrypoint=[],
+            user=f"{uid}:{uid}",
+            network_disabled=True,
+            cap_drop=["ALL"],
+            security_opt=["no-new-privileges"],
+            environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PIP_CONFIG_FILE": "/dev/null"},
+            volumes={
+                str(self.env_dir): {"bind": contract.PREFIX, "mode": "ro"},
+                str(work / "src"): {"bind": "/kbundle/src", "mode": "rw"},
+                str(work / "deps"): {"bind": "/kbundle/deps", "mode": "ro"},
+                str(work / "out"): {"bind": "/kbundle/out", "mode": "rw"},
+            },
+            labels={"org.kbundle.role": "wheel-build"},
+        )
+        try:
+            container.start()
+            status = container.wait(timeout=self.timeout)
+            logs = container.logs().decode(errors="replace")
+        finally:
+            container.remove(force=True)
+        if status.get("StatusCode") != 0:
+            tail = [ln for ln in logs.splitlines() if ln.strip()][-1:] or ["no output"]
+            raise KbundleError(f"pip: building {pin.text} into a wheel failed: {tail[0].strip()}")
+
+
+def cache_root_dir(name: str) -> Path:
+    from kbundle.image.env import cache_root
+
+    path = cache_root() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_GIT_PROTOCOLS = ("https", "http", "ssh", "git")
+
+
+def _fetch_source(pin: PipPin, dest: Path) -> tuple[Path, str, str]:
+    """The requirement's source tree in `dest`, what it was (`git+URL@commit`), its subdirectory."""
+    from urllib.parse import parse_qs, urlsplit
+
+    url, _, fragment = pin.url.partition("#")
+    subdir = (parse_qs(fragment).get("subdirectory") or [""])[0].strip("/")
+    if ".." in subdir.split("/"):
+        raise KbundleError(f"pip: {pin.text} names a subdirectory outside its source")
+    if pin.vcs:
+        vcs, _, rest = url.partition("+")
+        if vcs.lower() != "git":
+            raise KbundleError(f"pip: {pin.text}: kbundle builds git requirements only, not {vcs}")
+        parts = urlsplit(rest)
+        ref = None
+        if "@" in parts.path:
+            path, ref = parts.path.rsplit("@", 1)
+            parts = parts._replace(path=path)
+        if parts.scheme.lower() not in _GIT_PROTOCOLS or (ref or "").startswith("-"):
+            raise KbundleError(f"pip: {pin.text} is not a git URL kbundle fetches (https, http, ssh or git)")
+        commit = _git_checkout(parts.geturl(), ref, dest)
+        return dest, f"git+{parts.geturl()}@{commit}", subdir
+    return _download_sdist(pin, url, dest), url, subdir
+
+
+def _git_checkout(repo: str, ref: str | None, dest: Path) -> str:
+    """Clone and check out on the host: git runs no code of the repository's (no hooks travel)."""
+    import base64
+
+    from kbundle.net import pip_environment
+    from kbundle.specs import strip_credentials
+
+    bare, had = strip_credentials(repo)
+    env = dict(pip_environment(), GIT_TERMINAL_PROMPT="0", GIT_ALLOW_PROTOCOL=":".join(_GIT_PROTOCOLS))
+    if had:  # a token in the URL goes in git's environment, never in argv
+        from urllib.parse import unquote, urlsplit
+
+        parts = urlsplit(repo)
+        auth = base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()).decode()
+        count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
+        env.update(
+            {
+                "GIT_CONFIG_COUNT": str(count + 1),
+                f"GIT_CONFIG_KEY_{count}": "http.extraHeader",
+                f"GIT_CONFIG_VALUE_{count}": f"Authorization: Basic {auth}",
+            }
+        )
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            detail = (result.stderr.strip().splitlines() or [f"git exited with {result.returncode}"])[-1]
+            raise KbundleError(f"pip: cannot fetch {bare}: {detail}")
+        return result.stdout.strip()
+
+    if not shutil.which("git"):
+        raise KbundleError(f"pip: fetching {bare} needs git on this machine (install git)")
+    git("clone", "--quiet", "--no-checkout", "--", bare, str(dest))
+    git("-C", str(dest), "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", ref or "HEAD", "--")
+    commit = git("-C", str(dest), "rev-parse", "HEAD")
+    shutil.rmtree(dest / ".git", ignore_errors=True)
+    return commit
+
+
+def _download_sdist(pin: PipPin, url: str, dest: Path) -> Path:
+    """Download a source archive (checking its hash when the bundle has one) and unpack it safely."""
+    import tarfile
+    import urllib.request
+    import zipfile
+
+    from kbundle.specs import url_filename
+
+    dest.mkdir(parents=True)
+    archive = dest.parent / url_filename(url)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
+            shutil.copyfileobj(resp, fh)
+    except (OSError, ValueError) as exc:
+        raise KbundleError(f"pip: cannot download {url}: {exc}") from None
+    if not _matches_hash(archive, pin.hashes):
+        raise KbundleError(f"pip: {url} does not match the bundle's hash")
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                if member.startswith("/") or ".." in Path(member).parts:
+                    raise KbundleError(f"pip: {url} holds an unsafe path {member!r}")
+            zf.extractall(dest)
+    else:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
+    roots = [p for p in dest.iterdir()]
+    return roots[0] if len(roots) == 1 and roots[0].is_dir() else dest
+
+
+def _build_requires(src: Path) -> list[str]:
+    """What the project's build backend needs (pyproject.toml, read as data), as pip lines."""
+    default = ["setuptools>=40.8.0", "wheel"]
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        return default
+    try:
+        data = tomllib.loads((src / "pyproject.toml").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+    system = data.get("build-system") if isinstance(data, dict) else None
+    if not isinstance(system, dict) or "requires" not in system:
+        return default
+    requires = [str(r) for r in system.get("requires") or [] if not str(r).startswith("-")]
+    if any(r.lower().startswith("setuptools") for r in requires) and not any(r.startswith("wheel") for r in requires):
+        requires.append("wheel")  # older setuptools asks for it at build time
+    return requires
+
+
+def resolution_record(bundle_hash: str) -> Path:
+    """Where the last build of a bundle recorded its exact pip resolution (for warm runs)."""
+    return cache_root_dir("pip-resolved") / f"{bundle_hash[:32]}.json"
+
+
+def remember_resolution(bundle_hash: str, lines: Sequence[str]) -> None:
+    from kbundle.atomic import write_atomic
+
+    write_atomic(resolution_record(bundle_hash), json.dumps(list(lines)))
+
+
+def recorded_resolution(bundle_hash: str) -> list[str] | None:
+    try:
+        data = json.loads(resolution_record(bundle_hash).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return [str(x) for x in data] if isinstance(data, list) else None
 
 
 def write_context(wheels: WheelSet, context: Path) -> None:
@@ -174,4 +527,11 @@ def write_context(wheels: WheelSet, context: Path) -> None:
             os.link(path, dest)  # same filesystem: no copy
         except OSError:
             shutil.copy2(path, dest)
-    (context / "pip" / "requirements.txt").write_text("".join(f"{p.text}\n" for p in wheels.pins), encoding="utf-8")
+    lines = wheels.resolution or tuple(p.text for p in wheels.pins)
+    (context / "pip" / "requirements.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+def glibc_of(virtual_packages) -> str | None:
+    """`2.36` from the image's virtual packages (`__glibc=2.36`), or None."""
+    found = next((v for v in virtual_packages or () if str(v).startswith("__glibc=")), None)
+    return found.split("=", 1)[1].split("=")[0] if found else None

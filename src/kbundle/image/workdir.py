@@ -4,6 +4,8 @@ The notebook there names the bundle's kernel in `metadata.kernelspec`, so openin
 selects the kernel. A file the user changed is never overwritten: kbundle remembers the
 hash of every file it wrote (`.kbundle/state.json`); a file whose hash differs from that
 is the user's, and the fresh copy goes beside it as `<stem>.kbundle-new<suffix>`.
+Every path is opened relative to the workdir without following links (bundle/safefs.py):
+a link planted in the workdir is refused, never written through.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from kbundle.atomic import write_atomic
+from kbundle.bundle import safefs
 from kbundle.bundle.format import WORK_DIR
+from kbundle.errors import KbundleError
 
 STATE_DIR = ".kbundle"
 STATE_FILE = "state.json"
@@ -42,75 +45,94 @@ def _sha(data: bytes) -> str:
 
 def with_kernelspec(notebook: bytes, kernel_name: str, display_name: str) -> bytes:
     """The notebook with `metadata.kernelspec` naming the kernel; everything else untouched."""
-    data = json.loads(notebook.decode("utf-8"))
+    data = json.loads(notebook.decode("utf-8-sig"))  # pack accepts notebooks saved with a BOM
     meta = data.setdefault("metadata", {})
     meta["kernelspec"] = {"name": kernel_name, "display_name": display_name, "language": "python"}
     return (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def _load_state(workdir: Path) -> dict[str, str]:
+_STATE = f"{STATE_DIR}/{STATE_FILE}"
+_STATE_LIMIT = 64 * 1024 * 1024
+
+
+def _load_state(root: int) -> dict[str, str]:
     try:
-        return dict(json.loads((workdir / STATE_DIR / STATE_FILE).read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+        with safefs.parent_of(root, _STATE, create=False) as folder:
+            raw = safefs.read_file(folder, STATE_FILE, _STATE_LIMIT)
+        return dict(json.loads(raw)["files"]) if raw else {}
+    except (OSError, ValueError, KeyError, TypeError, KbundleError):
         return {}
 
 
-def _fresh_name(path: Path, state: dict[str, str], workdir: Path) -> Path:
+def _fresh_name(folder: int, rel: str, state: dict[str, str]) -> str:
+    """`<stem>.kbundle-new<suffix>` beside `rel` (relative to the workdir): free, or ours from before."""
+    head, _, name = rel.rpartition("/")
+    stem, suffix = Path(name).stem, Path(name).suffix
     for n in range(1000):
-        suffix = ".kbundle-new" if n == 0 else f".kbundle-new{n}"
-        candidate = path.with_name(path.stem + suffix + path.suffix)
-        rel = candidate.relative_to(workdir).as_posix()
-        if not candidate.exists() or rel in state:  # ours from an earlier run: may be refreshed
-            return candidate
-    raise OSError(f"no free name beside {path}")
+        candidate = stem + (".kbundle-new" if n == 0 else f".kbundle-new{n}") + suffix
+        candidate_rel = f"{head}/{candidate}" if head else candidate
+        if safefs.kind(folder, candidate) == "absent" or candidate_rel in state:  # ours: may be refreshed
+            return candidate_rel
+    raise OSError(f"no free name beside {rel}")
 
 
 def place(bundle, workdir: Path, kernel_name: str, display_name: str) -> Placement:
     """Write the verified bundle's `work/` members into `workdir`, keeping any file the user changed.
 
-    The notebook's copy names the kernel, so that opening it selects the kernel."""
+    The notebook's copy names the kernel, so that opening it selects the kernel. Nothing is
+    written through a symbolic link already in `workdir` (it is refused), and the members'
+    sizes must fit the bundle's extraction limit before anything is written."""
+    members = bundle.members_under(WORK_DIR)
+    _check_limit(bundle, members)
     workdir.mkdir(parents=True, exist_ok=True)
     workdir = workdir.resolve()
-    state = _load_state(workdir)
     placement = Placement(workdir, workdir / bundle.notebook[len(WORK_DIR) :])
-    (workdir / STATE_DIR).mkdir(exist_ok=True)
-    for member in bundle.members_under(WORK_DIR):
-        data = bundle.read(member)
-        if member == bundle.notebook:
-            data = with_kernelspec(data, kernel_name, display_name)
-        _place_one(workdir, member[len(WORK_DIR) :], data, state, placement)
-    write_atomic(
-        workdir / STATE_DIR / STATE_FILE, (json.dumps({"files": state}, indent=1, sort_keys=True) + "\n").encode()
-    )
+    with safefs.root(workdir) as root, bundle.reading() as source:
+        state = _load_state(root)
+        for member in members:
+            _place_one(root, bundle, source, member, (kernel_name, display_name), state, placement)
+        state_json = json.dumps({"files": state}, indent=1, sort_keys=True) + "\n"
+        safefs.write_bytes(root, _STATE, state_json.encode())
     return placement
 
 
-def _place_one(workdir: Path, rel: str, data: bytes, state: dict[str, str], placement: Placement) -> None:
-    dest = workdir / rel
-    fresh = _sha(data)
-    if dest.is_symlink() or (dest.exists() and not dest.is_file()):
-        current = None  # something the user put there; never replace it
-    else:
-        current = _sha(dest.read_bytes()) if dest.exists() else ""
-    if current == fresh:
-        state[rel] = fresh
-        return
-    if current == "" or (current is not None and state.get(rel) == current):
-        write_atomic(dest, data)  # new, or still exactly what kbundle wrote last time
-        state[rel] = fresh
-        placement.written.append(dest)
-        return
-    other = _fresh_name(dest, state, workdir)
-    write_atomic(other, data)
-    state[other.relative_to(workdir).as_posix()] = fresh
-    placement.kept.append(KeptFile(dest, other))
+def _check_limit(bundle, members: list[str]) -> None:
+    from kbundle.bundle.reader import BundleError
+
+    total = sum(bundle.members[m].size for m in members)
+    if total > bundle.max_extract:
+        raise BundleError(f"the bundle's work files are {total} bytes, more than the {bundle.max_extract} limit")
+
+
+def _place_one(root: int, bundle, source, member: str, kernel: tuple[str, str], state, placement) -> None:
+    rel = member[len(WORK_DIR) :]
+    if member == bundle.notebook:
+        data = with_kernelspec(bundle.read(member), *kernel)
+        fresh, fill = _sha(data), lambda out: out.write(data)
+    else:  # streamed from the zip (it may be large), checked against its sha256 before it appears
+        fresh, fill = bundle.members[member].sha256, lambda out: source.copy(member, out)
+    with safefs.parent_of(root, rel) as folder:
+        name = rel.rpartition("/")[2]
+        current = safefs.file_sha256(folder, name)  # None: a link or a folder the user put there
+        if current == fresh:
+            state[rel] = fresh
+            return
+        if current == "" or (current is not None and state.get(rel) == current):
+            safefs.write_file(folder, name, fill, replace=True)  # new, or still exactly what kbundle wrote
+            state[rel] = fresh
+            placement.written.append(placement.workdir / rel)
+            return
+        other = _fresh_name(folder, rel, state)
+        safefs.write_file(folder, other.rpartition("/")[2], fill, replace=True)
+    state[other] = fresh
+    placement.kept.append(KeptFile(placement.workdir / rel, placement.workdir / other))
 
 
 def review_dockerfile(workdir: Path, text: str) -> Path:
     """Where the user can read the Dockerfile before agreeing to build it."""
-    path = workdir / STATE_DIR / "Dockerfile"
-    write_atomic(path, text.encode("utf-8"))
-    return path
+    with safefs.root(workdir) as root:
+        safefs.write_bytes(root, f"{STATE_DIR}/Dockerfile", text.encode("utf-8"))
+    return workdir / STATE_DIR / "Dockerfile"
 
 
 def safe_dirname(name: str) -> str:

@@ -8,7 +8,9 @@ One foreground process per kernel, talking to the Docker engine through the SDK 
 
 - The container is named from the connection file (a restart replaces it), runs with an
   init process and auto-removes. It runs as the invoking uid:gid (plus supplementary
-  groups). The notebook's directory (the cwd Jupyter gives the kernel) and the kernelspec's
+  groups), never as root: a root invoker gets the owner of the notebook's folder, or the
+  image's unprivileged user when that is root too. No capabilities, no new privileges
+  (setuid binaries do not raise it), so a notebook cannot sniff traffic or become root. The notebook's directory (the cwd Jupyter gives the kernel) and the kernelspec's
   workdir are mounted at the same paths, and the notebook's directory is the working one.
   Its command is `python -c SHIM`; the image's ENTRYPOINT activates the environment.
 - The connection info, with its HMAC key, goes through the container's stdin: never in
@@ -16,9 +18,12 @@ One foreground process per kernel, talking to the Docker engine through the SDK 
   a 0600 file inside the container and runs ipykernel in the same process. When stdin
   reaches EOF (this launcher is gone, even by SIGKILL) the shim ends the kernel, and
   auto-remove deletes the container.
-- Network: the host's network on Linux with the kernel bound to 127.0.0.1; otherwise
-  (Docker Desktop, rootless engines, or `KBUNDLE_KERNEL_NETWORK=bridge`) a bridge with the
-  five ports published on 127.0.0.1 only.
+- Network: by default a bridge, the kernel bound to 0.0.0.0 inside the container's own
+  namespace, its five ports reachable from the host on 127.0.0.1 only (held by this
+  launcher and forwarded, kernel/forward.py, on a local Linux engine; published by the
+  engine elsewhere): the kernel cannot reach the host's loopback services or see its traffic. `--network host` (recorded in the
+  kernelspec by `kbundle run --network host`, or `KBUNDLE_KERNEL_NETWORK=host`) shares the
+  host's network, the kernel bound to 127.0.0.1.
 - Signals: SIGINT is sent to the kernel process (through tini), so running code gets
   KeyboardInterrupt. SIGTERM/SIGHUP stop the container: SIGTERM, then SIGKILL after
   STOP_GRACE_S, well before jupyter_client's own SIGKILL (2.5 s after its SIGTERM by
@@ -48,6 +53,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -101,11 +107,14 @@ class LaunchPlan:
     working_dir: str
     pycache: str  # host directory for bytecode, "" for none
     network: str
-    ports: list[int]
+    ports: list[int]  # published by the engine on 127.0.0.1 (engines whose bridge the host cannot reach)
     environment: dict[str, str]
     labels: dict[str, str]
     gpus: str
     command: list[str] = field(default_factory=lambda: ["python", "-c", SHIM])
+    cap_drop: list[str] = field(default_factory=lambda: ["ALL"])
+    security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges"])
+    forward: list[int] = field(default_factory=list)  # held on 127.0.0.1 by the launcher (kernel/forward.py)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -125,20 +134,46 @@ def container_name(connection_file: str) -> str:
 
 
 def choose_network(requested: str, environ: dict[str, str], platform: str) -> str:
-    """`host` where the engine shares this machine's network namespace, else `bridge`."""
-    forced = environ.get("KBUNDLE_KERNEL_NETWORK", "")
+    """`bridge` unless host networking was asked for (the kernelspec's --network, or the variable).
+
+    `platform` stays in the signature: where an engine runs in a VM (Docker Desktop) a
+    requested `host` is that VM's network, which the user asked for knowingly."""
     if requested in ("host", "bridge"):
         return requested
-    if forced in ("host", "bridge"):
-        return forced
+    forced = environ.get("KBUNDLE_KERNEL_NETWORK", "")
+    return forced if forced in ("host", "bridge") else "bridge"
+
+
+def engine_is_local(environ: dict[str, str], platform: str) -> bool:
+    """Whether containers share this machine's kernel, so their bridge addresses are reachable."""
     if platform != "linux":
-        return "bridge"  # Docker Desktop runs containers in a VM
-    docker_host = environ.get("DOCKER_HOST", "")
-    if docker_host and not docker_host.startswith("unix://"):
-        return "bridge"  # a remote or VM engine
-    if "/.docker/desktop/" in docker_host or "/run/user/" in docker_host:
-        return "bridge"  # Docker Desktop for Linux, rootless dockerd: their host network is not ours
-    return "host"
+        return False  # Docker Desktop runs containers in a VM
+    host = environ.get("DOCKER_HOST", "")
+    if host and not host.startswith("unix://"):
+        return False  # a remote or VM engine
+    # Docker Desktop for Linux is a VM; rootless engines (/run/user/…) keep their bridge in a
+    # namespace of their own: the host reaches neither's container addresses.
+    return "/.docker/desktop/" not in host and "/run/user/" not in host
+
+
+def kernel_user(uid: int, gid: int, groups: list[int], owner: tuple[int, int]) -> tuple[str, list[str]]:
+    """(user, supplementary groups) for the container: never root.
+
+    A root invoker (sudo, a root Jupyter in a container) gets the notebook folder's owner,
+    or the image's unprivileged user when root owns that too; root's groups never follow."""
+    if uid != 0:
+        return f"{uid}:{gid}", [str(g) for g in sorted(set(groups)) if g != gid and g != 0]
+    if owner[0] != 0:
+        return f"{owner[0]}:{owner[1]}", []
+    return contract.USER, []
+
+
+def folder_owner(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0)
+    return (st.st_uid, st.st_gid)
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -195,10 +230,25 @@ def prepare_pycache(plan: LaunchPlan) -> LaunchPlan:
         if not os.path.exists(marker):  # tells `kbundle gc` which image the cache belongs to
             with open(marker, "w", encoding="utf-8") as fh:
                 fh.write(plan.image + "\n")
+        _hand_over(plan.pycache, plan.user)
         return plan
     except OSError:
         env = {k: v for k, v in plan.environment.items() if k != "KBUNDLE_PYCACHE"}
         return replace(plan, pycache="", environment=env)
+
+
+def _hand_over(path: str, user: str) -> None:
+    """A root launcher runs the kernel as someone else: let that user write the bytecode cache.
+
+    A uid:gid gets the folder; the image's named user (its uid is only known inside the
+    image) gets a folder open to all, whose parent stays the invoker's private cache."""
+    if os.getuid() != 0:
+        return
+    uid, _, gid = user.partition(":")
+    if uid.isdigit() and gid.isdigit():
+        os.chown(path, int(uid), int(gid))
+    else:
+        os.chmod(path, 0o1777)
 
 
 def _hidden_by(mount: str) -> str:
@@ -221,8 +271,10 @@ def plan_launch(
     pid: int,
     environ: dict[str, str],
     platform: str,
+    owner: Callable[[str], tuple[int, int]] = folder_owner,
 ) -> LaunchPlan:
-    """Decide the container's settings (pure, apart from checking that the workdir exists)."""
+    """Decide the container's settings (pure, apart from checking that the workdir exists and,
+    for a root invoker, who owns the notebook's folder)."""
     if info.get("transport", "tcp") != "tcp":
         raise LaunchError(f"transport {info.get('transport')!r} is not supported; kbundle kernels use tcp")
     ip = str(info.get("ip", "127.0.0.1"))
@@ -238,16 +290,21 @@ def plan_launch(
         env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
     labels = container_labels(args.kernel_name, pid)
     ports = [int(info[k]) for k in PORT_KEYS] if network == "bridge" else []
+    # A local engine on Linux: the host reaches the container's bridge address, so the launcher
+    # forwards the ports itself (kernel/forward.py says why); elsewhere the engine publishes them.
+    forward, ports = (ports, []) if ports and engine_is_local(environ, platform) else ([], ports)
+    user, group_add = kernel_user(uid, gid, groups, owner(working_dir) if uid == 0 else (uid, gid))
     return LaunchPlan(
         name=container_name(args.connection_file),
         image=args.image,
-        user=f"{uid}:{gid}",
-        group_add=[str(g) for g in sorted(set(groups)) if g != gid],
+        user=user,
+        group_add=group_add,
         mounts=mounts,
         pycache=pycache,
         working_dir=working_dir,
         network=network,
         ports=ports,
+        forward=forward,
         environment=env,
         labels=labels,
         gpus=args.gpus or "none",
@@ -314,6 +371,7 @@ class Launcher:
         self.done = threading.Event()
         self.main_ident = threading.get_ident()
         self.api: Any = None
+        self.forwarder: Any = None
 
     def run(self) -> int:
         import docker
@@ -327,6 +385,7 @@ class Launcher:
                 _raw(sock).settimeout(None)
                 self.api.start(self.cid)
                 waiter = self._register_wait()
+                self._forward()
             except BaseException:
                 self._discard()
                 raise
@@ -357,6 +416,8 @@ class Launcher:
             port_bindings={p: ("127.0.0.1", p) for p in plan.ports} or None,
             device_requests=device_requests(plan.gpus) or None,
             group_add=plan.group_add or None,
+            cap_drop=plan.cap_drop,
+            security_opt=plan.security_opt,
         )
         kwargs = dict(
             image=plan.image,
@@ -390,6 +451,21 @@ class Launcher:
                 if exc.status_code != 409:  # 409: removal already in progress
                     raise
                 time.sleep(0.05)
+
+    def _forward(self) -> None:
+        """Hold the kernel's ports on 127.0.0.1 and join them to the container (kernel/forward.py)."""
+        if not self.plan.forward:
+            return
+        from kbundle.kernel.forward import Forwarder, ForwardError
+
+        address = self.api.inspect_container(self.cid)["NetworkSettings"].get("IPAddress") or ""
+        if not address:
+            raise LaunchError("the kernel's container got no bridge address")
+        self.forwarder = Forwarder(self.plan.forward, address, alive=lambda: not self.done.is_set())
+        try:
+            self.forwarder.start()
+        except ForwardError as exc:
+            raise LaunchError(str(exc)) from None
 
     def _discard(self) -> None:
         """Remove a container that never got going (auto-remove covers only containers that ran)."""

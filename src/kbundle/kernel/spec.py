@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kbundle.atomic import write_atomic
+from kbundle.display import safe
 from kbundle.errors import KbundleError, UsageError
 
 LAUNCHER_SCRIPT = "kbundle-kernel"
 DISPLAY_SUFFIX = " (kbundle)"
+NETWORKS = ("bridge", "host")
 # jupyter_client accepts [a-z0-9._-] case-insensitively but looks names up in lower case;
 # we accept lower case only so that the name in a notebook's metadata always matches.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -47,6 +49,7 @@ class KernelRecord:
     bundle_hash: str
     gpus: list[str] = field(default_factory=list)
     workdir: str = ""
+    network: str = "bridge"
     argv: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -101,6 +104,7 @@ class KernelRequest:
     gpus: list[str]  # [] for CPU, ["all"], or device ids/UUIDs such as ["0", "1"]
     bundle_hash: str
     extra_metadata: dict[str, Any] = field(default_factory=dict)  # more for metadata.kbundle
+    network: str = "bridge"  # bridge: ports published on 127.0.0.1; host: opted in with `run --network host`
 
 
 def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[str, Any]:
@@ -121,11 +125,15 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
         workdir,
         "--gpus",
         gpus_argument(gpus),
-        "-f",
-        "{connection_file}",
     ]
+    if request.network not in NETWORKS:
+        raise UsageError(f"invalid kernel network {request.network!r}: use bridge or host")
+    if request.network == "host":
+        argv += ["--network", "host"]
+    argv += ["-f", "{connection_file}"]
     kb: dict[str, Any] = dict(request.extra_metadata)
-    kb.update(image=image, bundle_hash=request.bundle_hash, gpus=list(gpus), workdir=workdir)
+    kb.update(image=image, bundle_hash=request.bundle_hash, gpus=list(gpus), workdir=workdir, network=request.network)
+    display_name = safe(display_name)  # a bundle's name: Jupyter and VS Code show it as is
     shown = display_name if display_name.endswith(DISPLAY_SUFFIX) else display_name + DISPLAY_SUFFIX
     return {
         "argv": argv,
@@ -238,9 +246,15 @@ def _record(name: str, path: Path, data: dict[str, Any]) -> KernelRecord:
         bundle_hash=str(kb.get("bundle_hash", "")),
         gpus=[str(g) for g in kb.get("gpus") or []],
         workdir=str(kb.get("workdir", "")),
+        network="host" if "host" in _network_args(data.get("argv") or []) else "bridge",
         argv=list(data.get("argv") or []),
         metadata=dict(kb),
     )
+
+
+def _network_args(argv: list) -> list[str]:
+    """The launcher's --network value(s) in a spec's argv: what the kernel really gets."""
+    return [str(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a == "--network"]
 
 
 def _is_kbundle(data: Any) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from kbundle.bundle.format import Added
+from kbundle.bundle.format import Added, Changed, Dropped
 from kbundle.errors import UsageError
 from kbundle.facts import LiveTag, Version, base_tags, frameworks, glibc_for
 from kbundle.pack.normalise import variant_of
@@ -28,24 +28,74 @@ class Evidence:
     cudnn: Version | None = None
     carries: bool = False  # the package brings the CUDA runtime itself
     runtime: bool = False  # the package *is* a runtime (cudatoolkit, nvidia-cuda-runtime-cu12, cudnn)
+    # A conda framework: its conda dependencies pick the runtime, so it runs with whatever CUDA
+    # runtime the environment pins (tensorflow-gpu=2.4.1 with cudatoolkit=10.1 is a real pair).
+    follows_env: bool = False
+    name: str = ""  # the package name, for replacing a runtime pin
+    spec: str = ""  # the line as the sender wrote it
 
 
-def _tf(name: str, version: str | None, build: str | None, source: str) -> Evidence | None:
+@dataclass(frozen=True)
+class Wanted:
+    """A package as evidence reads it: its version (exact, or the highest table key a range allows)."""
+
+    name: str
+    version: str | None
+    build: str | None
+    source: str
+    constraint: str | None = None
+    extras: frozenset[str] = frozenset()
+    spec: str = ""
+
+    def pick(self, candidates) -> Version | None:
+        """The version to read tables at: the exact one, else the highest candidate the range allows."""
+        if self.version:
+            return Version.lenient(self.version)
+        return _highest_in(self.constraint, candidates)
+
+
+def _highest_in(constraint: str | None, candidates) -> Version | None:
+    if not constraint:
+        return None
+    from rattler import Version as RVersion
+    from rattler import VersionSpec
+
+    try:
+        spec = VersionSpec(constraint, strict=False)
+    except Exception:  # a range rattler cannot read says nothing about CUDA
+        return None
+    fits = [c for c in candidates if spec.matches(RVersion(str(c)))]
+    return max(fits) if fits else None
+
+
+def _tf_gpu(w: Wanted, parsed: Version | None) -> bool:
     table = frameworks().tensorflow
-    if name not in table.names.of(source) or name in table.cpu_names or not version:
+    marker = variant_of(w.build)
+    if w.name == "tensorflow-gpu" or (marker is not None and marker[0] in ("gpu", "cuda")):
+        return True
+    if w.source == "conda" and w.build and "*" not in w.build:
+        return False  # an export's build string is decisive: no gpu/cuda word, a CPU build
+    return parsed is not None and parsed >= table.gpu_in_plain_package_from
+
+
+def _tf(w: Wanted) -> Evidence | None:
+    table = frameworks().tensorflow
+    if w.name not in table.names.of(w.source) or w.name in table.cpu_names:
         return None
-    marker = variant_of(build)
-    if marker and marker[0] == "cpu":
+    marker = variant_of(w.build)
+    if marker and marker[0] in ("cpu", "mkl", "eigen"):
         return None
-    parsed = Version.lenient(version)
-    if source == "conda":
-        gpu = name == "tensorflow-gpu" or (marker is not None and marker[0] in ("gpu", "cuda"))
-    else:
-        gpu = name == "tensorflow-gpu" or (parsed is not None and parsed >= table.gpu_in_plain_package_from)
+    parsed = w.pick(table.builds)
     tested = table.build_for(parsed)
-    if not gpu or not tested:
+    if not _tf_gpu(w, parsed) or not tested:
         return None
-    return Evidence(f"{name}=={version}", source, tested.cuda, tested.cudnn)
+    label = f"{w.name}=={w.version}" if w.version else w.spec
+    if w.source == "conda":
+        # conda's GPU TensorFlow depends on cudatoolkit/cudnn: the build string or the env's runtime says which.
+        cuda = _cuda_in_build(w.build) or tested.cuda
+        return Evidence(label, "conda", cuda, tested.cudnn, carries=True, follows_env=True, name=w.name)
+    carries = bool(w.extras & table.carrying_extras)
+    return Evidence(label, "pip", tested.cuda, tested.cudnn, carries=carries, name=w.name)
 
 
 def _cuda(major: str, minor: str) -> Version | None:
@@ -54,77 +104,129 @@ def _cuda(major: str, minor: str) -> Version | None:
 
 
 def _cuda_in_build(build: str | None) -> Version | None:
-    """'py3.9_cuda11.8_cudnn8.7.0_0' -> 11.8; 'cuda118py310h..' -> 11.8; 'cuda112' -> 11.2."""
+    """'py3.9_cuda11.8_cudnn8.7.0_0' -> 11.8; 'cuda118py310h..' -> 11.8; 'cuda112' -> 11.2;
+    RAPIDS' 'cuda11_py310_..' / 'cuda_11_py39_..' name the major only (None here: see `_cuda_major_in_build`)."""
     match = re.search(r"cuda(\d+)\.(\d+)", build or "") or re.search(r"cuda(\d{2})(\d)", build or "")
     return _cuda(match.group(1), match.group(2)) if match else None
 
 
-def _torch(name: str, version: str | None, build: str | None, source: str) -> Evidence | None:
+def _cuda_major_in_build(build: str | None) -> int | None:
+    match = re.search(r"cuda_?(\d{1,2})(?:_|$)", build or "")
+    return int(match.group(1)) if match else None
+
+
+def _torch(w: Wanted) -> Evidence | None:
     table = frameworks().torch
-    if name not in table.names.of(source) or not version:
+    if w.name not in table.names.of(w.source):
         return None
+    version = w.version or ""
     base, _, local = version.partition("+")
-    if source == "pip":
-        if local == "cpu":
+    if w.source == "pip":
+        if local == "cpu" or not version:
             return None
         match = re.fullmatch(r"cu(\d+)(\d)", local)
+        label = f"{w.name}=={version}"
         if match:
-            return Evidence(
-                f"{name}=={version}", source, _cuda(match.group(1), match.group(2)), carries=table.carries_runtime
-            )
+            return Evidence(label, "pip", _cuda(match.group(1), match.group(2)), carries=table.carries_runtime)
         cudas = table.cudas_for(Version.lenient(base))
-        return Evidence(f"{name}=={version}", source, cudas[0], carries=table.carries_runtime) if cudas else None
-    cuda = _cuda_in_build(build)
-    return Evidence(f"{name}={version}", source, cuda, carries=table.carries_runtime) if cuda else None
+        return Evidence(label, "pip", cudas[0], carries=table.carries_runtime) if cudas else None
+    return None  # conda pytorch: its build string says (the generic conda rule below)
 
 
-def _jax(name: str, version: str | None, build: str | None, source: str) -> Evidence | None:
+def _jax(w: Wanted) -> Evidence | None:
     table = frameworks().jax
-    if name in table.plugins:
-        return Evidence(name, source, table.plugins[name], carries=True)
-    if name not in table.names.of(source) or not version:
+    if w.name in table.plugins:
+        return Evidence(w.name, w.source, table.plugins[w.name], carries=True)
+    extra = next((table.extras[e] for e in sorted(w.extras) if e in table.extras), None)
+    if w.source == "pip" and w.name == "jax" and extra is not None:
+        return Evidence(w.spec or w.name, "pip", extra.cuda, carries=extra.carries)
+    if w.name not in table.names.of(w.source) or not w.version:
         return None
-    local = version.partition("+")[2]
+    local = w.version.partition("+")[2]
     match = re.match(r"cuda(\d+)(?:\.cudnn(\d)(\d+))?", local)
     if match:
         # `+cuda11` names only the major: assume the same CUDA as a major-only CuPy wheel.
         cuda = frameworks().cupy.major_defaults.get(int(match.group(1)))
         cudnn = _cuda(match.group(2), match.group(3)) if match.group(2) else None
-        return Evidence(f"{name}=={version}", source, cuda, cudnn)
-    cuda = _cuda_in_build(build)
-    return Evidence(f"{name}={version}", source, cuda) if cuda else None
+        return Evidence(f"{w.name}=={w.version}", w.source, cuda, cudnn)
+    return None
 
 
-def _cupy(name: str, version: str | None, source: str) -> Evidence | None:
-    match = re.fullmatch(r"cupy-cuda(\d+)(x?)", name)
-    if source != "pip" or not match:
+def _cupy(w: Wanted) -> Evidence | None:
+    match = re.fullmatch(r"cupy-cuda(\d+)(x?)", w.name)
+    if w.source != "pip" or not match:
         return None
     digits, major_only = match.groups()
     if major_only:
         cuda = frameworks().cupy.major_defaults.get(int(digits))
     else:
         cuda = _cuda(digits[:-1], digits[-1])
-    return Evidence(name, source, cuda) if cuda else None
+    return Evidence(w.name, "pip", cuda) if cuda else None
 
 
-def _runtime(name: str, version: str | None, source: str) -> Evidence | None:
-    gives = frameworks().runtime_packages.gives(name, source)
-    parsed = Version.lenient(version)
-    if not gives or parsed is None:
+def _onnxruntime(w: Wanted) -> Evidence | None:
+    table = frameworks().onnxruntime
+    if w.source != "pip" or w.name not in table.names:
         return None
+    build = table.build_for(w.pick(table.builds) or max(table.builds))
+    return Evidence(w.spec or w.name, "pip", build.cuda, build.cudnn) if build else None
+
+
+def _conda_cuda_build(w: Wanted) -> Evidence | None:
+    """Any conda package built for CUDA (pytorch, jaxlib, cupy, RAPIDS, ...): its build string names
+    the CUDA, or the RAPIDS table does; the package depends on its runtime, so it carries one."""
+    if w.source != "conda":
+        return None
+    rapids = frameworks().rapids
+    marker = variant_of(w.build)
+    is_rapids = w.name in rapids.names
+    if not is_rapids and not (marker and marker[0] in ("cuda", "gpu")):
+        return None
+    cuda = _cuda_in_build(w.build)
+    major = _cuda_major_in_build(w.build)
+    if cuda is None and is_rapids:
+        cuda = rapids.cuda_for(w.pick(rapids.cuda))
+        if major is not None and (cuda is None or cuda.major != major):
+            cuda = frameworks().cupy.major_defaults.get(major)
+    if cuda is None and major is not None:
+        cuda = frameworks().cupy.major_defaults.get(major)
+    if cuda is None and marker and marker[0] == "cuda":
+        cuda = frameworks().conda_runtime.unnamed_build_cuda
+    if cuda is None:
+        return None
+    label = f"{w.name}={w.version}" if w.version else w.spec
+    return Evidence(label, "conda", cuda, carries=True, follows_env=True, name=w.name)
+
+
+def _runtime(w: Wanted) -> Evidence | None:
+    gives = frameworks().runtime_packages.gives(w.name, w.source)
+    if not gives:
+        return None
+    parsed = w.pick(base_tags().known_cuda()) if gives == "cuda" else Version.lenient(w.version)
+    if parsed is None:
+        return None
+    common = dict(carries=True, runtime=True, name=w.name, spec=w.spec)
     if gives == "cudnn":
-        return Evidence(name, source, None, parsed.major_minor, carries=True, runtime=True)
-    return Evidence(name, source, parsed.major_minor, carries=True, runtime=True)
+        return Evidence(w.name, w.source, None, parsed.major_minor, **common)
+    return Evidence(w.name, w.source, parsed.major_minor, **common)
 
 
-def _one(name: str, version: str | None, build: str | None, source: str) -> Evidence | None:
-    return (
-        _runtime(name, version, source)
-        or _tf(name, version, build, source)
-        or _torch(name, version, build, source)
-        or _jax(name, version, build, source)
-        or _cupy(name, version, source)
-    )
+_READERS = (_runtime, _tf, _torch, _jax, _cupy, _onnxruntime, _conda_cuda_build)
+
+
+def _one(w: Wanted) -> Evidence | None:
+    return next((e for e in (read(w) for read in _READERS) if e is not None), None)
+
+
+def _conda_wanted(spec: CondaSpec) -> Wanted:
+    return Wanted(spec.name, spec.version, spec.build, "conda", spec.constraint, spec=spec.raw)
+
+
+def _pip_wanted(pin: PipPin) -> Wanted:
+    req = pin.requirement
+    extras = frozenset(e.lower() for e in req.extras) if req is not None else frozenset()
+    constraint = str(req.specifier) if req is not None and req.specifier and not pin.version else None
+    return Wanted(pin.name, pin.version, None, "pip", constraint, extras, spec=pin.raw)
 
 
 def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
@@ -136,11 +238,11 @@ def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
     found: list[Evidence] = []
     for spec in raw.conda:
         if spec.name in kept:
-            item = _one(spec.name, spec.version, spec.build, "conda")
+            item = _one(_conda_wanted(spec))
             if item:
                 found.append(item)
     for pin in env.pip:
-        item = _one(pin.name, pin.version, None, "pip")
+        item = _one(_pip_wanted(pin))
         if item:
             found.append(item)
     return found
@@ -195,7 +297,11 @@ def choose(
     cuda_option: str = "auto",
     base_image: str | None = None,
 ) -> CudaChoice:
-    """Pick CUDA, cuDNN, whether the env carries its runtime, and a base image."""
+    """Pick CUDA, cuDNN, whether the env carries its runtime, and a base image.
+
+    What the environment carries (a conda or pip CUDA runtime, a torch build) decides what it
+    runs with: when that cannot serve a framework and no live image can either, the choice keeps
+    the carried runtime, says so as a `conflict`, and names the remedy; `--cuda X` applies it."""
     check_cuda_option(cuda_option)
     frameworks_found = [e for e in found if not e.runtime and e.cuda]
     runtimes = [e for e in found if e.runtime and e.cuda]
@@ -208,12 +314,17 @@ def choose(
         cpu = CudaChoice(None, None, False, tags.cpu_image, str(tags.cpu_glibc), f"CPU image: {reason}")
         return _with_override(cpu, base_image)
     cuda = Version.parse(cuda_option) if cuda_option != "auto" else primary.cuda
+    if cuda_option == "auto" and primary.follows_env and runtimes:
+        cuda = runtimes[-1].cuda  # a conda framework runs with the runtime its environment pins
     cudnn = primary.cudnn if primary is not None else None
     if cudnn is None and cudnn_runtimes:
         cudnn = cudnn_runtimes[-1].cudnn
-    why = f"{primary.package} needs CUDA {primary.cuda}" if primary is not None else f"--cuda {cuda}"
+    why = f"{primary.package} needs CUDA {cuda}" if primary is not None else f"--cuda {cuda}"
     if cuda_option != "auto":
-        why = f"--cuda {cuda}" + (f" ({why})" if primary is not None else "")
+        why = f"--cuda {cuda}" + (f" ({primary.package} needs CUDA {primary.cuda})" if primary is not None else "")
+        stale = _stale_runtimes(found, cuda, cudnn)
+        if stale:
+            return _with_override(_retargeted(cuda, cudnn, why, found), base_image)
     carried = bool(frameworks_found) and not needs_base
     if needs_base or not frameworks_found:
         carried = any(_covers(r.cuda, cuda) for r in runtimes) and (
@@ -228,6 +339,8 @@ def choose(
     if base_image:
         # The named base image is the sender's answer to the missing tag; add nothing.
         return _with_override(_choice(cuda, cudnn, False, base_image, why), base_image)
+    if runtimes or cudnn_runtimes:
+        return _conflict(primary, cuda, cudnn, found)
     added = _runtime_packages(cuda, cudnn)
     gone = base_tags().deleted.get(cuda)
     why += (
@@ -237,6 +350,96 @@ def choose(
     )
     why += ", so the environment carries the CUDA runtime (" + ", ".join(a.spec for a in added) + ")"
     return _on_live_base(cuda, cudnn, why, added, found)
+
+
+# ---------------------------------------------------------------- conflicts and --cuda X
+
+
+def _stale_runtimes(found: list[Evidence], cuda: Version, cudnn: Version | None) -> list[Evidence]:
+    """The env's conda runtime pins that do not match `cuda` (or `cudnn`'s major)."""
+    stale = []
+    for r in found:
+        if not (r.runtime and r.source == "conda"):
+            continue
+        if (r.cuda and r.cuda.major_minor != cuda.major_minor) or (
+            r.cudnn and cudnn and not _same_major(r.cudnn, cudnn)
+        ):
+            stale.append(r)
+    return stale
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What `--cuda X` does to the environment's runtime pins."""
+
+    changed: tuple[Changed, ...]
+    dropped: tuple[Dropped, ...]
+    added: tuple[Added, ...]
+
+    def words(self) -> str:
+        parts = [f"changes {c.spec} to {c.to}" for c in self.changed]
+        parts += [f"adds {a.spec}" for a in self.added]
+        parts += [f"drops {d.spec}" for d in self.dropped]
+        return " and ".join(parts) or "keeps the environment's pins"
+
+
+def _plan(cuda: Version, cudnn: Version | None, found: list[Evidence]) -> _Plan:
+    """Replace the env's conda runtime pins by data/frameworks.yaml's runtime for `cuda`."""
+    table = frameworks().conda_runtime
+    specs = table.specs.get(cuda.major_minor)
+    if not specs:
+        raise UsageError(f"no conda CUDA runtime known for CUDA {cuda}; pass --base-image or another --cuda")
+    cudnn = cudnn or table.default_cudnn[cuda.major]
+    target = {parse_conda_spec(t).name: t for t in (spec.format(cudnn=cudnn) for spec in specs)}
+    why = f"--cuda {cuda}"
+    changed, dropped, have = [], [], set()
+    for r in found:
+        if not (r.runtime and r.source == "conda"):
+            continue
+        have.add(r.name)
+        fits = (r.cuda and r.cuda.major_minor == cuda.major_minor) or (r.cudnn and _same_major(r.cudnn, cudnn))
+        if fits:
+            continue
+        new = target.get(r.name) or ({"pytorch-cuda": f"pytorch-cuda={cuda}"}.get(r.name))
+        if new is None and r.name in ("cuda-cudart", "cuda-runtime"):
+            new = r.name  # cuda-version pins it
+        if new is None:
+            dropped.append(Dropped(r.spec, f"{why}: CUDA {cuda} comes as {', '.join(target.values())}"))
+        else:
+            changed.append(Changed(r.spec, new, f"{why}: the environment's CUDA runtime follows it"))
+    added = [Added(t, f"{why}: the environment carries the CUDA runtime") for n, t in target.items() if n not in have]
+    return _Plan(tuple(changed), tuple(dropped), tuple(added))
+
+
+def _retargeted(cuda: Version, cudnn: Version | None, why: str, found: list[Evidence]) -> CudaChoice:
+    plan = _plan(cuda, cudnn, found)
+    cudnn = cudnn or frameworks().conda_runtime.default_cudnn[cuda.major]
+    why += f"; pack {plan.words()}"
+    choice = _on_live_base(cuda, cudnn, why, plan.added, found)
+    return replace(choice, changed=plan.changed, dropped=plan.dropped, env_libs=True)
+
+
+def _conflict(primary: Evidence, cuda: Version, cudnn: Version | None, found: list[Evidence]) -> CudaChoice:
+    """The env carries a runtime that cannot serve `primary`, and no live image provides `cuda`:
+    keep what the env carries (that is what it runs with) and say so, with the remedy."""
+    runtimes = [e for e in found if e.runtime]
+    carried = next((r.cuda for r in reversed(runtimes) if r.cuda), None)
+    carried_cudnn = next((r.cudnn for r in reversed(runtimes) if r.cudnn), None)
+    pins = ", ".join(r.spec or r.package for r in runtimes)
+    need = f"CUDA {cuda}" + (f" and cuDNN {cudnn}" if cudnn else "")
+    if any(r.source == "conda" for r in runtimes):
+        remedy = f"pack with `--cuda {cuda}`, which {_plan(cuda, cudnn, found).words()}"
+    else:
+        remedy = f"pin the nvidia-*-cu{cuda.major} wheels of CUDA {cuda} in the pip: section"
+    conflict = f"CUDA conflict: {primary.package} needs {need}, but the environment pins {pins}; {remedy}"
+    if carried is None:  # only a cuDNN pin: the image cannot be chosen from it, keep the framework's CUDA
+        carried = cuda
+    why = (
+        f"the environment carries CUDA {carried} ({pins}), which cannot serve {primary.package} "
+        f"(needs {need}): see the conflict warning"
+    )
+    choice = _on_live_base(carried, carried_cudnn, why, (), found)
+    return replace(choice, conflict=conflict)
 
 
 def _choice(
@@ -317,7 +520,16 @@ def _with_override(choice: CudaChoice, base_image: str | None) -> CudaChoice:
 
 
 def apply_added(env: NormalisedEnv, choice: CudaChoice) -> None:
-    """Add the runtime packages the choice asked for (once)."""
+    """Apply the choice to the environment: replace or drop the runtime pins `--cuda` retargeted,
+    then add the runtime packages it asked for (once)."""
+    for item in choice.changed:
+        name = parse_conda_spec(item.spec).name
+        env.dependencies = [parse_conda_spec(item.to) if d.name == name else d for d in env.dependencies]
+        env.changed.append(item)
+    for item in choice.dropped:
+        name = parse_conda_spec(item.spec).name
+        env.dependencies = [d for d in env.dependencies if d.name != name]
+        env.dropped.append(item)
     names = env.names()
     for item in choice.added:
         spec = parse_conda_spec(item.spec)

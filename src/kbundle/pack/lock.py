@@ -87,7 +87,8 @@ def lock(env: NormalisedEnv, choice: CudaChoice, mode: str) -> LockResult:
     if mode == "never":
         return LockResult(False, None, note="not locked (--lock never); the recipient will resolve the environment")
     urls = channel_urls(env.channels)
-    down = unreachable(urls)
+    # Asked once already when pack looked the packages up: do not wait for silent channels twice.
+    down = env.channels_down if env.channels_down is not None else unreachable(urls)
     if down:
         message = f"channels unreachable ({', '.join(down)} did not answer with a conda index)"
         if mode == "always":

@@ -11,23 +11,20 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from kbundle.bundle.format import Added, Dropped, Variant
+from kbundle.bundle.format import Added, Changed, Dropped, Variant
 from kbundle.facts import normalise_facts
 from kbundle.pack.envfile import write_environment_yml
+from kbundle.pack.platforms import Availability, verdict
 from kbundle.pack.records import NormalisedEnv, RawEnv
-from kbundle.specs import CondaSpec, PipPin, parse_conda_spec, parse_pip_line
+from kbundle.specs import CondaSpec, PipIndexes, PipPin, parse_conda_spec, parse_pip_line
 
 _WORDS = re.compile(r"[a-z]+")
 
 
 def guess_platform(env: RawEnv) -> str | None:
-    if env.platform:
-        return env.platform
-    names = {s.name for s in env.conda}
-    for platform, markers in normalise_facts().platform_markers.items():
-        if names & markers:
-            return platform
-    return None
+    from kbundle.pack.platforms import detect_platform
+
+    return detect_platform(env)
 
 
 def variant_of(build: str | None) -> tuple[str, str] | None:
@@ -67,30 +64,155 @@ def _channels(env: RawEnv, dropped: list[Dropped], added: list[Added]) -> list[s
         elif channel not in channels:
             channels.append(channel)
     if not channels:
-        channels = ["conda-forge"]
-        added.append(Added("channel conda-forge", "the environment names no channel"))
+        # What conda itself uses then; conda-forge only when the sender asks (--add-channel).
+        channels = ["defaults"]
+        added.append(Added("channel defaults", "the environment names no channel, so conda's defaults"))
     return channels
 
 
-def _pip(pins: list[PipPin], dropped: list[Dropped]) -> list[PipPin]:
+LOCAL_REASON = "a local path or editable install on the sender's machine"
+_OTHER_OS_WHEEL = (("win", "a Windows"), ("macosx", "a macOS"), ("ios", "an iOS"), ("android", "an Android"))
+# The target every kbundle image is: marker values pip would see inside it.
+_TARGET_MARKERS = {
+    "os_name": "posix",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "platform_python_implementation": "CPython",
+    "implementation_name": "cpython",
+}
+
+
+def _other_os_wheel(pin: PipPin) -> str | None:
+    """Why a wheel URL cannot install on linux-64 (its platform tags), with what to write instead."""
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+    from kbundle.specs import url_filename
+
+    if not pin.wheel_url:
+        return None
+    try:
+        name, version, _build, wtags = parse_wheel_filename(url_filename(pin.url))
+    except (InvalidWheelFilename, ValueError):
+        return None
+    platforms = {t.platform for t in wtags}
+    if any(p == "any" or p.startswith(("manylinux", "musllinux", "linux")) for p in platforms):
+        return None
+    what = next((w for prefix, w in _OTHER_OS_WHEEL if any(p.startswith(prefix) for p in platforms)), "another OS's")
+    return (
+        f"{what} wheel ({', '.join(sorted(platforms))}); "
+        f"write `{name}=={version}` to let pip pick the Linux wheel of the same version"
+    )
+
+
+def _marker_reason(pin: PipPin, python: str | None) -> str | None:
+    """Why the pin's environment marker rules it out inside the image; None when it applies (or
+    cannot be told without a Python version)."""
+    marker = pin.requirement.marker if pin.requirement is not None else None
+    if marker is None:
+        return None
+    env = dict(_TARGET_MARKERS)
+    if python:
+        env.update(python_version=".".join(python.split(".")[:2]), python_full_version=python)
+    elif "python" in str(marker):
+        return None
+    try:
+        return None if marker.evaluate(env) else f"its marker ({marker}) is false on linux-64"
+    except Exception:
+        return None
+
+
+def _replaced(pin: PipPin, linux_name: str) -> PipPin:
+    """The pin under its Linux name, with the same version constraint, extras and marker."""
+    if pin.requirement is None:
+        return parse_pip_line(linux_name)
+    req = pin.requirement
+    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+    marker = f"; {req.marker}" if req.marker else ""
+    return parse_pip_line(f"{linux_name}{extras}{req.specifier}{marker}")
+
+
+def _pip(pins: list[PipPin], dropped: list[Dropped], python: str | None = None) -> list[PipPin]:
+    """The pip: section for linux-64, in order: every form pip accepts is kept as written, except
+    what cannot exist on Linux (each dropped with its reason and what to write instead)."""
     facts = normalise_facts()
     kept: list[PipPin] = []
     for pin in pins:
         if pin.local:
-            dropped.append(Dropped(f"pip: {pin.raw}", "a local path or editable install on the sender's machine"))
+            dropped.append(Dropped(f"pip: {pin.raw}", LOCAL_REASON))
             continue
-        reason = facts.pip_os_reason(pin.name)
+        reason = facts.pip_os_reason(pin.name) or _other_os_wheel(pin) or _marker_reason(pin, python)
         if reason:
             dropped.append(Dropped(f"pip: {pin.raw}", reason))
             continue
         linux_name = facts.pip_replace.get(pin.name)
-        if linux_name and pin.version:
-            new = parse_pip_line(f"{linux_name}=={pin.version}")
+        if linux_name and not pin.url:
+            new = _replaced(pin, linux_name)
             dropped.append(Dropped(f"pip: {pin.raw}", f"replaced by {new.text} on Linux"))
             kept.append(new)
             continue
         kept.append(pin)
     return kept
+
+
+def _pip_option_lines(raw: RawEnv) -> list[str]:
+    """The option lines of the sender's pip: section (or requirements file), in order.
+
+    The readers keep only requirements, so the options are read again from the original text."""
+    if raw.source_kind == "requirements":
+        return [ln.strip() for ln in raw.source_text.splitlines() if ln.strip().startswith("-")]
+    if raw.source_kind != "env-file" or "pip" not in raw.source_text:
+        return []
+    import yaml
+
+    try:
+        data = yaml.safe_load(raw.source_text)
+    except yaml.YAMLError:
+        return []
+    lines = []
+    for item in (data or {}).get("dependencies") or [] if isinstance(data, dict) else []:
+        if isinstance(item, dict) and isinstance(item.get("pip"), list):
+            lines += [str(v).strip() for v in item["pip"] if str(v).strip().startswith("-")]
+    return lines
+
+
+def pip_indexes(raw: RawEnv, dropped: list[Dropped] | None = None) -> PipIndexes:
+    """The pip: section's `--index-url`, `--extra-index-url` and `--find-links` (and `-i`, `-f`).
+
+    Credentials in a URL stay with the sender (the recipient brings their own through pip.conf,
+    keyring or .netrc); other options and local find-links folders are dropped, each said so."""
+    from kbundle.specs import parse_pip_option, strip_credentials
+
+    dropped = [] if dropped is None else dropped
+    index_url, extras, links = None, [], []
+    for line in _pip_option_lines(raw):
+        option = parse_pip_option(line)
+        if option is None:
+            continue
+        key, value = option
+        if key not in ("index_url", "extra_index_urls", "find_links"):
+            if key in ("-r", "--requirement", "-c", "--constraint"):
+                dropped.append(Dropped(f"pip: {line}", "a file on the sender's machine; list its lines instead"))
+            elif key not in ("--trusted-host", "--pre", "--prefer-binary", "--no-cache-dir"):
+                dropped.append(Dropped(f"pip: {line}", "a pip option kbundle does not carry"))
+            continue
+        url, had = strip_credentials(value)
+        if not re.match(r"^https?://", url, re.IGNORECASE):
+            dropped.append(Dropped(f"pip: {line}", LOCAL_REASON))
+            continue
+        if had:
+            dropped.append(
+                Dropped(
+                    f"pip: {key} credentials",
+                    "credentials stay with the sender: the recipient "
+                    "configures their own (pip.conf, keyring or .netrc)",
+                )
+            )
+        if key == "index_url":
+            index_url = url
+        elif url not in (extras if key == "extra_index_urls" else links):
+            (extras if key == "extra_index_urls" else links).append(url)
+    return PipIndexes(index_url, tuple(extras), tuple(links))
 
 
 def _python_version(spec: CondaSpec) -> str | None:
@@ -100,25 +222,30 @@ def _python_version(spec: CondaSpec) -> str | None:
     return None
 
 
-def normalise(env: RawEnv) -> NormalisedEnv:
-    facts = normalise_facts()
+def normalise(env: RawEnv, available: Availability | None = None) -> NormalisedEnv:
+    """`available`: what the channels publish (pack/platforms.py), when they answered; else the table decides."""
     dropped: list[Dropped] = []
     added: list[Added] = []
     variants: list[Variant] = []
     channels = _channels(env, dropped, added)
     deps: list[CondaSpec] = []
     python = None
+    changed: list[Changed] = []
     for spec in env.conda:
-        reason = facts.conda_os_reason(spec.name)
-        if reason:
-            dropped.append(Dropped(spec.raw, reason))
+        found = verdict(spec, available)
+        if found is not None and found.to is None:
+            dropped.append(Dropped(spec.raw, found.reason))
             continue
+        if found is not None:
+            changed.append(Changed(spec.raw, found.to.text, found.reason))
+            spec = found.to
         kept, variant = normalise_conda_spec(spec)
         if variant:
             variants.append(variant)
         python = _python_version(spec) or python
         deps.append(kept)
-    pip = _pip(env.pip, dropped)
+    pip = _pip(env.pip, dropped, python)
+    pip_indexes(env, dropped)  # only to say which options are not carried
     names = {d.name for d in deps}
     if pip and "pip" not in names:
         deps.append(parse_conda_spec("pip"))
@@ -134,13 +261,14 @@ def normalise(env: RawEnv) -> NormalisedEnv:
         dropped=dropped,
         added=added,
         variants=variants,
+        changed=changed,
         source_platform=guess_platform(env),
     )
 
 
-def environment_yml(name: str, env: NormalisedEnv) -> str:
-    """The normalised environment as an environment.yml (no prefix, no build hashes)."""
+def environment_yml(name: str, env: NormalisedEnv, indexes: PipIndexes | None = None) -> str:
+    """The normalised environment as an environment.yml (no prefix, no build hashes); the pip
+    section's index options come first, as pip reads them."""
     header = "normalised by kbundle for linux-64; see kbundle.json for what was dropped or added"
-    return write_environment_yml(
-        header, name, env.channels, [d.text for d in env.dependencies], [p.text for p in env.pip]
-    )
+    pip = (indexes.option_lines() if indexes and env.pip else []) + [p.text for p in env.pip]
+    return write_environment_yml(header, name, env.channels, [d.text for d in env.dependencies], pip)

@@ -59,10 +59,36 @@ def _pip_installed(prefix: Path, conda_files: set[str]) -> list[PipPin]:
             if installer == "conda" or rel in conda_files:
                 continue
             name, version = _metadata(dist)
-            pin = parse_pip_line(f"{name}=={version}") if name and version else None
+            line = _installed_line(dist, name, version) if name and version else None
+            pin = parse_pip_line(line) if line else None
             if pin is not None:
                 pins.append(pin)
     return pins
+
+
+def _installed_line(dist: Path, name: str, version: str) -> str:
+    """The pip line that reinstalls what the dist-info records (PEP 610's direct_url.json): the
+    exact version from an index; the VCS commit; the archive URL; a path stays a local path."""
+    try:
+        direct = json.loads((dist / "direct_url.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{name}=={version}"
+    url = direct.get("url") if isinstance(direct, dict) else None
+    if not isinstance(url, str) or not url:
+        return f"{name}=={version}"
+    if url.startswith("file:") or (direct.get("dir_info") or {}).get("editable"):
+        return f"{name} @ {url}"  # a path on the sender's machine: normalisation drops it, saying why
+    subdir = direct.get("subdirectory")
+    fragment = f"#subdirectory={subdir}" if isinstance(subdir, str) and subdir else ""
+    vcs = direct.get("vcs_info")
+    if isinstance(vcs, dict) and vcs.get("vcs") and vcs.get("commit_id"):
+        return f"{name} @ {vcs['vcs']}+{url}@{vcs['commit_id']}{fragment}"
+    archive = direct.get("archive_info")
+    if isinstance(archive, dict):
+        hashes = archive.get("hashes") or {}
+        digest = hashes.get("sha256") if isinstance(hashes, dict) else None
+        return f"{name} @ {url}{fragment}" + (f" --hash=sha256:{digest}" if digest else "")
+    return f"{name}=={version}"
 
 
 def _metadata(dist: Path) -> tuple[str | None, str | None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kbundle.bundle.format import Added, Dropped, Variant
+from kbundle.bundle.format import Added, Changed, Dropped, Variant
 from kbundle.specs import CondaSpec, PipPin
 
 
@@ -33,7 +33,9 @@ class NormalisedEnv:
     dropped: list[Dropped] = field(default_factory=list)
     added: list[Added] = field(default_factory=list)
     variants: list[Variant] = field(default_factory=list)
+    changed: list[Changed] = field(default_factory=list)
     source_platform: str | None = None
+    channels_down: list[str] | None = None  # the channels that did not answer pack's probe; None: not asked
 
     def names(self) -> set[str]:
         return {d.name for d in self.dependencies}
@@ -50,6 +52,9 @@ class CudaChoice:
     require_cuda: str | None = None  # NVIDIA_REQUIRE_CUDA for the image, when it differs from the base
     added: tuple[Added, ...] = ()
     env_libs: bool = False  # the env's lib/ holds CUDA libraries a pip framework must find
+    changed: tuple[Changed, ...] = ()  # runtime pins --cuda replaced
+    dropped: tuple[Dropped, ...] = ()  # runtime pins --cuda removed (cudatoolkit for CUDA 12)
+    conflict: str | None = None  # one sentence: what the env carries cannot serve a framework, and the remedy
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,184 @@
+"""The review `kbundle run` shows before it builds a stranger's bundle, and the consent question.
+
+Everything here is gathered offline (pure, apart from reading the bundle's signature) and
+every bundle-supplied string is escaped for the terminal: without --yes nothing touches
+the network before the recipient says yes (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from rich.markup import escape
+
+from kbundle.display import safe
+from kbundle.errors import KbundleError
+
+DIFF_LINES = 80  # the review shows at most this much of a Dockerfile diff
+DEFAULT_PIP_HOSTS = ("pypi.org", "files.pythonhosted.org")
+DOCKER_HUB = "registry-1.docker.io"
+
+
+def _ask(console, question: str) -> bool:
+    console.print(question, end="")
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+# ----------------------------------------------------------------- the review (pure)
+
+
+@dataclass(frozen=True)
+class Review:
+    """What the recipient agrees to, gathered without touching the network."""
+
+    sender: str  # Signature.describe()
+    base_image: str
+    base_local: bool
+    hosts: tuple[str, ...]  # every host that will be contacted
+    conda: str  # "12 packages (34.5 MB)" or "solved here from 3 specs"
+    pip: int
+    unusual: tuple[str, ...] = ()
+    diff: tuple[str, ...] = ()  # unified diff, shipped -> rendered, each line escaped
+    dockerfile: str = ""  # where the Dockerfile that will be built was written for reading
+
+
+def review_lines(review: Review) -> list[str]:
+    """The review as plain lines (every bundle-supplied string already escaped)."""
+    pulled = "on this engine" if review.base_local else "will be pulled"
+    lines = [
+        f"sender      {review.sender}",
+        f"base image  {safe(review.base_image)} ({pulled})",
+        f"contacts    {', '.join(safe(h) for h in review.hosts) or 'nothing (all local)'}",
+        f"conda       {review.conda}",
+        f"pip         {review.pip} wheel(s)",
+    ]
+    lines += [f"unusual     {u}" for u in review.unusual]
+    if review.diff:
+        lines.append("the bundle's Dockerfile differs from kbundle's rendering of its manifest:")
+        lines += [f"  {d}" for d in review.diff]
+    if review.dockerfile:
+        lines.append(f"Dockerfile  {safe(review.dockerfile)}")
+    return lines
+
+
+def dockerfile_diff(shipped: str, rendered: str, limit: int = DIFF_LINES) -> tuple[str, ...]:
+    """shipped -> rendered as a unified diff, each line escaped for the terminal; () when equal."""
+    import difflib
+
+    if shipped == rendered:
+        return ()
+    lines = [
+        safe(line.rstrip("\n"))
+        for line in difflib.unified_diff(
+            shipped.splitlines(keepends=True),
+            rendered.splitlines(keepends=True),
+            "bundle's Dockerfile",
+            "kbundle's rendering",
+        )
+    ]
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... {len(lines) - limit} more line(s)"]
+    return tuple(lines)
+
+
+def url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc or url
+
+
+def registry_of(image: str) -> str:
+    """The registry a `docker pull` of `image` contacts (Docker Hub for plain names)."""
+    first, sep, _ = image.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return first
+    return DOCKER_HUB
+
+
+def pip_hosts(manifest) -> tuple[str, ...]:
+    """The pip index hosts the manifest names (another stage records them), else pip's defaults."""
+    found: list[str] = []
+
+    def walk(value) -> None:
+        if isinstance(value, str) and "://" in value:
+            found.append(url_host(value))
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(getattr(manifest, "pip_indexes", None))
+    return tuple(dict.fromkeys(found)) or DEFAULT_PIP_HOSTS
+
+
+def unpinned(specs) -> list[str]:
+    """Conda specs that name no version: what a solve here picks is anyone's guess."""
+    return [s for s in specs if not any(c in s for c in "=<>~!") and len(s.split()) < 2]
+
+
+def conda_summary(records, specs) -> str:
+    if records is None:
+        return f"not locked: solved here from {len(specs)} spec(s)"
+    sizes = [r.size for r in records]
+    total = f" ({sum(sizes) / 1e6:.1f} MB to download at most)" if sizes and all(sizes) else ""
+    return f"{len(records)} package(s), locked{total}"
+
+
+# ----------------------------------------------------------------- the signature
+
+
+def read_sender(bundle):
+    """Who signed the bundle (kbundle/bundle/signing.py); a bad signature is a damaged bundle."""
+    from kbundle.bundle.signing import read_signature
+
+    return read_signature(bundle)
+
+
+def trust(signature) -> None:
+    from kbundle.trust import trust_signer
+
+    trust_signer(signature)
+
+
+def check_signature(signature, require: bool) -> None:
+    if require and signature.state == "unsigned":
+        raise KbundleError("this bundle is not signed and --require-signature was given")
+
+
+# ----------------------------------------------------------------- consent
+
+
+def consent(
+    console,
+    *,
+    yes: bool,
+    review: Review,
+    signature=None,
+    ask: Callable[[Any, str], bool] = _ask,
+    interactive: Optional[bool] = None,
+) -> None:
+    """A bundle is someone else's code: show what will happen and ask, unless --yes.
+
+    An unknown signer gets a trust-on-first-use question in the same review."""
+    if yes:
+        return
+    interactive = sys.stdin.isatty() if interactive is None else interactive
+    if not interactive:
+        raise KbundleError(
+            f"this bundle builds and runs someone else's code; review {review.dockerfile} "
+            f"and pass --yes to build it (stdin is not a terminal, so kbundle cannot ask)"
+        )
+    console.print("[bold]About to build an image and register a kernel:[/]", soft_wrap=True)
+    for line in review_lines(review):
+        console.print(escape(line), soft_wrap=True, markup=True, highlight=False)
+    if signature is not None and signature.state == "unknown":
+        if ask(console, "Trust this signer for the bundles it signs from now on? [y/N] "):
+            trust(signature)
+    if not ask(console, "Build it and register the kernel? [y/N] "):
+        raise KbundleError("not built: you declined (pass --yes to skip the question)")

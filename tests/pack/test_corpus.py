@@ -1,0 +1,146 @@
+"""The corpus: environment files as people really export them (tests/data/envs/), each packed
+offline with `--lock never`, against a small table of what the bundle must say.
+
+Columns: the CUDA the manifest claims (GPU: any CUDA, the exact one is a guess kbundle may
+refine), the names dropped (`pip: ` for pip lines, `channel ` for channels), the names changed,
+the channels, the export's platform (None: not asserted), and whether a CUDA conflict is reported.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from helpers import notebook
+from kbundle.flows.pack import PackOptions, pack
+
+ENVS = Path(__file__).resolve().parents[1] / "data" / "envs"
+GPU = "any CUDA"
+WIN = {"vc", "vs2015_runtime"}
+
+# file -> (cuda, dropped, changed, channels, platform, conflict)
+CORPUS = {
+    "win_tf21_gpu_defaults.yml": ("10.1", WIN | {"icc_rt", "wincertstore"}, set(), ["defaults"], "win-64", False),
+    "win_tf241_gpu_defaults.yml": ("10.1", WIN, set(), ["defaults"], "win-64", False),
+    "win_pytorch_cuda118.yml": (
+        "11.8",
+        WIN | {"ucrt", "vc14_runtime"},
+        set(),
+        ["pytorch", "nvidia", "defaults"],
+        "win-64",
+        False,
+    ),
+    "win_r_msys2.yml": (
+        None,
+        {
+            "m2w64-bwidget",
+            "m2w64-gcc-libgfortran",
+            "m2w64-gcc-libs",
+            "m2w64-gcc-libs-core",
+            "m2w64-gmp",
+            "m2w64-libwinpthread-git",
+            "m2-base",
+            "m2-bash",
+            "msys2-conda-epoch",
+            "channel pkgs/msys2",
+        },
+        set(),
+        ["r", "defaults"],
+        "win-64",
+        False,
+    ),
+    "win_powershell_utf16.yml": (None, WIN | {"ucrt"}, set(), ["conda-forge"], "win-64", False),
+    "win_libpython_theano.yml": (None, {"libpython", "m2w64-toolchain"}, set(), ["defaults"], "win-64", False),
+    "win_vs2019_conda_forge.yml": (
+        None,
+        WIN | {"ucrt", "vc14_runtime", "vs2019_win-64"},
+        set(),
+        ["conda-forge"],
+        "win-64",
+        False,
+    ),
+    "win_tf21_pip_conflict.yml": ("10.0", WIN, set(), ["defaults"], "win-64", True),
+    "mac_arm64_tf_metal.yml": (
+        "11.8",
+        {"appnope", "libcxx", "tensorflow-deps", "pip: tensorflow-macos", "pip: tensorflow-metal"},
+        set(),
+        ["apple", "conda-forge"],
+        "osx-arm64",
+        False,
+    ),
+    "mac_x86_scipy_gfortran.yml": (None, {"appnope", "libcxx"}, {"libgfortran"}, ["conda-forge"], "osx-64", False),
+    # A Mac prefix says macOS, but nothing here says which architecture: not asserted.
+    "mac_arm64_pytorch_mps.yml": (None, {"libcxx"}, set(), ["pytorch", "conda-forge"], None, False),
+    "mac_from_history.yml": (None, set(), set(), ["conda-forge"], None, False),
+    "linux_pytorch_conda_cuda.yml": ("11.8", set(), set(), ["pytorch", "nvidia", "conda-forge"], "linux-64", False),
+    "linux_pytorch_pip_cu118.yml": ("11.8", set(), set(), ["conda-forge"], "linux-64", False),
+    "linux_pytorch_cudatoolkit113.yml": ("11.3", set(), set(), ["pytorch", "conda-forge"], "linux-64", False),
+    "linux_tf115_conda.yml": ("10.0", set(), set(), ["defaults"], "linux-64", False),
+    "linux_tf16_pip_old.yml": ("9.0", set(), set(), ["defaults"], None, False),
+    "linux_tf212_pip.yml": ("11.8", set(), set(), ["conda-forge"], None, False),
+    "linux_tf215_and_cuda.yml": ("12.2", set(), set(), ["conda-forge"], None, False),
+    "linux_tf211_conda_forge_cuda.yml": ("11.2", set(), set(), ["conda-forge"], "linux-64", False),
+    "linux_jaxlib_conda_cuda118.yml": ("11.8", set(), set(), ["conda-forge"], "linux-64", False),
+    "jaxlib_build_selector.yml": (GPU, set(), set(), ["conda-forge"], None, False),
+    "jaxlib_bracket_cuda118.yml": ("11.8", set(), set(), ["conda-forge"], None, False),
+    "linux_jax_pip_cuda12.yml": ("12.1", set(), set(), ["conda-forge"], None, False),
+    "rapids_2210_from_history.yml": ("11.5", set(), set(), ["rapidsai", "conda-forge", "nvidia"], None, False),
+    "rapids_2310_export.yml": ("11.8", set(), set(), ["rapidsai", "conda-forge", "nvidia"], "linux-64", False),
+    "no_channels_scientific.yml": (None, set(), set(), ["defaults"], None, False),
+    "no_channels_tf_gpu_range.yml": (GPU, set(), set(), ["defaults"], None, False),
+    "tf_space_spec.yml": ("11.2", set(), set(), ["conda-forge"], None, False),
+    "cudatoolkit_range_pytorch.yml": ("10.1", set(), set(), ["pytorch", "defaults"], None, False),
+    "cupy_pip_cuda113.yml": ("11.3", set(), set(), ["conda-forge"], None, False),
+    "onnxruntime_gpu_pip.yml": ("11.8", set(), set(), ["conda-forge"], None, False),
+    # Files no rule should change.
+    "linux_plain_export.yml": (None, set(), set(), ["conda-forge"], "linux-64", False),
+    "linux_llvm_openmp_faiss.yml": (None, set(), set(), ["conda-forge"], "linux-64", False),
+    "linux_r_irkernel.yml": (None, set(), set(), ["conda-forge"], None, False),
+    "pip_only_requests.yml": (None, set(), set(), ["conda-forge"], None, False),
+}
+
+
+def _name(spec: str) -> str:
+    """`vc=14.1=h0510ff6_4` -> vc; `pip: tensorflow-metal==1.0.1` -> pip: tensorflow-metal; channels as they are."""
+    if spec.startswith("channel "):
+        return spec
+    prefix = "pip: " if spec.startswith("pip: ") else ""
+    return prefix + re.split(r"[=<>!~\[ ]", spec.removeprefix("pip: ").strip())[0]
+
+
+def test_the_corpus_is_the_whole_folder():
+    assert len(CORPUS) >= 30
+    assert sorted(CORPUS) == sorted(p.name for p in ENVS.glob("*.yml"))
+
+
+@pytest.mark.parametrize("file", sorted(CORPUS))
+def test_corpus(tmp_path, file):
+    cuda, dropped, changed, channels, platform, conflict = CORPUS[file]
+    result = pack(
+        PackOptions(notebook=notebook(tmp_path), env_file=ENVS / file, output=tmp_path / "b.kbundle", lock="never")
+    )
+    m = result.manifest
+    if cuda == GPU:
+        assert m.cuda is not None, m.base_image_reason
+    else:
+        assert m.cuda == cuda, m.base_image_reason
+    assert {_name(d.spec) for d in m.dropped} == dropped
+    assert {_name(c.spec) for c in m.changed} == changed
+    assert m.channels == channels
+    if platform is not None:
+        assert m.source["platform"] == platform
+    assert any("conflict" in w for w in result.warnings) is conflict
+    _assert_accounted(m, ENVS / file)
+
+
+def _assert_accounted(m, path: Path) -> None:
+    """Every conda line of the input is carried, changed or dropped: nothing disappears unsaid."""
+    from kbundle.pack.envfile import read_env_file
+
+    raw = read_env_file(path)
+    carried = {re.split(r"[=<>!~ ]", d)[0].split("::")[-1] for d in m.dependencies}
+    said = {c.spec for c in m.changed} | {d.spec for d in m.dropped}
+    for spec in raw.conda:
+        assert spec.name in carried or spec.raw in said, spec.raw

@@ -1,0 +1,251 @@
+"""The pip: section as pip means it: every requirement form is read, what cannot exist on Linux
+is dropped with a reason, index options are carried as `pip_indexes` (table-driven, no network)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kbundle.errors import UsageError
+from kbundle.pack.envfile import read_env_file
+from kbundle.pack.normalise import LOCAL_REASON, normalise, pip_indexes
+from kbundle.pack.piplock import lockable, pins_from_report
+from kbundle.specs import PipIndexes, parse_pip_line, parse_pip_option
+
+
+@pytest.mark.parametrize(
+    "line, name, version, url, exact, vcs, local",
+    [
+        ("test-tube>=0.7.5", "test-tube", None, None, False, False, False),
+        ("tensorflow~=2.6.0", "tensorflow", None, None, False, False, False),
+        ("pyspng", "pyspng", None, None, False, False, False),
+        ("torch==2.2.1+cu118", "torch", "2.2.1+cu118", None, True, False, False),
+        (
+            "git+https://github.com/org/repo@v1.2",
+            "repo",
+            None,
+            "git+https://github.com/org/repo@v1.2",
+            False,
+            True,
+            False,
+        ),
+        (
+            "-e git+https://h.org/o/r.git@abc#egg=Foo_Bar",
+            "foo-bar",
+            None,
+            "git+https://h.org/o/r.git@abc#egg=Foo_Bar",
+            False,
+            True,
+            False,
+        ),
+        ("foo @ git+https://h.org/foo.git@v1", "foo", None, "git+https://h.org/foo.git@v1", False, True, False),
+        (
+            "https://x.org/f/x-1.0-cp39-cp39-win_amd64.whl",
+            "x",
+            None,
+            "https://x.org/f/x-1.0-cp39-cp39-win_amd64.whl",
+            False,
+            False,
+            False,
+        ),
+        ("https://x.org/src/pkg-2.0.tar.gz", "pkg", None, "https://x.org/src/pkg-2.0.tar.gz", False, False, False),
+        ("-e .", None, None, None, False, False, True),
+        ("./libs/mine", None, None, None, False, False, True),
+        ("mylib @ file:///C:/Users/me/mylib-0.1-py3-none-any.whl", "mylib", None, None, False, False, True),
+        ('rich[jupyter]>=13; python_version >= "3.8"', "rich", None, None, False, False, False),
+    ],
+)
+def test_every_requirement_form_is_read(line, name, version, url, exact, vcs, local):
+    pin = parse_pip_line(line)
+    if name is not None:
+        assert pin.name == name
+    assert (pin.version, pin.url, pin.exact, pin.vcs, pin.local) == (version, url, exact, vcs, local)
+
+
+def test_hash_options_ride_on_the_pin():
+    pin = parse_pip_line("kbdemo==1.0+cu118 --hash=sha256:ab --hash sha256:cd")
+    assert pin.exact and pin.hashed and pin.hashes == ("sha256:ab", "sha256:cd")
+    assert pin.text == "kbdemo==1.0+cu118 --hash=sha256:ab --hash=sha256:cd"
+    assert not parse_pip_line("kbdemo==1.0").hashed
+
+
+@pytest.mark.parametrize(
+    "line, option",
+    [
+        (
+            "--extra-index-url https://download.pytorch.org/whl/cu118",
+            ("extra_index_urls", "https://download.pytorch.org/whl/cu118"),
+        ),
+        ("--index-url=https://mirror/simple", ("index_url", "https://mirror/simple")),
+        ("-i https://mirror/simple", ("index_url", "https://mirror/simple")),
+        (
+            "-f https://data.pyg.org/whl/torch-2.0.0+cu118.html",
+            ("find_links", "https://data.pyg.org/whl/torch-2.0.0+cu118.html"),
+        ),
+        ("--find-links https://x/links", ("find_links", "https://x/links")),
+        ("--trusted-host x.org", ("--trusted-host", "x.org")),
+        ("numpy==1.0", None),
+        ("-e git+https://h/r.git#egg=r", None),
+    ],
+)
+def test_pip_options(line, option):
+    assert parse_pip_option(line) == option
+    if option is not None:
+        assert parse_pip_line(line) is None  # an option is never a requirement
+
+
+def _env(tmp_path, pip_lines: list[str], python: str = "3.11"):
+    body = "".join(f"    - {json.dumps(line)}\n" for line in pip_lines)
+    path = tmp_path / "environment.yml"
+    path.write_text(f"name: x\nchannels: [conda-forge]\ndependencies:\n  - python={python}\n  - pip\n  - pip:\n{body}")
+    raw = read_env_file(path)
+    return raw, normalise(raw)
+
+
+# (line, kept as, dropped reason fragment)
+LINUX_TABLE = [
+    ("test-tube>=0.7.5", "test-tube>=0.7.5", None),
+    ("tensorflow~=2.6.0", "tensorflow~=2.6.0", None),
+    ("pyspng", "pyspng", None),
+    ("git+https://github.com/org/repo@v1.2", "git+https://github.com/org/repo@v1.2", None),
+    ("torch==2.2.1+cu118", "torch==2.2.1+cu118", None),
+    (
+        "https://x.org/f/x-1.0-cp39-cp39-manylinux2014_x86_64.whl",
+        "https://x.org/f/x-1.0-cp39-cp39-manylinux2014_x86_64.whl",
+        None,
+    ),
+    ("https://x.org/f/x-1.0-cp39-cp39-win_amd64.whl", None, "a Windows wheel (win_amd64); write `x==1.0`"),
+    (
+        "https://x.org/f/y-2.0-cp310-cp310-macosx_11_0_arm64.whl",
+        None,
+        "a macOS wheel (macosx_11_0_arm64); write `y==2.0`",
+    ),
+    ("-e .", None, LOCAL_REASON),
+    ("/home/me/src/lib", None, LOCAL_REASON),
+    ("tensorflow-macos==2.13.0", "tensorflow==2.13.0", "replaced by tensorflow==2.13.0 on Linux"),
+    ("tensorflow-macos>=2.12", "tensorflow>=2.12", "replaced by tensorflow>=2.12 on Linux"),
+    ("pywin32==306", None, "installs only on Windows"),
+    ('colorama==0.4.6; sys_platform == "win32"', None, "is false on linux-64"),
+    ('tomli==2.0.1; python_version < "3.11"', None, "is false on linux-64"),
+    ('exceptiongroup; python_version < "3.12"', 'exceptiongroup; python_version < "3.12"', None),
+]
+
+
+@pytest.mark.parametrize("line, kept, reason", LINUX_TABLE)
+def test_pip_lines_for_linux(tmp_path, line, kept, reason):
+    _, env = _env(tmp_path, [line])
+    assert [p.text for p in env.pip] == ([kept] if kept else [])
+    dropped = {d.spec: d.reason for d in env.dropped}
+    if reason:
+        assert reason in dropped[f"pip: {line}"], dropped
+    else:
+        assert not [d for d in dropped if d.startswith("pip:")], dropped
+
+
+def test_index_options_become_pip_indexes_without_credentials(tmp_path):
+    raw, env = _env(
+        tmp_path,
+        [
+            "--extra-index-url https://download.pytorch.org/whl/cu118",
+            "--index-url https://user:s3cret@mirror.corp/simple",
+            "-f https://data.pyg.org/whl/torch-2.2.0+cu118.html",
+            "--extra-index-url ./local-wheels",
+            "-r other-requirements.txt",
+            "torch==2.2.1+cu118",
+        ],
+    )
+    dropped = []
+    indexes = pip_indexes(raw, dropped)
+    assert indexes == PipIndexes(
+        "https://mirror.corp/simple",
+        ("https://download.pytorch.org/whl/cu118",),
+        ("https://data.pyg.org/whl/torch-2.2.0+cu118.html",),
+    )
+    assert "s3cret" not in json.dumps(indexes.to_dict()) + json.dumps([d.__dict__ for d in env.dropped])
+    reasons = {d.spec: d.reason for d in env.dropped}
+    assert reasons["pip: --extra-index-url ./local-wheels"] == LOCAL_REASON
+    assert "list its lines" in reasons["pip: -r other-requirements.txt"]
+    assert [p.text for p in env.pip] == ["torch==2.2.1+cu118"]
+    assert PipIndexes.from_dict(indexes.to_dict()) == indexes
+
+
+def test_indexes_reach_pip_through_its_environment_never_argv():
+    indexes = PipIndexes("https://m/simple", ("https://a/simple", "https://b/simple"), ("https://f/",))
+    env = indexes.environment({"PIP_EXTRA_INDEX_URL": "https://mine/simple", "PATH": "/bin"})
+    assert env["PIP_INDEX_URL"] == "https://m/simple"
+    assert env["PIP_EXTRA_INDEX_URL"] == "https://a/simple https://b/simple https://mine/simple"
+    assert env["PIP_FIND_LINKS"] == "https://f/"
+    assert PipIndexes().environment({"PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+def test_requirements_file_options_are_read(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("--extra-index-url https://download.pytorch.org/whl/cu118\ntorch==2.2.1+cu118\n")
+    raw = read_env_file(req, "3.11")
+    assert pip_indexes(raw).extra_index_urls == ("https://download.pytorch.org/whl/cu118",)
+
+
+def test_what_pip_can_lock_from_wheels():
+    assert lockable(parse_pip_line("x>=1"))
+    assert lockable(parse_pip_line("https://x.org/x-1.0-py3-none-any.whl"))
+    assert not lockable(parse_pip_line("git+https://h/r.git@v1"))
+    assert not lockable(parse_pip_line("https://x.org/x-1.0.tar.gz"))
+
+
+def test_pins_from_a_pip_report():
+    report = {
+        "install": [
+            {
+                "metadata": {"name": "kbdemo", "version": "1.0+cu118"},
+                "download_info": {"url": "http://i/kbdemo.whl", "archive_info": {"hashes": {"sha256": "aa"}}},
+                "is_direct": False,
+            },
+            {
+                "metadata": {"name": "x", "version": "1.0"},
+                "download_info": {"url": "https://x.org/x-1.0-py3-none-any.whl", "archive_info": {"hash": "sha256=bb"}},
+                "is_direct": True,
+            },
+        ]
+    }
+    assert [p.text for p in pins_from_report(report)] == [
+        "kbdemo==1.0+cu118 --hash=sha256:aa",
+        "x @ https://x.org/x-1.0-py3-none-any.whl --hash=sha256:bb",
+    ]
+
+
+def test_a_prefix_gives_exact_versions_and_vcs_commits(tmp_path):
+    from kbundle.pack.prefix import read_prefix
+
+    prefix = tmp_path / "env"
+    (prefix / "conda-meta").mkdir(parents=True)
+    (prefix / "conda-meta" / "python-3.11.7-h1.json").write_text(
+        json.dumps({"name": "python", "version": "3.11.7", "build": "h1", "subdir": "linux-64", "files": []})
+    )
+    site = prefix / "lib" / "python3.11" / "site-packages"
+
+    def dist(name, version, direct=None):
+        d = site / f"{name}-{version}.dist-info"
+        d.mkdir(parents=True)
+        (d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n\n")
+        (d / "INSTALLER").write_text("pip\n")
+        if direct:
+            (d / "direct_url.json").write_text(json.dumps(direct))
+
+    dist("test-tube", "0.7.5")
+    dist("kbgit", "0.1", {"url": "https://h/kbgit.git", "vcs_info": {"vcs": "git", "commit_id": "abc123"}})
+    dist("mine", "0.0.1", {"url": "file:///home/me/mine", "dir_info": {"editable": True}})
+    raw = read_prefix(prefix, "conda-prefix")
+    assert [p.text for p in raw.pip] == [
+        "kbgit @ git+https://h/kbgit.git@abc123",
+        "mine @ file:///home/me/mine",
+        "test-tube==0.7.5",
+    ]
+    env = normalise(raw)
+    assert [p.text for p in env.pip] == ["kbgit @ git+https://h/kbgit.git@abc123", "test-tube==0.7.5"]
+    assert {d.reason for d in env.dropped if d.spec.startswith("pip:")} == {LOCAL_REASON}
+
+
+def test_a_bare_url_naming_no_package_is_one_error():
+    with pytest.raises(UsageError, match="egg="):
+        parse_pip_line("https://example.org/download")
