@@ -133,3 +133,18 @@ def test_lock_never_does_not_call_pip_and_an_unreachable_index_is_fast(world, tm
         timeout=240,
     )
     assert_one_error_line(proc, "kbrange")
+
+
+def test_an_early_pip_lock_serves_only_the_inputs_it_was_started_for():
+    """pack starts pip's resolver on its first, offline reading; the final inputs must match."""
+    from kbundle.pack import piplock
+    from kbundle.specs import PipIndexes, parse_pip_line
+
+    pins = [parse_pip_line("kbrange>=1.0")]
+    indexes = PipIndexes.from_dict({})
+    early = piplock.start(pins, indexes, "3.11", "2.36", "never")  # never: nothing runs, inputs recorded
+    assert early.serves(pins, indexes, "3.11", "2.36")
+    assert not early.serves(pins, indexes, "3.11", "2.28")  # the channels changed the base image
+    assert not early.serves(pins, indexes, "3.10", "2.36")
+    assert not early.serves([parse_pip_line("kbrange>=1.5")], indexes, "3.11", "2.36")
+    assert not early.serves(pins, PipIndexes.from_dict({"index_url": "http://127.0.0.1:1/simple"}), "3.11", "2.36")

@@ -169,16 +169,16 @@ def write_bytes(root_fd: int, rel: str, data: bytes, *, replace: bool = True) ->
 def undo(root_fd: int, files: list[str], folders: list[str]) -> None:
     """Remove files and then (empty) folders this process made, after a failure part way."""
     for rel in files:
-        try:
-            with parent_of(root_fd, rel, create=False) as fd:
-                if fd is not None:
-                    os.unlink(rel.rpartition("/")[2], dir_fd=fd)
-        except OSError:
-            pass
+        _remove(root_fd, rel, os.unlink)
     for rel in reversed(folders):
-        try:
-            with parent_of(root_fd, rel, create=False) as fd:
-                if fd is not None:
-                    os.rmdir(rel.rpartition("/")[2], dir_fd=fd)
-        except OSError:
-            pass
+        _remove(root_fd, rel, os.rmdir)
+
+
+def _remove(root_fd: int, rel: str, remove) -> None:
+    """`remove(name, dir_fd=...)` for `rel` under the root, never following a link; quiet when gone."""
+    try:
+        with parent_of(root_fd, rel, create=False) as fd:
+            if fd is not None:
+                remove(rel.rpartition("/")[2], dir_fd=fd)
+    except OSError:
+        pass

@@ -182,14 +182,22 @@ def _signer(options: PackOptions):
 
 
 def _environment(options: PackOptions, notebook: Notebook):
-    """Find, normalise, choose CUDA: the environment as the bundle will carry it."""
-    from kbundle.pack import cuda
+    """Find, normalise, choose CUDA: the environment as the bundle will carry it.
+
+    pip's resolver starts as soon as the offline reading gives its inputs (it is the slowest
+    step); the channels' answer rarely changes them, and when it does pack starts it again."""
+    from kbundle.pack import cuda, piplock
     from kbundle.pack.discover import find_environment
-    from kbundle.pack.normalise import normalise
+    from kbundle.pack.normalise import normalise, pip_indexes
 
     raw = find_environment(notebook.kernel_name, options.env_file, options.python)
     env = _with_channels(normalise(raw), options)
+    indexes = pip_indexes(raw)
+    early = None
     if options.lock != "never":
+        guess = cuda.choose(cuda.evidence(raw, env), options.cuda, options.base_image)
+        if env.python and not options.strict:  # --strict may stop pack before any lock is needed
+            early = piplock.start(env.pip, indexes, env.python, guess.glibc, options.lock)
         # The channels, when they answer, decide what exists for linux-64 (else data/normalise.yaml does).
         available, down = _availability(raw, env)
         if available is not None:
@@ -199,7 +207,7 @@ def _environment(options: PackOptions, notebook: Notebook):
     cuda.apply_added(env, choice)
     if options.strict:
         _strict(env, choice)
-    return raw, env, choice
+    return raw, env, choice, indexes, early
 
 
 def _with_channels(env, options: PackOptions):
@@ -247,7 +255,7 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     from kbundle.pack import piplock
     from kbundle.pack.dockerfile import render_for
     from kbundle.pack.lock import channel_urls, lock, target
-    from kbundle.pack.normalise import environment_yml, pip_indexes
+    from kbundle.pack.normalise import environment_yml
 
     _check(options)
     signer = _signer(options)
@@ -255,10 +263,12 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     name = bundle_name(options)
     out = output_path(options, name)
     includes = include_members(options.notebook, options.includes)
-    raw, env, choice = _environment(options, notebook)
-    indexes = pip_indexes(raw)
-    # pip's resolver runs beside rattler's solve when the Python version is already known.
-    pending = piplock.start(env.pip, indexes, env.python, choice.glibc, options.lock) if env.python else None
+    raw, env, choice, indexes, pending = _environment(options, notebook)
+    if pending is not None and not pending.serves(env.pip, indexes, env.python, choice.glibc):
+        pending = None  # started on a guess the channels overturned
+    if pending is None and env.python:
+        # pip's resolver runs beside rattler's solve when the Python version is already known.
+        pending = piplock.start(env.pip, indexes, env.python, choice.glibc, options.lock)
     slow = (
         progress("Locking the environment for linux-64 with rattler…")
         if progress and options.lock != "never"

@@ -50,6 +50,11 @@ class PendingLock:
     future: Future | None = None
     done: PipLock | None = None
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+    inputs: tuple = ()  # what it resolves: the pins' text, the indexes, Python, glibc
+
+    def serves(self, pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None) -> bool:
+        """Whether this lock was started for exactly these inputs (an early start may have guessed)."""
+        return self.inputs == _inputs(pins, indexes, python, glibc)
 
     def result(self) -> PipLock:
         if self.done is None:
@@ -67,10 +72,15 @@ def lockable(pin: PipPin) -> bool:
 
 def start(pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None, mode: str) -> PendingLock:
     """Start `lock` in a thread (pip runs as a subprocess, so rattler's solve runs meanwhile)."""
+    inputs = _inputs(pins, indexes, python, glibc)
     if mode == "never" or not pins or not python:
-        return PendingLock(done=lock(pins, indexes, python, glibc, mode))
+        return PendingLock(done=lock(pins, indexes, python, glibc, mode), inputs=inputs)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kbundle-piplock")
-    return PendingLock(future=pool.submit(lock, pins, indexes, python, glibc, mode), _pool=pool)
+    return PendingLock(future=pool.submit(lock, pins, indexes, python, glibc, mode), _pool=pool, inputs=inputs)
+
+
+def _inputs(pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None) -> tuple:
+    return (tuple(p.text for p in pins), repr(indexes.to_dict()), python, glibc)
 
 
 def lock(pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None, mode: str) -> PipLock:
