@@ -129,7 +129,24 @@ LINUX_TABLE = [
     ('colorama==0.4.6; sys_platform == "win32"', None, "is false on linux-64"),
     ('tomli==2.0.1; python_version < "3.11"', None, "is false on linux-64"),
     ('exceptiongroup; python_version < "3.12"', 'exceptiongroup; python_version < "3.12"', None),
+    ("torch==2.1.0+cpu", "torch==2.1.0+cpu", None),  # a real build an index serves
 ]
+
+
+@pytest.mark.parametrize(
+    "line, public",
+    [
+        ("mylib==1.4.2+g1a2b3c4.dirty", "mylib==1.4.2"),
+        ("mylib==0.3.1.dev4+g9f8e7d6", "mylib==0.3.1.dev4"),
+        ("mylib[extra]==2.0+dirty", "mylib[extra]==2.0"),
+        ("mylib==1.0+g1a2b3c4.d20240101", "mylib==1.0"),
+    ],
+)
+def test_a_senders_dev_build_is_relaxed_to_its_public_version(tmp_path, line, public):
+    raw, env = _env(tmp_path, [line])
+    assert [p.text for p in env.pip] == [public]
+    (change,) = env.changed
+    assert change.spec == f"pip: {line}" and change.to == public and "sender's own checkout" in change.reason
 
 
 @pytest.mark.parametrize("line, kept, reason", LINUX_TABLE)

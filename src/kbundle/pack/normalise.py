@@ -122,6 +122,25 @@ def _marker_reason(pin: PipPin, python: str | None) -> str | None:
         return None
 
 
+_DEV_BUILD_REASON = "{local} is a build from the sender's own checkout, which no index serves; its public release"
+# Local version labels that setuptools-scm / versioneer give a working tree: `+g1a2b3c4`,
+# `+dirty`, `+g1a2b3c4.d20240101`. (`+cu118`, `+cpu` are real builds an index serves: kept.)
+_DEV_LOCAL = re.compile(r"(^|\.)(dirty|g[0-9a-f]{7,40}|d20\d{6})(\.|$)")
+
+
+def _public_of_dev_build(pin: PipPin) -> PipPin | None:
+    """`mylib==1.4.2+g1a2b3c4.dirty` -> `mylib==1.4.2`; None for anything else."""
+    if not pin.version or "+" not in pin.version or pin.requirement is None:
+        return None
+    public, _, local = pin.version.partition("+")
+    if not _DEV_LOCAL.search(local):
+        return None
+    req = pin.requirement
+    extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+    marker = f"; {req.marker}" if req.marker else ""
+    return parse_pip_line(f"{req.name}{extras}=={public}{marker}")
+
+
 def _replaced(pin: PipPin, linux_name: str) -> PipPin:
     """The pin under its Linux name, with the same version constraint, extras and marker."""
     if pin.requirement is None:
@@ -132,12 +151,20 @@ def _replaced(pin: PipPin, linux_name: str) -> PipPin:
     return parse_pip_line(f"{linux_name}{extras}{req.specifier}{marker}")
 
 
-def _pip(pins: list[PipPin], dropped: list[Dropped], python: str | None = None) -> list[PipPin]:
+def _pip(
+    pins: list[PipPin], dropped: list[Dropped], python: str | None = None, changed: list[Changed] | None = None
+) -> list[PipPin]:
     """The pip: section for linux-64, in order: every form pip accepts is kept as written, except
-    what cannot exist on Linux (each dropped with its reason and what to write instead)."""
+    what cannot exist on Linux (each dropped with its reason and what to write instead) and a
+    sender's own dev build, relaxed to its public version (a change, with its reason)."""
     facts = normalise_facts()
     kept: list[PipPin] = []
+    changed = [] if changed is None else changed
     for pin in pins:
+        public = _public_of_dev_build(pin)
+        if public is not None:
+            changed.append(Changed(f"pip: {pin.raw}", public.text, _DEV_BUILD_REASON.format(local=pin.version)))
+            pin = public
         if pin.local:
             dropped.append(Dropped(f"pip: {pin.raw}", LOCAL_REASON))
             continue
@@ -244,7 +271,7 @@ def normalise(env: RawEnv, available: Availability | None = None) -> NormalisedE
             variants.append(variant)
         python = _python_version(spec) or python
         deps.append(kept)
-    pip = _pip(env.pip, dropped, python)
+    pip = _pip(env.pip, dropped, python, changed)
     pip_indexes(env, dropped)  # only to say which options are not carried
     names = {d.name for d in deps}
     if pip and "pip" not in names:
