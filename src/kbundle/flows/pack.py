@@ -239,10 +239,16 @@ def _availability(raw, env):
     return found, down
 
 
+def _unresolved(pin) -> str:
+    if pin.vcs or pin.url:
+        return f"unresolved pip line `{pin.raw}`: the recipient resolves and builds it (a VCS or source requirement)"
+    return f"unresolved pip line `{pin.raw}`: kbundle cannot read it"
+
+
 def _strict(env, choice) -> None:
     """--strict: every drop, unreadable line and conflict is a problem; all of them, one line each."""
     problems = [f"dropped `{d.spec}`: {d.reason}" for d in env.dropped]
-    problems += [f"unresolved pip line `{p.raw}`: kbundle cannot read it" for p in env.pip if p.requirement is None]
+    problems += [_unresolved(p) for p in env.pip if p.requirement is None]
     if choice.conflict:
         problems.append(choice.conflict)
     if problems:
