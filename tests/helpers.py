@@ -52,3 +52,34 @@ def notebook(folder: Path, kernel: str | None = None, name: str = "nb.ipynb") ->
         )
     )
     return path
+
+
+# ----------------------------------------------------------------- bundles from the offline world
+
+WORLD_NOTEBOOK_SOURCE = "from tabulate import tabulate\nprint(1 + 2)"
+
+
+def pack_world_bundle(world: dict, env: dict, folder: Path, name: str, source: str = WORLD_NOTEBOOK_SOURCE) -> Path:
+    """A bundle `name` of a one-cell notebook over the world's channel (python, numpy, ipykernel,
+    tabulate from pip). Another `source` gives another bundle (content hash) with the same env."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cell = {"cell_type": "code", "execution_count": None, "id": "c1", "metadata": {}, "outputs": [], "source": source}
+    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    nb = {"cells": [cell], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}
+    (folder / f"{name}.ipynb").write_text(json.dumps(nb))
+    (folder / "environment.yml").write_text(
+        f"name: {name}\nchannels:\n  - {world['channel']}\ndependencies:\n"
+        f"  - python={world['python']}\n  - numpy\n  - ipykernel\n  - pip\n  - pip:\n    - tabulate==0.9.0\n"
+    )
+    out = folder / f"{name}.kbundle"
+    args = ["pack", f"{name}.ipynb", "-e", "environment.yml", "--channel", world["channel"]]
+    proc = kbundle(*args, "--base-image", world["base_image"], "-o", out, cwd=folder, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def run_env_for(root: Path) -> dict:
+    """Environment for `kbundle run` subprocesses: a private Jupyter data dir and kbundle cache under `root`."""
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(root / "jupyter"), KBUNDLE_CACHE_DIR=str(root / "cache"))
+    env.pop("JUPYTER_PATH", None)
+    return env

@@ -1,4 +1,4 @@
-"""The wheel carries the templates and the compatibility data; the installed CLI finds them."""
+"""The wheel carries the templates, the compatibility data and the kernel logo; the installed CLI finds them."""
 
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def test_wheel_ships_templates_and_data(tmp_path):
             assert f"kbundle/templates/{template.relative_to(ROOT / 'templates').as_posix()}" in names
     data_files = {n for n in names if n.startswith("kbundle/data/") and n.endswith(".yaml")}
     assert len(data_files) >= 4, data_files
+    for logo in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):  # every kernelspec gets a copy
+        assert f"kbundle/data/logo/{logo}" in names
     entry_points = (
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     )

@@ -27,3 +27,22 @@ def contexts_dir() -> Path:
 def pycache_root(environ: Optional[Mapping[str, str]] = None) -> Path:
     """Per-image bytecode caches of kernels whose env has no .pyc; `kbundle gc` sweeps unused ones."""
     return cache_root(environ) / "pycache"
+
+
+# What `kbundle gc --cache` empties: all of it is fetched or computed again when a build
+# needs it. Left out: build contexts (a build may be writing one; gc sweeps stale ones),
+# kernels' bytecode (running kernels mount it; gc sweeps unused ones) and the recorded pip
+# resolutions (a few bytes that the kernelspec's metadata is made from).
+DOWNLOAD_CACHES = {
+    "pkgs": "conda packages",
+    "repodata": "channel metadata",
+    "wheels": "pip wheels",
+    "built": "wheels built from git requirements",
+    "pyc": "byte-compiled environments",
+}
+
+
+def download_caches(environ: Optional[Mapping[str, str]] = None) -> list[tuple[Path, str]]:
+    """(directory, what it holds) for each of DOWNLOAD_CACHES that exists."""
+    root = cache_root(environ)
+    return [(root / name, what) for name, what in DOWNLOAD_CACHES.items() if (root / name).is_dir()]

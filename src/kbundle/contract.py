@@ -44,6 +44,7 @@ LABEL_KERNEL_NAME = LABEL_NS + "kernel-name"
 LABEL_LAUNCHER_PID = LABEL_NS + "launcher-pid"
 LABEL_LAUNCHER_START = LABEL_NS + "launcher-start"
 LABEL_LAUNCHER_HOST = LABEL_NS + "launcher-host"
+LABEL_LAUNCHER_PPID = LABEL_NS + "launcher-ppid"  # who started the launcher: gc spots orphans
 LABEL_PROBE = LABEL_NS + "probe"  # preflight's throwaway GPU probe
 LABEL_BYTECODE = LABEL_NS + "bytecode"  # the throwaway container that byte-compiles an env
 

@@ -1,4 +1,8 @@
-"""The one exception type the CLI turns into a calm `error: ...` line."""
+"""The one exception type the CLI turns into a calm `error: ...` line.
+
+Exit codes (docs/usage.md): 1 anything else, 2 usage or a missing file, 3 a damaged bundle
+(kbundle.bundle.BundleError), 4 this machine cannot run it, 130 interrupted.
+"""
 
 
 class KbundleError(Exception):
@@ -8,9 +12,24 @@ class KbundleError(Exception):
 
 
 class UsageError(KbundleError):
-    """Bad input: a wrong file, an unknown option value."""
+    """Bad input: a wrong or missing file, an unknown option value."""
 
     exit_code = 2
+
+
+class MachineError(KbundleError):
+    """This machine cannot run the bundle: no engine answers, GPUs refused, too little disk."""
+
+    exit_code = 4
+
+
+class Interrupted(KbundleError):
+    """Ctrl-C or SIGTERM: the run cleaned up and stops."""
+
+    exit_code = 130
+
+    def __init__(self, message: str = "interrupted"):
+        super().__init__(message)
 
 
 def first_line(message: object) -> str:

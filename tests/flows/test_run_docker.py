@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+import docker
 import pytest
 
 pytestmark = pytest.mark.docker
@@ -113,8 +114,11 @@ def built_run(world, run_env, tmp_path_factory, docker_client, session_tag):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     yield data, proc.stderr, bundle, cwd
-    for container in docker_client.containers.list(all=True, filters={"ancestor": data["image"]}):
-        container.remove(force=True)
+    for container in docker_client.api.containers(all=True, filters={"ancestor": data["image"]}):
+        try:
+            docker_client.api.remove_container(container["Id"], force=True)
+        except docker.errors.NotFound:
+            pass  # auto-removed meanwhile
     docker_client.images.remove(data["image"], force=True)
 
 
@@ -178,7 +182,9 @@ def test_kernel_runs_inside_the_image_and_leaves_no_container(built_run, run_env
     finally:
         km.shutdown_kernel()
     deadline = time.monotonic() + 20
-    while docker_client.containers.list(all=True, filters={"ancestor": data["image"]}):
+    # The low-level list: the high-level one inspects each container and trips over one that
+    # auto-remove deletes in between.
+    while docker_client.api.containers(all=True, filters={"ancestor": data["image"]}):
         assert time.monotonic() < deadline, "a kernel container outlived shutdown"
         time.sleep(0.5)
 
@@ -243,6 +249,7 @@ def test_gpus_all_names_the_missing_nvidia_runtime(built_run, world, run_env):
     _, _, bundle, cwd = built_run
     proc = kbundle(["run", bundle, "--base-image", world["base_image"], "--gpus", "all", "--yes"], run_env, cwd=cwd)
     assert_clean_error(proc, "NVIDIA runtime", "--gpus none")
+    assert proc.returncode == 4  # this machine cannot run it (docs/usage.md)
 
 
 def test_unreachable_daemon_is_one_line(built_run, run_env):
@@ -266,7 +273,7 @@ def test_without_yes_and_no_terminal_it_asks_for_yes(world, run_env, tmp_path, s
     assert_clean_error(proc, "--yes")
     listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
     assert f"kbundle-kbt-ask-{session_tag}" not in [k["name"] for k in listed]
-    assert (tmp_path / bundle.stem / ".kbundle" / "Dockerfile").is_file()  # there to review
+    assert not (tmp_path / bundle.stem).exists()  # a run that stops leaves nothing behind (review: on a terminal)
 
 
 def test_on_a_terminal_it_asks_and_a_no_builds_nothing(world, run_env, tmp_path, session_tag):
@@ -315,6 +322,23 @@ def rewrite_dockerfile(bundle: Path, target: Path, name: str, extra_step: str) -
     return target
 
 
+def build_log(run_env, name: str):
+    """The build log of bundle `name` in kbundle's cache (found once the build starts)."""
+
+    class Log:
+        def _path(self) -> Path:
+            found = sorted((Path(run_env["KBUNDLE_CACHE_DIR"]) / "logs").glob(f"{name}-*.build.log"))
+            return found[-1] if found else Path(run_env["KBUNDLE_CACHE_DIR"]) / "logs" / f"{name}-none.build.log"
+
+        def exists(self) -> bool:
+            return self._path().exists()
+
+        def read_text(self) -> str:
+            return self._path().read_text()
+
+    return Log()
+
+
 def _no_trace(docker_client, run_env, name: str, log: Path) -> None:
     assert not [i for i in docker_client.images.list(name=f"kbundle/{name}")], "a half-built image was tagged"
     listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
@@ -343,8 +367,10 @@ def test_failed_build_leaves_no_image_and_no_kernel(built_run, world, run_env, d
     args = ["run", bundle, "--base-image", world["base_image"], "--yes", "--use-bundled-dockerfile"]
     proc = kbundle(args, run_env, cwd=tmp_path)
     line = assert_clean_error(proc, "build failed", "build.log")
-    assert "failing-on-purpose" in (tmp_path / name / ".kbundle" / "build.log").read_text(), line
-    _no_trace(docker_client, run_env, name, tmp_path / name / ".kbundle" / "build.log")
+    log = Path(re.search(r"full log: (\S+?build\.log)", line).group(1))  # in kbundle's cache: the workdir is gone
+    assert "failing-on-purpose" in log.read_text(), line
+    assert not (tmp_path / name).exists()
+    _no_trace(docker_client, run_env, name, log)
 
 
 def test_interrupted_build_leaves_no_image_and_no_kernel(
@@ -352,7 +378,7 @@ def test_interrupted_build_leaves_no_image_and_no_kernel(
 ):
     name = f"kbt-int-{session_tag}"
     bundle = rewrite_dockerfile(built_run[2], tmp_path / "int.kbundle", name, "RUN sleep 120")
-    log = tmp_path / name / ".kbundle" / "build.log"
+    log = build_log(run_env, name)
     proc = subprocess.Popen(
         [KBUNDLE, "run", str(bundle), "--base-image", world["base_image"], "--yes", "--use-bundled-dockerfile"],
         env=run_env,
@@ -376,6 +402,7 @@ def test_interrupted_build_leaves_no_image_and_no_kernel(
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "error: interrupted" in err and not (tmp_path / name).exists()
     _no_trace(docker_client, run_env, name, log)
     deadline = time.monotonic() + 30  # the engine cancels the step and removes its container
     while [

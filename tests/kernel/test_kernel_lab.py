@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import labkit  # tests/kernel/labkit.py
 import pytest
 
 from kbundle.errors import KbundleError, UsageError
@@ -65,41 +66,13 @@ def test_notebook_must_be_inside_the_workdir(work, tmp_path):
         lab.open_lab(workdir, tmp_path / "elsewhere.ipynb", "k")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def jupyterlab_bin() -> Path:
-    """A JupyterLab in its own venv, cached beside the offline world.
-
-    Not in the test venv: JupyterLab's dependencies make `import nbformat` several times
-    slower (jsonschema's format checkers), which would skew bench/bench_pack.py's baseline;
-    and users often keep JupyterLab in another environment anyway."""
-    import subprocess
-
-    import world
-
-    venv = world.world_dir() / "jupyterlab-venv"
-    lab_bin = venv / "bin"
-    if not (lab_bin / "jupyter-lab").exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run(
-            [str(lab_bin / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "jupyterlab>=4"],
-            check=True,
-            capture_output=True,
-        )
-    return lab_bin
+    return labkit.jupyterlab_venv()
 
 
 def test_real_jupyterlab_serves_the_workdir_with_the_kernel_as_default(work, tmp_path, monkeypatch, jupyterlab_bin):
     """JupyterLab itself, started by open_lab: its root is the workdir and kbundle's kernel is the default."""
-    import subprocess
-    import time
     import urllib.request
 
     from kbundle.kernel.spec import KernelRequest, install_kernelspec
@@ -115,41 +88,28 @@ def test_real_jupyterlab_serves_the_workdir_with_the_kernel_as_default(work, tmp
     install_kernelspec(
         KernelRequest("kbundle-demo", "demo (kbundle)", "kbundle-test/none:latest", str(workdir), [], "0" * 64)
     )
-    port, token = _free_port(), "kbundle-test-token"
-    monkeypatch.setenv("JUPYTER_PORT", str(port))
-    monkeypatch.setenv("JUPYTER_TOKEN", token)
-
-    code = (
-        "import sys; from kbundle.kernel.lab import open_lab; "
-        f"sys.exit(open_lab({str(workdir)!r}, {str(notebook)!r}, 'kbundle-demo'))"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/kernelspecs?token={token}", timeout=2) as resp:
-                    specs = json.load(resp)
-                break
-            except OSError:
-                assert proc.poll() is None, f"JupyterLab exited early: {proc.stdout.read().decode()[-2000:]}"
-                assert time.monotonic() < deadline, "JupyterLab did not answer within 90 s"
-                time.sleep(0.5)
+    token = "kbundle-test-token"
+    with labkit.running_lab(workdir, notebook, "kbundle-demo", token) as (base, proc):
+        specs = labkit.wait_for_lab(base, token, proc)
         assert specs["default"] == "kbundle-demo"
         assert specs["kernelspecs"]["kbundle-demo"]["spec"]["display_name"] == "demo (kbundle)"
-        with urllib.request.urlopen(f"{base}/contents?token={token}", timeout=5) as resp:
+        with urllib.request.urlopen(f"{base}/api/contents?token={token}", timeout=5) as resp:
             listing = json.load(resp)
         assert notebook.name in {item["name"] for item in listing["content"]}
-    finally:
-        req = urllib.request.Request(f"{base}/shutdown?token={token}", method="POST")
-        try:
-            urllib.request.urlopen(req, timeout=5)
-        except OSError:
-            pass
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
     assert proc.returncode == 0
+
+
+def test_run_lab_checks_for_jupyterlab_before_anything_else(tmp_path):
+    """`kbundle run --lab` without JupyterLab stops at once with one line: no review, no build."""
+    import subprocess
+
+    kbundle = Path(sys.executable).parent / "kbundle"
+    bundle = tmp_path / "not-read.kbundle"  # never opened: the check comes first
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # the test venv itself has no JupyterLab
+    proc = subprocess.run(
+        [str(kbundle), "run", str(bundle), "--lab", "--yes"], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: JupyterLab is not installed"), proc.stderr
+    assert "pip install jupyterlab" in lines[0] and "without --lab" in lines[0]

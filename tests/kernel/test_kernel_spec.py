@@ -10,6 +10,7 @@ import pytest
 
 from kbundle.errors import KbundleError, UsageError
 from kbundle.kernel.spec import (
+    LOGO_FILES,
     KernelRequest,
     build_spec,
     install_kernelspec,
@@ -57,7 +58,8 @@ def test_install_writes_a_user_spec_jupyter_client_finds(data_dir, tmp_path):
         "cuda": "12.1",
     }
     assert "kernel_provisioner" not in spec.metadata
-    assert not [p for p in path.iterdir() if p.name != "kernel.json"]  # no temp file left
+    assert spec.env == {"KBUNDLE_BUNDLE": "demo", "KBUNDLE_CUDA": "12.1"}  # for the kernel's banner
+    assert sorted(p.name for p in path.iterdir()) == sorted(["kernel.json", *LOGO_FILES])  # no temp file left
 
 
 def test_display_name_is_not_suffixed_twice(tmp_path):

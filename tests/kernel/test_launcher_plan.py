@@ -230,3 +230,16 @@ def test_prepare_pycache_falls_back_to_none(tmp_path):
     blocker.write_text("")
     broken = L.prepare_pycache(_plan(tmp_path, environ={"KBUNDLE_CACHE_DIR": str(blocker)}))
     assert broken.pycache == "" and "KBUNDLE_PYCACHE" not in broken.environment
+
+
+def test_banner_facts_reach_the_container_environment(tmp_path):
+    """The kernelspec's env (spec.banner_env) reaches the launcher; the shim builds the banner from these."""
+    plan = _plan(tmp_path, environ={"KBUNDLE_BUNDLE": "demo", "KBUNDLE_CUDA": "12.1"}, image="kbundle/demo:abc")
+    assert {k: v for k, v in plan.environment.items() if k.startswith("KBUNDLE_BANNER_")} == {
+        "KBUNDLE_BANNER_BUNDLE": "demo",
+        "KBUNDLE_BANNER_IMAGE": "kbundle/demo:abc",
+        "KBUNDLE_BANNER_CUDA": "12.1",
+    }
+    older = _plan(tmp_path, kernel_name="kbundle-old")  # a spec written before the banner existed
+    assert older.environment["KBUNDLE_BANNER_BUNDLE"] == "kbundle-old"
+    assert older.environment["KBUNDLE_BANNER_CUDA"] == "unknown"

@@ -376,7 +376,9 @@ def open_bundle(path: str | os.PathLike, *, max_extract: int = DEFAULT_MAX_EXTRA
     `max_extract` bounds what the bundle may declare in all (and so what it unpacks to)."""
     path = Path(path)
     if not path.is_file():
-        raise BundleError(f"{path} does not exist or is not a file")
+        from kbundle.errors import UsageError
+
+        raise UsageError(f"{path} does not exist or is not a file")
     with _zip_errors(path):
         _check_directory(path)
         with zipfile.ZipFile(path) as zf:

@@ -60,14 +60,22 @@ def inspect_lines(path: Path, m, signature: str) -> list[str]:
     return lines
 
 
-def verify(bundle: Path = typer.Argument(..., help="The .kbundle file.")) -> None:
+def verify(
+    bundle: Path = typer.Argument(..., help="The .kbundle file."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object: ok, path, members, format and signature."
+    ),
+) -> None:
     """Check a bundle: format, schema, every member against its sha256, the content hash and the signature."""
     from kbundle.bundle import open_bundle
     from kbundle.bundle.signing import read_signature
 
     opened = open_bundle(bundle)
     signature = read_signature(opened)
-    typer.echo(
-        f"ok: {bundle} ({len(opened.manifest.files)} members match the manifest, format {opened.manifest.format_version})"
-    )
+    members, version = len(opened.manifest.files), opened.manifest.format_version
+    if as_json:
+        data = {"ok": True, "path": str(bundle), "members": members, "format": version}
+        typer.echo(json.dumps(data | {"signature": signature.to_dict()}, indent=2))
+        return
+    typer.echo(f"ok: {bundle} ({members} members match the manifest, format {version})")
     typer.echo(f"signature: {signature.describe()}")

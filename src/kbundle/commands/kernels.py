@@ -7,6 +7,7 @@ stderr. Without `--yes`, gc asks, and refuses to guess when stdin is not a termi
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import typer
@@ -20,43 +21,128 @@ def _print_json(data) -> None:
 
 @kernels_app.command("list")
 def kernels_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
-    """The kernels kbundle registered, with their images and working directories."""
+    """The kernels kbundle registered: image, GPUs, health (image and workdir still there) and workdir."""
     from kbundle.kernel.spec import list_kernelspecs
 
     records = list_kernelspecs()
+    client = _engine_or_none() if records else None
+    health = {r.name: kernel_health(r, client) for r in records}
     if as_json:
-        _print_json([r.to_dict() for r in records])
+        _print_json([dict(r.to_dict(), health=health[r.name]) for r in records])
         return
     if not records:
         typer.echo("no kbundle kernels (register one with `kbundle run BUNDLE`)")
         return
-    for r in records:
-        where = ",".join(r.gpus) if r.gpus else "cpu"
-        typer.echo(f"{r.name}\t{r.image}\t{where}\t{r.workdir}")
+    rows = [("NAME", "IMAGE", "GPUS", "HEALTH", "WORKDIR")]
+    rows += [(r.name, r.image, ",".join(r.gpus) or "cpu", health[r.name], r.workdir) for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+
+
+def _engine_or_none():
+    """The Docker engine, or None when none answers (list still shows what it knows)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        client.ping()
+        return client
+    except Exception:
+        return None
+
+
+def kernel_health(record, client) -> str:
+    """`ok`, or what is broken: `image missing`, `workdir missing`; `unknown` when the image cannot be checked."""
+    problems = [] if record.workdir and os.path.isdir(record.workdir) else ["workdir missing"]
+    image = _image_present(client, record.image)
+    if image is False:
+        problems.insert(0, "image missing")
+    if problems:
+        return ", ".join(problems)
+    return "ok" if image else "unknown"
+
+
+def _image_present(client, image: str):
+    """True or False from the engine; None without one."""
+    if client is None:
+        return None
+    import docker
+
+    try:
+        client.api.inspect_image(image)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+    except docker.errors.APIError:
+        return None
 
 
 @kernels_app.command("remove")
 def kernels_remove(
-    name: str = typer.Argument(..., help="The kernel's name, as `kbundle kernels list` shows it."),
+    ref: str = typer.Argument(
+        ..., metavar="NAME", help="The kernel's name (with or without `kbundle-`) or the .kbundle it came from."
+    ),
+    image: bool = typer.Option(False, "--image", help="Remove the kernel's Docker image too."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: kernel, path, image, image_removed."),
 ) -> None:
-    """Unregister one of kbundle's kernels (its image stays until `kbundle gc`)."""
-    from kbundle.kernel.spec import remove_kernelspec
+    """Unregister one of kbundle's kernels; its image stays (until `kbundle gc`) unless --image."""
+    from kbundle.kernel.spec import find_kernel, list_kernelspecs, remove_kernelspec
 
-    path = remove_kernelspec(name)
-    typer.echo(f"removed kernel {name} ({path})")
+    record = find_kernel(ref)
+    client = None
+    if image:
+        from kbundle.kernel import gc as gcmod
+
+        client = gcmod.connect()  # before anything is removed: no half-done removal without an engine
+    path = remove_kernelspec(record.name)
+    lines = [f"removed kernel {record.name} ({path})"]
+    removed = False
+    if not image:
+        lines.append(
+            f"its image {record.image} stays (`kbundle gc` removes unused images; --image removes it with the kernel)"
+        )
+    elif sharing := [k.name for k in list_kernelspecs() if k.image == record.image]:
+        lines.append(f"its image {record.image} stays: kernel {', '.join(sharing)} uses it too")
+    else:
+        message = _remove_image(client, record.image)
+        removed = message.startswith("removed")
+        lines.append(message)
+    if as_json:
+        data = {"kernel": record.name, "path": str(path), "image": record.image, "image_removed": removed}
+        _print_json(data)
+        return
+    typer.echo("\n".join(lines))
+
+
+def _remove_image(client, image: str) -> str:
+    import docker
+
+    from kbundle.errors import KbundleError
+
+    try:
+        client.api.remove_image(image)
+    except docker.errors.ImageNotFound:
+        return f"its image {image} was already gone"
+    except docker.errors.APIError as exc:
+        raise KbundleError(f"could not remove the image {image}: {exc.explanation or exc}") from None
+    return f"removed image {image}"
 
 
 def gc(
     yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Only list what would be removed."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: items, removed, failed."),
+    caches: bool = typer.Option(
+        False, "--cache", help="Also empty kbundle's package, wheel and bytecode caches (refetched when needed)."
+    ),
 ) -> None:
-    """Remove leftover kernel containers, unused kbundle images and stale extracted bundles."""
+    """Remove leftover kernel containers, unused kbundle images and stale extracted bundles (--cache: and caches)."""
     from kbundle.errors import KbundleError
     from kbundle.kernel import gc as gcmod
 
     client = gcmod.connect()
-    plan = gcmod.plan_gc(client)
+    plan = gcmod.plan_gc(client, caches=caches)
     if not as_json:
         _print_plan(plan, gcmod)
     if not plan.items or dry_run:

@@ -49,14 +49,31 @@ def run(
     max_extract: str = typer.Option(
         "2G", "--max-extract", help="Refuse, before writing anything, a bundle that unpacks to more (e.g. 500M, 4G)."
     ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Register the kernel as kbundle-NAME (default: the bundle's name), e.g. beside another."
+    ),
+    replace: bool = typer.Option(
+        False, "--replace", help="Take over a kernel of the same name that runs another bundle."
+    ),
+    progress: str = typer.Option(
+        "auto", "--progress", help="auto (rich on a terminal, else plain) | rich | plain (a line every 5 s) | none"
+    ),
+    engine_timeout: float = typer.Option(
+        10.0, "--engine-timeout", help="Seconds the Docker engine may take to answer before kbundle gives up."
+    ),
 ) -> None:
     """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it."""
     from kbundle.errors import UsageError
     from kbundle.flows.run import RunOptions, run_bundle, summary_lines
+    from kbundle.progress import reporter
 
     if output is not None and not execute:
         raise UsageError("-o/--output goes with --execute")
-    console = _stderr_console()
+    if lab:  # before a build that may take minutes, not after it
+        from kbundle.kernel.lab import require_jupyterlab
+
+        require_jupyterlab("run without --lab and open the notebook in VS Code or Notebook")
+    console = reporter(progress)
     options = RunOptions(
         bundle,
         gpus,
@@ -67,6 +84,9 @@ def run(
         require_signature,
         network,
         parse_size(max_extract),
+        name=name,
+        replace=replace,
+        engine_timeout=_timeout(engine_timeout),
     )
     result = run_bundle(options, console)
     data = result.to_dict()
@@ -127,25 +147,51 @@ def parse_size(text: str) -> int:
     return size
 
 
-def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+def _timeout(seconds: float) -> float:
+    from kbundle.errors import UsageError
+
+    if not seconds > 0:
+        raise UsageError("--engine-timeout must be a number of seconds above 0")
+    return seconds
+
+
+def doctor(
+    bundle: Optional[Path] = typer.Argument(
+        None, help="A .kbundle file: also check its needs (CUDA, GPU arch, disk) against this machine."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    engine_timeout: float = typer.Option(
+        10.0, "--engine-timeout", help="Seconds the Docker engine may take to answer before kbundle gives up."
+    ),
+) -> None:
     """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
-    from kbundle.errors import KbundleError
+    from kbundle.errors import KbundleError, MachineError
     from kbundle.image import preflight
 
+    opened = _open_for_doctor(bundle)
+    cuda = opened.cuda if opened else None
     try:
-        client = preflight.connect()
+        client = preflight.connect(_timeout(engine_timeout))
     except KbundleError as exc:  # still show what NVML knows
+        client = None
         engine = preflight.EngineFacts(False, preflight.docker_host(), error=str(exc))
-        report = preflight.evaluate(engine, preflight.probe_nvml(), None, preflight.GpuRequest.parse("auto"))
+        report = preflight.evaluate(engine, preflight.probe_nvml(), cuda, preflight.GpuRequest.parse("auto"))
     else:
-        report = preflight.run_preflight(client, None, preflight.GpuRequest.parse("auto"))
+        report = preflight.run_preflight(client, cuda, preflight.GpuRequest.parse("auto"))
+    if opened is not None:
+        report.findings.extend(_bundle_findings(opened, client, report.plan.on_gpu))
     kernels = _kernel_networks()
+    failure = report.errors[0].message if report.errors else None
     if as_json:
-        _print_json(report.to_dict() | {"kernels": kernels})
-        if report.errors:
-            raise KbundleError(report.errors[0].message)
+        data = report.to_dict() | {"kernels": kernels}
+        if failure:
+            data["error"] = {"code": MachineError.exit_code, "message": failure}
+        _print_json(data)
+        if failure:
+            typer.echo(f"error: {failure}", err=True)
+            raise typer.Exit(MachineError.exit_code)
         return
-    marks = {preflight.OK: "ok   ", preflight.WARN: "warn ", preflight.ERROR: "error"}
+    marks = {preflight.OK: "ok   ", preflight.WARN: "warn ", preflight.ERROR: "fail "}
     for finding in report.findings:
         typer.echo(f"{marks[finding.level]}  {finding.topic:<8} {finding.message}")
     for gpu in report.nvml.gpus:
@@ -155,5 +201,47 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
     for kernel in kernels:
         note = "  (shares this machine's network: --network host)" if kernel["network"] == "host" else ""
         typer.echo(f"kernel {kernel['name']}  network {kernel['network']}{note}")
-    if report.errors:
-        raise KbundleError(report.errors[0].message)
+    if failure:
+        raise MachineError(failure)
+
+
+def _open_for_doctor(bundle: Optional[Path]):
+    if bundle is None:
+        return None
+    from kbundle.bundle import open_bundle
+
+    return open_bundle(bundle)
+
+
+def _bundle_findings(opened, client, on_gpu: bool) -> list:
+    """This bundle's needs against this machine: the disk its image and build take (CUDA against
+    the driver and the GPUs' architecture are the preflight's, given the bundle's CUDA)."""
+    import shutil
+
+    from kbundle.cache import cache_root
+    from kbundle.errors import KbundleError
+    from kbundle.flows import checks
+    from kbundle.flows.run import declared_channels
+    from kbundle.image import env as envmod
+    from kbundle.image import preflight
+    from kbundle.progress import size
+
+    ok, warn, fail = preflight.OK, preflight.WARN, preflight.ERROR
+    found = [preflight.Finding(ok, "bundle", f"{opened.name}: CUDA {opened.cuda or 'none'}, base {opened.base_image}")]
+    if opened.cuda and not on_gpu:
+        found.append(
+            preflight.Finding(warn, "gpu", f"it uses CUDA {opened.cuda}, and gets no GPU here: it runs on CPU")
+        )
+    records = None
+    if opened.lock_text:
+        spec = envmod.EnvSpec(declared_channels(opened), tuple(opened.dependencies), opened.lock_text)
+        records = envmod.resolve(spec).records
+    needs = checks.estimate(records, preflight.image_size(client, opened.base_image) if client else None)
+    try:
+        checks.check_free(cache_root(), needs.cache, "kbundle's cache")
+    except KbundleError as exc:
+        return [*found, preflight.Finding(fail, "disk", str(exc))]
+    if needs.download is None:
+        return [*found, preflight.Finding(warn, "disk", f"cannot estimate the disk it needs: {needs.describe()}")]
+    free = shutil.disk_usage(checks.existing_ancestor(cache_root())).free
+    return [*found, preflight.Finding(ok, "disk", f"{needs.describe()}; {size(free)} free for the cache")]

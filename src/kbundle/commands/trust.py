@@ -17,11 +17,16 @@ trust_app = typer.Typer(help="Add or list the senders whose signed bundles you t
 def trust_add(
     identity: str = typer.Argument(..., help="Who the key belongs to, as they sign: e.g. alice@example.com."),
     key: str = typer.Argument(..., help="Their SSH public key (`ssh-ed25519 AAAA…`) or the path of their .pub file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: identity, fingerprint, type, file."),
 ) -> None:
     """Trust bundles that IDENTITY signs with KEY."""
     from kbundle.trust import add_signer, allowed_signers_path
 
     entry = add_signer(identity, _key_text(key))
+    if as_json:
+        data = {"identity": entry.identity, "fingerprint": entry.fingerprint, "type": entry.key_type}
+        typer.echo(json.dumps(data | {"file": str(allowed_signers_path())}, indent=2))
+        return
     typer.echo(f"trusted {entry.identity} ({entry.fingerprint}) in {allowed_signers_path()}")
 
 

@@ -23,7 +23,7 @@ DOCKER_HUB = "registry-1.docker.io"
 
 
 def _ask(console, question: str) -> bool:
-    console.print(question, end="")
+    console.print(escape(question), end="")  # "[y/N]" is not markup
     answer = sys.stdin.readline()
     return answer.strip().lower() in ("y", "yes")
 
@@ -44,6 +44,7 @@ class Review:
     unusual: tuple[str, ...] = ()
     diff: tuple[str, ...] = ()  # unified diff, shipped -> rendered, each line escaped
     dockerfile: str = ""  # where the Dockerfile that will be built was written for reading
+    disk: str = ""  # the disk the image and the build will take (flows/checks.py)
 
 
 def review_lines(review: Review) -> list[str]:
@@ -56,6 +57,8 @@ def review_lines(review: Review) -> list[str]:
         f"conda       {review.conda}",
         f"pip         {review.pip} wheel(s)",
     ]
+    if review.disk:
+        lines.append(f"disk        {review.disk}")
     lines += [f"unusual     {u}" for u in review.unusual]
     if review.diff:
         lines.append("the bundle's Dockerfile differs from kbundle's rendering of its manifest:")
@@ -171,8 +174,9 @@ def consent(
     interactive = sys.stdin.isatty() if interactive is None else interactive
     if not interactive:
         raise KbundleError(
-            f"this bundle builds and runs someone else's code; review {review.dockerfile} "
-            f"and pass --yes to build it (stdin is not a terminal, so kbundle cannot ask)"
+            "this bundle builds and runs someone else's code; review it (kbundle inspect, "
+            "or run kbundle on a terminal to see the review) and pass --yes to build it "
+            "(stdin is not a terminal, so kbundle cannot ask)"
         )
     console.print("[bold]About to build an image and register a kernel:[/]", soft_wrap=True)
     for line in review_lines(review):

@@ -11,7 +11,8 @@
 6. identify the image (pull the base, solve an unlocked env, hash into a tag); assemble
    the context and build only when that tag is missing (image/context.py, image/env.py,
    image/bytecode.py, image/wheels.py, image/build.py)
-7. register the kernel (kernel/spec.py)
+   Concurrent runs of one tag take a lock (an flock in the cache): one builds, the others reuse.
+7. register the kernel (kernel/spec.py): a name another bundle holds is refused (--name, --replace)
 
 Nothing is registered unless the image exists under its content tag, so a failed or
 interrupted build leaves no kernel behind. kbundle builds the Dockerfile it renders
@@ -20,7 +21,9 @@ from the manifest, never the shipped one unless --use-bundled-dockerfile says so
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,6 +35,7 @@ from kbundle.bundle.reader import DEFAULT_MAX_EXTRACT
 from kbundle.cache import cache_root
 from kbundle.display import safe
 from kbundle.errors import KbundleError, UsageError
+from kbundle.flows.checks import Needs, estimate, prechecks
 from kbundle.flows.review import (
     Review,
     check_signature,
@@ -44,6 +48,7 @@ from kbundle.flows.review import (
     unpinned,
     url_host,
 )
+from kbundle.progress import Meter, finish, size
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,9 @@ class RunOptions:
     require_signature: bool = False
     network: str = "bridge"  # the kernel's: bridge (ports on 127.0.0.1) or host
     max_extract: int = DEFAULT_MAX_EXTRACT  # what the bundle may unpack to, refused before writing
+    engine_timeout: float = 10.0  # seconds the engine may take to answer at all
+    name: Optional[str] = None  # --name: this machine's name for the bundle (its kernel's), not the sender's
+    replace: bool = False  # --replace: take over a kernel of that name that runs another bundle
 
 
 @dataclass
@@ -114,9 +122,19 @@ class Plan:
     review: Review
     warnings: list[str]
     base_local: bool
+    needs: Optional[Needs] = None  # download and disk, estimated offline
 
 
 def run_bundle(options: RunOptions, console) -> RunResult:
+    """The flow; a run that fails, is declined or is interrupted removes what it created
+    (the workdir it made, the build context, untagged images: flows/undo.py)."""
+    from kbundle.flows.undo import Undo
+
+    with Undo() as undo:
+        return _run_bundle(options, console, undo)
+
+
+def _run_bundle(options: RunOptions, console, undo) -> RunResult:
     from kbundle.bundle import open_bundle
     from kbundle.image import build as imagemod
     from kbundle.image import preflight
@@ -130,22 +148,28 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     bundle = open_bundle(options.bundle, max_extract=options.max_extract)
     signature = read_sender(bundle)
     check_signature(signature, options.require_signature)
-    kernel_name = kernel_name_for(bundle.name)
-    display_name = f"{safe(bundle.name)} (kbundle)"
+    local_name = options.name or bundle.name
+    kernel_name = kernel_name_for(local_name)
+    _claim(bundle, options, kernel_name)  # a name collision is refused before anything is written
+    display_name = f"{safe(local_name)} (kbundle)"
 
-    placement = wd.place(bundle, options.workdir or wd.default_workdir(bundle.name), kernel_name, display_name)
+    target = options.workdir or wd.default_workdir(local_name)
+    undo.created_folder(target)
+    placement = wd.place(bundle, target, kernel_name, display_name)
     warnings = [
         f"kept your {k.path} (it differs from the bundle's); the bundle's copy is at {k.fresh}" for k in placement.kept
     ]
 
-    client = preflight.connect()
+    client = preflight.connect(options.engine_timeout)
+    undo.client = client
     base = options.base_image or bundle.base_image
     report = preflight.run_preflight(client, bundle.cuda, request, probe_image=base)
     report.raise_for_errors()
-    warnings += [f.message for f in report.warnings]
+    warnings += [f.message for f in report.warnings if f.topic != "engine"]  # the runtime finding says it
 
     plan = _plan(client, bundle, options, base, signature, placement.workdir)
     warnings += plan.warnings
+    prechecks(plan.needs, placement.workdir)
     for message in warnings:
         console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
 
@@ -157,12 +181,16 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     if image_id is None:
         consent(console, yes=options.yes, review=plan.review, signature=signature)
         resolved, key = _identify(bundle, plan, base, imagemod.base_image_id(client, base, console))
+    # Concurrent runs of one image: the first builds, the others wait here, then reuse it.
+    # Registering inside the lock too makes the builder's workdir the kernel's (_register).
+    with _lock(f"image-{key.tag}", console, f"another kbundle run is building {key.tag}; waiting for it"):
         image_id = imagemod.existing_image(client, key.tag)
-    if image_id is None:
-        result = _build(client, bundle, resolved, key, placement.workdir, console, base)
-        image_id, build_log = result.image_id, result.log
-
-    spec_dir = _register(bundle, options, kernel_name, key.tag, placement, list(report.plan.gpus), warnings, console)
+        if image_id is None:
+            result = _build(client, bundle, resolved, key, placement.workdir, console, base, undo)
+            image_id, build_log = result.image_id, result.log
+        spec_dir = _register(
+            bundle, options, kernel_name, key.tag, placement, list(report.plan.gpus), warnings, console
+        )
     return RunResult(
         name=bundle.name,
         kernel_name=kernel_name,
@@ -239,6 +267,7 @@ def _plan(client, bundle, options: RunOptions, base: str, signature, workdir: Pa
         hosts.append(registry_of(base))
     if options.network == "host":
         unusual.append("--network host: the kernel shares this machine's network (and its loopback services)")
+    needs = estimate(records, preflight.image_size(client, base) if base_local else None)
     review = Review(
         sender=safe(signature.describe()),
         base_image=base,
@@ -249,8 +278,9 @@ def _plan(client, bundle, options: RunOptions, base: str, signature, workdir: Pa
         unusual=tuple(unusual),
         diff=diff,
         dockerfile=str(wd.review_dockerfile(workdir, dockerfile)),
+        disk=needs.describe(),
     )
-    return Plan(dockerfile, records, review, warnings, base_local)
+    return Plan(dockerfile, records, review, warnings, base_local, needs)
 
 
 def bundle_hash(bundle) -> str:
@@ -288,14 +318,23 @@ def _identify(bundle, plan: Plan, base: str, base_id: str):
     return resolved, key
 
 
-def _build(client, bundle, resolved, key, workdir: Path, console, base: str):
-    """Assemble a temporary build context and build it."""
+def _build(client, bundle, resolved, key, workdir: Path, console, base: str, undo=None):
+    """Assemble a temporary build context and build it.
+
+    The log is written in kbundle's cache (a failed run removes the workdir it made) and
+    copied to `<workdir>/.kbundle/build.log` once the image is built."""
+    import shutil
+
     from kbundle.image import build as imagemod
     from kbundle.image import context
 
+    log = cache_root() / "logs" / f"{key.tag.split('/')[-1].replace(':', '-')}.build.log"
     with context.temporary_context(key.digest[:12]) as ctx:
         assemble_context(ctx, bundle, resolved, key.dockerfile, console, base_image=base, client=client)
-        return imagemod.build(client, ctx, key, bundle_hash(bundle), workdir / ".kbundle" / "build.log", console)
+        result = imagemod.build(client, ctx, key, bundle_hash(bundle), log, console, undo=undo)
+    kept = workdir / ".kbundle" / "build.log"
+    shutil.copyfile(log, kept)
+    return dataclasses.replace(result, log=kept)
 
 
 def assemble_context(
@@ -311,13 +350,19 @@ def assemble_context(
     console = console or _quiet_console()
     client = client or preflight.connect()
     context.write_static(ctx, dockerfile)
+    t0 = time.perf_counter()
     with console.status(f"installing {resolved.count} conda packages for {contract.PREFIX}") as status:
+        meter = Meter("installing conda packages", resolved.count, on_change=status.update)
         envmod.install(
             resolved,
             context.env_dir(ctx),
-            on_progress=lambda done, total: status.update(
-                f"installing conda packages for {contract.PREFIX}: {done}/{total}"
-            ),
+            on_progress=lambda done, total: meter.items(done, total),
+            meter=meter,
+        )
+        finish(
+            status,
+            f"installed {resolved.count} conda packages ({size(meter.bytes)} downloaded) "
+            f"in {time.perf_counter() - t0:.1f} s",
         )
     with console.status("byte-compiling the environment"):
         compiled = bytecode.compile_env(
@@ -356,24 +401,81 @@ def _quiet_console():
     return Console(stderr=True, quiet=True)
 
 
+def _claim(bundle, options: RunOptions, kernel_name: str):
+    """(the kernel registered under `kernel_name` now, or None; a warning when --replace takes
+    over another bundle's). Another bundle's kernel of that name is refused (kernel/spec.py)."""
+    from kbundle.kernel.spec import claim_name, list_kernelspecs
+
+    if options.name is not None and not any(c.isalnum() for c in options.name):
+        raise UsageError(f"--name {options.name!r}: give a name with letters or digits")
+    kernels = list_kernelspecs()
+    previous = next((k for k in kernels if k.name == kernel_name), None)
+    message = claim_name(kernel_name, bundle_hash(bundle), previous, options.replace, {k.name for k in kernels})
+    return previous, message
+
+
+def kernel_workdir(ours: str, previous: Optional[str], same_bundle: bool, previous_exists: bool, replace: bool):
+    """(the workdir the kernel points at, a warning or None) when this bundle's kernel is registered (pure).
+
+    Runs of one bundle in several folders register one kernel: the folder already registered
+    stays while it exists (a notebook open there keeps working), and the later runs are told
+    so. Under the image lock the first registration is the builder's, so concurrent runs
+    agree. --replace, or another bundle's kernel, points it at ours."""
+    if previous is None or previous == ours or not same_bundle or not previous_exists or replace:
+        return ours, None
+    return previous, (
+        f"the kernel keeps its workdir {previous}, where another run of this bundle placed it; "
+        f"this run's files are in {ours} (--replace points the kernel here)"
+    )
+
+
 def _register(
     bundle, options: RunOptions, kernel_name: str, image: str, placement, gpus: list[str], warnings: list[str], console
 ) -> Path:
-    """Install the kernelspec; a kernel of the same name from another bundle is replaced, and we say so."""
-    from kbundle.kernel.spec import KernelRequest, install_kernelspec, list_kernelspecs
+    """Install the kernelspec, under a lock on its name: the collision check and the write are one step."""
+    from kbundle.kernel.spec import KernelRequest, install_kernelspec
 
-    digest = bundle_hash(bundle)
-    previous = next((k for k in list_kernelspecs() if k.name == kernel_name), None)
-    if previous and previous.bundle_hash != digest:
-        message = f"replaced kernel {kernel_name}, which ran another bundle ({previous.image})"
-        warnings.append(message)
-        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-    metadata = {"bundle": str(Path(options.bundle).resolve()), "notebook": str(placement.notebook), "cuda": bundle.cuda}
-    metadata["pip_resolved"] = _pip_resolved(bundle)  # the exact pip resolution the image was built with
-    request = KernelRequest(
-        kernel_name, safe(bundle.name), image, str(placement.workdir), gpus, digest, metadata, network=options.network
-    )
-    return install_kernelspec(request)
+    with _lock(f"kernel-{kernel_name}", console, f"another kbundle run is registering {kernel_name}; waiting"):
+        previous, replaced = _claim(bundle, options, kernel_name)
+        metadata = {"bundle": str(Path(options.bundle).resolve()), "notebook": str(placement.notebook)}
+        metadata["cuda"] = bundle.cuda
+        metadata["pip_resolved"] = _pip_resolved(bundle)  # the exact pip resolution the image was built with
+        old = previous.workdir if previous else None
+        same = bool(previous) and previous.bundle_hash == bundle_hash(bundle)
+        workdir, kept = kernel_workdir(
+            str(placement.workdir), old, same, bool(old) and Path(old).is_dir(), options.replace
+        )
+        if kept:  # the kernel's notebook is the one in its workdir
+            metadata["notebook"] = str(previous.metadata.get("notebook") or metadata["notebook"])
+        for message in filter(None, (replaced, kept)):
+            warnings.append(message)
+            console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+        display = safe(options.name or bundle.name)
+        request = KernelRequest(
+            kernel_name, display, image, workdir, gpus, bundle_hash(bundle), metadata, network=options.network
+        )
+        return install_kernelspec(request)
+
+
+@contextmanager
+def _lock(name: str, console, waiting: str):
+    """An exclusive `flock` on `<cache>/locks/<name>.lock`, held for the block.
+
+    The kernel drops it when the process ends, however it ends: a killed run never leaves
+    the others waiting. The lock files themselves stay (a few bytes each)."""
+    import fcntl
+    import re
+
+    folder = cache_root() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (re.sub(r"[^A-Za-z0-9._-]+", "-", name)[:200] + ".lock")
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(escape(waiting), soft_wrap=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def _pip_resolved(bundle) -> list[str]:

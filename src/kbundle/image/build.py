@@ -130,11 +130,15 @@ def existing_image(client, tag: str) -> Optional[str]:
         return None
 
 
-def build(client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path, console=None) -> BuildResult:
+def build(
+    client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path, console=None, undo=None
+) -> BuildResult:
     """Build `context` untagged, stream its steps to a live progress line, then tag it.
 
     On failure the error names the failing step and where the full log is; on Ctrl-C the
-    stream is closed (the engine cancels the build) and nothing is tagged."""
+    stream is closed (the engine cancels the build) and nothing is tagged. Every image the
+    build commits is told to `undo` (flows/undo.py), which removes the untagged ones when
+    the run fails."""
     t0 = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=15)
@@ -168,9 +172,14 @@ def build(client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path
                             found = re.match(r"Successfully built ([0-9a-f]+)", line.strip())
                             if found:
                                 image_id = found.group(1)
+                            layer = re.match(r"---> ([0-9a-f]{12,64})$", line.strip())
+                            if layer and undo is not None:
+                                undo.image(layer.group(1))
                             progress.line(line.strip())
                 if "aux" in event and isinstance(event["aux"], dict) and event["aux"].get("ID"):
                     image_id = event["aux"]["ID"]
+                    if undo is not None:
+                        undo.image(image_id)
                 if "error" in event:
                     log.write(event["error"] + "\n")
                     detail = (event.get("errorDetail") or {}).get("message") or event["error"]
@@ -220,9 +229,13 @@ class _BuildProgress:
         self.tag = tag
         self.progress = None
         self.task = None
+        self.status = None
 
     def __enter__(self):
         if self.console is None:
+            return self
+        if getattr(self.console, "is_plain", False):  # logs: one line per step (progress.py)
+            self.status = self.console.status(f"building {self.tag}").__enter__()
             return self
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -246,6 +259,9 @@ class _BuildProgress:
         return False
 
     def step(self, text: str) -> None:
+        if self.status is not None:
+            self.status.console.progress_line(f"building {self.tag}: {text[:100]}", force=True)
+            return
         if self.progress is None:
             return
         found = re.match(r"Step (\d+)/(\d+) : (.*)", text)

@@ -139,8 +139,11 @@ class InstallStats:
     seconds: float
 
 
-def install(env: ResolvedEnv, target: Path, on_progress=None) -> InstallStats:
+def install(env: ResolvedEnv, target: Path, on_progress=None, meter=None) -> InstallStats:
     """Install the records into `target`, with the image's prefix patched in as the final prefix.
+
+    `meter` (a progress.Meter) counts the packages fetched and their bytes; `on_progress(done,
+    total)` follows rattler's linking.
 
     Every package's file list is checked before rattler links it (vet_packages), and the
     installed prefix is checked for symlinks that leave it (check_prefix). Link scripts
@@ -152,7 +155,7 @@ def install(env: ResolvedEnv, target: Path, on_progress=None) -> InstallStats:
     reporter = _reporter(on_progress) if on_progress else None
     origins = {_stem(r): (str(r.url), str(r.channel) if r.channel else None) for r in env.records}
     with tempfile.TemporaryDirectory(prefix="kbundle-archives-", dir=package_cache_dir().parent) as staging:
-        records = vet_packages(env.records, Path(staging))
+        records = vet_packages(env.records, Path(staging), meter)
 
         async def go():
             await rattler.install(
@@ -170,13 +173,22 @@ def install(env: ResolvedEnv, target: Path, on_progress=None) -> InstallStats:
         try:
             asyncio.run(go())
         except Exception as exc:
-            raise KbundleError(f"installing the environment failed: {first_line(exc)}") from None
+            raise KbundleError(_install_failure(exc, target)) from None
         finally:
             for record in env.records:  # the records are the caller's: give them their URLs back
                 record.url = origins[_stem(record)][0]
     _restore_urls(target, origins)
     check_prefix(target)
     return InstallStats(env.count, time.perf_counter() - t0)
+
+
+def _install_failure(exc: BaseException, target: Path) -> str:
+    text = first_line(exc)
+    if "No space left" in text or "os error 28" in text:
+        return f"no space left on device (ENOSPC) installing the environment into {target}: free some space"
+    if "Read-only file system" in text or "os error 30" in text:
+        return f"read-only file system (EROFS): cannot install the environment into {target}"
+    return f"installing the environment failed: {text}"
 
 
 def check_prefix(target: Path) -> None:
@@ -192,7 +204,7 @@ def check_prefix(target: Path) -> None:
 # ----------------------------------------------------------------- vetting packages
 
 
-def vet_packages(records, staging: Path) -> list:
+def vet_packages(records, staging: Path, meter=None) -> list:
     """The records, each package's paths.json checked; fetched packages point at verified local copies.
 
     A package already in rattler's cache under the same sha256 is read there. Any other is
@@ -207,8 +219,13 @@ def vet_packages(records, staging: Path) -> list:
             todo.append(record)
         else:
             _check_paths(record, cached)
+    if meter is not None:
+        meter.plan_bytes(sum(r.size or 0 for r in todo))
+        meter.items(len(records) - len(todo), len(records))
     with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-        fetched = dict(zip([id(r) for r in todo], pool.map(lambda r: _fetch_verified(r, staging), todo), strict=True))
+        fetched = dict(
+            zip([id(r) for r in todo], pool.map(lambda r: _fetch_verified(r, staging, meter), todo), strict=True)
+        )
     vetted = []
     for record in records:
         archive = fetched.get(id(record))
@@ -259,7 +276,7 @@ def _check_paths(record, paths: list[str]) -> None:
         raise BundleError(problem)
 
 
-def _fetch_verified(record, staging: Path) -> Path:
+def _fetch_verified(record, staging: Path, meter=None) -> Path:
     """Download one package archive and check it against the lock's sha256 (or md5)."""
     import urllib.request
 
@@ -270,15 +287,47 @@ def _fetch_verified(record, staging: Path) -> Path:
     if not expected:
         raise KbundleError(f"package {safe(record.file_name)} has no checksum to verify it against")
     try:
-        with urllib.request.urlopen(url, timeout=60, context=_ssl_context()) as response, open(target, "wb") as out:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
+        out = open(target, "wb")
     except OSError as exc:
-        raise KbundleError(f"cannot download {safe(url)}: {first_line(exc)}") from None
+        raise _disk_error(exc, target) from None
+    with out:
+        try:
+            response = urllib.request.urlopen(url, timeout=60, context=_ssl_context())
+        except OSError as exc:
+            raise KbundleError(f"cannot download {safe(url)}: {first_line(exc)}") from None
+        with response:
+            _copy(response, out, digest, url, target, meter)
+    if meter is not None:
+        meter.item_done()
     if digest.digest() != expected:
         raise KbundleError(f"{safe(url)} does not match the checksum the bundle records")
     return target
+
+
+def _copy(response, out, digest, url: str, target: Path, meter) -> None:
+    """The response body into `out`: a network failure names the URL, a disk failure the file."""
+    while True:
+        try:
+            chunk = response.read(1 << 20)
+        except OSError as exc:
+            raise KbundleError(f"cannot download {safe(url)}: {first_line(exc)}") from None
+        if not chunk:
+            return
+        digest.update(chunk)
+        try:
+            out.write(chunk)
+        except OSError as exc:
+            raise _disk_error(exc, target) from None
+        if meter is not None:
+            meter.add_bytes(len(chunk))
+
+
+def _disk_error(exc: OSError, path: Path) -> KbundleError:
+    """An OSError writing a file, with its errno's name and the path (ENOSPC, EROFS, EACCES, ...)."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    return KbundleError(f"{os.strerror(exc.errno).lower() if exc.errno else exc} ({name}): {path}")
 
 
 def _ssl_context():

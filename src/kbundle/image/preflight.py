@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kbundle import contract
-from kbundle.errors import KbundleError, UsageError, first_line
+from kbundle.errors import MachineError, UsageError, first_line
 from kbundle.facts import CompatTables, Version, load_tables
 
 OK, WARN, ERROR = "ok", "warn", "error"
+ENGINE_TIMEOUT = 10.0  # seconds an engine may take to answer the first call (--engine-timeout)
+BUILD_TIMEOUT = 600  # seconds any later engine call may take (a pull, a build step's output)
 
 # Where NVIDIA's container toolkit writes CDI specs (nvidia-ctk cdi generate).
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
@@ -145,7 +147,7 @@ class Report:
 
     def raise_for_errors(self) -> None:
         if self.errors:
-            raise KbundleError("; ".join(f.message for f in self.errors))
+            raise MachineError("; ".join(f.message for f in self.errors))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -280,7 +282,7 @@ def evaluate(
         return Report(engine, nvml, cuda, request, GpuPlan(), findings)
     findings = [Finding(OK, "docker", f"Docker engine {engine.version} at {engine.host}")]
     findings += _nvml_findings(nvml)
-    findings.append(Finding(OK, "engine", engine.describe_gpu_support()))
+    findings.append(Finding(OK if engine.gpu_capable else WARN, "engine", engine.describe_gpu_support()))
     plan, gpu_findings = plan_gpus(request, engine, nvml)
     findings += gpu_findings
     if plan.on_gpu and cuda and nvml.driver_version:
@@ -346,17 +348,37 @@ def describe_docker_error(exc: BaseException, host: str) -> str:
     return f"cannot use the Docker daemon at {host}: {first}"
 
 
-def connect():
-    """A docker client for a reachable daemon, or a one-line KbundleError saying what to do."""
+def connect(timeout: float = ENGINE_TIMEOUT):
+    """A docker client for a reachable daemon, or a one-line MachineError saying what to do.
+
+    The engine must answer within `timeout` seconds: one that accepts connections and never
+    answers is named as such, not waited on for minutes."""
     import docker
 
     host = docker_host()
     try:
-        client = docker.from_env(timeout=600)
+        client = docker.from_env(timeout=timeout)
         client.ping()
     except Exception as exc:  # docker wraps transport errors in several types
-        raise KbundleError(describe_docker_error(exc, host)) from None
+        if _timed_out(exc):
+            raise MachineError(
+                f"the Docker engine at {host} accepted the connection but did not answer within {timeout:g} s "
+                f"(is it hung? restart it, or raise --engine-timeout)"
+            ) from None
+        raise MachineError(describe_docker_error(exc, host)) from None
+    client.api.timeout = BUILD_TIMEOUT
     return client
+
+
+def _timed_out(exc: BaseException) -> bool:
+    import socket
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (socket.timeout, TimeoutError)) or "timed out" in str(seen).lower():
+            return "Connection refused" not in str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _has_nvidia_cdi() -> bool:
@@ -466,6 +488,16 @@ def local_image(client, image: Optional[str]) -> bool:
         return True
     except docker.errors.DockerException:
         return False
+
+
+def image_size(client, image: str) -> Optional[int]:
+    """The size of a local image in bytes, or None."""
+    import docker
+
+    try:
+        return int(client.images.get(image).attrs.get("Size") or 0) or None
+    except (docker.errors.DockerException, ValueError, TypeError):
+        return None
 
 
 def run_preflight(client, cuda: Optional[str], request: GpuRequest, probe_image: Optional[str] = None) -> Report:

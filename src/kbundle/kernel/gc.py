@@ -2,13 +2,16 @@
 
 - `plan_gc(client, ...) -> GcPlan` lists, removing nothing:
   - kernel containers (kernel/labels.py) started on this host whose launcher is gone: its
-    pid is dead, or now belongs to a process that started at another time;
+    pid is dead, or now belongs to a process that started at another time; or whose
+    launcher lives on orphaned (its parent died, so no Jupyter can reach the kernel);
   - kbundle images (the contract's content-hash label, or kbundle 0.1's) that no registered
     kbundle kernel names and no container uses;
   - extracted bundles nobody uses: build contexts left in kbundle's cache by a build that
     was killed, and extraction scratch dirs (`.kbundle/extract-*`) in kernels' workdirs,
     both only when older than `STALE_AFTER_S` (a build may be running right now).
   A user's working directory is never a candidate: it holds their notebook and edits.
+  With `caches=True` (`kbundle gc --cache`), kbundle's download caches too (cache.py's
+  DOWNLOAD_CACHES: conda packages, wheels, byte-compiled environments).
 - `apply_gc(plan, client) -> GcResult` removes the listed items and says what failed.
 """
 
@@ -23,7 +26,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kbundle import cache, contract
-from kbundle.errors import KbundleError
 from kbundle.kernel import labels as kernel_labels
 from kbundle.kernel.launcher import PYCACHE_IMAGE_FILE
 
@@ -68,14 +70,10 @@ class GcResult:
 
 
 def connect():
-    import docker
+    """The engine, as run and doctor reach it: a hung engine times out, an absent one is exit 4."""
+    from kbundle.image.preflight import connect as engine
 
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-        return client
-    except Exception as exc:
-        raise KbundleError(f"cannot reach the Docker engine ({exc.__class__.__name__}); is it running?") from None
+    return engine()
 
 
 def plan_gc(
@@ -86,8 +84,9 @@ def plan_gc(
     contexts_dir: Optional[Path] = None,
     pycache_dir: Optional[Path] = None,
     now: Optional[float] = None,
+    caches: bool = False,
 ) -> GcPlan:
-    """What `kbundle gc` would remove (nothing is removed here)."""
+    """What `kbundle gc` would remove (nothing is removed here); `caches`: kbundle's download caches too."""
     from kbundle.kernel.spec import list_kernelspecs
 
     kernels = list_kernelspecs() if kernels is None else kernels
@@ -98,7 +97,16 @@ def plan_gc(
     plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
     plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else cache.contexts_dir(), now)
     plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache.pycache_root())
+    if caches:
+        plan.items += _download_caches()
     return plan
+
+
+def _download_caches() -> list[GcItem]:
+    return [
+        GcItem(DIRECTORY, str(path.resolve()), f"cache/{path.name}", f"{what}, fetched again when needed", _du(path))
+        for path, what in cache.download_caches()
+    ]
 
 
 def _unused_pycaches(kernels: list, root: Path) -> list[GcItem]:
@@ -137,17 +145,26 @@ def _dead_kernel_containers(client, host: str) -> list[GcItem]:
     items = []
     for c in _kernel_containers(client):
         labels = c.get("Labels") or {}
-        if kernel_labels.launcher_alive(labels, host) is not False:
+        why = _leftover_reason(labels, host)
+        if not why:
             continue
         name = (c.get("Names") or ["?"])[0].lstrip("/")
         kernel = kernel_labels.read(labels, contract.LABEL_KERNEL_NAME) or "?"
-        pid = kernel_labels.read(labels, contract.LABEL_LAUNCHER_PID) or "?"
-        items.append(
-            GcItem(
-                CONTAINER, c["Id"], name, f"kernel {kernel}: its launcher (pid {pid}) is gone; {c.get('State', '?')}"
-            )
-        )
+        items.append(GcItem(CONTAINER, c["Id"], name, f"kernel {kernel}: {why}; {c.get('State', '?')}"))
     return items
+
+
+def _leftover_reason(labels: dict, host: str) -> str:
+    """Why nobody can use this kernel container any more ("" when someone may)."""
+    pid = kernel_labels.read(labels, contract.LABEL_LAUNCHER_PID) or "?"
+    if kernel_labels.launcher_alive(labels, host) is False:
+        return f"its launcher (pid {pid}) is gone"
+    # A launcher outliving its Jupyter (one from before kbundle watched its parent, or a stuck
+    # one) still holds the container, GPU memory included, for a kernel nobody can reach.
+    if kernel_labels.launcher_orphaned(labels, host):
+        parent = labels.get(kernel_labels.LABEL_LAUNCHER_PPID, "?")
+        return f"its launcher (pid {pid}) lost the process that started it (pid {parent})"
+    return ""
 
 
 def _unused_images(client, kernels: list, leaving: set[str]) -> list[GcItem]:
@@ -249,10 +266,11 @@ def apply_gc(plan: GcPlan, client) -> GcResult:
 
 
 def human_size(size: Optional[int]) -> str:
+    """Binary units, named as such (KiB, MiB, GiB), like every size kbundle prints."""
     if size is None:
         return ""
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return ""

@@ -3,6 +3,7 @@
 Public function (the `run` command calls it):
 
     open_lab(workdir, notebook_path, kernel_name) -> int
+    require_jupyterlab(otherwise) -> list[str]   # `run --lab` checks before it builds
 
 It runs JupyterLab in the foreground with the working directory as its root, opens the
 notebook (whose `metadata.kernelspec` already names the kernel) and makes the kernel the
@@ -32,6 +33,17 @@ def find_jupyterlab() -> Optional[list[str]]:
     return [found] if found else None
 
 
+def require_jupyterlab(otherwise: str) -> list[str]:
+    """JupyterLab's command, or a KbundleError that says how to install it and what else to do."""
+    lab = find_jupyterlab()
+    if lab is None:
+        raise KbundleError(
+            f"JupyterLab is not installed; install it with `pip install jupyterlab` (or `pipx install jupyterlab`), "
+            f"or {otherwise}"
+        )
+    return lab
+
+
 def lab_command(lab: list[str], workdir: Path, notebook: Path, kernel_name: str, *, as_root: bool = False) -> list[str]:
     command = [*lab, f"--ServerApp.root_dir={workdir}", f"--MultiKernelManager.default_kernel_name={kernel_name}"]
     if as_root:
@@ -47,12 +59,7 @@ def open_lab(workdir: os.PathLike | str, notebook_path: os.PathLike | str, kerne
         raise UsageError(f"no working directory at {workdir}")
     if notebook != workdir and workdir not in notebook.parents:
         raise UsageError(f"the notebook {notebook} is outside the working directory {workdir}")
-    lab = find_jupyterlab()
-    if lab is None:
-        raise KbundleError(
-            f"JupyterLab is not installed; install it with `pip install jupyterlab` (or `pipx install jupyterlab`), "
-            f"or open {notebook} in VS Code or Notebook and pick the kernel {kernel_name!r}"
-        )
+    lab = require_jupyterlab(f"open {notebook} in VS Code or Notebook and pick the kernel {kernel_name!r}")
     # Ctrl-C reaches JupyterLab too (same process group); it asks before it stops, so we wait for it.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -30,6 +30,15 @@ One foreground process per kernel, talking to the Docker engine through the SDK 
   default). The launcher exits with the container's exit code as soon as it stops;
   the engine's auto-remove deletes it moments later (waiting for that could take longer
   than jupyter_client's patience on a busy machine).
+- Its parent's death ends the kernel. A `kill -9` of the Jupyter server or client would
+  otherwise leave this launcher re-parented to PID 1 with its container up (GPU memory
+  held, nobody able to reach the kernel). Linux delivers SIGUSR2 when the parent dies
+  (`prctl(PR_SET_PDEATHSIG)`), and a thread also checks `getppid()` every PARENT_POLL_S
+  (other systems; a parent that died before we asked) and raises SIGUSR2 itself. When
+  `getppid()` differs from the parent the launcher started with, the container
+  is stopped as on SIGTERM. SIGUSR2 alone proves nothing (Linux sends it when the *thread*
+  that forked us ends, as a client's thread pool does), so only a changed parent counts.
+  The parent is in the container's labels too, for `kbundle gc`.
 - `JPY_PARENT_PID` is not forwarded: under tini the kernel's parent is PID 1, which
   ipykernel's parent poller reads as "orphaned" and exits.
 
@@ -59,12 +68,15 @@ from typing import Any, Optional
 
 from kbundle import contract
 from kbundle.cache import pycache_root
-from kbundle.kernel.labels import container_labels
+from kbundle.kernel.labels import container_labels, orphaned
 from kbundle.kernel.shim import SHIM
 
 # device_requests need 1.40. Pinning the version saves the /version round trip at start.
 API_VERSION = "1.40"
 STOP_GRACE_S = 1
+PARENT_POLL_S = 1.0  # how often the watcher thread checks that the parent still lives
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
 REPLACE_WAIT_S = 10  # how long a restart waits for the previous container to go
 NAME_PREFIX = "kbundle-kernel-"
 PYCACHE_IN_CONTAINER = "/tmp/kbundle-pycache"
@@ -272,6 +284,7 @@ def plan_launch(
     environ: dict[str, str],
     platform: str,
     owner: Callable[[str], tuple[int, int]] = folder_owner,
+    ppid: Optional[int] = None,
 ) -> LaunchPlan:
     """Decide the container's settings (pure, apart from checking that the workdir exists and,
     for a root invoker, who owns the notebook's folder)."""
@@ -288,7 +301,11 @@ def plan_launch(
         env["KBUNDLE_PYCACHE"] = PYCACHE_IN_CONTAINER
     if environ.get("JPY_SESSION_NAME"):
         env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
-    labels = container_labels(args.kernel_name, pid)
+    # The kernel's banner: the bundle and CUDA come from the kernelspec's env (spec.banner_env).
+    env["KBUNDLE_BANNER_BUNDLE"] = environ.get("KBUNDLE_BUNDLE") or args.kernel_name or args.image
+    env["KBUNDLE_BANNER_IMAGE"] = args.image
+    env["KBUNDLE_BANNER_CUDA"] = environ.get("KBUNDLE_CUDA") or "unknown"
+    labels = container_labels(args.kernel_name, pid, ppid)
     ports = [int(info[k]) for k in PORT_KEYS] if network == "bridge" else []
     # A local engine on Linux: the host reaches the container's bridge address, so the launcher
     # forwards the ports itself (kernel/forward.py says why); elsewhere the engine publishes them.
@@ -358,14 +375,33 @@ def _raw(sock: Any) -> Any:
     return getattr(sock, "_sock", sock)
 
 
+def watch_parent_death() -> bool:
+    """Ask Linux for PARENT_DEATH_SIGNAL when our parent ends (False where that is not possible)."""
+    if not sys.platform.startswith("linux"):
+        return False  # the getppid() poll alone covers other systems
+    try:
+        import ctypes  # here: only Linux needs it, and every kernel start pays for imports
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) == 0
+    except (ImportError, OSError, AttributeError):  # no ctypes (a stripped or unreadable stdlib): poll only
+        return False
+
+
+def parent_lost(started_with: Optional[int], now: int) -> bool:
+    """Whether the parent the launcher started with is gone (pure): we were re-parented."""
+    return started_with is not None and orphaned(str(started_with), str(now))
+
+
 class Launcher:
     """Drives one kernel container from creation to removal."""
 
-    HANDLED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1}
+    HANDLED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, PARENT_DEATH_SIGNAL}
 
-    def __init__(self, plan: LaunchPlan, payload: bytes):
+    def __init__(self, plan: LaunchPlan, payload: bytes, parent: Optional[int] = None):
         self.plan = plan
         self.payload = payload
+        self.parent = parent  # the pid that started us; None: do not watch
         self.cid: Optional[str] = None
         self.exit_code: Optional[int] = None
         self.done = threading.Event()
@@ -377,6 +413,8 @@ class Launcher:
         import docker
         from requests.exceptions import ConnectionError as RequestsConnectionError
 
+        if self.parent is not None:
+            watch_parent_death()  # before the container exists: a death from here on is noticed
         try:
             self.api = docker.APIClient(version=API_VERSION, timeout=60, **docker.utils.kwargs_from_env())
             self._create()
@@ -395,6 +433,8 @@ class Launcher:
             raise LaunchError(_docker_message(exc, self.plan)) from None
         pump = threading.Thread(target=self._pump, args=(sock,), daemon=True)
         pump.start()
+        if self.parent is not None:
+            threading.Thread(target=self._poll_parent, daemon=True).start()
         threading.Thread(target=self._wait, args=(waiter,), daemon=True).start()
         try:
             _raw(sock).sendall(self.payload)
@@ -527,10 +567,25 @@ class Launcher:
                 if stopping:  # asked twice: no more grace
                     self._call(self.api.kill, self.cid, signal="SIGKILL")
                 else:
-                    stopping = True
-                    threading.Thread(
-                        target=self._call, args=(self.api.stop, self.cid), kwargs={"timeout": STOP_GRACE_S}, daemon=True
-                    ).start()
+                    stopping = self._stop()
+            elif sig == PARENT_DEATH_SIGNAL and not stopping and parent_lost(self.parent, os.getppid()):
+                sys.stderr.write(f"kbundle-kernel: the process that started this kernel (pid {self.parent}) is gone\n")
+                stopping = self._stop()
+
+    def _poll_parent(self) -> None:
+        """Where the parent-death signal is missing or was too late (the parent died before we
+        asked for it), notice the new parent ourselves; the signal loop decides."""
+        while not self.done.wait(PARENT_POLL_S):
+            if parent_lost(self.parent, os.getppid()):
+                signal.pthread_kill(self.main_ident, PARENT_DEATH_SIGNAL)
+                return
+
+    def _stop(self) -> bool:
+        """Stop the container in the background (SIGTERM, SIGKILL after the grace); the waiter sees it end."""
+        threading.Thread(
+            target=self._call, args=(self.api.stop, self.cid), kwargs={"timeout": STOP_GRACE_S}, daemon=True
+        ).start()
+        return True
 
     @staticmethod
     def _call(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -560,6 +615,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # Signals are taken synchronously by the main thread (sigwait); block them before
     # anything else so that an early SIGINT is not a traceback. Threads inherit the mask.
     signal.pthread_sigmask(signal.SIG_BLOCK, Launcher.HANDLED)
+    parent = os.getppid()  # first thing: the later we look, the likelier it is already PID 1
     args = parse_args(argv)
     try:
         info = read_connection_file(args.connection_file)
@@ -573,9 +629,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             pid=os.getpid(),
             environ=dict(os.environ),
             platform=sys.platform,
+            ppid=parent,
         )
         plan = prepare_pycache(plan)
-        code = Launcher(plan, kernel_connection(info, plan.network)).run()
+        code = Launcher(plan, kernel_connection(info, plan.network), parent).run()
     except LaunchError as exc:
         sys.stderr.write(f"error: {exc}\n")
         code = 1

@@ -50,6 +50,18 @@ try:
 except ImportError as exc:
     sys.stderr.write('kbundle-kernel: ipykernel is missing from the image environment: %s\\n' % exc)
     os._exit(4)
+def _banner():
+    # What the recipient wants to know first: which bundle, image and CUDA, and whether the
+    # container really sees a GPU (device nodes exist only when one was passed through).
+    import glob
+    gpus = glob.glob('/dev/nvidia[0-9]*')
+    seen = ('GPU visible: %d' % len(gpus)) if gpus else 'no GPU visible (CPU only)'
+    return 'kbundle: %s | image %s | CUDA %s | %s' % (
+        os.environ.get('KBUNDLE_BANNER_BUNDLE', '?'), os.environ.get('KBUNDLE_BANNER_IMAGE', '?'),
+        os.environ.get('KBUNDLE_BANNER_CUDA', 'unknown'), seen)
 # parent_handle=1: no parent poller (tini is our parent) and no `ipython kernel` banner.
-kernelapp.launch_new_instance(argv=['-f', _path, '--IPKernelApp.parent_handle=1'])
+# The shell's banner2 follows IPython's own line in kernel_info (consoles show it); ipykernel
+# has no banner option of its own.
+kernelapp.launch_new_instance(argv=['-f', _path, '--IPKernelApp.parent_handle=1',
+                                    '--InteractiveShell.banner2=' + _banner()])
 """

@@ -3,7 +3,7 @@
 Public functions (the `run` command and `kbundle kernels list/remove` call these):
 
 - `install_kernelspec(KernelRequest(...)) -> Path` writes `<user data dir>/kernels/<name>/kernel.json`
-  atomically and returns its directory. The user data dir is jupyter_core's
+  atomically, with kbundle's logo beside it (data/logo/), and returns its directory. The user data dir is jupyter_core's
   (`JUPYTER_DATA_DIR` honoured).
 - `list_kernelspecs() -> list[KernelRecord]`: the kbundle kernels Jupyter can see (every
   directory of `JUPYTER_PATH` and the data dirs), recognised by `metadata.kbundle`.
@@ -32,6 +32,8 @@ from kbundle.errors import KbundleError, UsageError
 
 LAUNCHER_SCRIPT = "kbundle-kernel"
 DISPLAY_SUFFIX = " (kbundle)"
+# Jupyter shows these from a kernelspec's directory (JupyterLab's launcher, Notebook's menu).
+LOGO_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 NETWORKS = ("bridge", "host")
 # jupyter_client accepts [a-z0-9._-] case-insensitively but looks names up in lower case;
 # we accept lower case only so that the name in a notebook's metadata always matches.
@@ -140,9 +142,15 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
         "display_name": shown,
         "language": "python",
         "interrupt_mode": "signal",
-        "env": {},
+        "env": banner_env(shown.removesuffix(DISPLAY_SUFFIX), kb.get("cuda")),
         "metadata": {"kbundle": kb},
     }
+
+
+def banner_env(bundle: str, cuda: Any) -> dict[str, str]:
+    """What the kernel's banner names beyond the image: the launcher gets it from Jupyter's
+    environment (its argv stays what the container needs) and hands it to the shim."""
+    return {"KBUNDLE_BUNDLE": bundle, "KBUNDLE_CUDA": str(cuda or "none")}
 
 
 def kernel_name_for(bundle_name: str) -> str:
@@ -150,6 +158,35 @@ def kernel_name_for(bundle_name: str) -> str:
     from kbundle.names import slug
 
     return f"kbundle-{slug(bundle_name)}"
+
+
+def claim_name(
+    name: str, bundle_hash: str, existing: Optional[KernelRecord], replace: bool, taken: set[str]
+) -> Optional[str]:
+    """May a bundle register kernel `name`? (pure) None: yes; a message: yes, replacing another
+    bundle's kernel (--replace), which the caller shows as a warning.
+
+    Like `conda create -n`, an existing name from *another* bundle (content hash) is refused
+    with advice; the same bundle again is no collision. `taken`: the kernel names in use, so
+    that the advice names a free one."""
+    if existing is None or existing.bundle_hash == bundle_hash:
+        return None
+    other = f"another bundle ({safe(existing.image) or 'unknown image'})"
+    if replace:
+        return f"replaced kernel {name}, which ran {other}"
+    raise KbundleError(
+        f"a kernel named {name} already runs {other}; register this bundle beside it with "
+        f"`--name {suggest_name(name, taken)}`, or replace it with `--replace`"
+    )
+
+
+def suggest_name(kernel_name: str, taken: set[str]) -> str:
+    """The `--name` for a free kernel beside `kernel_name`: `analysis-2`, `analysis-3`, … (pure)."""
+    base = kernel_name.removeprefix("kbundle-")
+    n = 2
+    while kernel_name_for(f"{base}-{n}") in taken:
+        n += 1
+    return f"{base}-{n}"
 
 
 def check_name(name: str) -> None:
@@ -183,8 +220,16 @@ def install_kernelspec(request: KernelRequest) -> Path:
             f"a kernel named {name!r} that kbundle did not install exists at {target}; remove it or pick another name"
         )
     target.mkdir(parents=True, exist_ok=True)
+    _copy_logo(target)
     write_atomic(existing, json.dumps(spec, indent=1) + "\n")
     return target
+
+
+def _copy_logo(target: Path) -> None:
+    from kbundle.resources import data_dir
+
+    for name in LOGO_FILES:
+        shutil.copyfile(data_dir() / "logo" / name, target / name)
 
 
 def list_kernelspecs() -> list[KernelRecord]:
@@ -202,6 +247,36 @@ def get_kernelspec(name: str) -> KernelRecord:
         if record.name == name:
             return record
     raise KbundleError(f"no kbundle kernel named {name!r} (see `kbundle kernels list`)")
+
+
+def find_kernel(ref: str) -> KernelRecord:
+    """The kernel `ref` names: its name, the name without `kbundle-`, or a .kbundle file it came from."""
+    records = {r.name: r for r in list_kernelspecs()}
+    for name in (ref, f"kbundle-{ref}"):
+        if name in records:
+            return records[name]
+    if ref.endswith(".kbundle") or os.path.isfile(ref):
+        return _kernel_of_bundle(Path(ref), records)
+    raise KbundleError(f"no kbundle kernel named {ref!r} (see `kbundle kernels list`)")
+
+
+def _kernel_of_bundle(path: Path, records: dict[str, KernelRecord]) -> KernelRecord:
+    # `kbundle run` records the bundle's path; a bundle moved or copied since is recognised by
+    # its content hash (whatever name `run --name` gave its kernel).
+    resolved = str(path.resolve())
+    for record in records.values():
+        if record.metadata.get("bundle") == resolved:
+            return record
+    if not path.is_file():
+        raise UsageError(f"no bundle at {path}, and no kbundle kernel came from there")
+    from kbundle.bundle.reader import open_bundle
+
+    digest = open_bundle(path).content_hash
+    found = [r for r in records.values() if r.bundle_hash == digest]
+    if len(found) != 1:
+        which = f"kernels {', '.join(r.name for r in found)}; name one" if found else "no kernel here"
+        raise KbundleError(f"{path.name} has {which} (see `kbundle kernels list`)")
+    return found[0]
 
 
 def remove_kernelspec(name: str) -> Path:
