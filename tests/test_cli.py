@@ -219,7 +219,7 @@ def test_plain_progress_is_throttled_to_one_line_per_interval():
     lines = out.getvalue().splitlines()
     assert lines == [
         "installing 3 conda packages",
-        "installing conda packages: 0/3, 45.0 MB of 120.0 MB, 6.4 MB/s, ETA 12 s",
+        "installing conda packages: 0/3, 42.9 MiB of 114.4 MiB, 6.1 MiB/s, ETA 12 s",
         "installed 3 conda packages",
     ]
 

@@ -16,3 +16,11 @@ def safe(text: object, limit: int = 500) -> str:
     """`text` on one line, with control, bidi and line-separator characters shown as escapes."""
     shown = _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), str(text))
     return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
+def size(n: float) -> str:
+    """Bytes in binary units, named as such (KiB, MiB, GiB): the one way kbundle prints a size."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"

@@ -2,7 +2,7 @@
 
 - rich: spinners and bars on a terminal (a rich Console).
 - plain: one line per step, and while a step runs at most one line every 5 s, e.g.
-  `installing conda packages: 12/32, 45.1 MB of 120.0 MB, 8.2 MB/s, ETA 9 s` (for logs and CI).
+  `installing conda packages: 12/32, 45.1 MiB of 120.0 MiB, 8.2 MiB/s, ETA 9 s` (for logs and CI).
 - none: no progress at all; warnings, the review and its question still print.
 - auto: rich when stderr is a terminal, plain otherwise.
 
@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 from typing import Optional, TextIO
+
+from kbundle.display import size
 
 MODES = ("auto", "rich", "plain", "none")
 INTERVAL = 5.0  # seconds between two plain progress lines
@@ -35,14 +37,6 @@ def reporter(mode: str = "auto", stream: Optional[TextIO] = None):
 
         return Console(file=stream, highlight=False)
     return PlainConsole(stream, progress=mode == "plain")
-
-
-def size(n: float) -> str:
-    """Bytes as people read them: 45.1 MB, 1.2 GB (decimal units, as download tools show them)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def seconds(s: float) -> str:

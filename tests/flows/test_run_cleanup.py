@@ -102,8 +102,8 @@ def test_a_no_on_the_terminal_leaves_nothing_and_the_question_keeps_its_brackets
         os.close(slave)
     assert proc.returncode == 1 and "declined" in err, err
     assert "register the kernel? [y/N]" in err, err
-    assert re.search(r"disk +about [\d.]+ [kMG]?B for the image", err), err
-    assert re.search(r"MB to download at most", err), err
+    assert re.search(r"disk +about [\d.]+ (?:[KMG]iB|B) for the image", err), err
+    assert re.search(r"[KMG]iB to download at most", err), err
     assert_nothing_left(tmp_path, source_bundle.stem, env, docker_client)
 
 

@@ -60,7 +60,7 @@ def test_plain_lines_say_what_happens(cold_run):
     assert any(re.fullmatch(r"installing \d+ conda packages for /opt/kbundle/env", t) for t in text), text
     done = [t for t in text if t.startswith("installed ")]
     assert len(done) == 1, text
-    found = re.fullmatch(r"installed (\d+) conda packages \(([\d.]+) ([kMG]?B) downloaded\) in [\d.]+ s", done[0])
+    found = re.fullmatch(r"installed (\d+) conda packages \(([\d.]+) ((?:[KMG]iB|B)) downloaded\) in [\d.]+ s", done[0])
     assert found and int(found.group(1)) == data["packages"] and float(found.group(2)) > 0, done[0]
     steps = [t for t in text if re.match(rf"building {re.escape(data['image'])}: Step \d+/\d+ : ", t)]
     assert len(steps) >= 3, text
@@ -78,7 +78,7 @@ def test_updates_come_at_most_every_5_seconds(cold_run):
     for (t0, a), (t1, b) in zip(updates, updates[1:], strict=False):
         assert t1 - t0 >= 4.5, (a, b)
     for _, text in updates:  # downloads show bytes; rate and ETA while bytes remain
-        assert re.search(r"\d+/\d+, [\d.]+ [kMG]?B of [\d.]+ [kMG]?B", text) or text.count(",") == 0, text
+        assert re.search(r"\d+/\d+, [\d.]+ (?:[KMG]iB|B) of [\d.]+ (?:[KMG]iB|B)", text) or text.count(",") == 0, text
 
 
 def test_progress_none_prints_only_warnings(cold_run):

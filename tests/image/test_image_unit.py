@@ -113,7 +113,7 @@ def _review(tmp_path, **changes):
         base_image="nvidia/cuda:12.2.2-runtime-ubuntu22.04",
         base_local=False,
         hosts=("conda.anaconda.org", "registry-1.docker.io"),
-        conda="42 package(s), locked (12.5 MB to download at most)",
+        conda="42 package(s), locked (11.9 MiB to download at most)",
         pip=2,
         dockerfile=str(tmp_path / "Dockerfile"),
     )
@@ -146,7 +146,7 @@ def test_consent_asks_and_shows_what_will_be_built(tmp_path, answer, ok):
             consent(console, **kwargs)
     text = out.getvalue()
     assert asked == ["Build it and register the kernel? [y/N] "]
-    for shown in ("nvidia/cuda:12.2.2-runtime-ubuntu22.04", "42 package(s)", "12.5 MB", "registry-1.docker.io"):
+    for shown in ("nvidia/cuda:12.2.2-runtime-ubuntu22.04", "42 package(s)", "11.9 MiB", "registry-1.docker.io"):
         assert shown in text
     assert "unsigned" in text and "-FROM evil/backdoor" in text and str(tmp_path / "Dockerfile") in text
 
@@ -251,9 +251,9 @@ def test_conda_summary_adds_sizes_only_when_all_are_known():
     from kbundle.flows.review import conda_summary
 
     assert conda_summary((SimpleNamespace(size=2_000_000), SimpleNamespace(size=500_000)), []).endswith(
-        "(2.5 MB to download at most)"
+        "(2.4 MiB to download at most)"
     )
-    assert "MB" not in conda_summary((SimpleNamespace(size=2_000_000), SimpleNamespace(size=None)), [])
+    assert "MiB" not in conda_summary((SimpleNamespace(size=2_000_000), SimpleNamespace(size=None)), [])
 
 
 @pytest.mark.parametrize(

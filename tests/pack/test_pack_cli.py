@@ -367,8 +367,8 @@ def test_summary_warns_above_the_mail_limit(tmp_path):
     result = kbundle("pack", nb, "-e", ENVFILE, "-o", out, "--lock", "never", "--include", tmp_path / "big.bin")
     assert result.returncode == 0, result.stderr
     warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warning) == 1 and "20 MB" in warning[0]
-    assert "21.0 MB" in result.stdout or "MB" in warning[0]
+    assert len(warning) == 1 and "20 MiB" in warning[0] and "21.0 MiB" in warning[0]
+    assert "21.0 MiB" in result.stdout
 
 
 def test_manifest_resolves_channel_names_to_urls(packed):

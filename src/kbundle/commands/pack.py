@@ -13,13 +13,7 @@ from typing import Optional
 
 import typer
 
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+from kbundle.display import size
 
 
 def pack(
@@ -94,7 +88,7 @@ def pack(
         typer.echo(f"warning: {warning}", err=True)
     if result.size > MAIL_LIMIT:
         typer.echo(
-            f"warning: {result.path.name} is {_size(result.size)}; mail servers often refuse attachments over 20 MB",
+            f"warning: {result.path.name} is {size(result.size)}; mail servers often refuse attachments over 20 MiB",
             err=True,
         )
     if as_json:  # the same object `kbundle inspect --json` prints: the manifest and its signature
@@ -127,7 +121,7 @@ def _progress(message: str):
 def _summary(result) -> None:
     m = result.manifest
     lines = [
-        f"wrote {result.path} ({_size(result.size)})",
+        f"wrote {result.path} ({size(result.size)})",
         f"  name       {m.name}",
         f"  notebook   {m.notebook}",
         f"  python     {m.python or 'unpinned'}",

@@ -219,12 +219,12 @@ def _bundle_findings(opened, client, on_gpu: bool) -> list:
     import shutil
 
     from kbundle.cache import cache_root
+    from kbundle.display import size
     from kbundle.errors import KbundleError
     from kbundle.flows import checks
     from kbundle.flows.run import declared_channels
     from kbundle.image import env as envmod
     from kbundle.image import preflight
-    from kbundle.progress import size
 
     ok, warn, fail = preflight.OK, preflight.WARN, preflight.ERROR
     found = [preflight.Finding(ok, "bundle", f"{opened.name}: CUDA {opened.cuda or 'none'}, base {opened.base_image}")]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 from kbundle.cache import cache_root
+from kbundle.display import size
 from kbundle.errors import MachineError
-from kbundle.progress import size
 
 UNPACK_FACTOR = 3  # unpacked environment / downloaded packages, for typical conda archives
 

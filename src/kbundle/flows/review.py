@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from rich.markup import escape
 
-from kbundle.display import safe
+from kbundle.display import safe, size
 from kbundle.errors import KbundleError
 
 DIFF_LINES = 80  # the review shows at most this much of a Dockerfile diff
@@ -39,7 +39,7 @@ class Review:
     base_image: str
     base_local: bool
     hosts: tuple[str, ...]  # every host that will be contacted
-    conda: str  # "12 packages (34.5 MB)" or "solved here from 3 specs"
+    conda: str  # "12 packages (34.5 MiB)" or "solved here from 3 specs"
     pip: int
     unusual: tuple[str, ...] = ()
     diff: tuple[str, ...] = ()  # unified diff, shipped -> rendered, each line escaped
@@ -129,7 +129,7 @@ def conda_summary(records, specs) -> str:
     if records is None:
         return f"not locked: solved here from {len(specs)} spec(s)"
     sizes = [r.size for r in records]
-    total = f" ({sum(sizes) / 1e6:.1f} MB to download at most)" if sizes and all(sizes) else ""
+    total = f" ({size(sum(sizes))} to download at most)" if sizes and all(sizes) else ""
     return f"{len(records)} package(s), locked{total}"
 
 

@@ -33,7 +33,7 @@ from rich.markup import escape
 from kbundle.bundle.format import WORK_DIR
 from kbundle.bundle.reader import DEFAULT_MAX_EXTRACT
 from kbundle.cache import cache_root
-from kbundle.display import safe
+from kbundle.display import safe, size
 from kbundle.errors import KbundleError, UsageError
 from kbundle.flows.checks import Needs, estimate, prechecks
 from kbundle.flows.review import (
@@ -48,7 +48,7 @@ from kbundle.flows.review import (
     unpinned,
     url_host,
 )
-from kbundle.progress import Meter, finish, size
+from kbundle.progress import Meter, finish
 
 
 @dataclass(frozen=True)

@@ -266,11 +266,7 @@ def apply_gc(plan: GcPlan, client) -> GcResult:
 
 
 def human_size(size: Optional[int]) -> str:
-    """Binary units, named as such (KiB, MiB, GiB), like every size kbundle prints."""
-    if size is None:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return ""
+    """Binary units, named as such (KiB, MiB, GiB), like every size kbundle prints; "" when unknown."""
+    from kbundle.display import size as shown
+
+    return "" if size is None else shown(size)
