@@ -48,3 +48,27 @@ def env_image(world) -> str:
     default user is the unprivileged `kbundle` and its WORKDIR /opt/kbundle/work.
     """
     return world_module.ensure_env_image(world)
+
+
+@pytest.fixture(scope="session")
+def registry(world) -> str:
+    """The world's container registry, ``127.0.0.1:PORT`` (plain HTTP, deletes enabled)."""
+    return world["registry"]
+
+
+@pytest.fixture(scope="session")
+def slurm(world):
+    """The world's Slurm cluster: ``{"conf", "partition", "node", "cpus"}``.
+
+    Sets ``SLURM_CONF`` in os.environ for the session, not through monkeypatch, so that every
+    process the tests start (srun, a jupyter_client launcher) inherits it; restored at the end.
+    """
+    import os
+
+    before = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = world["slurm"]["conf"]
+    yield world["slurm"]
+    if before is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = before

@@ -5,12 +5,18 @@ tests build their own:
 
 * ``base_image``: Debian bookworm from ``debootstrap --variant=minbase``, imported into
   Docker. It stands in for an ``nvidia/cuda`` base (which is also a plain distro image).
-* ``channel``: a conda channel indexed with py-rattler: a relocatable CPython repackaged
-  from this machine's interpreter, and ipykernel, numpy, pip and all their dependencies
+* ``channel``: a conda channel indexed with py-rattler: one relocatable CPython per world Python
+  (the running one and ``KBUNDLE_WORLD_PYTHONS``, default 3.7, found with pyenv or in
+  /usr/bin), and for each the ipykernel, numpy, pip and dependencies that pip picks for it,
   converted from PyPI wheels.
 * ``server``: the channel served over HTTP on 127.0.0.1, kept running between calls.
 * ``pypi``: two PEP 503 simple indexes of tiny wheels (one with a ``+cu118`` local version)
   and a git repository of a tiny package, served over HTTP on 127.0.0.1.
+* ``registry``: a container registry (Debian's ``docker-registry``) on 127.0.0.1, plain HTTP,
+  deletes enabled, kept running between calls; ``docker push 127.0.0.1:PORT/name:tag`` works
+  without daemon settings.
+* ``slurm``: a one-node Slurm cluster (munged, slurmctld, slurmd as root, kept running between
+  calls) whose node is this machine, partition ``debug``; Slurm's tools find it through ``SLURM_CONF``.
 * ``env_image``: an image of kbundle's own making (its Dockerfile, installer and build
   context) with python, ipykernel and numpy, for the kernel tests.
 
@@ -38,7 +44,7 @@ from .channel import (
     linux_virtual_packages,
     solve_and_install,
 )
-from .common import docker_client, log, platform_full, python_version, world_dir
+from .common import docker_client, log, platform_full, python_version, world_dir, world_python_versions
 from .env_image import (
     ENV_PREFIX,
     ENV_SPECS,
@@ -49,7 +55,9 @@ from .env_image import (
     write_env_context,
 )
 from .pypi import ensure_pypi, stop_pypi
+from .registry import ensure_registry, stop_registry
 from .server import DEFAULT_PORT, ensure_server, stop_server
+from .slurm import ensure_slurm, stop_slurm
 
 __all__ = [
     "BASE_IMAGE",
@@ -67,7 +75,9 @@ __all__ = [
     "ensure_channel",
     "ensure_env_image",
     "ensure_pypi",
+    "ensure_registry",
     "ensure_server",
+    "ensure_slurm",
     "fingerprint",
     "linux_virtual_packages",
     "log",
@@ -75,6 +85,8 @@ __all__ = [
     "python_version",
     "render_dockerfile",
     "solve_and_install",
+    "stop_registry",
+    "stop_slurm",
     "up",
     "world_dir",
     "write_env_context",
@@ -94,16 +106,21 @@ def up() -> dict:
         "channel_path": str(channel),
         "channel_file_url": channel.as_uri(),
         "python": python_version(),
+        "pythons": world_python_versions(),
         "world_dir": str(root),
         **ensure_pypi(root),
+        **ensure_registry(root),
+        **ensure_slurm(root),
     }
 
 
 def down() -> None:
-    """Stop the server, remove the world's images and its cached directory."""
+    """Stop the servers and daemons, remove the world's images and its cached directory."""
     root = world_dir()
     stop_server(root)
     stop_pypi(root)
+    stop_slurm(root)
+    stop_registry(root)
     try:
         client = docker_client()
         label = ",".join(f"{k}={v}" for k, v in LABELS.items())

@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import down, up
+from .common import WorldPythonsError
 
 
 def main(argv: list[str]) -> int:
@@ -16,7 +17,11 @@ def main(argv: list[str]) -> int:
     if argv[0] == "down":
         down()
         return 0
-    info = up()
+    try:
+        info = up()
+    except WorldPythonsError as exc:  # a Python asked for and not found: one line, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(info), flush=True)
     return 0
 

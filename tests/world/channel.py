@@ -1,12 +1,17 @@
-"""The channel: a real conda channel, indexed with py-rattler, built from this machine's Python.
+"""The channel: a real conda channel, indexed with py-rattler, built from this machine's Pythons.
 
-It holds a relocatable CPython repackaged from this machine's interpreter (RPATHs made
-``$ORIGIN``-relative with patchelf, its shared libraries carried along, text files
-carrying conda's prefix placeholder), and ipykernel, numpy, pip and all their
-dependencies converted from PyPI wheels (pure wheels become ``noarch: python``).
+For each of the world's CPythons (``common.world_pythons``: the running one and those
+``KBUNDLE_WORLD_PYTHONS`` asks for, 3.7 by default) it holds that interpreter repackaged
+as a relocatable ``python`` (RPATHs made ``$ORIGIN``-relative with patchelf, its shared
+libraries carried along, its sysconfig data carrying conda's prefix placeholder), and
+ipykernel, numpy, pip and all their dependencies converted from the PyPI wheels pip picks
+for that Python. Binary wheels become ``pyXY_kbundle_0`` builds pinned to their Python;
+pure wheels become ``noarch: python``, one ``pyh_kbundle_0`` build shared when every
+Python got the same version with the same dependencies, else one ``pyh_pyXY_kbundle_0``
+build per Python, pinned to it.
 
-Cached under the world's directory: ``channel.stamp`` holds the recipe's fingerprint, and
-a channel whose stamp matches is reused as it is.
+Cached under the world's directory: ``channel.stamp`` holds the recipe's fingerprint (the
+Pythons included), and a channel whose stamp matches is reused as it is.
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from pathlib import Path
 
 from kbundle import contract
 
-from .common import log, platform_full, python_version, world_dir
+from .common import WorldPython, log, running_python, world_dir, world_pythons
 
 # Bump when the channel's recipe changes, so that a cached channel is rebuilt.
-RECIPE_VERSION = "3"
+RECIPE_VERSION = "4"
 # The packages the channel must carry; pip resolves their whole dependency tree.
 TOP_LEVEL = ["ipykernel", "numpy", "pip"]
 # conda's own prefix placeholder: rattler replaces it with the env's final prefix.
@@ -49,8 +54,10 @@ SKIP_STDLIB_DIRS = {
     "ensurepip",
     "__pycache__",
     "lib2to3",
-    "distutils",
+    "EXTERNALLY-MANAGED",  # Debian's PEP 668 marker: it would make pip refuse the env
 }
+# pip reads its install locations from distutils before Python 3.10, from sysconfig after.
+DISTUTILS_UNTIL = (3, 10)
 TIMESTAMP = 1700000000000  # ms; fixed so the channel's bytes do not depend on the day it was built
 
 
@@ -177,12 +184,48 @@ def _set_rpath(path: Path, rpath: str) -> None:
     subprocess.run(["patchelf", "--set-rpath", rpath, str(path)], check=True)
 
 
-def build_python_package() -> CondaPackage:
-    """Repackage this machine's CPython as a relocatable conda package (libpython comes along if shared)."""
+def _stdlib_skipped(python: WorldPython):
+    keep_distutils = tuple(int(x) for x in python.version.split(".")) < DISTUTILS_UNTIL
+
+    def ignore(_folder: str, names: list[str]) -> list[str]:
+        return [
+            n
+            for n in names
+            if (n in SKIP_STDLIB_DIRS or (n == "distutils" and not keep_distutils))
+            or n.startswith("config-")
+            or SKIP_DYNLOAD.match(n)
+            or n.endswith((".pyc", ".a"))
+        ]
+
+    return ignore
+
+
+# Debian's site.py reads only dist-packages folders; conda's packages install into site-packages.
+SITECUSTOMIZE = """\
+# Added by kbundle's test world: this CPython's site.py (Debian's) reads only dist-packages.
+import os
+import site
+import sys
+
+site.addsitedir(os.path.join(sys.prefix, "lib", "python%d.%d" % sys.version_info[:2], "site-packages"))
+"""
+
+
+def _add_site_packages(stdlib: Path) -> None:
+    """Make a Debian-patched stdlib read the env's site-packages (and not Debian's apport hook)."""
+    if b"dist-packages" in (stdlib / "site.py").read_bytes():
+        target = stdlib / "sitecustomize.py"
+        target.unlink(missing_ok=True)  # Debian's is a symlink into /etc
+        target.write_text(SITECUSTOMIZE)
+
+
+def build_python_package(python: WorldPython | None = None) -> CondaPackage:
+    """Repackage a CPython of this machine (the running one by default) as a relocatable conda
+    package (libpython comes along if shared)."""
     if not shutil.which("patchelf"):
         raise SystemExit("error: patchelf is not installed (apt-get install patchelf)")
-    src = Path(sys.base_prefix)
-    ver = python_version()
+    python = python or running_python()
+    src, ver = python.prefix, python.version
     with tempfile.TemporaryDirectory(prefix="kbundle-python-") as tmp:
         stage = Path(tmp)
         (stage / "bin").mkdir()
@@ -192,20 +235,10 @@ def build_python_package() -> CondaPackage:
         for lib in src.glob("lib/libpython3*.so*"):
             if not lib.is_symlink():
                 shutil.copy2(lib, libdir / lib.name)
-        stdlib_src = src / "lib" / f"python{ver}"
         shutil.copytree(
-            stdlib_src,
-            libdir / f"python{ver}",
-            symlinks=True,
-            ignore=lambda d, names: [
-                n
-                for n in names
-                if n in SKIP_STDLIB_DIRS
-                or n.startswith("config-")
-                or SKIP_DYNLOAD.match(n)
-                or n.endswith((".pyc", ".a"))
-            ],
+            src / "lib" / f"python{ver}", libdir / f"python{ver}", symlinks=True, ignore=_stdlib_skipped(python)
         )
+        _add_site_packages(libdir / f"python{ver}")
         # RPATHs relative to each ELF file, and carry every non-glibc library along.
         elves = [p for p in stage.rglob("*") if p.is_file() and not p.is_symlink() and _is_elf(p)]
         carried: dict[str, str] = {}
@@ -225,8 +258,9 @@ def build_python_package() -> CondaPackage:
             if p.is_dir():
                 continue
             data = p.read_bytes()
-            is_text = b"\0" not in data[:8192]
-            placeholder = is_text and str(src).encode() in data
+            # Only the sysconfig data names the prefix (pyenv's and conda's alike); a prefix such as
+            # /usr also starts /usr/bin/env and /usr/share/zoneinfo, which must stay as they are.
+            placeholder = p.name.startswith("_sysconfigdata") and p.suffix == ".py" and str(src).encode() in data
             if placeholder:
                 data = data.replace(str(src).encode(), PLACEHOLDER.encode())
             files.append(PackageFile(rel, data, 0o755 if os.access(p, os.X_OK) else 0o644, placeholder))
@@ -237,16 +271,17 @@ def build_python_package() -> CondaPackage:
         for lib in src.glob("lib/libpython3*.so*"):
             if lib.is_symlink():
                 files.append(PackageFile(f"lib/{lib.name}", b"", link_target=os.readlink(lib)))
-    full = ".".join(str(x) for x in sys.version_info[:3])
-    return CondaPackage("python", full, "h_kbundle_world_0", "linux-64", [], files)
+    return CondaPackage("python", python.full, "h_kbundle_world_0", "linux-64", [], files)
 
 
 # --------------------------------------------------------------------------- wheels → conda
 
 
-def download_wheels(dest: Path) -> list[Path]:
-    dest.mkdir(parents=True, exist_ok=True)
-    log(f"pip download {' '.join(TOP_LEVEL)} (wheels for CPython {python_version()}, linux x86_64)")
+def download_wheels(dest: Path, python: WorldPython) -> list[Path]:
+    """The wheels pip picks for ``python`` (versions that fit it: ipykernel 6.16 and numpy 1.21 for 3.7)."""
+    shutil.rmtree(dest, ignore_errors=True)  # exactly what pip picks now: no stale versions from an earlier build
+    dest.mkdir(parents=True)
+    log(f"pip download {' '.join(TOP_LEVEL)} (wheels for CPython {python.version}, linux x86_64)")
     subprocess.run(
         [
             sys.executable,
@@ -258,7 +293,7 @@ def download_wheels(dest: Path) -> list[Path]:
             "--dest",
             str(dest),
             "--python-version",
-            python_version(),
+            python.version,
             "--implementation",
             "cp",
             "--platform",
@@ -278,10 +313,10 @@ def conda_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _marker_env() -> dict[str, str]:
+def _marker_env(python: WorldPython) -> dict[str, str]:
     return {
-        "python_version": python_version(),
-        "python_full_version": platform_full(),
+        "python_version": python.version,
+        "python_full_version": python.full,
         "sys_platform": "linux",
         "platform_system": "Linux",
         "os_name": "posix",
@@ -292,30 +327,34 @@ def _marker_env() -> dict[str, str]:
     }
 
 
-def wheel_depends(metadata, available: set[str]) -> list[str]:
+def wheel_depends(metadata, available: set[str], python: WorldPython) -> list[str]:
     from packaging.requirements import Requirement
 
     depends = []
     for raw in metadata.get_all("Requires-Dist") or []:
         req = Requirement(raw)
-        if req.marker and not req.marker.evaluate(_marker_env()):
+        if req.marker and not req.marker.evaluate(_marker_env(python)):
             continue
         name = conda_name(req.name)
         if name not in available:
+            # pip judged the markers by the interpreter running it, not by --python-version's.
+            log(f"warning: {metadata['Name']} needs {raw!r} on CPython {python.version}; pip did not download it")
             continue
         spec = ",".join(str(s) for s in req.specifier)
         depends.append(f"{name} {spec}".strip())
     return depends
 
 
-def wheel_to_conda(wheel: Path, available: set[str]) -> CondaPackage:
+def wheel_to_conda(wheel: Path, available: set[str], python: WorldPython) -> CondaPackage:
+    """A conda package of a wheel pip picked for ``python``: noarch when pure (build ``pyh_kbundle_0``,
+    shared or not is ``noarch_builds``' choice), else linux-64 and pinned to ``python``."""
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         dist_info = next(n.split("/")[0] for n in names if n.split("/")[0].endswith(".dist-info"))
         metadata = email.parser.Parser().parsestr(zf.read(f"{dist_info}/METADATA").decode())
         wheel_meta = email.parser.Parser().parsestr(zf.read(f"{dist_info}/WHEEL").decode())
         pure = wheel_meta.get("Root-Is-Purelib", "").lower() == "true" and wheel.name.endswith("-none-any.whl")
-        sp = "site-packages" if pure else f"lib/python{python_version()}/site-packages"
+        sp = "site-packages" if pure else f"lib/python{python.version}/site-packages"
         entry_points = _console_scripts(zf, dist_info)
         files = []
         for name in names:
@@ -343,16 +382,14 @@ def wheel_to_conda(wheel: Path, available: set[str]) -> CondaPackage:
             files.append(PackageFile(target, data, mode | 0o644))
         files.append(PackageFile(f"{sp}/{dist_info}/INSTALLER", b"conda\n"))
     name, version = conda_name(metadata["Name"]), metadata["Version"]
-    depends = wheel_depends(metadata, available)
+    depends = wheel_depends(metadata, available, python)
     if pure:
         requires_python = metadata.get("Requires-Python")
         depends.append(f"python {requires_python}".strip() if requires_python else "python")
         return CondaPackage(
             name, version, "pyh_kbundle_0", "noarch", depends, files, noarch="python", entry_points=entry_points
         )
-    ver = python_version()
-    major, minor = sys.version_info[:2]
-    depends.append(f"python >={ver},<{major}.{minor + 1}.0a0")
+    depends.append(python.pin)
     for ep in entry_points:  # binary packages carry their scripts, shebang set through the placeholder
         script, target = (s.strip() for s in ep.split("="))
         module, func = target.split(":")
@@ -360,8 +397,7 @@ def wheel_to_conda(wheel: Path, available: set[str]) -> CondaPackage:
             f"#!{PLACEHOLDER}/bin/python\nimport sys\nfrom {module} import {func.split('.')[0]}\nsys.exit({func}())\n"
         )
         files.append(PackageFile(f"bin/{script}", body.encode(), 0o755, placeholder=True))
-    tag = f"py{major}{minor}"
-    return CondaPackage(name, version, f"{tag}_kbundle_0", "linux-64", depends, files)
+    return CondaPackage(name, version, f"{python.tag}_kbundle_0", "linux-64", depends, files)
 
 
 def _console_scripts(zf: zipfile.ZipFile, dist_info: str) -> list[str]:
@@ -382,26 +418,56 @@ def _console_scripts(zf: zipfile.ZipFile, dist_info: str) -> list[str]:
 # --------------------------------------------------------------------------- the channel
 
 
-def build_channel(root: Path) -> Path:
+def noarch_builds(made: list[tuple[WorldPython, CondaPackage]], every: list[WorldPython]) -> list[CondaPackage]:
+    """The packages to write for one pure wheel (one name and version) converted for each Python in
+    ``made``: one shared build when every Python of ``every`` got it alike, else one per Python,
+    pinned to it (its dependencies were judged by that Python's markers)."""
+    first = made[0][1]
+    same = all(pkg.depends == first.depends and _contents(pkg) == _contents(first) for _, pkg in made)
+    if same and {p.full for p, _ in made} == {p.full for p in every}:
+        return [first]
+    return [
+        CondaPackage(
+            pkg.name,
+            pkg.version,
+            f"pyh_{python.tag}_kbundle_0",
+            pkg.subdir,
+            [*pkg.depends, python.pin],
+            pkg.files,
+            noarch=pkg.noarch,
+            entry_points=pkg.entry_points,
+        )
+        for python, pkg in made
+    ]
+
+
+def _contents(pkg: CondaPackage) -> list[tuple[str, bytes]]:
+    return sorted((f.path, f.data) for f in pkg.files)
+
+
+def build_channel(root: Path, pythons: list[WorldPython] | None = None) -> Path:
+    pythons = pythons or world_pythons()
     channel = root / "channel"
     if channel.exists():
         shutil.rmtree(channel)
-    wheels = download_wheels(root / "wheels")
-    available = {conda_name(w.name.split("-")[0]) for w in wheels} | {"python"}
-    log("repackaging CPython as a relocatable conda package")
-    write_conda_package(build_python_package(), channel / "linux-64")
-    for wheel in wheels:
-        pkg = wheel_to_conda(wheel, available)
-        write_conda_package(pkg, channel / pkg.subdir)
+    pure: dict[str, list[tuple[WorldPython, CondaPackage]]] = {}
+    for python in pythons:
+        wheels = download_wheels(root / "wheels" / python.tag, python)
+        available = {conda_name(w.name.split("-")[0]) for w in wheels} | {"python"}
+        log(f"repackaging CPython {python.full} ({python.prefix}) as a relocatable conda package")
+        write_conda_package(build_python_package(python), channel / "linux-64")
+        for wheel in wheels:
+            pkg = wheel_to_conda(wheel, available, python)
+            if pkg.noarch:
+                pure.setdefault(pkg.filename, []).append((python, pkg))
+            else:
+                write_conda_package(pkg, channel / pkg.subdir)
+    for made in pure.values():
+        for pkg in noarch_builds(made, pythons):
+            write_conda_package(pkg, channel / pkg.subdir)
     (channel / "noarch").mkdir(exist_ok=True)
     log("indexing the channel with rattler")
-    import asyncio
-
-    from rattler.index import index_fs
-
-    result = index_fs(channel, write_zst=False, write_shards=False)
-    if asyncio.iscoroutine(result):
-        asyncio.run(result)
+    _index(channel)
     return channel
 
 
@@ -450,18 +516,21 @@ def _index(channel: Path) -> None:
         asyncio.run(result)
 
 
-def fingerprint() -> str:
-    """The channel's recipe: a cached channel whose stamp differs is rebuilt."""
-    return f"{RECIPE_VERSION}:{sys.base_prefix}:{platform_full()}:{','.join(TOP_LEVEL)}"
+def fingerprint(pythons: list[WorldPython] | None = None) -> str:
+    """The channel's recipe, its Pythons included: a cached channel whose stamp differs is rebuilt."""
+    found = ";".join(f"{p.prefix}:{p.full}" for p in pythons or world_pythons())
+    return f"{RECIPE_VERSION}:{found}:{','.join(TOP_LEVEL)}"
 
 
-def ensure_channel(root: Path) -> Path:
+def ensure_channel(root: Path, pythons: list[WorldPython] | None = None) -> Path:
     """The channel under ``root``, built unless its stamp matches this recipe."""
+    pythons = pythons or world_pythons()
     stamp = root / "channel.stamp"
     channel = root / "channel"
-    if not (stamp.exists() and stamp.read_text() == fingerprint() and (channel / "noarch/repodata.json").exists()):
-        build_channel(root)
-        stamp.write_text(fingerprint())
+    recipe = fingerprint(pythons)
+    if not (stamp.exists() and stamp.read_text() == recipe and (channel / "noarch/repodata.json").exists()):
+        build_channel(root, pythons)
+        stamp.write_text(recipe)
     ensure_stubs(channel)
     return channel
 

@@ -66,11 +66,13 @@ def render_dockerfile(base_image: str, python: str) -> str:
 
 
 def write_context(context: Path, dockerfile: str) -> None:
-    """The parts of the context besides the env: the Dockerfile, the activation script, an empty work/."""
-    from kbundle.image.context import write_static
+    """The parts of the context besides the env: the Dockerfile, the activation script, an empty work/;
+    and the installed env/ split into the Dockerfile's layer folders."""
+    from kbundle.image.context import stage_layers, write_static
 
     context.mkdir(parents=True, exist_ok=True)
     write_static(context, dockerfile)
+    stage_layers(context)
     (context / contract.CONTEXT_WORK).mkdir(exist_ok=True)
 
 
