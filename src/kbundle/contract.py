@@ -20,14 +20,21 @@ USER = "kbundle"  # the image's unprivileged default user
 # ----------------------------------------------------------------- the build context
 
 # Bump when the layout or the meaning of a context file changes: it is part of the image tag.
-CONTEXT_VERSION = "3"  # 3: activation script shipped as a file; labels under org.kbundle.*
+# 3: activation script shipped as a file; labels under org.kbundle.*
+# 4: pip installed on the host; the env split into layers (env-layers/NN-group/)
+CONTEXT_VERSION = "4"
 CONTEXT_DOCKERFILE = "Dockerfile"
-CONTEXT_ENV = "env"  # the installed prefix
-CONTEXT_PIP = "pip"  # requirements.txt + wheels/
-CONTEXT_PIP_REQUIREMENTS = "pip/requirements.txt"
-CONTEXT_PIP_WHEELS = "pip/wheels"
+CONTEXT_ENV = "env"  # where the prefix is installed (conda, then pip) before it is split into layers
+CONTEXT_LAYERS = "env-layers"  # the installed prefix, one folder per layer group (data/layers.yaml)
 CONTEXT_WORK = "work"  # the bundle's work/ members
 CONTEXT_ACTIVATE = "kbundle-activate.sh"  # copied from templates/ by run
+CONTEXT_MTIME = 946684800  # 2000-01-01: every file's time in the context, so equal files make equal layers
+
+
+def layer_dir(index: int, group: str) -> str:
+    """`env-layers/01-cuda`: a layer group's folder in the context, numbered in the Dockerfile's order."""
+    return f"{CONTEXT_LAYERS}/{index + 1:02d}-{group}"
+
 
 # ----------------------------------------------------------------- labels
 
@@ -47,6 +54,7 @@ LABEL_LAUNCHER_HOST = LABEL_NS + "launcher-host"
 LABEL_LAUNCHER_PPID = LABEL_NS + "launcher-ppid"  # who started the launcher: gc spots orphans
 LABEL_PROBE = LABEL_NS + "probe"  # preflight's throwaway GPU probe
 LABEL_BYTECODE = LABEL_NS + "bytecode"  # the throwaway container that byte-compiles an env
+LABEL_PIP_INSTALL = LABEL_NS + "pip-install"  # the throwaway container that installs the pip: section
 
 # Images and containers made before kbundle 0.2 used a `kbundle.` namespace; gc still reads them.
 LEGACY_LABEL_CONTENT_HASH = "kbundle.bundle_hash"

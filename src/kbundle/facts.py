@@ -622,6 +622,113 @@ def compat_tables_from(drivers: Any, arches: Any) -> CompatTables:
     )
 
 
+# ---------------------------------------------------------------- layers.yaml
+
+_REST = ("conda", "pip")
+_GROUP_NAME = re.compile(r"[a-z][a-z0-9-]*")
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """One layer of the image's environment: the packages whose files it holds."""
+
+    name: str  # lower case; the context folder and the Dockerfile say it
+    holds: str  # what it holds, in words: the Dockerfile's comment over its COPY
+    conda: tuple[str, ...] = ()  # globs on normalised conda package names
+    pip: tuple[str, ...] = ()  # globs on normalised pip distribution names
+    rest: Optional[str] = None  # "conda" or "pip": every package of that side no other group claims
+
+    def claims(self, source: str, name: str) -> bool:
+        """Whether this group's globs name the package `name` of `source` ('conda' or 'pip')."""
+        return _matches_any(name, self.conda if source == "conda" else self.pip)
+
+
+@dataclass(frozen=True)
+class LayerGroups:
+    groups: tuple[LayerGroup, ...]  # in the Dockerfile's order
+
+    def group_of(self, source: str, name: str) -> str:
+        """The group of a package: the first whose globs name it, else its side's rest group."""
+        for group in self.groups:
+            if group.claims(source, name):
+                return group.name
+        return self.rest_of(source)
+
+    def rest_of(self, source: str) -> str:
+        return next(g.name for g in self.groups if g.rest == source)
+
+    @property
+    def last(self) -> str:
+        """Where files no package owns go."""
+        return self.groups[-1].name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(g.name for g in self.groups)
+
+
+def _layer_group(node: _Node) -> LayerGroup:
+    name = node["name"].text()
+    if not _GROUP_NAME.fullmatch(name):
+        node["name"].fail(f"must be a lower-case word (letters, digits, -), not {name!r}")
+    table = node._typed(dict, "a mapping")
+    rest = node["rest"].text() if "rest" in table else None
+    if rest is not None and rest not in _REST:
+        node["rest"].fail(f"must be one of {', '.join(_REST)}, not {rest!r}")
+    globs = {side: node[side].texts() if side in table else () for side in _REST}
+    for side, patterns in globs.items():
+        if any(p != p.lower() for p in patterns):
+            node[side].fail("must be lower case (names are matched normalised)")
+    return LayerGroup(name, node["holds"].text(), globs["conda"], globs["pip"], rest)
+
+
+def layer_groups_from(data: Any) -> LayerGroups:
+    """layers.yaml's contents, checked and typed: unique names, one rest group for each side."""
+    root = _open("layers", data)
+    groups = tuple(_layer_group(n) for n in root["groups"].seq())
+    if len({g.name for g in groups}) != len(groups):
+        root["groups"].fail("must not name a group twice")
+    for side in _REST:
+        if [g.rest for g in groups].count(side) != 1:
+            root["groups"].fail(f"must mark exactly one group `rest: {side}`")
+    return LayerGroups(groups)
+
+
+# ---------------------------------------------------------------- kernel_noise.yaml
+
+
+@dataclass(frozen=True)
+class NoiseGroup:
+    """Lines a kernel prints that only mean one thing (no GPU here), and the one line that says it."""
+
+    summary: str
+    patterns: tuple[re.Pattern[str], ...]
+
+    def matches(self, line: str) -> bool:
+        return any(p.search(line) for p in self.patterns)
+
+
+@dataclass(frozen=True)
+class KernelNoise:
+    groups: tuple[NoiseGroup, ...]
+
+    def summary_for(self, line: str) -> Optional[str]:
+        """The summary of the first group that takes `line`; None for a line that must pass."""
+        return next((g.summary for g in self.groups if g.matches(line)), None)
+
+
+def kernel_noise_from(data: Any) -> KernelNoise:
+    """kernel_noise.yaml's contents, checked and typed: every pattern compiles."""
+    root = _open("kernel_noise", data)
+    groups = tuple(
+        NoiseGroup(n["summary"].text(), tuple(_pattern(p) for p in n["patterns"].seq())) for n in root["groups"].seq()
+    )
+    for node, group in zip(root["groups"].seq(), groups, strict=True):
+        if not group.patterns:
+            node["patterns"].fail("must list at least one pattern")
+    return KernelNoise(groups)
+
+
 # ---------------------------------------------------------------- the cached loaders
 
 
@@ -643,6 +750,16 @@ def normalise_facts() -> NormaliseFacts:
 @lru_cache(maxsize=1)
 def load_tables() -> CompatTables:
     return compat_tables_from(load_data("cuda_drivers"), load_data("gpu_arch"))
+
+
+@lru_cache(maxsize=1)
+def layer_groups() -> LayerGroups:
+    return layer_groups_from(load_data("layers"))
+
+
+@lru_cache(maxsize=1)
+def kernel_noise() -> KernelNoise:
+    return kernel_noise_from(load_data("kernel_noise"))
 
 
 def glibc_for(image: str) -> str:

@@ -81,6 +81,8 @@ class Meter:
 
     def line(self) -> str:
         parts = [f"{self.done}/{self.total}" if self.total else str(self.done)]
+        if not self.total and not self.done and self.total_bytes:
+            parts = []  # bytes alone (the build context): no count of items to show
         if self.total_bytes:
             parts.append(f"{size(self.bytes)} of {size(self.total_bytes)}")
             rate = self.rate()

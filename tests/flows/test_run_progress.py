@@ -58,7 +58,7 @@ def test_plain_lines_say_what_happens(cold_run):
     text = [t for _, t in lines]
     assert not [t for t in text if "\x1b" in t or "\r" in t], "terminal codes on a non-terminal"
     assert any(re.fullmatch(r"installing \d+ conda packages for /opt/kbundle/env", t) for t in text), text
-    done = [t for t in text if t.startswith("installed ")]
+    done = [t for t in text if re.match(r"installed \d+ conda packages", t)]
     assert len(done) == 1, text
     found = re.fullmatch(r"installed (\d+) conda packages \(([\d.]+) ((?:[KMG]iB|B)) downloaded\) in [\d.]+ s", done[0])
     assert found and int(found.group(1)) == data["packages"] and float(found.group(2)) > 0, done[0]

@@ -339,15 +339,6 @@ def test_wheel_cache_matches_only_the_target_platform(tmp_path):
     assert wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, wheels.target_tags("3.10")) is None
 
 
-def test_wheel_context_layout(tmp_path):
-    wheel = tmp_path / "tabulate-0.9.0-py3-none-any.whl"
-    wheel.write_bytes(b"zip")
-    ctx = tmp_path / "ctx"
-    wheels.write_context(wheels.WheelSet((parse_pip_line("tabulate==0.9.0"),), (wheel,), 0), ctx)
-    assert (ctx / "pip" / "requirements.txt").read_text() == "tabulate==0.9.0\n"
-    assert (ctx / "pip" / "wheels" / wheel.name).read_bytes() == b"zip"
-
-
 def test_rattler_uses_the_hosts_proxy_and_ca_trust(monkeypatch):
     from kbundle.net import rattler_config
 

@@ -112,6 +112,9 @@ def test_glibc_comes_from_the_os_an_image_names():
     assert facts.glibc_for("nvidia/cuda:12.4.1-base-ubuntu22.04") == "2.35"
     assert facts.glibc_for("debian:bookworm-slim") == "2.36"  # a codename, from os_aliases
     assert facts.glibc_for("registry.local/custom:latest") == "2.28"  # unknown: an old glibc
+    # nvidia/cuda's CentOS 7 tags are older than manylinux_2_28: such a base must not get those wheels
+    assert facts.glibc_for("nvidia/cuda:11.8.0-cudnn8-runtime-centos7") == "2.17"
+    assert facts.glibc_for("nvidia/cuda:12.2.2-runtime-ubi8") == "2.28"
 
 
 def test_example_keeps_its_own_cuda_runtime_on_a_live_base():

@@ -1,7 +1,7 @@
 """The rendered Dockerfile against the real Docker engine, on the offline world's Debian
 base image: the image contract of docs/architecture.md (env at /opt/kbundle/env, pip
-wheels with --no-index, activating ENTRYPOINT, non-root user, labels, env layer cached
-apart from the notebook)."""
+wheels installed into it offline before the build, the env in its layer folders, activating
+ENTRYPOINT, non-root user, labels, env layers cached apart from the notebook)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 
 import world as world_module
 from helpers import kbundle, notebook
-from kbundle.image.context import write_static
+from kbundle.image import pipinstall
+from kbundle.image.context import stage_layers, write_static
 
 pytestmark = pytest.mark.docker
 LABEL = {"kbundle.test": "1"}
@@ -72,14 +73,15 @@ def built(world, docker_client, tmp_path_factory):
     (ctx / "env/etc/conda/activate.d").mkdir(parents=True, exist_ok=True)
     (ctx / "env/etc/conda/activate.d/kbtest.sh").write_text("export KBTEST_ACTIVATED=yes\n")
     nvidia = ctx / f"env/lib/python{world['python']}/site-packages/nvidia/cublas/lib"
-    nvidia.mkdir(parents=True)
-    (ctx / "pip/wheels").mkdir(parents=True)
-    _wheel(ctx / "pip/wheels")
-    (ctx / "pip/requirements.txt").write_text("\n".join(manifest["pip"]) + "\n")
+    nvidia.mkdir(parents=True)  # an empty folder: it must still be in the image
+    wheel = _wheel(tmp)
+    line = f"kbtestwheel==1.0 --hash=sha256:{hashlib.sha256(wheel.read_bytes()).hexdigest()}"
+    pipinstall.install(docker_client, world["base_image"], ctx / "env", [wheel], [line])  # as run does
     with zipfile.ZipFile(out) as zf:
         write_static(ctx, zf.read("Dockerfile").decode())  # Dockerfile + activation script, as run writes them
         (ctx / "work").mkdir()
         (ctx / "work/image-test.ipynb").write_bytes(zf.read("work/image-test.ipynb"))
+    stage_layers(ctx)
 
     tag = f"kbundle-test/pack-image:{hashlib.sha256((ctx / 'Dockerfile').read_bytes()).hexdigest()[:12]}"
     docker_client.images.build(path=str(ctx), tag=tag, rm=True, forcerm=True, labels=LABEL)
@@ -113,7 +115,7 @@ def test_image_runs_the_envs_python_activated_as_non_root(built, docker_client):
     assert out["activated"] == "yes"  # etc/conda/activate.d/*.sh ran
     assert "/opt/kbundle/env/lib/python" in out["ld"] and "nvidia/cublas/lib" in out["ld"]
     assert out["uid"] != 0
-    assert out["wheel"] == "from-the-wheel"  # the pip step installed from pip/wheels, offline
+    assert out["wheel"] == "from-the-wheel"  # installed into the env before the build, offline
     assert out["notebook"] and out["cwd"] == "/opt/kbundle/work"
 
 
@@ -134,8 +136,7 @@ def test_a_new_notebook_reuses_the_environment_layer(built, docker_client):
     logs = docker_client.api.build(path=str(ctx), tag=tag, rm=True, forcerm=True, labels=LABEL, decode=True)
     lines = "".join(chunk.get("stream", "") for chunk in logs)
     steps = lines.split("Step ")
-    env_step = next(s for s in steps if "COPY env/" in s)
-    pip_step = next(s for s in steps if "pip install" in s)
+    env_steps = [s for s in steps if "COPY env-layers/" in s]
     work_step = next(s for s in steps if "COPY work/" in s)
-    assert "Using cache" in env_step and "Using cache" in pip_step
+    assert len(env_steps) == 4 and all("Using cache" in s for s in env_steps), env_steps
     assert "Using cache" not in work_step

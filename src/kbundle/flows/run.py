@@ -12,6 +12,8 @@
    the context and build only when that tag is missing (image/context.py, image/env.py,
    image/bytecode.py, image/wheels.py, image/build.py)
    Concurrent runs of one tag take a lock (an flock in the cache): one builds, the others reuse.
+   `--image NAME@sha256:…` pulls that image instead (image/registry.py): it must carry this
+   bundle's content hash; nothing is built. `image_for` is this step, for run and push alike.
 7. register the kernel (kernel/spec.py): a name another bundle holds is refused (--name, --replace)
 
 Nothing is registered unless the image exists under its content tag, so a failed or
@@ -22,7 +24,9 @@ from the manifest, never the shipped one unless --use-bundled-dockerfile says so
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,7 @@ from kbundle.errors import KbundleError, UsageError
 from kbundle.flows.checks import Needs, estimate, prechecks
 from kbundle.flows.review import (
     Review,
+    _ask,
     check_signature,
     conda_summary,
     consent,
@@ -65,6 +70,8 @@ class RunOptions:
     engine_timeout: float = 10.0  # seconds the engine may take to answer at all
     name: Optional[str] = None  # --name: this machine's name for the bundle (its kernel's), not the sender's
     replace: bool = False  # --replace: take over a kernel of that name that runs another bundle
+    image: Optional[str] = None  # --image NAME@sha256:…: pull this pushed image instead of building
+    slurm: Any = None  # --slurm: kernel/slurm.py's SlurmOptions; the kernel runs on a compute node (flows/slurm.py)
 
 
 @dataclass
@@ -87,6 +94,9 @@ class RunResult:
     kernelspec: Optional[Path] = None
     build_log: Optional[Path] = None
     pip_resolved: list[str] = field(default_factory=list)  # exact pip pins with hashes, as built
+    pulled: bool = False  # --image: pulled now (False: this engine had that digest)
+    image_ref: Optional[str] = None  # --image: the pinned reference the kernel's image came from
+    slurm: Any = None  # --slurm: the job's options the kernel was registered with
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +117,9 @@ class RunResult:
             "kept": list(self.kept),
             "kernelspec": str(self.kernelspec) if self.kernelspec else None,
             "pip_resolved": list(self.pip_resolved),
+            "pulled": self.pulled,
+            "image_ref": self.image_ref,
+            "slurm": dataclasses.asdict(self.slurm) if self.slurm is not None else None,
         }
 
 
@@ -125,18 +138,34 @@ class Plan:
     needs: Optional[Needs] = None  # download and disk, estimated offline
 
 
+@dataclass(frozen=True)
+class Image:
+    """The bundle's image on this engine, as `image_for` got it."""
+
+    tag: str
+    image_id: str
+    packages: int
+    built: bool = False
+    pulled: bool = False
+    ref: Optional[str] = None  # the pinned reference it was pulled by (run --image)
+    build_log: Optional[Path] = None
+
+
 def run_bundle(options: RunOptions, console) -> RunResult:
     """The flow; a run that fails, is declined or is interrupted removes what it created
     (the workdir it made, the build context, untagged images: flows/undo.py)."""
     from kbundle.flows.undo import Undo
 
     with Undo() as undo:
+        if options.slurm is not None:
+            from kbundle.flows.slurm import run_on_slurm
+
+            return run_on_slurm(options, console, undo)
         return _run_bundle(options, console, undo)
 
 
 def _run_bundle(options: RunOptions, console, undo) -> RunResult:
     from kbundle.bundle import open_bundle
-    from kbundle.image import build as imagemod
     from kbundle.image import preflight
     from kbundle.image import workdir as wd
     from kbundle.kernel.spec import kernel_name_for
@@ -145,6 +174,7 @@ def _run_bundle(options: RunOptions, console, undo) -> RunResult:
     request = preflight.GpuRequest.parse(options.gpus)  # bad --gpus fails before any work
     if options.network not in ("bridge", "host"):
         raise UsageError(f"--network must be bridge or host, not {options.network!r}")
+    _check_image_option(options)
     bundle = open_bundle(options.bundle, max_extract=options.max_extract)
     signature = read_sender(bundle)
     check_signature(signature, options.require_signature)
@@ -167,11 +197,50 @@ def _run_bundle(options: RunOptions, console, undo) -> RunResult:
     report.raise_for_errors()
     warnings += [f.message for f in report.warnings if f.topic != "engine"]  # the runtime finding says it
 
-    plan = _plan(client, bundle, options, base, signature, placement.workdir)
+    # Registering inside image_for's lock makes the builder's workdir the kernel's (_register).
+    with image_for(client, bundle, options, base, signature, placement.workdir, warnings, console, undo) as image:
+        spec_dir = _register(bundle, options, kernel_name, image, placement, list(report.plan.gpus), warnings, console)
+    return RunResult(
+        name=bundle.name,
+        kernel_name=kernel_name,
+        display_name=display_name,
+        image=image.tag,
+        image_id=image.image_id,
+        workdir=placement.workdir,
+        notebook=placement.notebook,
+        built=image.built,
+        gpus=list(report.plan.gpus),
+        seconds=time.perf_counter() - t0,
+        packages=image.packages,
+        pip=len(bundle.pip),
+        base_image=base,
+        warnings=warnings,
+        kept=[{"path": str(k.path), "fresh": str(k.fresh)} for k in placement.kept],
+        kernelspec=spec_dir,
+        build_log=image.build_log,
+        pip_resolved=_pip_resolved(bundle),
+        pulled=image.pulled,
+        image_ref=image.ref,
+    )
+
+
+@contextmanager
+def image_for(
+    client, bundle, options: RunOptions, base: str, signature, workdir: Path, warnings: list[str], console, undo
+) -> Iterator[Image]:
+    """The bundle's image on this engine, held under its lock for the block (run registers the
+    kernel there, push pushes): pulled when `options.image` pins one, else reused under its content
+    tag, or built after consent. Prints `warnings` (with the plan's) before anything is fetched."""
+    from kbundle.image import build as imagemod
+
+    if options.image:
+        with _pulled(client, bundle, options, signature, workdir, warnings, console, undo) as image:
+            yield image
+        return
+    plan = plan_image(client, bundle, options, base, signature, workdir)
     warnings += plan.warnings
-    prechecks(plan.needs, placement.workdir)
-    for message in warnings:
-        console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+    prechecks(plan.needs, workdir)
+    _print_warnings(console, warnings)
 
     image_id = None
     if plan.records is not None and plan.base_local:  # everything known offline: maybe already built
@@ -182,34 +251,84 @@ def _run_bundle(options: RunOptions, console, undo) -> RunResult:
         consent(console, yes=options.yes, review=plan.review, signature=signature)
         resolved, key = _identify(bundle, plan, base, imagemod.base_image_id(client, base, console))
     # Concurrent runs of one image: the first builds, the others wait here, then reuse it.
-    # Registering inside the lock too makes the builder's workdir the kernel's (_register).
     with _lock(f"image-{key.tag}", console, f"another kbundle run is building {key.tag}; waiting for it"):
         image_id = imagemod.existing_image(client, key.tag)
         if image_id is None:
-            result = _build(client, bundle, resolved, key, placement.workdir, console, base, undo)
+            result = _build(client, bundle, resolved, key, workdir, console, base, undo)
             image_id, build_log = result.image_id, result.log
-        spec_dir = _register(
-            bundle, options, kernel_name, key.tag, placement, list(report.plan.gpus), warnings, console
+        yield Image(key.tag, image_id, resolved.count, built=build_log is not None, build_log=build_log)
+
+
+@contextmanager
+def _pulled(client, bundle, options: RunOptions, signature, workdir: Path, warnings, console, undo) -> Iterator[Image]:
+    """`--image`: pull the pinned image (after consent, unless this engine has it), refuse it
+    unless its labels name this bundle's content hash, and tag it here as this bundle's."""
+    from kbundle.image import registry
+
+    ref = registry.parse_pinned(options.image)
+    tag = registry.pulled_tag(bundle.name, ref.digest)
+    prechecks(None, workdir)
+    _print_warnings(console, warnings)
+    if registry.local_by_digest(client, ref) is None:  # nothing is fetched before the answer
+        consent_to_pull(console, options.yes, pull_review_lines(signature.describe(), ref))
+    with _lock(f"image-{tag}", console, f"another kbundle run is fetching {tag}; waiting for it"):
+        got = registry.pull(client, ref, console)
+        if got.pulled:
+            undo.image(got.image_id)  # refused below: an image only this run fetched goes again
+        registry.verify_and_tag(client, got.image_id, ref, bundle_hash(bundle), tag)
+        yield Image(tag, got.image_id, _locked_count(bundle), pulled=got.pulled, ref=str(ref))
+
+
+def _check_image_option(options: RunOptions) -> None:
+    """--image is refused before any work when it names no digest or comes with a build option."""
+    if not options.image:
+        return
+    from kbundle.image import registry
+
+    registry.parse_pinned(options.image)
+    if options.base_image or options.use_bundled_dockerfile:
+        raise UsageError("--image runs an image built elsewhere: --base-image and --use-bundled-dockerfile build one")
+
+
+def pull_review_lines(sender: str, ref) -> list[str]:
+    """What `run --image` is about to do, for the consent question (pure)."""
+    return [
+        f"sender      {safe(sender)}",
+        f"image       {safe(str(ref))}",
+        f"contacts    {safe(ref.registry)} (the image is pulled from there)",
+        "built       nothing: the image was built elsewhere; its labels must name this bundle's content hash",
+    ]
+
+
+def consent_to_pull(console, yes: bool, lines: list[str], ask=_ask, interactive: Optional[bool] = None) -> None:
+    """Running an image someone else built is running their code: show it and ask, unless --yes."""
+    if yes:
+        return
+    if not (sys.stdin.isatty() if interactive is None else interactive):
+        raise KbundleError(
+            "this runs an image someone else built; review the bundle (kbundle inspect) and pass --yes "
+            "to pull it (stdin is not a terminal, so kbundle cannot ask)"
         )
-    return RunResult(
-        name=bundle.name,
-        kernel_name=kernel_name,
-        display_name=display_name,
-        image=key.tag,
-        image_id=image_id,
-        workdir=placement.workdir,
-        notebook=placement.notebook,
-        built=build_log is not None,
-        gpus=list(report.plan.gpus),
-        seconds=time.perf_counter() - t0,
-        packages=resolved.count,
-        pip=len(bundle.pip),
-        base_image=base,
-        warnings=warnings,
-        kept=[{"path": str(k.path), "fresh": str(k.fresh)} for k in placement.kept],
-        kernelspec=spec_dir,
-        build_log=build_log,
-        pip_resolved=_pip_resolved(bundle),
+    console.print("[bold]About to pull an image and register a kernel; nothing is built:[/]", soft_wrap=True)
+    for line in lines:
+        console.print(escape(line), soft_wrap=True, highlight=False)
+    if not ask(console, "Pull it and register the kernel? [y/N] "):
+        raise KbundleError("not pulled: you declined (pass --yes to skip the question)")
+
+
+def _print_warnings(console, warnings: list[str]) -> None:
+    for message in warnings:
+        console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+
+
+def _locked_count(bundle) -> int:
+    """The packages of the bundle's lock (read offline); 0 for an unlocked bundle, which is solved only to build."""
+    from kbundle.image import env as envmod
+
+    if not bundle.lock_text:
+        return 0
+    return len(
+        envmod.resolve(envmod.EnvSpec(declared_channels(bundle), tuple(bundle.dependencies), bundle.lock_text)).records
     )
 
 
@@ -231,7 +350,7 @@ def rendered_dockerfile(bundle, base_image: Optional[str]) -> str:
     return imagemod.with_base_image(text, base_image) if base_image else text
 
 
-def _plan(client, bundle, options: RunOptions, base: str, signature, workdir: Path) -> Plan:
+def plan_image(client, bundle, options: RunOptions, base: str, signature, workdir: Path) -> Plan:
     """Everything the review shows, found offline: the lock is read, not fetched."""
     from kbundle.image import build as imagemod
     from kbundle.image import env as envmod
@@ -330,8 +449,8 @@ def _build(client, bundle, resolved, key, workdir: Path, console, base: str, und
 
     log = cache_root() / "logs" / f"{key.tag.split('/')[-1].replace(':', '-')}.build.log"
     with context.temporary_context(key.digest[:12]) as ctx:
-        assemble_context(ctx, bundle, resolved, key.dockerfile, console, base_image=base, client=client)
-        result = imagemod.build(client, ctx, key, bundle_hash(bundle), log, console, undo=undo)
+        done = assemble_context(ctx, bundle, resolved, key.dockerfile, console, base_image=base, client=client)
+        result = imagemod.build(client, ctx, key, bundle_hash(bundle), log, console, undo=undo, preamble=done)
     kept = workdir / ".kbundle" / "build.log"
     shutil.copyfile(log, kept)
     return dataclasses.replace(result, log=kept)
@@ -339,60 +458,82 @@ def _build(client, bundle, resolved, key, workdir: Path, console, base: str, und
 
 def assemble_context(
     ctx: Path, bundle, resolved, dockerfile: str, console=None, *, base_image: Optional[str] = None, client=None
-) -> None:
-    """Fill `ctx` as the image contract says (image/context.py): everything is fetched on the host,
-    and the env is byte-compiled in a throwaway container of the base image (image/bytecode.py)."""
+) -> list[str]:
+    """Fill `ctx` as the image contract says (image/context.py): the env installed on the host (conda
+    with rattler; then the pip: section's wheels, fetched here, installed by the env's pip in a
+    throwaway container: image/pipinstall.py), byte-compiled in another (image/bytecode.py), and
+    split into the Dockerfile's layers (image/layers.py). Returns what the build log starts with:
+    the exact pip resolution and the layers."""
     from kbundle import contract
-    from kbundle.image import bytecode, context, preflight, wheels
+    from kbundle.image import bytecode, context, pipinstall, preflight, wheels
     from kbundle.image import env as envmod
     from kbundle.specs import PipIndexes
 
+    problem = context.layout_problem(dockerfile)
+    if problem:
+        raise KbundleError(problem)
     console = console or _quiet_console()
     client = client or preflight.connect()
+    image = base_image or bundle.base_image
+    env_dir = context.env_dir(ctx)
     context.write_static(ctx, dockerfile)
     t0 = time.perf_counter()
     with console.status(f"installing {resolved.count} conda packages for {contract.PREFIX}") as status:
         meter = Meter("installing conda packages", resolved.count, on_change=status.update)
-        envmod.install(
-            resolved,
-            context.env_dir(ctx),
-            on_progress=lambda done, total: meter.items(done, total),
-            meter=meter,
-        )
+        envmod.install(resolved, env_dir, on_progress=lambda done, total: meter.items(done, total), meter=meter)
         finish(
             status,
             f"installed {resolved.count} conda packages ({size(meter.bytes)} downloaded) "
             f"in {time.perf_counter() - t0:.1f} s",
         )
-    with console.status("byte-compiling the environment"):
+    log: list[str] = []
+    if bundle.pip:
+        python = bundle.python or resolved.python_version()
+        if not python:
+            raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
+        # pip's part (image/wheels.py): pip's resolver chooses for the image (exact pins alone), kbundle
+        # downloads the files together into the shared cache; VCS/sdist lines are built in a container.
+        indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
+        builder = wheels.ContainerBuilder(client, image, env_dir)
+        recorded = wheels.recorded_resolution(bundle_hash(bundle))
+        t0 = time.perf_counter()
+        with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:
+            meter = Meter("downloading wheels", on_change=status.update)
+            glibc = wheels.glibc_of(target_of(bundle))
+            fetched = wheels.fetch(bundle.pip, python, indexes, glibc, builder, recorded, meter)
+            finish(
+                status,
+                f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
+            )
+        lines = fetched.resolution or tuple(p.text for p in fetched.pins)
+        t0 = time.perf_counter()
+        with console.status(f"installing {len(lines)} wheel(s) into the environment, without network") as status:
+            installed = pipinstall.install(client, image, env_dir, fetched.files, lines)
+            finish(status, f"installed {len(lines)} wheel(s) with pip in {time.perf_counter() - t0:.1f} s")
+        wheels.remember_resolution(bundle_hash(bundle), fetched.resolution)
+        console.print(f"pip: {len(lines)} wheel(s): " + ", ".join(r.split(" ")[0] for r in lines))
+        log += ["# pip: installed into the environment before the build, from exactly these wheels:", *lines]
+        log += [f"#   {line}" for line in installed.log.splitlines() if line.strip()]
+    with console.status("byte-compiling the environment") as status:
         compiled = bytecode.compile_env(
-            context.env_dir(ctx),
-            cache_root() / "pyc",
-            resolved.interpreter_id(),
-            client=client,
-            image=base_image or bundle.base_image,
+            env_dir, cache_root() / "pyc", resolved.interpreter_id(), client=client, image=image
         )
+        if not compiled.skipped:
+            finish(
+                status,
+                f"byte-compiled the environment ({compiled.compiled} compiled, {compiled.linked} from the cache) "
+                f"in {compiled.seconds:.1f} s",
+            )
     if compiled.skipped:
         console.print(
             f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): kernels will start slower",
             soft_wrap=True,
         )
-    if bundle.pip:
-        python = bundle.python or resolved.python_version()
-        if not python:
-            raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
-        # pip's part (image/wheels.py): exact hashed pins are fetched as they are; anything else is
-        # resolved by pip here for the image, VCS/sdist lines built in a throwaway container.
-        indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
-        builder = wheels.ContainerBuilder(client, base_image or bundle.base_image, context.env_dir(ctx))
-        with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}"):
-            fetched = wheels.fetch(bundle.pip, python, indexes, wheels.glibc_of(target_of(bundle)), builder)
-        wheels.write_context(fetched, ctx)
-        wheels.remember_resolution(bundle_hash(bundle), fetched.resolution)
-        console.print(
-            f"pip: {len(fetched.resolution)} wheel(s): " + ", ".join(r.split(" ")[0] for r in fetched.resolution)
-        )
+    layers = context.stage_layers(ctx)
+    console.print("layers: " + ", ".join(layer.describe() for layer in layers))
+    log += ["# the environment's layers: " + ", ".join(layer.describe() for layer in layers)]
     bundle.extract(ctx, bundle.members_under(WORK_DIR))
+    return log
 
 
 def _quiet_console():
@@ -430,7 +571,14 @@ def kernel_workdir(ours: str, previous: Optional[str], same_bundle: bool, previo
 
 
 def _register(
-    bundle, options: RunOptions, kernel_name: str, image: str, placement, gpus: list[str], warnings: list[str], console
+    bundle,
+    options: RunOptions,
+    kernel_name: str,
+    image: Image,
+    placement,
+    gpus: list[str],
+    warnings: list[str],
+    console,
 ) -> Path:
     """Install the kernelspec, under a lock on its name: the collision check and the write are one step."""
     from kbundle.kernel.spec import KernelRequest, install_kernelspec
@@ -440,6 +588,8 @@ def _register(
         metadata = {"bundle": str(Path(options.bundle).resolve()), "notebook": str(placement.notebook)}
         metadata["cuda"] = bundle.cuda
         metadata["pip_resolved"] = _pip_resolved(bundle)  # the exact pip resolution the image was built with
+        if image.ref:  # pinned, so that a kernel elsewhere (a Slurm node) can pull the very same image
+            metadata["image_ref"] = image.ref
         old = previous.workdir if previous else None
         same = bool(previous) and previous.bundle_hash == bundle_hash(bundle)
         workdir, kept = kernel_workdir(
@@ -452,7 +602,7 @@ def _register(
             console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
         display = safe(options.name or bundle.name)
         request = KernelRequest(
-            kernel_name, display, image, workdir, gpus, bundle_hash(bundle), metadata, network=options.network
+            kernel_name, display, image.tag, workdir, gpus, bundle_hash(bundle), metadata, network=options.network
         )
         return install_kernelspec(request)
 
@@ -486,8 +636,13 @@ def _pip_resolved(bundle) -> list[str]:
 
 
 def summary_lines(result: RunResult) -> list[str]:
+    if result.slurm is not None:
+        return _slurm_summary(result)
     where = "GPUs " + ", ".join(result.gpus) if result.gpus else "CPU"
     state = f"built, {result.seconds:.1f}s" if result.built else f"already built: reused, {result.seconds:.1f}s"
+    if result.image_ref:
+        how = "pulled" if result.pulled else "already here by its digest: reused"
+        state = f"{how} {result.image_ref}, {result.seconds:.1f}s"
     lines = [
         f"image      {result.image} ({state})",
         f"runs on    {where}",
@@ -496,3 +651,18 @@ def summary_lines(result: RunResult) -> list[str]:
         f'open it    jupyter lab {result.notebook}   (or pick "{result.display_name}" in VS Code)',
     ]
     return [safe(line) for line in lines]  # names and paths come from the bundle
+
+
+def _slurm_summary(result: RunResult) -> list[str]:
+    job = result.slurm
+    asks = ", ".join(
+        f"--{k} {v}" for k, v in (("partition", job.partition), ("gres", job.gres), ("time", job.time)) if v
+    )
+    lines = [
+        f"image      {result.image} (pulled by each node that runs it)",
+        f"runs on    a Slurm node, through srun {asks or '(the cluster defaults)'}",
+        f'kernel     {result.kernel_name}  "{result.display_name}"',
+        f"workdir    {result.workdir}",
+        f'open it    jupyter lab {result.notebook}   (pick "{result.display_name}")',
+    ]
+    return [safe(line) for line in lines]

@@ -1,5 +1,8 @@
 """Build the bundle's image through the docker SDK's low-level API, with live progress.
 
+The context goes to the engine as a tar stream kbundle writes (image/tarstream.py), with
+bytes, rate and ETA while it is sent; then each Dockerfile step is shown as it runs.
+
 The tag is a content hash of what goes into the image (the resolved environment, the pip
 pins, the Dockerfile, the context layout version and the base image's id), so an existing
 tag means "already built": no build starts. The build itself runs untagged and the tag is
@@ -13,6 +16,7 @@ import json
 import re
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -131,33 +135,32 @@ def existing_image(client, tag: str) -> Optional[str]:
 
 
 def build(
-    client, context: Path, key: ImageKey, bundle_hash: str, log_path: Path, console=None, undo=None
+    client,
+    context: Path,
+    key: ImageKey,
+    bundle_hash: str,
+    log_path: Path,
+    console=None,
+    undo=None,
+    preamble: Sequence[str] = (),
 ) -> BuildResult:
     """Build `context` untagged, stream its steps to a live progress line, then tag it.
 
-    On failure the error names the failing step and where the full log is; on Ctrl-C the
-    stream is closed (the engine cancels the build) and nothing is tagged. Every image the
-    build commits is told to `undo` (flows/undo.py), which removes the untagged ones when
-    the run fails."""
+    `preamble`: lines the log starts with (what was done on the host before the build: the
+    exact pip resolution, the layers). On failure the error names the failing step and where
+    the full log is; on Ctrl-C the stream is closed (the engine cancels the build) and
+    nothing is tagged. Every image the build commits is told to `undo` (flows/undo.py), which
+    removes the untagged ones when the run fails."""
     t0 = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("".join(f"{line}\n" for line in preamble), encoding="utf-8")
     tail: deque[str] = deque(maxlen=15)
     image_id: Optional[str] = None
     step = ""
-    # The SDK tars and uploads the whole context (the env is hundreds of MB) before the first step.
-    with console.status("sending the build context to the engine") if console else _Null():
-        stream = client.api.build(
-            path=str(context),
-            rm=True,
-            forcerm=True,
-            pull=False,
-            decode=True,
-            labels=labels(key, bundle_hash),
-            nocache=False,
-        )
+    stream = send_context(client, context, labels(key, bundle_hash), console)
     progress = _BuildProgress(console, key.tag)
     try:
-        with open(log_path, "w", encoding="utf-8") as log, progress:
+        with open(log_path, "a", encoding="utf-8") as log, progress:
             for event in stream:
                 if "stream" in event:
                     text = event["stream"]
@@ -200,7 +203,34 @@ def build(
         raise KbundleError(f"the image build ended without an image (full log: {log_path})")
     repo, _, tag = key.tag.rpartition(":")
     client.api.tag(image_id, repo, tag)
+    if console is not None:
+        console.print(f"built {key.tag} in {time.perf_counter() - t0:.1f} s (log: {log_path})", soft_wrap=True)
     return BuildResult(key.tag, client.images.get(key.tag).id, True, time.perf_counter() - t0, log_path)
+
+
+def send_context(client, context: Path, image_labels: dict[str, str], console=None):
+    """Start the build: the engine reads the whole context before the first step, and every
+    byte of it is counted on the way (bytes, rate, ETA). The engine's stream of events."""
+    from kbundle.display import size
+    from kbundle.image import tarstream
+    from kbundle.progress import Meter, finish
+
+    total = tarstream.payload_bytes(context)
+    t0 = time.perf_counter()
+    with console.status(f"sending the build context ({size(total)}) to the engine") if console else _Null() as status:
+        meter = Meter("sending the build context", total_bytes=total, on_change=status.update)
+        stream = client.api.build(
+            fileobj=tarstream.stream(context, meter),
+            custom_context=True,
+            rm=True,
+            forcerm=True,
+            pull=False,
+            decode=True,
+            labels=image_labels,
+            nocache=False,
+        )
+        finish(status, f"sent the build context ({size(total)}) in {time.perf_counter() - t0:.1f} s")
+    return stream
 
 
 def _close(stream) -> None:

@@ -5,15 +5,18 @@ cache bytecode there, and every kernel start would recompile ipykernel and its f
 (about a second). conda compiles noarch packages at install time; rattler does not.
 
 Nothing from the bundle runs on the host: the env's own interpreter (so the magic number
-is right) runs in a container of the base image, with the env mounted read-only at its
-final prefix, no network, no capabilities, no new privileges, not as root, and one
-empty writable folder where `-X pycache_prefix` sends the .pyc files. It runs `-I -S`:
+is right) runs in a throwaway container of the base image (image/sandbox.py), with the env
+mounted read-only at its final prefix, no network, no capabilities, no new privileges, not
+as root, and one empty writable folder where `-X pycache_prefix` sends the .pyc files. It runs `-I -S`:
 no site module, so no `.pth` file and no sitecustomize is read. The host then copies
 back only regular files, for the sources it asked for.
 
 A .pyc is a pure function of (compiler, path in the env, source bytes), so it is cached
 under that key and hard-linked into the next env that holds the same file: a second
-bundle sharing packages compiles almost nothing. The compiler is the base image plus
+bundle sharing packages compiles almost nothing, and its .pyc files are the same bytes, so
+the image layers that hold them are the same layers (image/layers.py). A .pyc a conda
+package shipped is replaced by kbundle's: every env gets the same file for the same source,
+and a hash-checked one, which the fixed file times of the build context cannot make stale. The compiler is the base image plus
 every package that can change what the interpreter runs with `-I -S` (anything outside
 site-packages, bin/ scripts and data): a bundle that ships a doctored stdlib or libc
 gets a cache of its own and cannot poison another bundle's bytecode.
@@ -36,7 +39,6 @@ from kbundle import contract
 # Above this share of files to compile, one parallel pass over the whole lib/ beats a file list.
 WHOLE_DIR_SHARE = 0.5
 OUT_IN_CONTAINER = "/kbundle-pyc"  # the one writable mount: where the .pyc files go
-NOBODY = "65534:65534"  # the compiler's user when kbundle itself runs as root
 # Package files that the interpreter never reads when it runs `-I -S -m compileall`.
 INERT_PREFIXES = (
     "site-packages/",
@@ -76,13 +78,16 @@ def _key(rel: str, data: bytes) -> str:
 
 
 def _link(src: Path, dest: Path) -> bool:
+    """The cached .pyc at `dest`, in place of whatever was there (a .pyc the package shipped)."""
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
     try:
         dest.parent.mkdir(exist_ok=True)
-        os.link(src, dest)
-        return True
-    except FileExistsError:
+        tmp.unlink(missing_ok=True)
+        os.link(src, tmp)
+        os.replace(tmp, dest)  # a rename: the old file's other links (rattler's cache) keep their bytes
         return True
     except OSError:
+        tmp.unlink(missing_ok=True)
         return False
 
 
@@ -122,12 +127,6 @@ def compiler_id(target: Path, interpreter_id: str, image_id: str) -> str:
         if not all(inert(str(f), site) for f in record.get("files") or []):
             parts.append(f"{record.get('sha256') or record.get('md5') or meta.name}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-
-
-def _user() -> str:
-    """The compiler's user: the invoking uid:gid, or nobody when that is root."""
-    uid, gid = os.getuid(), os.getgid()
-    return NOBODY if uid == 0 else f"{uid}:{gid}"
 
 
 def compile_env(target: Path, cache: Path, interpreter_id: str, *, client=None, image: str = "") -> CompileStats:
@@ -200,7 +199,9 @@ def _compile_in_container(client, image: str, target: Path, out: Path, only: Opt
     """Run compileall in a locked-down throwaway container; the error's last line, or None."""
     import docker
 
-    user = _user()
+    from kbundle.image import sandbox
+
+    user = sandbox.user()
     args = ["-I", "-S", "-X", f"pycache_prefix={OUT_IN_CONTAINER}", "-m", "compileall", "-q", "-j", "0"]
     args += ["--invalidation-mode", "checked-hash"]
     if only is None:
@@ -208,35 +209,22 @@ def _compile_in_container(client, image: str, target: Path, out: Path, only: Opt
     else:
         (out / ".sources").write_text("".join(f"{_in_image(target, p)}\n" for p in only), encoding="utf-8")
         args += ["-i", f"{OUT_IN_CONTAINER}/.sources"]
-    if user == NOBODY:
+    if user == sandbox.NOBODY:
         os.chown(out, 65534, 65534)
     try:
-        client.containers.run(
+        outcome = sandbox.run(
+            client,
             image,
             args,
             entrypoint=[f"{contract.PREFIX}/bin/python"],
-            user=user,
-            environment={"LD_PRELOAD": "", "LD_LIBRARY_PATH": ""},  # whatever the base image's ENV says
-            volumes={
-                str(target): {"bind": contract.PREFIX, "mode": "ro"},
-                str(out): {"bind": OUT_IN_CONTAINER, "mode": "rw"},
-            },
-            network_disabled=True,
-            network_mode="none",
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            read_only=True,
-            tmpfs={"/tmp": "rw,nosuid,nodev,noexec"},
-            pids_limit=512,
-            labels={contract.LABEL_BYTECODE: "1"},
-            remove=True,
-            stdout=False,
-            stderr=True,
+            mounts={str(target): (contract.PREFIX, "ro"), str(out): (OUT_IN_CONTAINER, "rw")},
+            environment={},
+            label=contract.LABEL_BYTECODE,
+            run_as=user,
         )
-        return None
-    except docker.errors.ContainerError as exc:
-        # A non-zero exit only means some file did not compile (test data, Python 2 leftovers), as with conda.
-        text = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else str(exc.stderr or "")
-        return (text.strip().splitlines() or [f"exit {exc.exit_status}"])[-1]
     except docker.errors.DockerException as exc:
         return str(getattr(exc, "explanation", None) or exc).splitlines()[0]
+    if outcome.status == 0:
+        return None
+    # A non-zero exit only means some file did not compile (test data, Python 2 leftovers), as with conda.
+    return (outcome.stderr.strip().splitlines() or [f"exit {outcome.status}"])[-1]

@@ -1,28 +1,36 @@
 """The bundle's `pip:` section, fetched as wheels on the host for the image's platform and Python.
 
-The image build then installs them with `--no-index --no-deps`: nothing is downloaded
-inside the build, where proxies and intercepting CAs break things. The host's pip runs
-with the user's own pip configuration, proxy variables and CA settings, plus the bundle's
-indexes (`pip_indexes`, passed as PIP_* variables, never in argv). Two paths:
+They are then installed into the environment with `--no-index --no-deps` in a container
+without network (image/pipinstall.py): nothing is downloaded there, where proxies and
+intercepting CAs break things. The host's pip runs with the user's own pip configuration,
+proxy variables and CA settings, plus the bundle's indexes (`pip_indexes`, passed as PIP_*
+variables, never in argv). pip's resolver decides which files (`pip install --dry-run
+--report`, image/pipreport.py); kbundle downloads them, several at a time and resumably, into
+a cache per target (Python, platform), each checked against its sha256 (image/download.py).
+Two paths:
 
 * every line an exact pin (`name==version`, with or without its wheel's hash) or a hashed
-  wheel URL: each is fetched alone (`--no-deps`), through a cache per target (Python,
-  platform) so that a second run does not even start pip; recorded hashes are checked;
+  wheel URL: each is resolved alone (`--no-deps`), so that a second run finds every one in the
+  cache and does not even start pip; recorded hashes are checked;
 * anything else (a range, a bare name, a VCS requirement, a URL): pip's resolver picks the
-  whole set for the image (`pip download`, wheels only). A VCS or sdist requirement is first
-  fetched on the host (git, or a plain download: no package code runs here) and built into a
-  wheel by the environment's own Python in a throwaway container of the base image: no
-  network, no capabilities, not root (`ContainerBuilder`).
+  whole set for the image (wheels only). A VCS or sdist requirement is first fetched on the
+  host (git, or a plain download: no package code runs here) and built into a wheel by the
+  environment's own Python in a throwaway container of the base image: no network, no
+  capabilities, not root (`ContainerBuilder`). A second run of the same bundle reuses the
+  resolution it recorded, when every file of it is still in the cache: nothing is asked of
+  the network.
 
-Either way the exact resolution, each wheel with its sha256, is what `pip/requirements.txt`
-lists, the build log shows and the kernelspec records.
+Either way the exact resolution, each wheel with its sha256, is what pip installs from (its
+requirements.txt), the build log shows and the kernelspec records.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +49,14 @@ if TYPE_CHECKING:
 # manylinux2014 (glibc 2.17) runs on every CUDA base kbundle picks; older tags are subsets.
 PLATFORM = "manylinux2014_x86_64"
 _GLIBC_MINORS = range(17, 4, -1)
+# pip's words when no file of a requirement fits; with a constraint in pip's configuration it
+# says "conflicting dependencies" instead, naming the requirement all the same.
+_NOT_FOUND = re.compile(
+    r"(?:Could not find a version that satisfies the requirement|No matching distribution found for"
+    r"|Cannot install) ([^\s,]+)"
+)
+_LEGACY_GLIBC = {"manylinux1": 5, "manylinux2010": 12, "manylinux2014": 17}
+_DEFAULT_GLIBC = "2.17"  # manylinux_platforms' own default, for an image of unknown glibc
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,14 @@ def cache_dir(python: str) -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """A file's sha256, read once per run: a cached wheel is checked against its pin, then named
+    in the resolution, and a 3 GB PyTorch set takes seconds to read."""
+    info = path.stat()
+    return _sha256_of(str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of(path: str, _inode: int, _size: int, _mtime: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -120,8 +144,17 @@ def _target_args(python: str, glibc: str | None) -> list[str]:
     return args
 
 
-def _run_pip(args: list[str], lines: Sequence[str], indexes: PipIndexes, what: str) -> None:
-    """`pip ARGS -r FILE` with the host's pip settings and the bundle's indexes; one error line."""
+def _run_pip(
+    args: list[str],
+    lines: Sequence[str],
+    indexes: PipIndexes,
+    what: str,
+    target: tuple[str, str | None] | None = None,
+) -> None:
+    """`pip ARGS -r FILE` with the host's pip settings and the bundle's indexes; one error line.
+
+    `target` (python, glibc): when pip finds no file of a requirement, ask which wheels it has, so
+    that a glibc too old for them is said as such rather than in pip's words."""
     from kbundle.net import pip_environment
 
     with tempfile.TemporaryDirectory(prefix="kbundle-pipreq-") as tmp:
@@ -137,6 +170,9 @@ def _run_pip(args: list[str], lines: Sequence[str], indexes: PipIndexes, what: s
         detail = errors[0].removeprefix("ERROR: ").strip() if errors else f"pip exited with {result.returncode}"
         if "No module named pip" in result.stderr:
             detail = "pip is not installed next to kbundle"
+        refusal = _platform_refusal(detail, *target, indexes) if target else None
+        if refusal:
+            raise KbundleError(f"pip: {refusal}")
         raise KbundleError(
             f"cannot fetch the pip: wheels for {what}: {detail} (kbundle installs pip packages from wheels only)"
         )
@@ -147,7 +183,136 @@ def _pip_download(
 ) -> None:
     """Each line alone (`--no-deps`) as a wheel into `dest`."""
     args = ["download", "--no-deps", *_target_args(python, glibc), "-d", str(dest)]
-    _run_pip(args, pins, indexes or PipIndexes(), f"{PLATFORM} / CPython {python}")
+    _run_pip(args, pins, indexes or PipIndexes(), _target_words(python, glibc), (python, glibc))
+
+
+def _target_words(python: str, glibc: str | None) -> str:
+    return f"CPython {python}, glibc {glibc or _DEFAULT_GLIBC} ({_glibc_platforms(glibc)})"
+
+
+def _glibc_minor(glibc: str | None) -> int:
+    match = re.match(r"^2\.(\d+)", glibc or _DEFAULT_GLIBC)
+    return int(match.group(1)) if match else 17
+
+
+def _glibc_platforms(glibc: str | None) -> str:
+    return f"manylinux_2_{_glibc_minor(glibc)} and older"
+
+
+@functools.lru_cache(maxsize=8)
+def _tags_at_2_17(python: str) -> frozenset:
+    return frozenset(target_tags(python, _DEFAULT_GLIBC))
+
+
+def wheel_glibc_need(filename: str, python: str) -> int | None:
+    """The oldest glibc minor (2.X) a manylinux x86_64 wheel for this CPython runs on; None when the
+    wheel is not one for this CPython on x86_64 Linux at any glibc."""
+    from packaging.tags import Tag
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+    try:
+        _name, _version, _build, tags = parse_wheel_filename(filename)
+    except (InvalidWheelFilename, ValueError):
+        return None
+    fits = _tags_at_2_17(python)
+    needs = []
+    for tag in tags:
+        match = re.fullmatch(r"manylinux_2_(\d+)_x86_64", tag.platform)
+        legacy = _LEGACY_GLIBC.get(tag.platform.removesuffix("_x86_64")) if tag.platform.endswith("_x86_64") else None
+        need = int(match.group(1)) if match else legacy
+        # The interpreter and ABI judged on a platform every target has: only glibc is in question.
+        if need is not None and Tag(tag.interpreter, tag.abi, "manylinux2014_x86_64") in fits:
+            needs.append(need)
+    return min(needs) if needs else None
+
+
+def newest_wheel_need(filenames: Sequence[str], requirement: str, python: str) -> tuple[str, int] | None:
+    """Of the wheels pip skipped, the newest version `requirement` allows and the oldest glibc minor
+    one of its wheels for this CPython runs on; None when there is none."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+
+    try:
+        req = Requirement(requirement)
+    except InvalidRequirement:
+        return None
+    best: dict = {}  # version -> the lowest need among its wheels
+    for filename in filenames:
+        try:
+            name, version, _build, _tags = parse_wheel_filename(filename)
+        except (InvalidWheelFilename, ValueError):
+            continue
+        need = wheel_glibc_need(filename, python)
+        # pip takes a pre-release only when the requirement names one (kbundle never passes --pre).
+        allowed = req.specifier.contains(version, prereleases=bool(req.specifier.prereleases))
+        if name != canonicalize_name(req.name) or need is None or not allowed:
+            continue
+        best[version] = min(need, best.get(version, need))
+    if not best:
+        return None
+    newest = max(best)
+    return str(newest), best[newest]
+
+
+def platform_refusal(requirement: str, python: str, glibc: str | None, newest: tuple[str, int] | None) -> str | None:
+    """What to say when no wheel of `requirement` fits the image because its glibc is too old; None
+    when that is not the reason (pip's own words say it better then)."""
+    if newest is None or newest[1] <= _glibc_minor(glibc):
+        return None
+    from packaging.requirements import Requirement
+
+    name = Requirement(requirement).name
+    version, need = newest
+    return (
+        f"no wheel of {requirement} fits this image's platform (CPython {python}, glibc "
+        f"{glibc or _DEFAULT_GLIBC}: {_glibc_platforms(glibc)}); the newest wheels ({name} {version}) "
+        f"need manylinux_2_{need}, a base image with glibc 2.{need} or newer"
+    )
+
+
+def _platform_refusal(detail: str, python: str, glibc: str | None, indexes: PipIndexes) -> str | None:
+    """`platform_refusal` for the requirement pip's error names, from the wheels pip skipped."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    match = _NOT_FOUND.search(detail)
+    if not match:
+        return None
+    requirement = match.group(1).rstrip(".")
+    try:
+        name = Requirement(requirement).name
+    except InvalidRequirement:
+        return None
+    return platform_refusal(
+        requirement,
+        python,
+        glibc,
+        newest_wheel_need(_skipped_wheels(name, python, glibc, indexes), requirement, python),
+    )
+
+
+def _skipped_wheels(name: str, python: str, glibc: str | None, indexes: PipIndexes) -> list[str]:
+    """The wheel files of `name` pip saw on the indexes and skipped for the image: `pip index`
+    downloads nothing, and says at -vv why it skipped each file."""
+    from kbundle.net import pip_environment
+
+    command = [sys.executable, "-m", "pip", "index", "versions", "-vv", *_target_args(python, glibc)]
+    command += ["--disable-pip-version-check", "--no-input", "--", name]  # `name` is a parsed name: no option
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=indexes.environment(pip_environment()),
+            stdin=subprocess.DEVNULL,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = []
+    for line in result.stdout.splitlines() + result.stderr.splitlines():
+        if "Skipping link" in line:
+            found += re.findall(r"/([^/\s#?]+\.whl)\b", line)
+    return found
 
 
 def _refused(text: str) -> KbundleError:
@@ -185,36 +350,72 @@ def fetch(
     indexes: PipIndexes | None = None,
     glibc: str | None = None,
     builder: ContainerBuilder | None = None,
+    recorded: Sequence[str] | None = None,
+    meter=None,
 ) -> WheelSet:
-    """The bundle's pip: section as wheel files for the image, and its exact resolution."""
+    """The bundle's pip: section as wheel files for the image, and its exact resolution.
+
+    `recorded`: the resolution an earlier run of this bundle recorded (`recorded_resolution`);
+    reused as it is when every file of it is in the cache for this target. `meter` (a
+    progress.Meter) counts the files downloaded and their bytes."""
     if not pins:
         return WheelSet((), (), 0)
     parsed = parse_pins(pins)
     indexes = indexes or PipIndexes()
     if all(_alone(p) for p in parsed):
-        return _fetch_pins(parsed, python, indexes, glibc)
-    return _resolve_and_fetch(parsed, python, indexes, glibc, builder)
+        return _fetch_pins(parsed, python, indexes, glibc, meter)
+    reused = _reuse(recorded, python, glibc) if recorded else None
+    if reused is not None:
+        return reused
+    return _resolve_and_fetch(parsed, python, indexes, glibc, builder, meter)
 
 
-def _fetch_pins(parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: str | None) -> WheelSet:
+def _reuse(recorded: Sequence[str], python: str, glibc: str | None) -> Optional[WheelSet]:
+    """The recorded resolution, when the cache holds each of its wheels for this target; else None."""
+    from kbundle.specs import parse_pip_line
+
+    wanted = target_tags(python, glibc)
+    pins, files = [], []
+    for line in recorded:
+        text, _, source = line.partition("  # built from ")
+        try:
+            pin = parse_pip_line(text)
+        except KbundleError:
+            return None
+        if pin is None or not pin.exact or not pin.hashes:
+            return None
+        found = _built_wheel(pin, wanted) if source else find_cached(pin, cache_dir(python), wanted)
+        if found is None:
+            return None
+        pins.append(pin)
+        files.append(found)
+    return WheelSet(tuple(pins), tuple(files), 0, tuple(recorded))
+
+
+def _built_wheel(pin: PipPin, wanted_tags: set) -> Optional[Path]:
+    """A wheel ContainerBuilder built earlier, found by its hash (its folder is named after it)."""
+    digest = pin.hashes[0].split(":", 1)[-1].lower()
+    return find_cached(pin, cache_root_dir("built") / digest[:16], wanted_tags)
+
+
+def _fetch_pins(parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: str | None, meter=None) -> WheelSet:
     """Each pin as a wheel file in the shared cache; pip runs only for pins not cached yet."""
     directory = cache_dir(python)
     wanted = target_tags(python, glibc)
     missing = [p for p in parsed if find_cached(p, directory, wanted) is None]
     if missing:
-        # Download beside the cache, then move in: a broken download leaves nothing half-written.
         # Hashed lines go together (pip checks every hash), unhashed ones apart.
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=directory) as tmp:
-            for group in ([p for p in missing if p.hashes], [p for p in missing if not p.hashes]):
+        with tempfile.TemporaryDirectory(prefix="kbundle-resolve-") as tmp:
+            chosen = []
+            for i, group in enumerate(([p for p in missing if p.hashes], [p for p in missing if not p.hashes])):
                 if group:
-                    _pip_download([p.text for p in group], python, Path(tmp), indexes, glibc)
-            for path in Path(tmp).glob("*.whl"):
-                os.replace(path, directory / path.name)
+                    chosen += _resolve([p.text for p in group], python, indexes, glibc, Path(tmp) / str(i), True)
+        _fetch_chosen(chosen, directory, python, indexes, glibc, meter)
     files = []
     for pin in parsed:
         found = find_cached(pin, directory, wanted) if pin.exact else _url_wheel(pin, directory)
         if found is None:
-            raise KbundleError(f"pip: no wheel of {pin.text!r} for {PLATFORM} / CPython {python} came back from pip")
+            raise KbundleError(f"pip: no wheel of {pin.text!r} for {_target_words(python, glibc)} came back from pip")
         files.append(found)
     exact = [_exact_line(path) for path in files]
     return WheelSet(tuple(p for p, _ in exact), tuple(files), len(missing), tuple(line for _, line in exact))
@@ -238,8 +439,53 @@ def _exact_line(path: Path, source: str | None = None) -> tuple[PipPin, str]:
     return pin, pin.text + (f"  # built from {source}" if source else "")
 
 
+def _resolve(
+    lines: Sequence[str], python: str, indexes: PipIndexes, glibc: str | None, tmp: Path, no_deps: bool
+) -> list:
+    """What pip's resolver chooses for `lines` on the image (pipreport.Chosen), fetching only metadata
+    where the index serves it apart from the wheel."""
+    from kbundle.image import pipreport
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    report = tmp / "report.json"
+    args = pipreport.report_args(tmp / "target", report, no_deps) + _target_args(python, glibc)
+    _run_pip(args, lines, indexes, _target_words(python, glibc), (python, glibc))
+    try:
+        data = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise KbundleError("pip wrote no report of its resolution (kbundle needs pip 22.2 or newer)") from None
+    return sorted(pipreport.parse(data), key=lambda c: c.filename)
+
+
+def _fetch_chosen(
+    chosen: Sequence, directory: Path, python: str, indexes: PipIndexes, glibc: str | None, meter=None
+) -> int:
+    """Every chosen file into the cache (image/download.py); how many were downloaded."""
+    from kbundle.image import download, pipreport
+
+    wanted = [w for w in pipreport.wanted(chosen, directory, indexes) if not w.dest.exists()]
+    try:
+        download.fetch_all(wanted, meter)
+    except download.Refused:
+        # The index wants credentials that pip has (its configuration, a keyring) and kbundle
+        # does not: pip fetches what is still missing, one file after the other.
+        left = [c for c in chosen if not (directory / c.filename).exists()]
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=directory) as tmp:
+            for group in ([c for c in left if c.sha256], [c for c in left if not c.sha256]):
+                if group:
+                    _pip_download([c.line for c in group], python, Path(tmp), indexes, glibc)
+            for path in Path(tmp).glob("*.whl"):
+                os.replace(path, directory / path.name)
+    return len(wanted)
+
+
 def _resolve_and_fetch(
-    parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: str | None, builder: ContainerBuilder | None
+    parsed: list[PipPin],
+    python: str,
+    indexes: PipIndexes,
+    glibc: str | None,
+    builder: ContainerBuilder | None,
+    meter=None,
 ) -> WheelSet:
     """pip's resolver over the whole section, for the image; VCS and sdist lines built first."""
     from packaging.utils import parse_wheel_filename
@@ -256,32 +502,31 @@ def _resolve_and_fetch(
             lines.append(str(wheel))
         else:
             lines.append(pin.spec or pin.text)  # hashes are checked below: pip would want one for every line
-    with tempfile.TemporaryDirectory(prefix=".resolve-", dir=directory) as tmp:
-        _run_pip(["download", *_target_args(python, glibc), "-d", tmp], lines, indexes, f"CPython {python}")
-        files, resolution, kept = [], [], []
-        for path in sorted(Path(tmp).glob("*.whl")):
-            if path.name in built:
-                wheel, source = built[path.name]
-                files.append(wheel)
-                pin, line = _exact_line(wheel, source)
-            else:
-                dest = directory / path.name
-                os.replace(path, dest)
-                files.append(dest)
-                pin, line = _exact_line(dest)
+    with tempfile.TemporaryDirectory(prefix="kbundle-resolve-") as tmp:
+        chosen = _resolve(lines, python, indexes, glibc, Path(tmp), False)
+    fetched = _fetch_chosen([c for c in chosen if c.filename not in built], directory, python, indexes, glibc, meter)
+    files, resolution, kept = [], [], []
+    for item in chosen:
+        if item.filename in built:
+            wheel, source = built[item.filename]
+            files.append(wheel)
+            pin, line = _exact_line(wheel, source)
+        else:
+            files.append(directory / item.filename)
+            pin, line = _exact_line(directory / item.filename)
+        kept.append(pin)
+        resolution.append(line)
+    for wheel, source in built.values():
+        if wheel not in files:  # a built wheel pip did not report (it should): installed all the same
+            files.append(wheel)
+            pin, line = _exact_line(wheel, source)
             kept.append(pin)
             resolution.append(line)
-        for wheel, source in built.values():
-            if wheel not in files:  # pip may leave a local wheel where it is
-                files.append(wheel)
-                pin, line = _exact_line(wheel, source)
-                kept.append(pin)
-                resolution.append(line)
     by_name = {parse_wheel_filename(f.name)[0]: f for f in files}
     for pin in parsed:
         if pin.hashes and pin.name in by_name and not _matches_hash(by_name[pin.name], pin.hashes):
             raise KbundleError(f"pip: the wheel pip chose for {pin.name} does not match the bundle's hash")
-    return WheelSet(tuple(kept), tuple(files), len(files) - len(built), tuple(resolution))
+    return WheelSet(tuple(kept), tuple(files), fetched, tuple(resolution))
 
 
 class ContainerBuilder:
@@ -305,7 +550,7 @@ class ContainerBuilder:
             requires = _build_requires(src / subdir if subdir else src)
             if requires:
                 args = ["download", *_target_args(python, glibc), "-d", str(deps)]
-                _run_pip(args, requires, indexes, f"building {pin.name}")
+                _run_pip(args, requires, indexes, f"building {pin.name}", (python, glibc))
             out = work / "out"
             out.mkdir()
             self._run(pin, work, subdir)
@@ -513,22 +758,6 @@ def recorded_resolution(bundle_hash: str) -> list[str] | None:
     except (OSError, ValueError):
         return None
     return [str(x) for x in data] if isinstance(data, list) else None
-
-
-def write_context(wheels: WheelSet, context: Path) -> None:
-    """`pip/requirements.txt` (exact pins, in the bundle's order) and `pip/wheels/` in the build context."""
-    if not wheels.pins:
-        return
-    target = context / "pip" / "wheels"
-    target.mkdir(parents=True, exist_ok=True)
-    for path in wheels.files:
-        dest = target / path.name
-        try:
-            os.link(path, dest)  # same filesystem: no copy
-        except OSError:
-            shutil.copy2(path, dest)
-    lines = wheels.resolution or tuple(p.text for p in wheels.pins)
-    (context / "pip" / "requirements.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
 def glibc_of(virtual_packages) -> str | None:

@@ -68,14 +68,25 @@ _LABELS = {
 }
 
 
+def _layers() -> list[dict[str, str]]:
+    """The environment's layers in order (data/layers.yaml): fixed, so the Dockerfile is the same
+    whatever the environment resolves to."""
+    from kbundle.facts import layer_groups
+
+    return [
+        {"group": g.name, "holds": g.holds, "folder": contract.layer_dir(i, g.name)}
+        for i, g in enumerate(layer_groups().groups)
+    ]
+
+
 def _contract_values() -> dict[str, object]:
     return {
         "prefix": contract.PREFIX,
         "work": contract.WORK,
         "activate": contract.ACTIVATE,
         "user": contract.USER,
-        "context_env": contract.CONTEXT_ENV,
-        "context_pip": contract.CONTEXT_PIP,
+        "context_layers": contract.CONTEXT_LAYERS,
+        "layers": _layers(),
         "context_work": contract.CONTEXT_WORK,
         "context_activate": contract.CONTEXT_ACTIVATE,
         "labels": _LABELS,

@@ -1,0 +1,120 @@
+"""Install the pip: section's wheels into the environment before the build, not in it.
+
+Why not a `RUN pip install` in the Dockerfile: the wheels would have to be COPYed into the
+image first, and their bytes would stay in that layer under the installed one (an image of
+env + wheels: 10 GB for a 7 GB PyTorch environment); and the installed packages would be one
+more layer that no other bundle shares.
+
+So the env's own pip installs them into the env on the host (in `<context>/env`, mounted
+read-write at its final prefix, so scripts name the image's interpreter), in a throwaway
+container of the base image (image/sandbox.py): no network, `--no-index --no-deps` from the
+checked wheels (mounted read-only) and the exact resolution with every sha256, which pip
+checks. `--no-compile`: image/bytecode.py compiles afterwards, through its shared cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kbundle import contract
+from kbundle.display import safe
+from kbundle.errors import KbundleError
+
+WHEELS_IN_CONTAINER = "/kbundle-wheels"
+REQUIREMENTS = "requirements.txt"
+TIMEOUT = 3600  # seconds: a 3 GB PyTorch unpacks in about a minute
+
+
+@dataclass(frozen=True)
+class Installed:
+    lines: tuple[str, ...]  # the exact resolution pip installed from
+    log: str  # pip's own words, for the build log
+
+
+def command(requirements: str) -> list[str]:
+    """pip's arguments: offline, exactly these wheels, nothing compiled, no cache, no questions."""
+    return [
+        "-I",
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--no-warn-script-location",
+        "--progress-bar",
+        "off",
+        "--find-links",
+        WHEELS_IN_CONTAINER,
+        "-r",
+        f"{WHEELS_IN_CONTAINER}/{requirements}",
+    ]
+
+
+def has_pip(prefix: Path) -> bool:
+    return any(prefix.glob("lib/python3*/site-packages/pip/__init__.py"))
+
+
+def install(client, image: str, prefix: Path, files: Sequence[Path], lines: Sequence[str]) -> Installed:
+    """pip install `files` (the exact resolution `lines`) into the env at `prefix`, in a container of `image`."""
+    import docker
+
+    from kbundle.image import env as envmod
+    from kbundle.image import sandbox
+
+    if not lines:
+        return Installed((), "")
+    if not has_pip(prefix):
+        raise KbundleError("the bundle has pip: requirements, but its environment has no pip to install them with")
+    run_as = sandbox.user()
+    with tempfile.TemporaryDirectory(prefix=".kbundle-wheels-", dir=prefix.parent) as tmp:
+        folder = Path(tmp)
+        _gather(files, folder, lines)
+        os.chmod(folder, 0o755)  # readable by the container's user
+        try:
+            with sandbox.lent(prefix, run_as):
+                outcome = sandbox.run(
+                    client,
+                    image,
+                    command(REQUIREMENTS),
+                    entrypoint=[f"{contract.PREFIX}/bin/python"],
+                    mounts={str(prefix): (contract.PREFIX, "rw"), str(folder): (WHEELS_IN_CONTAINER, "ro")},
+                    environment={
+                        "HOME": "/tmp",
+                        "PIP_CONFIG_FILE": os.devnull,  # no pip.conf of the base image: the wheels and hashes say it all
+                        "PYTHONDONTWRITEBYTECODE": "1",
+                    },
+                    label=contract.LABEL_PIP_INSTALL,
+                    run_as=run_as,
+                    timeout=TIMEOUT,
+                )
+        except docker.errors.DockerException as exc:
+            detail = str(getattr(exc, "explanation", None) or exc).splitlines()[0]
+            raise KbundleError(f"cannot start the container that installs the pip: section: {detail}") from None
+    if outcome.status != 0:
+        tail = [ln.strip() for ln in outcome.stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in tail if ln.startswith("ERROR")] or tail[-1:] or [f"exit {outcome.status}"]
+        raise KbundleError(f"installing the pip: section into the environment failed: {safe(errors[0])}")
+    envmod.check_prefix(prefix)  # the bundle's pip wrote there: no symlink may lead out of it
+    return Installed(tuple(lines), outcome.stdout + outcome.stderr)
+
+
+def _gather(files: Sequence[Path], folder: Path, lines: Sequence[str]) -> None:
+    """The wheels (hard links: no copy) and requirements.txt in one folder for the container."""
+    for path in files:
+        dest = folder / path.name
+        try:
+            os.link(path, dest)
+        except OSError:
+            shutil.copyfile(path, dest)
+        os.chmod(dest, 0o644)
+    (folder / REQUIREMENTS).write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    os.chmod(folder / REQUIREMENTS, 0o644)

@@ -1,0 +1,88 @@
+"""What pip's resolver chose for the image, read from `pip install --dry-run --report`.
+
+pip resolves (and reads each wheel's metadata, which an index with PEP 658 serves apart from
+the wheel), then stops; kbundle fetches the chosen files itself (image/download.py). The
+report names each file's URL (credentials removed) and, when the index gives it, its sha256.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from kbundle.errors import KbundleError
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """One file pip's resolver chose."""
+
+    name: str
+    version: str
+    url: str  # as the report gives it: credentials removed; file: for a local wheel
+    sha256: str = ""  # hex; empty when the index gave no hash
+
+    @property
+    def filename(self) -> str:
+        from kbundle.specs import url_filename
+
+        return url_filename(self.url)
+
+    @property
+    def line(self) -> str:
+        """The requirement that names exactly this file, for pip itself to fetch."""
+        pin = f"{self.name}=={self.version}"
+        return pin + (f" --hash=sha256:{self.sha256}" if self.sha256 else "")
+
+
+def parse(report: Mapping[str, Any]) -> list[Chosen]:
+    """The report's `install` entries as records; a report pip did not write is one clear error."""
+    try:
+        return [_chosen(item) for item in report["install"]]
+    except (KeyError, TypeError, AttributeError):
+        raise KbundleError("pip's report of its resolution is not one kbundle can read") from None
+
+
+def _chosen(item: Mapping[str, Any]) -> Chosen:
+    info = item["download_info"]
+    archive = info.get("archive_info") or {}
+    sha = (archive.get("hashes") or {}).get("sha256") or ""
+    if not sha and str(archive.get("hash", "")).startswith("sha256="):
+        sha = archive["hash"].split("=", 1)[1]
+    meta = item["metadata"]
+    return Chosen(str(meta["name"]), str(meta["version"]), str(info["url"]), str(sha).lower())
+
+
+def report_args(target: Path, report: Path, no_deps: bool) -> list[str]:
+    """pip install's arguments for a resolution that installs nothing and reports what it chose.
+    `--target` only because older pip refuses platform options without it; nothing is written there."""
+    args = ["install", "--dry-run", "--ignore-installed", "--target", str(target), "--report", str(report)]
+    return args + (["--no-deps"] if no_deps else [])
+
+
+def index_urls(indexes, environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """Every index and find-links URL pip will read: the bundle's, then the user's PIP_* variables.
+    Only for credentials: the download of a file goes to its index's host with them."""
+    env = os.environ if environ is None else environ
+    found = [indexes.index_url] if indexes.index_url else []
+    found += list(indexes.extra_index_urls) + list(indexes.find_links)
+    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS"):
+        found += (env.get(key) or "").split()
+    return [url for url in found if url]
+
+
+def wanted(chosen: Sequence[Chosen], directory: Path, indexes, environ: Optional[Mapping[str, str]] = None) -> list:
+    """download.Wanted for each chosen file, into `directory` under its own name, with its index's credentials."""
+    from kbundle.image import download
+
+    urls = index_urls(indexes, environ)
+    found = []
+    for item in chosen:
+        bare, auth = download.split_auth(item.url)
+        found.append(
+            download.Wanted(bare, directory / item.filename, item.sha256, auth or download.credentials_for(bare, urls))
+        )
+    return found

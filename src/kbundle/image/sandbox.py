@@ -1,0 +1,111 @@
+"""Throwaway containers in which the bundle's own code does work for the host, locked down.
+
+The environment's interpreter byte-compiles it (image/bytecode.py) and its pip installs the
+pip: section into it (image/pipinstall.py). That is the bundle's code, so it never runs on
+the host: it runs in a container of the base image with the env mounted at its final
+prefix, no network, every capability dropped, no new privileges, a read-only root file
+system with a small /tmp, a limit on processes, and an unprivileged user: the invoking
+user, or nobody when kbundle runs as root. The container is removed whatever happens,
+Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+NOBODY = "65534:65534"  # the container's user when kbundle itself runs as root
+_NOBODY_ID = 65534
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int  # the command's exit status
+    stdout: str
+    stderr: str
+
+
+def user() -> str:
+    """The container's user: the invoking uid:gid, or nobody when that is root."""
+    uid, gid = os.getuid(), os.getgid()
+    return NOBODY if uid == 0 else f"{uid}:{gid}"
+
+
+def run(
+    client,
+    image: str,
+    command: list[str],
+    *,
+    entrypoint: list[str],
+    mounts: Mapping[str, tuple[str, str]],
+    environment: Mapping[str, str],
+    label: str,
+    run_as: Optional[str] = None,
+    timeout: Optional[float] = None,
+) -> Outcome:
+    """Run `command` in a locked-down container of `image`; its exit status and output.
+
+    `mounts`: host path -> (path in the container, "ro" or "rw"). Docker's own errors (no such
+    image, the engine gone) are raised as docker's exceptions, for the caller to word."""
+    container = client.containers.create(
+        image,
+        command,
+        entrypoint=entrypoint,
+        user=run_as or user(),
+        # Whatever the base image's ENV says, these must not reach the bundle's interpreter.
+        environment={"LD_PRELOAD": "", "LD_LIBRARY_PATH": "", **environment},
+        volumes={host: {"bind": inside, "mode": mode} for host, (inside, mode) in mounts.items()},
+        network_disabled=True,
+        network_mode="none",
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        read_only=True,
+        tmpfs={"/tmp": "rw,nosuid,nodev,noexec"},
+        pids_limit=512,
+        labels={label: "1"},
+    )
+    import requests
+
+    try:
+        container.start()
+        try:
+            status = container.wait(timeout=timeout)
+        except requests.exceptions.RequestException:  # the wait timed out: the container goes below
+            return Outcome(
+                124, "", f"it did not finish within {timeout:.0f} s" if timeout else "the engine stopped answering"
+            )
+        stdout = container.logs(stdout=True, stderr=False).decode(errors="replace")
+        stderr = container.logs(stdout=False, stderr=True).decode(errors="replace")
+        return Outcome(int(status.get("StatusCode", 1)), stdout, stderr)
+    finally:
+        try:
+            container.remove(force=True)
+        except Exception:
+            pass  # gone already, or the engine is; its label says what it was
+
+
+@contextmanager
+def lent(env: Path, run_as: str) -> Iterator[None]:
+    """The env's folders writable by the container's user while the block runs, and the host's again after.
+
+    Only when kbundle runs as root and the container as nobody: the folders (made for this env
+    alone) are handed to nobody, never the files, which are hard links into rattler's cache.
+    Afterwards everything nobody made or was handed goes back to root."""
+    if run_as != NOBODY:
+        yield
+        return
+    folders = [env, *(p for p in env.rglob("*") if p.is_dir() and not p.is_symlink())]
+    for folder in folders:
+        os.chown(folder, _NOBODY_ID, _NOBODY_ID)
+    try:
+        yield
+    finally:
+        for top, dirnames, filenames in os.walk(env):
+            for name in [*dirnames, *filenames, ""]:
+                path = os.path.join(top, name) if name else top
+                if os.lstat(path).st_uid == _NOBODY_ID:
+                    os.lchown(path, 0, 0)
