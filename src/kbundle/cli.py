@@ -14,7 +14,7 @@ import sys
 import typer
 
 from kbundle import __version__
-from kbundle.commands import bundle, kernels, pack, run, trust
+from kbundle.commands import bundle, kernels, pack, push, run, trust
 from kbundle.errors import Interrupted, KbundleError
 
 HELP_NAMES = ["-h", "--help"]
@@ -31,6 +31,7 @@ app.command()(bundle.inspect)
 app.command()(bundle.verify)
 app.command()(run.run)
 app.command()(run.doctor)
+app.command()(push.push)
 app.add_typer(kernels.kernels_app, name="kernels")
 app.add_typer(trust.trust_app, name="trust")
 app.command()(kernels.gc)
@@ -42,6 +43,7 @@ EXAMPLES = {
     "verify": "kbundle verify analysis.kbundle && echo intact",
     "run": "kbundle run analysis.kbundle --yes --progress plain --json",
     "doctor": "kbundle doctor analysis.kbundle",
+    "push": "ref=$(kbundle push analysis.kbundle --to 127.0.0.1:5000/lab --yes) && kbundle run analysis.kbundle --image $ref",
     "kernels": "kbundle kernels list --json",
     "kernels list": "kbundle kernels list --json",
     "kernels remove": "kbundle kernels remove kbundle-analysis",

@@ -61,6 +61,29 @@ def run(
     engine_timeout: float = typer.Option(
         10.0, "--engine-timeout", help="Seconds the Docker engine may take to answer before kbundle gives up."
     ),
+    image: Optional[str] = typer.Option(
+        None,
+        "--image",
+        help="Pull this image (NAME@sha256:…, from `kbundle push`) instead of building; it must be this bundle's.",
+    ),
+    slurm: bool = typer.Option(
+        False,
+        "--slurm",
+        help="Register a kernel that runs on a Slurm compute node (needs --image; see docs/cluster.md).",
+    ),
+    partition: str = typer.Option("", "--partition", help="With --slurm: the partition to run the kernel in."),
+    gres: str = typer.Option("", "--gres", help="With --slurm: the generic resources, e.g. gpu:1."),
+    time_limit: str = typer.Option("", "--time", help="With --slurm: the job's time limit, e.g. 4:00:00."),
+    account: str = typer.Option("", "--account", help="With --slurm: the account to charge."),
+    slurm_arg: Optional[list[str]] = typer.Option(
+        None, "--slurm-arg", help="With --slurm: one more srun argument, e.g. --slurm-arg=--qos=short (repeatable)."
+    ),
+    start_timeout: float = typer.Option(
+        300.0, "--start-timeout", help="With --slurm: seconds a kernel's job may wait in the queue."
+    ),
+    login_address: str = typer.Option(
+        "", "--login-address", help="With --slurm: this machine's address as the nodes reach it (default: found)."
+    ),
 ) -> None:
     """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it."""
     from kbundle.errors import UsageError
@@ -87,6 +110,10 @@ def run(
         name=name,
         replace=replace,
         engine_timeout=_timeout(engine_timeout),
+        image=image,
+        slurm=_slurm_options(
+            slurm, gpus, partition, gres, time_limit, account, slurm_arg or [], start_timeout, login_address
+        ),
     )
     result = run_bundle(options, console)
     data = result.to_dict()
@@ -104,6 +131,47 @@ def run(
         open_lab(result.workdir, result.notebook, result.kernel_name)
     if code:
         raise typer.Exit(code)
+
+
+def _slurm_options(
+    slurm: bool,
+    gpus: str,
+    partition: str,
+    gres: str,
+    time_limit: str,
+    account: str,
+    extra: list[str],
+    start_timeout: float,
+    login_address: str,
+):
+    """kernel/slurm.py's SlurmOptions for --slurm, or None; a job option without --slurm is a usage error."""
+    from kbundle.errors import UsageError
+    from kbundle.kernel.slurm import SlurmOptions
+
+    given = [
+        flag
+        for flag, value in (
+            ("--partition", partition),
+            ("--gres", gres),
+            ("--time", time_limit),
+            ("--account", account),
+            ("--slurm-arg", extra),
+            ("--login-address", login_address),
+        )
+        if value
+    ]
+    if not slurm:
+        if given:
+            raise UsageError(f"{given[0]} goes with --slurm")
+        return None
+    if gpus != "auto":
+        raise UsageError("with --slurm the GPUs come from Slurm: ask for them with --gres gpu:N, not --gpus")
+    if not start_timeout > 0:
+        raise UsageError("--start-timeout must be a number of seconds above 0")
+    for arg in extra:
+        if not arg.startswith("-") or "\n" in arg:
+            raise UsageError(f"--slurm-arg {arg!r}: give one srun option, e.g. --slurm-arg=--qos=short")
+    return SlurmOptions(partition, gres, time_limit, account, tuple(extra), start_timeout, login_address)
 
 
 def _execute(result, output: Optional[Path], as_json: bool):
@@ -163,10 +231,16 @@ def doctor(
     engine_timeout: float = typer.Option(
         10.0, "--engine-timeout", help="Seconds the Docker engine may take to answer before kbundle gives up."
     ),
+    slurm: bool = typer.Option(False, "--slurm", help="Check this Slurm cluster instead: sinfo, GRES, a test step."),
+    partition: str = typer.Option("", "--partition", help="With --slurm: the partition (default: the cluster's)."),
+    gres: str = typer.Option("", "--gres", help="With --slurm: the GRES kernels will ask for, e.g. gpu:1."),
 ) -> None:
     """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
     from kbundle.errors import KbundleError, MachineError
     from kbundle.image import preflight
+
+    if slurm:
+        return _doctor_slurm(partition, gres, as_json)
 
     opened = _open_for_doctor(bundle)
     cuda = opened.cuda if opened else None
@@ -201,6 +275,30 @@ def doctor(
     for kernel in kernels:
         note = "  (shares this machine's network: --network host)" if kernel["network"] == "host" else ""
         typer.echo(f"kernel {kernel['name']}  network {kernel['network']}{note}")
+    if failure:
+        raise MachineError(failure)
+
+
+def _doctor_slurm(partition: str, gres: str, as_json: bool) -> None:
+    """`doctor --slurm`: the cluster's side of a Slurm kernel (kernel/slurm_doctor.py)."""
+    from kbundle.errors import MachineError
+    from kbundle.image import preflight
+    from kbundle.kernel import slurm_doctor
+
+    findings = slurm_doctor.check(partition, gres)
+    failure = next((f.message for f in findings if f.level == preflight.ERROR), None)
+    if as_json:
+        data = {"findings": [{"level": f.level, "topic": f.topic, "message": f.message} for f in findings]}
+        if failure:
+            data["error"] = {"code": MachineError.exit_code, "message": failure}
+        _print_json(data)
+        if failure:
+            typer.echo(f"error: {failure}", err=True)
+            raise typer.Exit(MachineError.exit_code)
+        return
+    marks = {preflight.OK: "ok   ", preflight.WARN: "warn ", preflight.ERROR: "fail "}
+    for finding in findings:
+        typer.echo(f"{marks[finding.level]}  {finding.topic:<8} {finding.message}")
     if failure:
         raise MachineError(failure)
 

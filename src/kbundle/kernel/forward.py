@@ -8,7 +8,9 @@ Here a connection that arrives early is held open and joined to the kernel as so
 kernel accepts, so nothing written early is lost and nothing waits on a timeout.
 
 Used where the host can reach the container's bridge address (a local engine on Linux);
-elsewhere (Docker Desktop, remote engines) the launcher publishes the ports instead.
+elsewhere (Docker Desktop, remote engines) the launcher publishes the ports instead. A
+Slurm kernel (kernel/slurm.py) uses it too: the ports are held before the job starts, and
+routed to the compute node's address and ports once the node says where the kernel listens.
 """
 
 from __future__ import annotations
@@ -29,13 +31,22 @@ class ForwardError(OSError):
 
 
 class Forwarder:
-    """Listens on `127.0.0.1:port` for each port and joins every connection to `target:port`."""
+    """Listens on `127.0.0.1:port` for each port and joins every connection to `target:port`
+    (or, once `route` is called, to the target's port that `route` maps it to)."""
 
-    def __init__(self, ports: list[int], target: str, alive: Callable[[], bool]):
+    def __init__(self, ports: list[int], target: str | None, alive: Callable[[], bool]):
         self.ports = list(ports)
-        self.target = target
         self.alive = alive
         self.listeners: list[socket.socket] = []
+        self.routes: dict[int, tuple[str, int]] = {}
+        self.routed = threading.Event()
+        if target is not None:
+            self.route(target, {p: p for p in self.ports})
+
+    def route(self, target: str, mapping: dict[int, int]) -> None:
+        """Where connections go: `mapping` takes each held port to the target's port."""
+        self.routes = {port: (target, mapping[port]) for port in self.ports}
+        self.routed.set()
 
     def start(self) -> None:
         for port in self.ports:
@@ -71,9 +82,12 @@ class Forwarder:
     def _connect(self, port: int) -> socket.socket | None:
         """The kernel's side, retried while the kernel starts; None once it has died."""
         deadline = time.monotonic() + CONNECT_DEADLINE_S
+        while not self.routed.wait(0.1):  # a connection that came before the kernel's address waits for it
+            if time.monotonic() > deadline or not self.alive():
+                return None
         while time.monotonic() < deadline and self.alive():
             try:
-                return socket.create_connection((self.target, port), timeout=1.0)
+                return socket.create_connection(self.routes[port], timeout=1.0)
             except OSError:
                 time.sleep(CONNECT_RETRY_S)
         return None

@@ -137,6 +137,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--gpus", default="none", help="none, all, or comma-separated device ids")
     p.add_argument("--kernel-name", default="")
     p.add_argument("--network", choices=("auto", "host", "bridge"), default="auto")
+    slurm = p.add_argument_group("Slurm", "run the kernel on a compute node through srun (kernel/slurm.py)")
+    slurm.add_argument("--slurm", action="store_true")
+    slurm.add_argument("--partition", default="")
+    slurm.add_argument("--gres", default="")
+    slurm.add_argument("--time", default="")
+    slurm.add_argument("--account", default="")
+    slurm.add_argument("--slurm-arg", action="append", default=[], help="one more srun argument (repeatable)")
+    slurm.add_argument("--start-timeout", type=float, default=300.0, help="seconds a pending job may wait")
+    slurm.add_argument("--login-address", default="", help="this machine's address as the nodes reach it")
+    slurm.add_argument("--engine", choices=("auto", "docker", "podman"), default="auto")
+    slurm.add_argument("--content-hash", default="", help="the bundle's content hash the image must carry")
     return p.parse_args(argv)
 
 
@@ -619,6 +630,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     try:
         info = read_connection_file(args.connection_file)
+        if args.slurm:
+            _exit(_launch_slurm(args, info, parent))
         plan = plan_launch(
             args,
             info,
@@ -636,6 +649,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     except LaunchError as exc:
         sys.stderr.write(f"error: {exc}\n")
         code = 1
+    _exit(code)
+
+
+def _launch_slurm(args: argparse.Namespace, info: dict[str, Any], parent: int) -> int:
+    from kbundle.kernel.slurm import SlurmError, launch
+
+    try:
+        return launch(args, info, parent=parent)
+    except SlurmError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+
+
+def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     sys.exit(code)

@@ -17,6 +17,7 @@ from its own argv, so the spec is self-contained.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from kbundle.errors import KbundleError, UsageError
 
 LAUNCHER_SCRIPT = "kbundle-kernel"
 DISPLAY_SUFFIX = " (kbundle)"
+SLURM_SUFFIX = " (kbundle, Slurm)"
 # Jupyter shows these from a kernelspec's directory (JupyterLab's launcher, Notebook's menu).
 LOGO_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 NETWORKS = ("bridge", "host")
@@ -107,6 +109,12 @@ class KernelRequest:
     bundle_hash: str
     extra_metadata: dict[str, Any] = field(default_factory=dict)  # more for metadata.kbundle
     network: str = "bridge"  # bridge: ports published on 127.0.0.1; host: opted in with `run --network host`
+    slurm: Any = None  # kernel/slurm.py's SlurmOptions: the kernel runs on a compute node through srun
+
+
+def slurm_kernel_name(name: str) -> str:
+    """A bundle's Slurm kernel sits beside its local one: `kbundle-x` and `kbundle-x-slurm`."""
+    return name if name.endswith("-slurm") else f"{name}-slurm"
 
 
 def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[str, Any]:
@@ -132,17 +140,23 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
         raise UsageError(f"invalid kernel network {request.network!r}: use bridge or host")
     if request.network == "host":
         argv += ["--network", "host"]
+    if request.slurm is not None:  # the GPUs are Slurm's to give (--gres): the launcher's --gpus is moot
+        argv += [*request.slurm.argv(), "--content-hash", request.bundle_hash]
     argv += ["-f", "{connection_file}"]
     kb: dict[str, Any] = dict(request.extra_metadata)
     kb.update(image=image, bundle_hash=request.bundle_hash, gpus=list(gpus), workdir=workdir, network=request.network)
+    suffix = DISPLAY_SUFFIX
+    if request.slurm is not None:
+        kb["slurm"] = dataclasses.asdict(request.slurm)
+        suffix = SLURM_SUFFIX
     display_name = safe(display_name)  # a bundle's name: Jupyter and VS Code show it as is
-    shown = display_name if display_name.endswith(DISPLAY_SUFFIX) else display_name + DISPLAY_SUFFIX
+    shown = display_name if display_name.endswith(suffix) else display_name + suffix
     return {
         "argv": argv,
         "display_name": shown,
         "language": "python",
         "interrupt_mode": "signal",
-        "env": banner_env(shown.removesuffix(DISPLAY_SUFFIX), kb.get("cuda")),
+        "env": banner_env(shown.removesuffix(suffix), kb.get("cuda")),
         "metadata": {"kbundle": kb},
     }
 

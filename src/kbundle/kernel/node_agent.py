@@ -1,0 +1,237 @@
+"""The part of a Slurm kernel that runs on the compute node, inside the job step.
+
+kernel/slurm.py (on the login node) starts it as `srun … python3 -c <this file's text>`:
+compute nodes need a python3 and a container engine, not kbundle. It must therefore
+stay standard-library only and run on the oldest python3 a cluster may have (3.6).
+
+Its stdin is the launcher's pipe through `srun`:
+
+1. the first line is a JSON object: the image (by digest), the content hash its labels
+   must carry, the login node's address, the engine to use, the mounts, the shim, and
+   the kernel's connection info with its HMAC key. The key is never in argv or in the
+   job's environment, so neither `ps` on the node nor `scontrol show job` shows it.
+2. every later line is a command: `INT` interrupts the kernel.
+3. EOF means the launcher is gone (even by SIGKILL): the kernel is stopped.
+
+On stdout it says, once, `KBUNDLE-NODE-READY {"address": …, "ports": {…}}`: where the
+kernel listens, for the launcher's forwarder; or `KBUNDLE-NODE-ERROR <message>` before
+it gives up. Everything else it or the container prints goes to stderr.
+
+The kernel runs with the host's network, bound to the one address of this node that
+routes to the login node: ports cannot be published on loopback when the client is on
+another machine, and a bridge's proxy would accept the forwarder's connections before the
+kernel listens. Like a local kernel it runs unprivileged: no capabilities, no new
+privileges, the invoking uid, an init that forwards SIGINT, removed when it ends.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+READY = "KBUNDLE-NODE-READY "
+ERROR = "KBUNDLE-NODE-ERROR "
+PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+STOP_GRACE_S = 1
+
+
+class NodeError(Exception):
+    pass
+
+
+def route_source(peer):
+    """This node's address on the route to `peer` (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+    probe = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        probe.connect((peer, 9))
+        return probe.getsockname()[0]
+    except OSError as exc:
+        raise NodeError(f"no route from this node to the login node {peer}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
+def free_ports(address, wanted):
+    """The ports the kernel will bind on `address`: the wanted ones where free, others where not
+    (on a node that is also the login node, the launcher holds the wanted ones itself)."""
+    held, chosen = [], {}
+    try:
+        for key in PORT_KEYS:
+            sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+            held.append(sock)
+            try:
+                sock.bind((address, int(wanted.get(key, 0))))
+            except OSError:
+                sock.bind((address, 0))
+            chosen[key] = sock.getsockname()[1]
+    finally:
+        for sock in held:
+            sock.close()
+    return chosen
+
+
+def find_engine(asked):
+    names = [asked] if asked not in ("", "auto") else ["docker", "podman"]
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise NodeError(f"no container engine on this node (looked for {' and '.join(names)} on PATH)")
+
+
+def quiet(cmd, timeout=None):
+    # capture_output is 3.7+: a node may have 3.6
+    pipe = subprocess.PIPE
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, timeout=timeout)
+
+
+def ensure_image(engine, image, label, content_hash):
+    """Pull the image by digest when the node lacks it, then check that it is the bundle's."""
+    found = quiet([engine, "image", "inspect", "--format", "{{json .Config.Labels}}", image])
+    if found.returncode != 0:
+        sys.stderr.write(f"kbundle-node: pulling {image}\n")
+        pulled = subprocess.run([engine, "pull", "-q", image], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        if pulled.returncode != 0:
+            raise NodeError(f"the node cannot pull {image} (see the engine's message above)")
+        found = quiet([engine, "image", "inspect", "--format", "{{json .Config.Labels}}", image])
+    try:
+        labels = json.loads(found.stdout.decode() or "null") or {}
+    except ValueError:
+        labels = {}
+    if content_hash and labels.get(label) != content_hash:
+        raise NodeError(f"the image {image} on this node is not the bundle's (its {label} label differs)")
+
+
+def gpu_arguments(engine, environ):
+    """The GPUs Slurm gave this step, passed to the container (none when it gave none)."""
+    ids = environ.get("SLURM_STEP_GPUS") or environ.get("SLURM_JOB_GPUS") or ""
+    ids = [i for i in ids.split(",") if i.strip()]
+    if not ids:
+        return []
+    if os.path.basename(engine).startswith("podman"):
+        return [arg for i in ids for arg in ("--device", "nvidia.com/gpu=" + i)]
+    return ["--gpus", "device=" + ",".join(ids)]
+
+
+def kernel_user(request):
+    """Never root: a root job runs the kernel as the notebook folder's owner, else the image's own user."""
+    if os.getuid() != 0:
+        return f"{os.getuid()}:{os.getgid()}"
+    try:
+        st = os.stat(request.get("working_dir") or "/")
+    except OSError:
+        st = None
+    if st is not None and st.st_uid != 0:
+        return f"{st.st_uid}:{st.st_gid}"
+    return request.get("fallback_user") or "nobody"
+
+
+def container_command(engine, request, address, environ):
+    """The engine's argv (no secret in it: the connection info goes through stdin)."""
+    cmd = [engine, "run", "--rm", "-i", "--init", "--name", request["name"], "--network", "host"]
+    cmd += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    cmd += ["--user", kernel_user(request), "-e", "HOME=/tmp"]
+    for key, value in sorted(request.get("environment", {}).items()):
+        cmd += ["-e", f"{key}={value}"]
+    for key, value in sorted(request.get("labels", {}).items()):
+        cmd += ["--label", f"{key}={value}"]
+    workdir = "/tmp"
+    for path in request.get("mounts", []):
+        if os.path.isdir(path):  # a shared filesystem mounts the user's folders on the nodes too
+            cmd += ["-v", f"{path}:{path}"]
+            workdir = workdir if workdir != "/tmp" else path
+    if request.get("working_dir") and os.path.isdir(request["working_dir"]):
+        workdir = request["working_dir"]
+    cmd += ["-w", workdir]
+    cmd += gpu_arguments(engine, environ)
+    return cmd + [request["image"], "python", "-c", request["shim"]]
+
+
+class Agent:
+    def __init__(self, request):
+        self.request = request
+        self.engine = find_engine(request.get("engine", "auto"))
+        self.proc = None
+        self.stopping = threading.Event()
+        self.cancelled = False  # Slurm ended the step (scancel, time limit): not a clean exit
+
+    def start(self):
+        request = self.request
+        ensure_image(self.engine, request["image"], request.get("label", ""), request.get("content_hash", ""))
+        address = route_source(request["login"])
+        ports = free_ports(address, request["connection"])
+        quiet([self.engine, "rm", "--force", request["name"]], timeout=60)  # a restart's previous kernel
+        connection = dict(request["connection"], ip=address, **ports)
+        self.proc = subprocess.Popen(
+            container_command(self.engine, request, address, os.environ), stdin=subprocess.PIPE, stdout=sys.stderr
+        )
+        self.proc.stdin.write((json.dumps(connection) + "\n").encode())
+        self.proc.stdin.flush()
+        del connection
+        say(READY + json.dumps({"address": address, "ports": ports, "job": os.environ.get("SLURM_JOB_ID", "")}))
+
+    def listen(self, stdin):
+        """The launcher's commands; EOF (it is gone) stops the kernel."""
+        for line in stdin:
+            if line.strip() == b"INT":
+                quiet([self.engine, "kill", "--signal", "INT", self.request["name"]], timeout=30)
+        self.stop()
+
+    def stop(self, cancelled=False):
+        self.cancelled = self.cancelled or cancelled
+        if self.stopping.is_set() or self.proc is None:
+            return
+        self.stopping.set()
+        try:
+            self.proc.stdin.close()  # the shim ends the kernel on EOF
+        except OSError:
+            pass
+        try:
+            self.proc.wait(STOP_GRACE_S * 2)
+        except subprocess.TimeoutExpired:
+            quiet([self.engine, "stop", "-t", str(STOP_GRACE_S), self.request["name"]], timeout=60)
+
+
+def say(line):
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def main():
+    stdin = os.fdopen(0, "rb", 0)
+    first = stdin.readline()
+    try:
+        request = json.loads(first.decode())
+        agent = Agent(request)
+    except (ValueError, KeyError, NodeError) as exc:
+        say(ERROR + ("no request from the launcher" if not first else str(exc)))
+        return 2
+    # Slurm ends a cancelled step with SIGTERM (then SIGKILL): stop the container first.
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: threading.Thread(target=agent.stop, args=(True,)).start())
+    try:
+        agent.start()
+    except (NodeError, OSError, subprocess.SubprocessError) as exc:
+        say(ERROR + str(exc))
+        return 3
+    listener = threading.Thread(target=agent.listen, args=(stdin,))
+    listener.daemon = True
+    listener.start()
+    while True:
+        try:
+            code = agent.proc.wait()
+            return 128 + signal.SIGTERM if agent.cancelled else code
+        except KeyboardInterrupt:
+            continue
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
