@@ -27,6 +27,11 @@ def result(text: str, **extra) -> dict:
     }
 
 
+# The two forms of a native library's log line: TensorFlow's, and glog's / absl's.
+TF_LOG = "2026-11-29 21:22:54.601422: W tensorflow/stream_executor/cuda/cuda_driver.cc:312] "
+GLOG = "W1129 21:22:54.601466   4321 cuda_driver.cc:312] "
+
+
 @pytest.fixture(autouse=True)
 def private_kbundle_cache(tmp_path_factory, monkeypatch):
     """Kernels started here (and their launchers) keep bytecode in a throwaway cache, not the user's."""
@@ -65,6 +70,27 @@ def private_kbundle_cache(tmp_path_factory, monkeypatch):
         ([stream("hello\n")], [stream("hello\n", name="stderr")], "differs"),
         ([result("x", **{"image/png": "AAAA"})], [result("x", **{"image/png": "BBBB"})], "differs"),
         ([], [stream("new\n")], "no-reference"),
+        # Native log lines on stderr describe the machine and are left out; stdout/stderr interleaving too.
+        (
+            [
+                stream("TensorFlow 2.3.1\n"),
+                stream(f"{TF_LOG}Could not load dynamic library 'libcudart.so.10.1'\n", "stderr"),
+            ],
+            [
+                stream(f"{TF_LOG.replace('54.6', '11.1')}Successfully opened libcudart.so.10.1\n", "stderr"),
+                stream("TensorFlow 2.3.1\n"),
+            ],
+            "same",
+        ),
+        ([stream("GPUs: []\n")], [stream("GPUs: []\n"), stream(f"{GLOG}failed call to cuInit\n", "stderr")], "same"),
+        ([stream("a\n"), stream("b\n", "stderr")], [stream("b\n", "stderr"), stream("a\n")], "same"),
+        ([stream("a\n"), result("1"), stream("b\n")], [stream("b\n"), result("1"), stream("a\n")], "differs"),
+        (
+            [stream(f"{TF_LOG}x\nTo enable them, rebuild\n", "stderr")],
+            [],
+            "differs",
+        ),  # a line without the prefix counts
+        ([stream(f"{TF_LOG}x\n")], [stream(f"{TF_LOG.replace('54.6', '11.1')}x\n")], "volatile"),  # stdout: not a log
     ],
 )
 def test_compare_outputs(saved, new, status):

@@ -38,7 +38,16 @@ def _choose(tmp_path, deps="", pip="", **kw):
 
 
 @pytest.mark.parametrize(
-    "name", ["frameworks.yaml", "base_tags.yaml", "normalise.yaml", "cuda_drivers.yaml", "gpu_arch.yaml"]
+    "name",
+    [
+        "frameworks.yaml",
+        "base_tags.yaml",
+        "normalise.yaml",
+        "cuda_drivers.yaml",
+        "gpu_arch.yaml",
+        "layers.yaml",
+        "kernel_noise.yaml",
+    ],
 )
 def test_every_table_names_its_source(name):
     table = yaml.safe_load((data_dir() / name).read_text())

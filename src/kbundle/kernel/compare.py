@@ -7,6 +7,13 @@
 - `differs`: anything else, with a short diff;
 - `no-reference`: the sender saved no outputs for this cell but it produced some now.
 (`error` and `not-run` are judged by kernel/execute.py, which ran the cells.)
+
+Two things are left out of every comparison, because they depend on the kernel and the
+machine rather than on what the cell computed: how stdout and stderr interleave (two pipes
+read by two threads in the kernel), and native libraries' log lines on stderr (TensorFlow's
+`2020-10-20 14:03:22.123456: W tensorflow/...cc:59] ...`: CPU features, drivers, host
+names; ipykernel 6 captures them into the outputs, ipykernel 5 did not). The executed copy
+keeps both as they came.
 """
 
 from __future__ import annotations
@@ -47,6 +54,11 @@ VOLATILE_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("tmpname", r"/tmp/tmp[\w-]+"),
     )
 )
+# A log line of a native library, as glog/absl/TensorFlow print them: `2020-10-20 14:03:22.123456:
+# W path/file.cc:59] ...` (TensorFlow), `W1020 14:03:22.123456  4321 file.cc:59] ...` (glog, absl).
+NATIVE_LOG = re.compile(
+    r"^(?:\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d+: [IWEF] |[IWEF]\d{4} \d{2}:\d{2}:\d+\.\d+\s+\d+ )\S+:\d+\] "
+)
 _NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?![\w.])|\b(?:nan|inf)\b")
 _IMAGE = re.compile(r"^image/")
 
@@ -60,34 +72,40 @@ class Comparison:
 def output_text(outputs: list[dict[str, Any]]) -> str:
     """One comparable text for a cell's outputs.
 
-    Consecutive stream chunks are joined (a kernel splits them differently each run);
-    rich outputs compare by text/plain, or by their first other text form; images by hash.
+    Consecutive stream chunks are joined per stream (a kernel splits them differently each
+    run, and interleaves stdout and stderr as its threads happen to run), without native log
+    lines on stderr; rich outputs compare by text/plain, or by their first other text form;
+    images by hash.
     """
     parts: list[str] = []
-    stream: Optional[tuple[str, list[str]]] = None
+    streams: dict[str, list[str]] = {}  # the run of stream outputs since the last other output
     for out in outputs:
         kind = out.get("output_type")
         if kind == "stream":
-            name, text = out.get("name", "stdout"), text_of(out.get("text", ""))
-            if stream and stream[0] == name:
-                stream[1].append(text)
-                continue
-            _flush(parts, stream)
-            stream = (name, [text])
+            streams.setdefault(out.get("name", "stdout"), []).append(text_of(out.get("text", "")))
             continue
-        _flush(parts, stream)
-        stream = None
+        _flush(parts, streams)
         if kind == "error":
             parts.append(f"[error]\n{out.get('ename', '')}: {out.get('evalue', '')}")
         elif kind in ("execute_result", "display_data"):
             parts.append(f"[{kind}]\n" + _rich_text(out.get("data", {})))
-    _flush(parts, stream)
+    _flush(parts, streams)
     return "\n".join(parts)
 
 
-def _flush(parts: list[str], stream: Optional[tuple[str, list[str]]]) -> None:
-    if stream:
-        parts.append(f"[{stream[0]}]\n" + "".join(stream[1]))
+def _flush(parts: list[str], streams: dict[str, list[str]]) -> None:
+    for name in sorted(streams):
+        text = "".join(streams[name])
+        if name == "stderr":
+            text = without_native_logs(text)
+        if text:
+            parts.append(f"[{name}]\n{text}")
+    streams.clear()
+
+
+def without_native_logs(text: str) -> str:
+    """`text` without the lines NATIVE_LOG recognises."""
+    return "".join(line for line in text.splitlines(keepends=True) if not NATIVE_LOG.match(line))
 
 
 def text_of(value: Any) -> str:

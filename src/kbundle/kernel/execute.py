@@ -5,7 +5,8 @@ Public function (the `run --execute` command calls it):
     execute_notebook(notebook_path, kernel_name, output_path, *, timeout=None, cwd=None) -> Report
 
 It runs every code cell with nbclient in the kernel `kernel_name` (stopping at the first
-cell that raises, as `jupyter nbconvert --execute` does), writes the executed copy to
+cell that raises, as `jupyter nbconvert --execute` does), with the kernel's stderr passed on
+through kernel/noise.py (a framework's no-GPU dlerrors folded into one line), writes the executed copy to
 `output_path` atomically, and compares each code cell's new outputs with the outputs the
 sender saved:
 
@@ -32,6 +33,7 @@ from typing import Any, Optional
 from kbundle.atomic import write_atomic
 from kbundle.errors import KbundleError, UsageError
 from kbundle.kernel.compare import DIFF_LINES, ERROR, NOT_RUN, compare_outputs, text_of
+from kbundle.kernel.noise import folded_stderr
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,9 @@ def execute_notebook(
     )
     t0 = time.perf_counter()
     try:
-        client.execute()
+        # The kernel's stderr goes through kernel/noise.py: a GPU-less machine's dlerrors become one line.
+        with folded_stderr() as stderr:
+            client.execute(stderr=stderr)  # passed on to the kernel's Popen
     except CellControlSignal:
         pass  # the errored cell carries its error output; the report tells which
     except NoSuchKernel:
