@@ -243,3 +243,42 @@ def test_banner_facts_reach_the_container_environment(tmp_path):
     older = _plan(tmp_path, kernel_name="kbundle-old")  # a spec written before the banner existed
     assert older.environment["KBUNDLE_BANNER_BUNDLE"] == "kbundle-old"
     assert older.environment["KBUNDLE_BANNER_CUDA"] == "unknown"
+
+
+def test_the_forwarder_keeps_a_quiet_connection(tmp_path):
+    """A kernel channel may be silent for minutes (a long cell): the joined connection must last."""
+    import socket
+    import threading
+    import time
+
+    from kbundle.kernel.forward import Forwarder
+
+    backend = socket.socket()
+    backend.bind(("127.0.0.1", 0))
+    backend.listen(1)
+
+    def echo() -> None:
+        conn, _ = backend.accept()
+        while data := conn.recv(1024):
+            conn.sendall(data)
+        conn.close()
+
+    threading.Thread(target=echo, daemon=True).start()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    held = probe.getsockname()[1]
+    probe.close()
+    forwarder = Forwarder([held], None, alive=lambda: True)
+    forwarder.start()
+    forwarder.route("127.0.0.1", {held: backend.getsockname()[1]})
+    try:
+        client = socket.create_connection(("127.0.0.1", held), timeout=10)
+        client.sendall(b"first")
+        assert client.recv(1024) == b"first"
+        time.sleep(1.6)  # longer than the connect timeout the forwarder uses
+        client.sendall(b"after a quiet while")
+        assert client.recv(1024) == b"after a quiet while"
+        client.close()
+    finally:
+        forwarder.close()
+        backend.close()

@@ -87,7 +87,9 @@ class Forwarder:
                 return None
         while time.monotonic() < deadline and self.alive():
             try:
-                return socket.create_connection(self.routes[port], timeout=1.0)
+                sock = socket.create_connection(self.routes[port], timeout=1.0)
+                sock.settimeout(None)  # the connect's timeout must not end a connection that is quiet a while
+                return sock
             except OSError:
                 time.sleep(CONNECT_RETRY_S)
         return None
