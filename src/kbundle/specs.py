@@ -150,6 +150,14 @@ def manylinux_platforms(glibc: str | None) -> list[str]:
     return names + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
 
 
+def cpython_abis(python: str) -> list[str]:
+    """pip's `--abi` values for a CPython X.Y image: its own ABI (`cp37m` before 3.8, whose
+    builds carried pymalloc's `m`; `cp311` after), then the stable ABI and pure wheels."""
+    major, minor = (int(part) for part in python.split(".")[:2])
+    own = f"cp{major}{minor}" + ("m" if (major, minor) < (3, 8) else "")
+    return [own, "abi3", "none"]
+
+
 def url_filename(url: str) -> str:
     """The file name a URL ends in, without query or fragment: `.../x-1.0-py3-none-any.whl`."""
     from urllib.parse import unquote, urlsplit

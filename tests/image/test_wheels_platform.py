@@ -7,9 +7,28 @@ import pytest
 
 from kbundle.errors import KbundleError
 from kbundle.image import wheels
-from kbundle.specs import manylinux_platforms
+from kbundle.pack.piplock import pip_target_args
+from kbundle.specs import cpython_abis, manylinux_platforms
 
 LEGACY = ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
+
+
+@pytest.mark.parametrize(
+    "python, own",
+    [
+        ("3.6", "cp36m"),
+        ("3.7", "cp37m"),  # TensorFlow 2.3.1's wheel is cp37-cp37m: without the m pip finds none
+        ("3.7.16", "cp37m"),
+        ("3.8", "cp38"),  # pymalloc's m left the ABI tag in 3.8
+        ("3.11", "cp311"),
+        ("3.13", "cp313"),
+    ],
+)
+def test_cpython_abis_pack_and_run_ask_pip_for(python, own):
+    assert cpython_abis(python) == [own, "abi3", "none"]
+    for args in (pip_target_args(python, "2.36"), wheels._target_args(python, "2.36")):
+        abis = [args[i + 1] for i, a in enumerate(args) if a == "--abi"]
+        assert abis == [own, "abi3", "none"]
 
 
 @pytest.mark.parametrize(

@@ -153,13 +153,17 @@ def lock_status(m) -> str:
     """The summary's last line: how much of the environment the recipient will still resolve."""
     from kbundle.specs import parse_pip_line
 
-    loose = [p for p in m.pip if not (getattr(m, "pip_locked", False) or _exact(parse_pip_line, p))]
+    # Exact pins that pip could not lock are the sender's top level only: their dependencies
+    # are still the recipient's pip's to resolve.
+    loose = [] if getattr(m, "pip_locked", False) else list(m.pip)
     if not m.locked:
         return "unlocked: the recipient will resolve the whole environment" + (
             f" ({m.lock_note})" if m.lock_note else ""
         )
     if loose:
-        return f"partly locked: conda is locked; the recipient will resolve the pip lines {', '.join(loose)}"
+        exact = all(_exact(parse_pip_line, p) for p in loose)
+        what = "the dependencies of the pip pins" if exact else "the pip lines"
+        return f"partly locked: conda is locked; the recipient will resolve {what} {', '.join(loose)}"
     return "fully locked: every conda package" + (" and pip pin" if m.pip else "") + " is fixed"
 
 

@@ -500,7 +500,8 @@ def assemble_context(
         with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:
             meter = Meter("downloading wheels", on_change=status.update)
             glibc = wheels.glibc_of(target_of(bundle))
-            fetched = wheels.fetch(bundle.pip, python, indexes, glibc, builder, recorded, meter)
+            locked = bool(bundle.manifest.pip_locked)
+            fetched = wheels.fetch(bundle.pip, python, indexes, glibc, builder, recorded, meter, locked=locked)
             finish(
                 status,
                 f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",

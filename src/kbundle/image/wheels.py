@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from kbundle.errors import KbundleError
-from kbundle.specs import PipIndexes, manylinux_platforms
+from kbundle.specs import PipIndexes, cpython_abis, manylinux_platforms
 
 if TYPE_CHECKING:
     from kbundle.specs import PipPin
@@ -139,7 +139,7 @@ def _target_args(python: str, glibc: str | None) -> list[str]:
     args = ["--only-binary=:all:", "--python-version", ".".join(version[:2]), "--implementation", "cp"]
     for platform in target_platforms(glibc):
         args += ["--platform", platform]
-    for abi in (f"cp{version[0]}{version[1]}", "abi3", "none"):
+    for abi in cpython_abis(python):
         args += ["--abi", abi]
     return args
 
@@ -352,8 +352,13 @@ def fetch(
     builder: ContainerBuilder | None = None,
     recorded: Sequence[str] | None = None,
     meter=None,
+    locked: bool = True,
 ) -> WheelSet:
     """The bundle's pip: section as wheel files for the image, and its exact resolution.
+
+    `locked`: pack locked the section (`pip_locked`), so its pins are the whole set, each
+    fetched alone. Exact pins pack could not lock are only the sender's top level: pip's
+    resolver then brings their dependencies.
 
     `recorded`: the resolution an earlier run of this bundle recorded (`recorded_resolution`);
     reused as it is when every file of it is in the cache for this target. `meter` (a
@@ -362,7 +367,7 @@ def fetch(
         return WheelSet((), (), 0)
     parsed = parse_pins(pins)
     indexes = indexes or PipIndexes()
-    if all(_alone(p) for p in parsed):
+    if locked and all(_alone(p) for p in parsed):
         return _fetch_pins(parsed, python, indexes, glibc, meter)
     reused = _reuse(recorded, python, glibc) if recorded else None
     if reused is not None:

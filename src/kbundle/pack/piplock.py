@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kbundle.errors import KbundleError
-from kbundle.specs import PipIndexes, PipPin, manylinux_platforms, parse_pip_line
+from kbundle.specs import PipIndexes, PipPin, cpython_abis, manylinux_platforms, parse_pip_line
 
 PIP_TIMEOUT_S = 8  # per connection: an offline sender hears back in seconds
 PIP_RETRIES = 1
@@ -120,7 +120,7 @@ def pip_target_args(python: str, glibc: str | None) -> list[str]:
     args = ["--only-binary=:all:", "--implementation", "cp", "--python-version", f"{major}.{minor}"]
     for platform in manylinux_platforms(glibc):
         args += ["--platform", platform]
-    for abi in (f"cp{major}{minor}", "abi3", "none"):
+    for abi in cpython_abis(python):
         args += ["--abi", abi]
     return args
 
