@@ -256,18 +256,8 @@ def doctor(
         report.findings.extend(_bundle_findings(opened, client, report.plan.on_gpu))
     kernels = _kernel_networks()
     failure = report.errors[0].message if report.errors else None
-    if as_json:
-        data = report.to_dict() | {"kernels": kernels}
-        if failure:
-            data["error"] = {"code": MachineError.exit_code, "message": failure}
-        _print_json(data)
-        if failure:
-            typer.echo(f"error: {failure}", err=True)
-            raise typer.Exit(MachineError.exit_code)
+    if _findings_out(report.findings, report.to_dict() | {"kernels": kernels}, failure, as_json):
         return
-    marks = {preflight.OK: "ok   ", preflight.WARN: "warn ", preflight.ERROR: "fail "}
-    for finding in report.findings:
-        typer.echo(f"{marks[finding.level]}  {finding.topic:<8} {finding.message}")
     for gpu in report.nvml.gpus:
         arch = preflight.load_tables().arch(gpu.capability)
         native = f"CUDA {arch.first}..{arch.last or 'latest'}" if arch else "unknown"
@@ -287,20 +277,29 @@ def _doctor_slurm(partition: str, gres: str, as_json: bool) -> None:
 
     findings = slurm_doctor.check(partition, gres)
     failure = next((f.message for f in findings if f.level == preflight.ERROR), None)
+    data = {"findings": [{"level": f.level, "topic": f.topic, "message": f.message} for f in findings]}
+    if not _findings_out(findings, data, failure, as_json) and failure:
+        raise MachineError(failure)
+
+
+def _findings_out(findings, data: dict, failure: Optional[str], as_json: bool) -> bool:
+    """doctor's output: the JSON object (then exit 4 on a failure), or a line per finding.
+    True when the JSON was printed and nothing more is to be said."""
+    from kbundle.errors import MachineError
+    from kbundle.image import preflight
+
     if as_json:
-        data = {"findings": [{"level": f.level, "topic": f.topic, "message": f.message} for f in findings]}
         if failure:
             data["error"] = {"code": MachineError.exit_code, "message": failure}
         _print_json(data)
         if failure:
             typer.echo(f"error: {failure}", err=True)
             raise typer.Exit(MachineError.exit_code)
-        return
+        return True
     marks = {preflight.OK: "ok   ", preflight.WARN: "warn ", preflight.ERROR: "fail "}
     for finding in findings:
         typer.echo(f"{marks[finding.level]}  {finding.topic:<8} {finding.message}")
-    if failure:
-        raise MachineError(failure)
+    return False
 
 
 def _open_for_doctor(bundle: Optional[Path]):

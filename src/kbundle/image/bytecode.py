@@ -195,6 +195,38 @@ def _take(out: Path, target: Path, source: Path, tag: str) -> bool:
     return True
 
 
+# Python 3.7 has checked-hash .pyc files (PEP 552) but no pycache_prefix: this writes each one
+# where pycache_prefix would have (OUT/<source's folder>/<stem>.<tag>.pyc), in parallel.
+LEGACY_COMPILER = """
+import os, py_compile, sys
+from concurrent.futures import ProcessPoolExecutor
+def one(src):
+    tag = sys.implementation.cache_tag
+    name = os.path.splitext(os.path.basename(src))[0] + '.' + tag + '.pyc'
+    cfile = os.path.join(sys.argv[2], os.path.dirname(src).lstrip('/'), name)
+    try:
+        py_compile.compile(src, cfile=cfile, dfile=src, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)
+        return 0
+    except Exception:
+        return 1
+with open(sys.argv[1]) as fh:
+    sources = [line.strip() for line in fh if line.strip()]
+with ProcessPoolExecutor() as pool:
+    failed = sum(pool.map(one, sources, chunksize=64))
+sys.exit(1 if failed else 0)
+"""
+
+
+def _python_of(target: Path) -> tuple[int, int]:
+    """The env's Python as (major, minor), from its lib/pythonX.Y folder; (3, 99) when unknown."""
+    for folder in sorted((target / "lib").glob("python3.*")):
+        minor = folder.name.removeprefix("python3.")
+        if minor.isdigit() and (folder / "os.py").exists():
+            return (3, int(minor))
+    return (3, 99)
+
+
 def _compile_in_container(client, image: str, target: Path, out: Path, only: Optional[list[Path]]) -> Optional[str]:
     """Run compileall in a locked-down throwaway container; the error's last line, or None."""
     import docker
@@ -202,13 +234,18 @@ def _compile_in_container(client, image: str, target: Path, out: Path, only: Opt
     from kbundle.image import sandbox
 
     user = sandbox.user()
-    args = ["-I", "-S", "-X", f"pycache_prefix={OUT_IN_CONTAINER}", "-m", "compileall", "-q", "-j", "0"]
-    args += ["--invalidation-mode", "checked-hash"]
-    if only is None:
-        args.append(f"{contract.PREFIX}/lib")
-    else:
+    if _python_of(target) < (3, 8):  # no pycache_prefix before 3.8: name each .pyc's place ourselves
+        only = only if only is not None else [p for p in (target / "lib").rglob("*.py") if p.is_file()]
         (out / ".sources").write_text("".join(f"{_in_image(target, p)}\n" for p in only), encoding="utf-8")
-        args += ["-i", f"{OUT_IN_CONTAINER}/.sources"]
+        args = ["-I", "-S", "-c", LEGACY_COMPILER, f"{OUT_IN_CONTAINER}/.sources", OUT_IN_CONTAINER]
+    else:
+        args = ["-I", "-S", "-X", f"pycache_prefix={OUT_IN_CONTAINER}", "-m", "compileall", "-q", "-j", "0"]
+        args += ["--invalidation-mode", "checked-hash"]
+        if only is None:
+            args.append(f"{contract.PREFIX}/lib")
+        else:
+            (out / ".sources").write_text("".join(f"{_in_image(target, p)}\n" for p in only), encoding="utf-8")
+            args += ["-i", f"{OUT_IN_CONTAINER}/.sources"]
     if user == sandbox.NOBODY:
         os.chown(out, 65534, 65534)
     try:
