@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""A real pip PyTorch bundle (torch + its nvidia-* CUDA wheels, ~3 GB of wheels): kbundle against
+the floor, in the same run.
+
+    .venv/bin/python bench/bench_torch.py [--torch 2.9.1] [--keep]
+
+1. cold `kbundle run` (an empty kbundle cache) against the floor: `pip install` of the same
+   exact pins into a fresh venv on the host (no pip cache) plus `docker build` of
+   `FROM base` + `COPY` of that venv. Goal ≤ 1.3×. The split comes from run's own lines.
+2. image bytes minus the base's, against the installed env's bytes (`du -sb` in the image).
+   Goal ≤ 1.1.
+3. a second bundle (another notebook, plus one small pip package): what Docker adds on disk
+   for it (`docker system df -v`: its unique size), against the first env's bytes. Goal ≤ 0.1.
+4. a warm run of the first bundle (its image exists). Goal ≤ 1 s.
+
+Both sides download from PyPI with pip's configuration of this machine set aside (a plain
+recipient's pip). It takes about 15 minutes on two cores and needs ~25 GB of free disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+KBUNDLE = str(Path(sys.executable).parent / "kbundle")
+
+
+def sh(argv: list, env=None, cwd=None, timeout=3600) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(a) for a in argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, argv[:3]))} … failed:\n{done.stderr[-3000:]}")
+    return done
+
+
+def notebook(path: Path, source: str) -> None:
+    cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": source}
+    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    path.write_text(json.dumps({"cells": [cell], "metadata": meta, "nbformat": 4, "nbformat_minor": 4}))
+
+
+def pack(world: dict, folder: Path, name: str, pins: list[str], env: dict) -> Path:
+    folder.mkdir(parents=True)
+    notebook(folder / f"{name}.ipynb", f"import torch\nprint('{name}', torch.__version__)")
+    pip = "".join(f"    - {p}\n" for p in pins)
+    (folder / "environment.yml").write_text(
+        f"name: {name}\nchannels:\n  - {world['channel']}\ndependencies:\n"
+        f"  - python={world['python']}\n  - ipykernel\n  - pip\n  - pip:\n{pip}"
+    )
+    out = folder / f"{name}.kbundle"
+    base = ["--base-image", world["base_image"], "--channel", world["channel"]]
+    sh([KBUNDLE, "pack", f"{name}.ipynb", "-e", "environment.yml", *base, "-o", out], env=env, cwd=folder)
+    return out
+
+
+def run(bundle: Path, env: dict, cwd: Path) -> tuple[float, dict, str]:
+    t0 = time.perf_counter()
+    done = sh([KBUNDLE, "run", bundle, "--gpus", "none", "--yes", "--json", "--progress", "plain"], env=env, cwd=cwd)
+    return time.perf_counter() - t0, json.loads(done.stdout), done.stderr
+
+
+def split_of(stderr: str) -> list[str]:
+    """run's own lines that say how long each part took."""
+    wanted = ("installed ", "fetched ", "pip:", "installed with pip", "byte-compil", "sent ", "built ", "layers:")
+    return [line.strip() for line in stderr.splitlines() if any(w in line for w in wanted) and " s" in line][:12]
+
+
+def image_bytes(image: str) -> int:
+    return int(sh(["docker", "image", "inspect", "--format", "{{.Size}}", image]).stdout.strip())
+
+
+def env_bytes(image: str) -> int:
+    argv = ["docker", "run", "--rm", "--entrypoint", "du", image, "-sb", "/opt/kbundle/env"]
+    return int(sh(argv).stdout.split()[0])
+
+
+def unique_bytes(image_id: str) -> int:
+    """What Docker stores for this image alone (`docker system df -v`'s UNIQUE SIZE)."""
+    data = json.loads(sh(["docker", "system", "df", "-v", "--format", "{{json .Images}}"]).stdout)
+    for row in data:
+        if image_id.startswith("sha256:" + row["ID"]) or row["ID"] in image_id:
+            return _parse_size(row["UniqueSize"])
+    raise SystemExit(f"{image_id} is not in docker system df")
+
+
+def _parse_size(text: str) -> int:
+    number, unit = re.fullmatch(r"([\d.]+)\s*([kMGT]?B)", text.strip()).groups()
+    return int(float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])
+
+
+def floor(world: dict, pins: list[str], work: Path, env: dict) -> tuple[float, float]:
+    """pip install of the exact pins into a fresh host venv, then FROM base + COPY of it."""
+    venv = work / "floor" / "venv"
+    t0 = time.perf_counter()
+    sh([sys.executable, "-m", "venv", venv])
+    (work / "floor" / "pins.txt").write_text("".join(f"{p}\n" for p in pins))
+    sh([venv / "bin/pip", "install", "--no-cache-dir", "--no-deps", "-r", work / "floor/pins.txt"], env=env)
+    pip_s = time.perf_counter() - t0
+    (work / "floor" / "Dockerfile").write_text(f"FROM {world['base_image']}\nCOPY venv /opt/venv\n")
+    t1 = time.perf_counter()
+    sh(["docker", "build", "-q", "-t", "kbundle-bench/torch-floor:1", work / "floor"])
+    return pip_s, time.perf_counter() - t1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--torch", default="2.9.1")
+    p.add_argument("--keep", action="store_true", help="keep the images and caches")
+    args = p.parse_args()
+    import world as worldmod
+
+    world = worldmod.up()
+    work = Path(tempfile.mkdtemp(prefix="kbundle-bench-torch-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and k != "JUPYTER_PATH"}
+    env.update(PIP_CONFIG_FILE=os.devnull, KBUNDLE_CACHE_DIR=str(work / "cache"), JUPYTER_DATA_DIR=str(work / "jp"))
+    first = pack(world, work / "a", "benchtorch-a", [f"torch=={args.torch}"], env)
+    second = pack(world, work / "b", "benchtorch-b", [f"torch=={args.torch}", "tabulate==0.9.0"], env)
+    images = []
+    try:
+        cold_s, data, stderr = run(first, env, work / "a")
+        images.append(data["image"])
+        pins = [line.split("  #")[0] for line in data["pip_resolved"]]
+        pip_s, build_s = floor(world, pins, work, env)
+        images.append("kbundle-bench/torch-floor:1")
+        base = image_bytes(world["base_image"])
+        added, installed = image_bytes(data["image"]) - base, env_bytes(data["image"])
+        second_s, data2, _ = run(second, env, work / "b")
+        images.append(data2["image"])
+        extra = unique_bytes(data2["image_id"])
+        warm = min(run(first, env, work / "a")[0] for _ in range(3))
+    finally:
+        if not args.keep:
+            for image in images:
+                subprocess.run(["docker", "rmi", "-f", image], capture_output=True)
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"torch {args.torch}: {len(pins)} wheels, env {installed / 2**30:.2f} GiB installed")
+    print(f"cold kbundle run        {cold_s:7.1f} s")
+    print(
+        f"floor                   {pip_s + build_s:7.1f} s   (pip install {pip_s:.1f} s + docker build {build_s:.1f} s)"
+    )
+    print(f"  ratio                 {cold_s / (pip_s + build_s):7.2f}x  (goal <= 1.30x)")
+    for line in split_of(stderr):
+        print(f"  run said: {line}")
+    print(
+        f"image bytes - base      {added / 2**30:7.2f} GiB vs env {installed / 2**30:.2f} GiB: {added / installed:.3f} (goal <= 1.10)"
+    )
+    print(
+        f"second bundle           {second_s:7.1f} s; Docker stores {extra / 2**20:.1f} MiB more: "
+        f"{extra / installed:.3f} of the first env (goal <= 0.10)"
+    )
+    print(f"warm run                {warm:7.2f} s (best of 3; goal <= 1 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)
