@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kbundle import pipplatform
 from kbundle.bundle import Manifest, open_bundle, write_bundle
 from kbundle.errors import KbundleError
 from kbundle.flows.review import consent
@@ -320,7 +321,7 @@ def parse_pip_line(text: str):
 
 
 def test_wheel_cache_matches_only_the_target_platform(tmp_path):
-    tags = wheels.target_tags("3.11")
+    tags = pipplatform.target_tags("3.11")
     for name in (
         "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
         "numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
@@ -336,7 +337,7 @@ def test_wheel_cache_matches_only_the_target_platform(tmp_path):
     )
     assert wheels.find_cached(parse_pip_line("tabulate==0.8.0"), tmp_path, tags) is None
     assert wheels.find_cached(parse_pip_line("tabulate>=0.9"), tmp_path, tags) is None  # not an exact pin: ask pip
-    assert wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, wheels.target_tags("3.10")) is None
+    assert wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, pipplatform.target_tags("3.10")) is None
 
 
 def test_rattler_uses_the_hosts_proxy_and_ca_trust(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from kbundle import pipplatform
 from kbundle.errors import KbundleError
 from kbundle.image import wheels
 from kbundle.pack.piplock import pip_target_args
@@ -26,7 +27,7 @@ LEGACY = ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "
 )
 def test_cpython_abis_pack_and_run_ask_pip_for(python, own):
     assert cpython_abis(python) == [own, "abi3", "none"]
-    for args in (pip_target_args(python, "2.36"), wheels._target_args(python, "2.36")):
+    for args in (pip_target_args(python, "2.36"), pipplatform.target_args(python, "2.36")):
         abis = [args[i + 1] for i, a in enumerate(args) if a == "--abi"]
         assert abis == [own, "abi3", "none"]
 
@@ -47,7 +48,7 @@ def test_manylinux_platforms_are_every_glibc_up_to_the_images(glibc, newest):
     platforms = manylinux_platforms(glibc)
     assert platforms == [f"manylinux_2_{m}_x86_64" for m in range(newest, 4, -1)] + LEGACY
     assert ("manylinux_2_28_x86_64" in platforms) == (newest >= 28)
-    assert wheels.target_platforms(glibc) == platforms[:-1]  # never a bare linux_x86_64 wheel
+    assert pipplatform.target_platforms(glibc) == platforms[:-1]  # never a bare linux_x86_64 wheel
 
 
 @pytest.mark.parametrize(
@@ -67,7 +68,7 @@ def test_manylinux_platforms_are_every_glibc_up_to_the_images(glibc, newest):
     ],
 )
 def test_wheel_glibc_need(filename, need):
-    assert wheels.wheel_glibc_need(filename, "3.11") == need
+    assert pipplatform.wheel_glibc_need(filename, "3.11") == need
 
 
 SKIPPED = [
@@ -97,7 +98,7 @@ SKIPPED = [
     ],
 )
 def test_newest_wheel_need(requirement, found):
-    assert wheels.newest_wheel_need(SKIPPED, requirement, "3.11") == found
+    assert pipplatform.newest_wheel_need(SKIPPED, requirement, "3.11") == found
 
 
 @pytest.mark.parametrize(
@@ -121,7 +122,7 @@ def test_newest_wheel_need(requirement, found):
     ],
 )
 def test_platform_refusal(glibc, newest, message):
-    assert wheels.platform_refusal("torch==2.9.1", "3.11", glibc, newest) == message
+    assert pipplatform.platform_refusal("torch==2.9.1", "3.11", glibc, newest) == message
 
 
 # ---------------------------------------------------------------- against PyPI (the network)
@@ -144,5 +145,19 @@ def test_fetch_takes_a_manylinux_2_26_wheel_for_glibc_2_36_and_says_why_not_for_
         wheels.fetch([SMALL_2_26_ONLY], "3.11", glibc="2.17")
     assert str(refused.value) == (
         "pip: no wheel of pyzmq==27.3.0 fits this image's platform (CPython 3.11, glibc 2.17: manylinux_2_17 "
+        "and older); the newest wheels (pyzmq 27.3.0) need manylinux_2_26, a base image with glibc 2.26 or newer"
+    )
+
+
+def test_pack_says_the_same_when_it_locks_pip_for_too_old_a_glibc():
+    """pack's lock (pip's dry-run) meets the same wall for a CentOS 7 base: the same one line."""
+    from kbundle.pack.piplock import PipLockError, resolve
+    from kbundle.specs import PipIndexes
+
+    assert resolve([SMALL_2_26_ONLY], PipIndexes(), "3.11", "2.36")["install"]
+    with pytest.raises(PipLockError) as refused:
+        resolve([SMALL_2_26_ONLY], PipIndexes(), "3.11", "2.17")
+    assert str(refused.value) == (
+        "no wheel of pyzmq==27.3.0 fits this image's platform (CPython 3.11, glibc 2.17: manylinux_2_17 "
         "and older); the newest wheels (pyzmq 27.3.0) need manylinux_2_26, a base image with glibc 2.26 or newer"
     )

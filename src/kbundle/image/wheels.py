@@ -30,7 +30,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -41,22 +40,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from kbundle.errors import KbundleError
-from kbundle.specs import PipIndexes, cpython_abis, manylinux_platforms
+from kbundle.pipplatform import PLATFORM, explain_no_wheel, target_args, target_tags, target_words
+from kbundle.specs import PipIndexes
 
 if TYPE_CHECKING:
     from kbundle.specs import PipPin
-
-# manylinux2014 (glibc 2.17) runs on every CUDA base kbundle picks; older tags are subsets.
-PLATFORM = "manylinux2014_x86_64"
-_GLIBC_MINORS = range(17, 4, -1)
-# pip's words when no file of a requirement fits; with a constraint in pip's configuration it
-# says "conflicting dependencies" instead, naming the requirement all the same.
-_NOT_FOUND = re.compile(
-    r"(?:Could not find a version that satisfies the requirement|No matching distribution found for"
-    r"|Cannot install) ([^\s,]+)"
-)
-_LEGACY_GLIBC = {"manylinux1": 5, "manylinux2010": 12, "manylinux2014": 17}
-_DEFAULT_GLIBC = "2.17"  # manylinux_platforms' own default, for an image of unknown glibc
 
 
 @dataclass(frozen=True)
@@ -65,21 +53,6 @@ class WheelSet:
     files: tuple[Path, ...]  # in the order of `pins`
     downloaded: int  # how many came from the network this time
     resolution: tuple[str, ...] = ()  # the exact resolution, one line per wheel (built ones name their source)
-
-
-def target_platforms(glibc: str | None = None) -> list[str]:
-    return [p for p in manylinux_platforms(glibc) if p != "linux_x86_64"]
-
-
-def target_tags(python: str, glibc: str | None = None) -> set:
-    from packaging import tags
-
-    version = tuple(int(p) for p in python.split(".")[:2])
-    interpreter = f"cp{version[0]}{version[1]}"
-    platforms = target_platforms(glibc)
-    found = set(tags.cpython_tags(version, platforms=platforms))
-    found |= set(tags.compatible_tags(version, interpreter=interpreter, platforms=platforms))
-    return found
 
 
 def cache_dir(python: str) -> Path:
@@ -134,16 +107,6 @@ def find_cached(pin: PipPin, directory: Path, wanted_tags: set) -> Optional[Path
     return None
 
 
-def _target_args(python: str, glibc: str | None) -> list[str]:
-    version = python.split(".")
-    args = ["--only-binary=:all:", "--python-version", ".".join(version[:2]), "--implementation", "cp"]
-    for platform in target_platforms(glibc):
-        args += ["--platform", platform]
-    for abi in cpython_abis(python):
-        args += ["--abi", abi]
-    return args
-
-
 def _run_pip(
     args: list[str],
     lines: Sequence[str],
@@ -170,7 +133,7 @@ def _run_pip(
         detail = errors[0].removeprefix("ERROR: ").strip() if errors else f"pip exited with {result.returncode}"
         if "No module named pip" in result.stderr:
             detail = "pip is not installed next to kbundle"
-        refusal = _platform_refusal(detail, *target, indexes) if target else None
+        refusal = explain_no_wheel(detail, *target, indexes) if target else None
         if refusal:
             raise KbundleError(f"pip: {refusal}")
         raise KbundleError(
@@ -182,137 +145,8 @@ def _pip_download(
     pins: Sequence[str], python: str, dest: Path, indexes: PipIndexes | None = None, glibc: str | None = None
 ) -> None:
     """Each line alone (`--no-deps`) as a wheel into `dest`."""
-    args = ["download", "--no-deps", *_target_args(python, glibc), "-d", str(dest)]
-    _run_pip(args, pins, indexes or PipIndexes(), _target_words(python, glibc), (python, glibc))
-
-
-def _target_words(python: str, glibc: str | None) -> str:
-    return f"CPython {python}, glibc {glibc or _DEFAULT_GLIBC} ({_glibc_platforms(glibc)})"
-
-
-def _glibc_minor(glibc: str | None) -> int:
-    match = re.match(r"^2\.(\d+)", glibc or _DEFAULT_GLIBC)
-    return int(match.group(1)) if match else 17
-
-
-def _glibc_platforms(glibc: str | None) -> str:
-    return f"manylinux_2_{_glibc_minor(glibc)} and older"
-
-
-@functools.lru_cache(maxsize=8)
-def _tags_at_2_17(python: str) -> frozenset:
-    return frozenset(target_tags(python, _DEFAULT_GLIBC))
-
-
-def wheel_glibc_need(filename: str, python: str) -> int | None:
-    """The oldest glibc minor (2.X) a manylinux x86_64 wheel for this CPython runs on; None when the
-    wheel is not one for this CPython on x86_64 Linux at any glibc."""
-    from packaging.tags import Tag
-    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
-
-    try:
-        _name, _version, _build, tags = parse_wheel_filename(filename)
-    except (InvalidWheelFilename, ValueError):
-        return None
-    fits = _tags_at_2_17(python)
-    needs = []
-    for tag in tags:
-        match = re.fullmatch(r"manylinux_2_(\d+)_x86_64", tag.platform)
-        legacy = _LEGACY_GLIBC.get(tag.platform.removesuffix("_x86_64")) if tag.platform.endswith("_x86_64") else None
-        need = int(match.group(1)) if match else legacy
-        # The interpreter and ABI judged on a platform every target has: only glibc is in question.
-        if need is not None and Tag(tag.interpreter, tag.abi, "manylinux2014_x86_64") in fits:
-            needs.append(need)
-    return min(needs) if needs else None
-
-
-def newest_wheel_need(filenames: Sequence[str], requirement: str, python: str) -> tuple[str, int] | None:
-    """Of the wheels pip skipped, the newest version `requirement` allows and the oldest glibc minor
-    one of its wheels for this CPython runs on; None when there is none."""
-    from packaging.requirements import InvalidRequirement, Requirement
-    from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-
-    try:
-        req = Requirement(requirement)
-    except InvalidRequirement:
-        return None
-    best: dict = {}  # version -> the lowest need among its wheels
-    for filename in filenames:
-        try:
-            name, version, _build, _tags = parse_wheel_filename(filename)
-        except (InvalidWheelFilename, ValueError):
-            continue
-        need = wheel_glibc_need(filename, python)
-        # pip takes a pre-release only when the requirement names one (kbundle never passes --pre).
-        allowed = req.specifier.contains(version, prereleases=bool(req.specifier.prereleases))
-        if name != canonicalize_name(req.name) or need is None or not allowed:
-            continue
-        best[version] = min(need, best.get(version, need))
-    if not best:
-        return None
-    newest = max(best)
-    return str(newest), best[newest]
-
-
-def platform_refusal(requirement: str, python: str, glibc: str | None, newest: tuple[str, int] | None) -> str | None:
-    """What to say when no wheel of `requirement` fits the image because its glibc is too old; None
-    when that is not the reason (pip's own words say it better then)."""
-    if newest is None or newest[1] <= _glibc_minor(glibc):
-        return None
-    from packaging.requirements import Requirement
-
-    name = Requirement(requirement).name
-    version, need = newest
-    return (
-        f"no wheel of {requirement} fits this image's platform (CPython {python}, glibc "
-        f"{glibc or _DEFAULT_GLIBC}: {_glibc_platforms(glibc)}); the newest wheels ({name} {version}) "
-        f"need manylinux_2_{need}, a base image with glibc 2.{need} or newer"
-    )
-
-
-def _platform_refusal(detail: str, python: str, glibc: str | None, indexes: PipIndexes) -> str | None:
-    """`platform_refusal` for the requirement pip's error names, from the wheels pip skipped."""
-    from packaging.requirements import InvalidRequirement, Requirement
-
-    match = _NOT_FOUND.search(detail)
-    if not match:
-        return None
-    requirement = match.group(1).rstrip(".")
-    try:
-        name = Requirement(requirement).name
-    except InvalidRequirement:
-        return None
-    return platform_refusal(
-        requirement,
-        python,
-        glibc,
-        newest_wheel_need(_skipped_wheels(name, python, glibc, indexes), requirement, python),
-    )
-
-
-def _skipped_wheels(name: str, python: str, glibc: str | None, indexes: PipIndexes) -> list[str]:
-    """The wheel files of `name` pip saw on the indexes and skipped for the image: `pip index`
-    downloads nothing, and says at -vv why it skipped each file."""
-    from kbundle.net import pip_environment
-
-    command = [sys.executable, "-m", "pip", "index", "versions", "-vv", *_target_args(python, glibc)]
-    command += ["--disable-pip-version-check", "--no-input", "--", name]  # `name` is a parsed name: no option
-    try:
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            env=indexes.environment(pip_environment()),
-            stdin=subprocess.DEVNULL,
-            timeout=120,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    found = []
-    for line in result.stdout.splitlines() + result.stderr.splitlines():
-        if "Skipping link" in line:
-            found += re.findall(r"/([^/\s#?]+\.whl)\b", line)
-    return found
+    args = ["download", "--no-deps", *target_args(python, glibc), "-d", str(dest)]
+    _run_pip(args, pins, indexes or PipIndexes(), target_words(python, glibc), (python, glibc))
 
 
 def _refused(text: str) -> KbundleError:
@@ -420,7 +254,7 @@ def _fetch_pins(parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: s
     for pin in parsed:
         found = find_cached(pin, directory, wanted) if pin.exact else _url_wheel(pin, directory)
         if found is None:
-            raise KbundleError(f"pip: no wheel of {pin.text!r} for {_target_words(python, glibc)} came back from pip")
+            raise KbundleError(f"pip: no wheel of {pin.text!r} for {target_words(python, glibc)} came back from pip")
         files.append(found)
     exact = [_exact_line(path) for path in files]
     return WheelSet(tuple(p for p, _ in exact), tuple(files), len(missing), tuple(line for _, line in exact))
@@ -453,8 +287,8 @@ def _resolve(
 
     tmp.mkdir(parents=True, exist_ok=True)
     report = tmp / "report.json"
-    args = pipreport.report_args(tmp / "target", report, no_deps) + _target_args(python, glibc)
-    _run_pip(args, lines, indexes, _target_words(python, glibc), (python, glibc))
+    args = pipreport.report_args(tmp / "target", report, no_deps) + target_args(python, glibc)
+    _run_pip(args, lines, indexes, target_words(python, glibc), (python, glibc))
     try:
         data = json.loads(report.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -554,7 +388,7 @@ class ContainerBuilder:
             deps.mkdir()
             requires = _build_requires(src / subdir if subdir else src)
             if requires:
-                args = ["download", *_target_args(python, glibc), "-d", str(deps)]
+                args = ["download", *target_args(python, glibc), "-d", str(deps)]
                 _run_pip(args, requires, indexes, f"building {pin.name}", (python, glibc))
             out = work / "out"
             out.mkdir()

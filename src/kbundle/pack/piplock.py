@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kbundle.errors import KbundleError
+from kbundle.pipplatform import explain_no_wheel
 from kbundle.specs import PipIndexes, PipPin, cpython_abis, manylinux_platforms, parse_pip_line
 
 PIP_TIMEOUT_S = 8  # per connection: an offline sender hears back in seconds
@@ -162,7 +163,9 @@ def resolve(requirements: list[str], indexes: PipIndexes, python: str, glibc: st
         except OSError as exc:
             raise PipLockError(f"cannot start pip: {exc.strerror}") from None
     if proc.returncode != 0:
-        raise PipLockError(_pip_error(proc.stderr, proc.returncode))
+        detail = _pip_error(proc.stderr, proc.returncode)
+        # pip's "conflicting dependencies" often means no file fits the image: say which glibc would
+        raise PipLockError(explain_no_wheel(detail, python, glibc, indexes) or detail)
     try:
         return json.loads(proc.stdout)
     except ValueError:
