@@ -27,6 +27,17 @@ def kbundle(
     )
 
 
+KBUNDLE = str(Path(sys.executable).parent / "kbundle")
+
+
+def run_kbundle(args, env, cwd=None, timeout=300, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+    """The installed `kbundle` console script, with exactly `env` (a recipient's or a sender's
+    whole environment, as the caller built it) and, by default, no standard input."""
+    return subprocess.run(
+        [KBUNDLE, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=stdin
+    )
+
+
 def assert_one_error_line(result: subprocess.CompletedProcess, *needles: str) -> None:
     assert result.returncode != 0, result.stdout
     lines = result.stderr.strip().splitlines()

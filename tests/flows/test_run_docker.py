@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,9 +19,10 @@ from pathlib import Path
 import docker
 import pytest
 
+from helpers import KBUNDLE, run_kbundle
+
 pytestmark = pytest.mark.docker
 
-KBUNDLE = str(Path(sys.executable).parent / "kbundle")
 
 NOTEBOOK = {
     "cells": [
@@ -51,10 +51,7 @@ def run_env(tmp_path_factory) -> dict:
     return env
 
 
-def kbundle(args, env, cwd=None, timeout=300, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [KBUNDLE, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=stdin
-    )
+kbundle = run_kbundle
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> str:

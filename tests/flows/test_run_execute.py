@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.docker
+from helpers import run_kbundle
 
-KBUNDLE = str(Path(sys.executable).parent / "kbundle")
+pytestmark = pytest.mark.docker
 
 
 def code_cell(source: str, text: str, count: int) -> dict:
@@ -44,16 +43,7 @@ NOTEBOOK = {
 }
 
 
-def kbundle(args, env, cwd, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [KBUNDLE, *map(str, args)],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+kbundle = functools.partial(run_kbundle, timeout=600)
 
 
 def test_run_execute_reports_same_and_volatile(world, tmp_path, docker_client):

@@ -5,30 +5,21 @@ container) and a `+cu118` local version from an extra index. The real engine, th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from helpers import run_kbundle
+
 pytestmark = pytest.mark.docker
 
-KBUNDLE = str(Path(sys.executable).parent / "kbundle")
 
-
-def _kbundle(args, env, cwd, timeout=900):
-    return subprocess.run(
-        [KBUNDLE, *map(str, args)],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+_kbundle = functools.partial(run_kbundle, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,17 @@ import http.server
 import json
 import os
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
+from helpers import KBUNDLE, run_kbundle
 from kbundle.bundle.format import DOCKERFILE, LOCK
 
 pytestmark = pytest.mark.docker
 
-KBUNDLE = str(Path(sys.executable).parent / "kbundle")
 NOTEBOOK = json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}).encode()
 
 
@@ -109,10 +108,7 @@ def env(tmp_path_factory) -> dict:
     return out
 
 
-def kbundle(args, env, cwd, timeout=600, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [KBUNDLE, *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, stdin=stdin
-    )
+kbundle = functools.partial(run_kbundle, timeout=600)
 
 
 def one_error(proc, *words) -> str:

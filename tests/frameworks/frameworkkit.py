@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KBUNDLE = str(Path(sys.executable).parent / "kbundle")
+from helpers import run_kbundle
+
 # A cold torch run downloads about 4 GB and builds a 7 GB image on two cores (5 minutes here);
 # a warm one takes under a minute. A hang (no kernel reply) must still end within CI's budget.
 PACK_TIMEOUT_S = 600
@@ -48,16 +47,7 @@ def heavy_environment(world: dict, root: Path) -> dict[str, str]:
     return env
 
 
-def kbundle(args: list[Any], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [KBUNDLE, *map(str, args)],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+kbundle = run_kbundle
 
 
 @dataclass
