@@ -283,6 +283,16 @@ def _hidden_by(mount: str) -> str:
     return contract.ROOT if mount.startswith(contract.ROOT + "/") else ""
 
 
+def banner_environment(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+    """What the shim's banner names: the bundle and CUDA come from the kernelspec's env
+    (spec.banner_env), the image from the launcher's argv. Local and Slurm kernels alike."""
+    return {
+        "KBUNDLE_BANNER_BUNDLE": environ.get("KBUNDLE_BUNDLE") or args.kernel_name or args.image,
+        "KBUNDLE_BANNER_IMAGE": args.image,
+        "KBUNDLE_BANNER_CUDA": environ.get("KBUNDLE_CUDA") or "unknown",
+    }
+
+
 def plan_launch(
     args: argparse.Namespace,
     info: dict[str, Any],
@@ -312,10 +322,7 @@ def plan_launch(
         env["KBUNDLE_PYCACHE"] = PYCACHE_IN_CONTAINER
     if environ.get("JPY_SESSION_NAME"):
         env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
-    # The kernel's banner: the bundle and CUDA come from the kernelspec's env (spec.banner_env).
-    env["KBUNDLE_BANNER_BUNDLE"] = environ.get("KBUNDLE_BUNDLE") or args.kernel_name or args.image
-    env["KBUNDLE_BANNER_IMAGE"] = args.image
-    env["KBUNDLE_BANNER_CUDA"] = environ.get("KBUNDLE_CUDA") or "unknown"
+    env.update(banner_environment(args, environ))
     labels = container_labels(args.kernel_name, pid, ppid)
     ports = [int(info[k]) for k in PORT_KEYS] if network == "bridge" else []
     # A local engine on Linux: the host reaches the container's bridge address, so the launcher

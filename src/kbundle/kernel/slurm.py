@@ -43,6 +43,7 @@ from typing import Any, Optional
 
 from kbundle import contract
 from kbundle.kernel.labels import container_labels
+from kbundle.kernel.launcher import Launcher
 from kbundle.kernel.shim import SHIM
 
 JOB_PREFIX = "kbundle-"
@@ -171,14 +172,12 @@ def login_address(environ: dict[str, str]) -> str:
         peer = ""
     if not peer or peer.startswith("127."):
         return "127.0.0.1"
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    from kbundle.kernel.node_agent import NodeError, route_source  # the node finds its side the same way
+
     try:
-        probe.connect((peer, 9))  # UDP: nothing is sent
-        return probe.getsockname()[0]
-    except OSError:
+        return route_source(peer)
+    except NodeError:
         return "127.0.0.1"
-    finally:
-        probe.close()
 
 
 def agent_script() -> str:
@@ -202,7 +201,7 @@ class SlurmLauncher:
     main_ident: int = field(default_factory=threading.get_ident)
     reader: Any = None
 
-    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+    HANDLED = tuple(Launcher.HANDLED)  # the signals kbundle-kernel's main() blocks before it dispatches here
 
     def run(self) -> int:
         from kbundle.kernel.forward import Forwarder, ForwardError
@@ -386,7 +385,7 @@ class SlurmLauncher:
 
 def launch(args: Any, info: dict[str, Any], *, parent: Optional[int]) -> int:
     """Run a Slurm kernel for the launcher's parsed `args` and connection `info`."""
-    from kbundle.kernel.launcher import LOOPBACK, PORT_KEYS, LaunchError, mount_dirs
+    from kbundle.kernel.launcher import LOOPBACK, PORT_KEYS, LaunchError, banner_environment, mount_dirs
 
     ip = str(info.get("ip", "127.0.0.1"))
     if not (ip in LOOPBACK or ip.startswith("127.")):
@@ -417,11 +416,7 @@ def launch(args: Any, info: dict[str, Any], *, parent: Optional[int]) -> int:
         mounts=mounts,
         working_dir=working_dir,
         labels=container_labels(args.kernel_name, os.getpid(), parent),
-        environment={
-            "KBUNDLE_BANNER_BUNDLE": os.environ.get("KBUNDLE_BUNDLE") or args.kernel_name or args.image,
-            "KBUNDLE_BANNER_IMAGE": args.image,
-            "KBUNDLE_BANNER_CUDA": os.environ.get("KBUNDLE_CUDA") or "unknown",
-        },
+        environment=banner_environment(args, dict(os.environ)),
     )
     launcher = SlurmLauncher(options, name, request, [int(info[k]) for k in PORT_KEYS], parent=parent)
     return launcher.run()
