@@ -765,3 +765,27 @@ def kernel_noise() -> KernelNoise:
 def glibc_for(image: str) -> str:
     """The glibc of a base image, for the lock's __glibc virtual package (data/base_tags.yaml)."""
     return str(base_tags().glibc_for(image))
+
+
+# ---------------------------------------------------------------- conda_pypi.yaml
+
+
+@dataclass(frozen=True)
+class CondaPypi:
+    """Which Python distribution a conda package installs, where the names differ (None: none pip sees)."""
+
+    names: Mapping[str, Optional[str]]
+
+
+def conda_pypi_from(data: Any) -> CondaPypi:
+    """conda_pypi.yaml's contents, checked and typed: each value a distribution name or null."""
+    root = _open("conda_pypi", data)
+    names: dict[str, Optional[str]] = {}
+    for key, node in root["names"].items():
+        names[key.lower()] = None if node.value is None else node.text()
+    return CondaPypi(_frozen(names))
+
+
+@lru_cache(maxsize=1)
+def conda_pypi() -> CondaPypi:
+    return conda_pypi_from(load_data("conda_pypi"))

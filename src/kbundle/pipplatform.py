@@ -178,3 +178,83 @@ def _skipped_wheels(name: str, python: str, glibc: str | None, indexes: PipIndex
         if "Skipping link" in line:
             found += re.findall(r"/([^/\s#?]+\.whl)\b", line)
     return found
+
+
+# pip's words when it could not reach an index: the connection error it retried, or the URL it could not fetch.
+_UNREACHABLE = re.compile(
+    r"host='([^']+)', port=(\d+)\): (?:Failed to establish a new connection: \[Errno -?\d+\] )?([^\"')]+)"
+    r"|Could not fetch URL (\S+?): (.+)"
+    r"|The repository located at (\S+) is not a trusted or secure host"
+)
+
+
+def failure_cause(stderr: str, detail: str) -> str | None:
+    """pip's failure by its cause, in one line: an index that did not answer, or two requirements in
+    conflict (pip's "The conflict is caused by:" lines). None: pip's own first error says it."""
+    unreachable = _unreachable_index(stderr)
+    if unreachable and re.search(r"from versions: none|No matching distribution", stderr):
+        wanted = _NOT_FOUND.search(stderr)
+        what = f" {wanted.group(1).rstrip('.')}" if wanted else ""
+        return f"the package index did not answer ({unreachable}): cannot resolve{what}"
+    conflict = _conflict(stderr)
+    if conflict:
+        return f"conflicting requirements: {conflict}"
+    return None
+
+
+def _unreachable_index(stderr: str) -> str | None:
+    match = _UNREACHABLE.search(stderr)
+    if not match:
+        return None
+    host, port, why, url, url_why, untrusted = match.groups()
+    if host:
+        return f"{host}:{port}: {why.strip().rstrip('.')}"
+    if url:
+        return f"{url}: {url_why.strip().rstrip('.')}"
+    return f"{untrusted}: plain HTTP from a host pip does not trust (--trusted-host)"
+
+
+def _conflict(stderr: str) -> str | None:
+    lines = stderr.splitlines()
+    try:
+        start = next(i for i, ln in enumerate(lines) if ln.strip() == "The conflict is caused by:")
+    except StopIteration:
+        return None
+    causes = []
+    for line in lines[start + 1 :]:
+        if not line.startswith((" ", "\t")) or not line.strip():
+            break
+        causes.append(line.strip())
+    return "; ".join(causes[:4]) or None
+
+
+def error_line(stderr: str, code: int) -> str:
+    """pip's own first error line; for a crash ("ERROR: Exception:" and a traceback), the exception."""
+    if "No module named pip" in stderr:
+        return "pip is not installed next to kbundle"
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln.removeprefix("ERROR: ").strip() for ln in lines if ln.startswith("ERROR")]
+    if errors and errors[0] != "Exception:":
+        return errors[0]
+    return lines[-1] if lines else f"pip exited with {code}"
+
+
+def python_refusals(report: dict, python: str) -> list[str]:
+    """Each chosen wheel whose own metadata refuses the image's Python (pip trusts the index page,
+    and a mirror's page may carry no `data-requires-python`)."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    found = []
+    for item in report.get("install") or []:
+        meta = item.get("metadata") or {}
+        needs = meta.get("requires_python")
+        try:
+            refuses = bool(needs) and not SpecifierSet(needs).contains(python, prereleases=True)
+        except InvalidSpecifier:
+            refuses = False
+        if refuses:
+            found.append(
+                f"pip chose {meta.get('name')} {meta.get('version')}, which requires Python {needs}, "
+                f"not the image's {python} (the index does not say which Python each file needs)"
+            )
+    return found

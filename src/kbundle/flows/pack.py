@@ -197,7 +197,7 @@ def _environment(options: PackOptions, notebook: Notebook):
     if options.lock != "never":
         guess = cuda.choose(cuda.evidence(raw, env), options.cuda, options.base_image)
         if env.python and not options.strict:  # --strict may stop pack before any lock is needed
-            early = piplock.start(env.pip, indexes, env.python, guess.glibc, options.lock)
+            early = piplock.start(env.pip, indexes, env.python, guess.glibc, options.lock, _exported(raw, env) or ())
         # The channels, when they answer, decide what exists for linux-64 (else data/normalise.yaml does).
         available, down = _availability(raw, env)
         if available is not None:
@@ -208,6 +208,27 @@ def _environment(options: PackOptions, notebook: Notebook):
     if options.strict:
         _strict(env, choice)
     return raw, env, choice, indexes, early
+
+
+def _exported(raw, env):
+    """The Python distributions a fully pinned export installs (pydists); None when it is not pinned."""
+    from kbundle import pydists
+
+    return pydists.from_pinned_specs(env.dependencies, {spec.name: spec.build for spec in raw.conda})
+
+
+def _pip_lock(pending, env, indexes, python: str | None, choice, result, raw, mode: str):
+    """The pip lock against the conda side as it will be installed: the conda lock's packages, or
+    the export's pins; unknown when neither says (then `run` resolves pip). The lock started
+    early is taken when it holds for that conda side."""
+    from kbundle.pack import piplock
+
+    provided = result.provided if result.locked else _exported(raw, env)
+    if provided is None:
+        return piplock.lock(env.pip, indexes, python, choice.glibc, mode, piplock.CONDA_UNKNOWN)
+    if pending is not None and pending.serves(env.pip, indexes, env.python, choice.glibc, provided):
+        return pending.result()
+    return piplock.lock(env.pip, indexes, python, choice.glibc, mode, provided)
 
 
 def _with_channels(env, options: PackOptions):
@@ -270,11 +291,11 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     out = output_path(options, name)
     includes = include_members(options.notebook, options.includes)
     raw, env, choice, indexes, pending = _environment(options, notebook)
-    if pending is not None and not pending.serves(env.pip, indexes, env.python, choice.glibc):
+    if pending is not None and pending.inputs != piplock.lock_inputs(env.pip, indexes, env.python, choice.glibc):
         pending = None  # started on a guess the channels overturned
     if pending is None and env.python:
         # pip's resolver runs beside rattler's solve when the Python version is already known.
-        pending = piplock.start(env.pip, indexes, env.python, choice.glibc, options.lock)
+        pending = piplock.start(env.pip, indexes, env.python, choice.glibc, options.lock, _exported(raw, env) or ())
     slow = (
         progress("Locking the environment for linux-64 with rattler…")
         if progress and options.lock != "never"
@@ -283,7 +304,7 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     with slow:
         result = lock(env, choice, options.lock)
         python = result.python or env.python  # the solved version is the precise one
-        pip_lock = pending.result() if pending else piplock.lock(env.pip, indexes, python, choice.glibc, options.lock)
+        pip_lock = _pip_lock(pending, env, indexes, python, choice, result, raw, options.lock)
 
     nb_member = WORK_DIR + options.notebook.name
     original_path, original_bytes = _original_member(raw, options)

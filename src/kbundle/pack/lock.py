@@ -113,5 +113,8 @@ def _solve(env: NormalisedEnv, choice: CudaChoice, urls: list[str], mode: str) -
         )
     except solve.Unsolvable as exc:
         raise LockError(f"cannot lock the environment for {contract.PLATFORM}: {exc} (or pass --lock never)") from None
+    from kbundle import pydists
+
     python = next((str(r.version) for r in records if str(r.name.normalized) == "python"), None)
-    return LockResult(True, solve.lock_text(records, urls, vps), tuple(vps), note=None, python=python)
+    text = solve.lock_text(records, urls, vps)
+    return LockResult(True, text, tuple(vps), note=None, python=python, provided=pydists.from_records(records))

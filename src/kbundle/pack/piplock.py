@@ -8,6 +8,16 @@ recipient only downloads and checks. What pip cannot lock without building it (a
 requirement, an sdist URL) is carried as written, after the locked pins, for the recipient
 to resolve and build; the bundle is then `pip_locked: false`.
 
+pip resolves with the conda side installed (kbundle/pydists.py): the distributions that the
+export pins, or that pack's conda lock solved, stand in site-packages as they did on the
+sender's machine, so pip leaves conda's absl-py or protobuf alone where they satisfy its lines,
+and the lock lists only what pip itself will install. Where the conda side is neither pinned
+nor locked, nobody knows yet what it installs: the pip lines are carried for `run`, which
+resolves them against the environment it has just installed.
+
+A wheel whose own metadata refuses the image's Python (a mirror whose index pages carry no
+`data-requires-python`) is never locked.
+
 The resolver runs in a thread beside rattler's solve (`start`), so locking pip costs pack
 little more than pip itself. `--lock never` never starts pip.
 """
@@ -25,11 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kbundle.errors import KbundleError
-from kbundle.pipplatform import explain_no_wheel
+from kbundle.pipplatform import explain_no_wheel, python_refusals
+from kbundle.pydists import Provided, installed_site
 from kbundle.specs import PipIndexes, PipPin, cpython_abis, manylinux_platforms, parse_pip_line
 
 PIP_TIMEOUT_S = 8  # per connection: an offline sender hears back in seconds
 PIP_RETRIES = 1
+CONDA_UNKNOWN = None  # `provided` when the conda side is neither pinned nor locked
 
 
 class PipLockError(KbundleError):
@@ -42,6 +54,8 @@ class PipLock:
     locked: bool  # every line is an exact, hashed pin
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    touched: frozenset[str] = frozenset()  # every distribution the resolution chose (canonical names)
+    kept: tuple[Provided, ...] = ()  # conda's distributions pip saw installed
 
 
 @dataclass
@@ -52,10 +66,28 @@ class PendingLock:
     done: PipLock | None = None
     _pool: ThreadPoolExecutor | None = field(default=None, repr=False)
     inputs: tuple = ()  # what it resolves: the pins' text, the indexes, Python, glibc
+    provided: tuple[Provided, ...] | None = ()  # the conda side it resolved against
 
-    def serves(self, pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None) -> bool:
-        """Whether this lock was started for exactly these inputs (an early start may have guessed)."""
-        return self.inputs == _inputs(pins, indexes, python, glibc)
+    def serves(
+        self,
+        pins: list[PipPin],
+        indexes: PipIndexes,
+        python: str | None,
+        glibc: str | None,
+        provided: tuple[Provided, ...] | None = (),
+    ) -> bool:
+        """Whether this lock holds for exactly these inputs (an early start may have guessed).
+
+        A lock made with nothing installed also holds for a conda side it never met: pip's
+        choice changes only where it reaches a distribution that conda installs."""
+        if self.inputs != lock_inputs(pins, indexes, python, glibc):
+            return False
+        if self.provided == provided:
+            return True
+        if self.provided:
+            return False
+        result = self.result()
+        return result.locked and not (result.touched & {p.name for p in provided})
 
     def result(self) -> PipLock:
         if self.done is None:
@@ -71,43 +103,93 @@ def lockable(pin: PipPin) -> bool:
     return not pin.local and not pin.vcs and (pin.url is None or pin.wheel_url)
 
 
-def start(pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None, mode: str) -> PendingLock:
+def start(
+    pins: list[PipPin],
+    indexes: PipIndexes,
+    python: str | None,
+    glibc: str | None,
+    mode: str,
+    provided: tuple[Provided, ...] = (),
+) -> PendingLock:
     """Start `lock` in a thread (pip runs as a subprocess, so rattler's solve runs meanwhile)."""
-    inputs = _inputs(pins, indexes, python, glibc)
+    inputs = lock_inputs(pins, indexes, python, glibc)
     if mode == "never" or not pins or not python:
-        return PendingLock(done=lock(pins, indexes, python, glibc, mode), inputs=inputs)
+        done = lock(pins, indexes, python, glibc, mode, provided)
+        return PendingLock(done=done, inputs=inputs, provided=provided)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kbundle-piplock")
-    return PendingLock(future=pool.submit(lock, pins, indexes, python, glibc, mode), _pool=pool, inputs=inputs)
+    future = pool.submit(lock, pins, indexes, python, glibc, mode, provided)
+    return PendingLock(future=future, _pool=pool, inputs=inputs, provided=provided)
 
 
-def _inputs(pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None) -> tuple:
+def lock_inputs(pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None) -> tuple:
     return (tuple(p.text for p in pins), repr(indexes.to_dict()), python, glibc)
 
 
-def lock(pins: list[PipPin], indexes: PipIndexes, python: str | None, glibc: str | None, mode: str) -> PipLock:
-    """The pip: section as the manifest will carry it, locked when pip's resolver can do it."""
+def lock(
+    pins: list[PipPin],
+    indexes: PipIndexes,
+    python: str | None,
+    glibc: str | None,
+    mode: str,
+    provided: tuple[Provided, ...] | None = (),
+) -> PipLock:
+    """The pip: section as the manifest will carry it, locked when pip's resolver can do it.
+
+    `provided`: the conda side's distributions, which pip sees installed; CONDA_UNKNOWN when the
+    conda side is neither pinned nor locked, so that only `run` can know it."""
     if not pins:
         return PipLock((), True)
     carried = [p for p in pins if not lockable(p)]
     notes = [f"pip: {p.text} is resolved and built by the recipient (a VCS or source requirement)" for p in carried]
     if mode == "never":
         return PipLock(tuple(pins), False, ("pip: not locked (--lock never); the recipient will resolve it",))
-    if not python:
-        message = "pip: not locked: the environment pins no Python version to resolve for"
+    unlockable = _why_not(python, provided)
+    if unlockable:
         if mode == "always":
-            raise PipLockError(f"cannot lock {message.removeprefix('pip: not locked: ')}")
-        return PipLock(tuple(pins), False, (message,))
+            raise PipLockError(f"cannot lock pip: {unlockable}")
+        return PipLock(tuple(pins), False, (f"pip: not locked: {unlockable}",))
     wanted = [p for p in pins if lockable(p)]
     t0 = time.perf_counter()
     try:
-        report = resolve([_unhashed(p) for p in wanted], indexes, python, glibc)
+        report = resolve([_unhashed(p) for p in wanted], indexes, python, glibc, provided)
     except PipLockError as exc:
         if mode == "always":
             raise
         note = f"pip: not locked ({exc}); the recipient will resolve it"
         return PipLock(tuple(pins), False, (note, *notes), time.perf_counter() - t0)
     locked = pins_from_report(report)
-    return PipLock(tuple(locked + carried), not carried, tuple(notes), time.perf_counter() - t0)
+    kept = _kept(provided, locked)
+    return PipLock(
+        tuple(locked + carried),
+        not carried,
+        tuple(notes) + _kept_note(kept),
+        time.perf_counter() - t0,
+        frozenset(p.name for p in locked),
+        kept,
+    )
+
+
+def _why_not(python: str | None, provided: tuple[Provided, ...] | None) -> str | None:
+    if not python:
+        return "the environment pins no Python version to resolve for"
+    if provided is CONDA_UNKNOWN:
+        return (
+            "the conda side is neither pinned nor locked, so which packages it installs is known only "
+            "when the recipient solves it; pip is resolved then, with those packages installed"
+        )
+    return None
+
+
+def _kept(provided: tuple[Provided, ...] | None, locked: list[PipPin]) -> tuple[Provided, ...]:
+    """conda's distributions that stay conda's: pip installs no other version of them."""
+    chosen = {p.name for p in locked}
+    return tuple(p for p in provided or () if p.name not in chosen)
+
+
+def _kept_note(kept: tuple[Provided, ...]) -> tuple[str, ...]:
+    if not kept:
+        return ()
+    return (f"pip: resolved with the conda side installed ({len(kept)} Python packages), as on the sender's machine",)
 
 
 def _unhashed(pin: PipPin) -> str:
@@ -126,8 +208,15 @@ def pip_target_args(python: str, glibc: str | None) -> list[str]:
     return args
 
 
-def resolve(requirements: list[str], indexes: PipIndexes, python: str, glibc: str | None) -> dict:
-    """pip's installation report for `requirements` on the image; PipLockError when pip says no."""
+def resolve(
+    requirements: list[str],
+    indexes: PipIndexes,
+    python: str,
+    glibc: str | None,
+    provided: tuple[Provided, ...] = (),
+) -> dict:
+    """pip's installation report for `requirements` on the image, with `provided` installed;
+    PipLockError when pip says no, or when it chose a wheel the image's Python refuses."""
     with tempfile.TemporaryDirectory(prefix="kbundle-piplock-") as tmp:
         reqs = Path(tmp) / "requirements.txt"
         # A file, not argv: a line can never become an option of this pip command.
@@ -136,15 +225,14 @@ def resolve(requirements: list[str], indexes: PipIndexes, python: str, glibc: st
             sys.executable,
             "-m",
             "pip",
+            # pip's resolver sees the conda side as installed in this stand-in interpreter.
+            "--python",
+            str(installed_site(provided, Path(tmp))),
             "install",
             "--dry-run",
-            "--ignore-installed",
             "--quiet",
             "--report",
             "-",
-            # pip wants --target with platform options; --dry-run writes nothing there.
-            "--target",
-            str(Path(tmp) / "target"),
             *pip_target_args(python, glibc),
             "--disable-pip-version-check",
             "--no-input",
@@ -163,20 +251,24 @@ def resolve(requirements: list[str], indexes: PipIndexes, python: str, glibc: st
         except OSError as exc:
             raise PipLockError(f"cannot start pip: {exc.strerror}") from None
     if proc.returncode != 0:
-        detail = _pip_error(proc.stderr, proc.returncode)
-        # pip's "conflicting dependencies" often means no file fits the image: say which glibc would
-        raise PipLockError(explain_no_wheel(detail, python, glibc, indexes) or detail)
+        raise PipLockError(pip_failure(proc.stderr, proc.returncode, python, glibc, indexes))
     try:
-        return json.loads(proc.stdout)
+        report = json.loads(proc.stdout)
     except ValueError:
-        raise PipLockError("pip printed no installation report (pip 22.2 or newer is needed)") from None
+        raise PipLockError("pip printed no installation report (pip 25.1 or newer is needed)") from None
+    refused = python_refusals(report, python)
+    if refused:
+        raise PipLockError(refused[0])
+    return report
 
 
-def _pip_error(stderr: str, code: int) -> str:
-    if "No module named pip" in stderr:
-        return "pip is not installed next to kbundle"
-    errors = [ln.removeprefix("ERROR: ").strip() for ln in stderr.splitlines() if ln.startswith("ERROR")]
-    return errors[0] if errors else (stderr.strip().splitlines() or [f"pip exited with {code}"])[-1]
+def pip_failure(stderr: str, code: int, python: str, glibc: str | None, indexes: PipIndexes) -> str:
+    """pip's failure in words that name its cause: an index that did not answer, no wheel for the
+    image's platform, or a conflict between two requirements."""
+    from kbundle.pipplatform import error_line, failure_cause
+
+    detail = error_line(stderr, code)
+    return failure_cause(stderr, detail) or explain_no_wheel(detail, python, glibc, indexes) or detail
 
 
 def pins_from_report(report: dict) -> list[PipPin]:

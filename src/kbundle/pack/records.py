@@ -64,3 +64,4 @@ class LockResult:
     virtual_packages: tuple[str, ...] = ()
     note: str | None = None
     python: str | None = None  # the solved python version
+    provided: tuple = ()  # pydists.Provided: the Python distributions the solved conda side installs
