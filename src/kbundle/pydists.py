@@ -106,7 +106,8 @@ def from_site_packages(prefix: Path) -> tuple[Provided, ...]:
 
 
 def _dist_folder_name(folder: str) -> tuple[str, str] | None:
-    match = re.match(r"^(.+?)-([^-]+?)(?:-py\d[\d.]*)?(?:-[^-]+)?\.(?:dist-info|egg-info)$", folder)
+    # name-version.dist-info; name-version[-pyX.Y[-platform]].egg-info
+    match = re.match(r"^(.+?)-([^-]+?)(?:-py\d[\d.]*(?:-.+)?)?\.(?:dist-info|egg-info)$", folder)
     if not match:
         return None
     version = pep440(match.group(2))

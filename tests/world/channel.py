@@ -489,6 +489,32 @@ STUBS = [
 ]
 
 
+# Python packages the channel publishes beside the indexes' own, so that a conda side and a pip
+# side can meet on one distribution: conda's kbdep 0.4 against the index's 0.3 (issue 17, "one
+# environment"). (name, version, ORIGIN its module reports).
+CONDA_DISTS = [("kbdep", "0.4", "conda")]
+
+
+def ensure_conda_dists(channel: Path) -> bool:
+    """Add the CONDA_DISTS the channel lacks (noarch, made from a wheel as every package here is)."""
+    from .pypi import _module, wheel_bytes
+
+    python = world_pythons()[0]
+    added = False
+    for name, version, origin in CONDA_DISTS:
+        if list((channel / "noarch").glob(f"{name}-{version}-*.tar.bz2")):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            wheel = Path(tmp) / f"{name}-{version}-py3-none-any.whl"
+            wheel.write_bytes(wheel_bytes(name, version, _module(name, version, origin)))
+            write_conda_package(wheel_to_conda(wheel, set(), python), channel / "noarch")
+        added = True
+    if added:
+        log("adding conda builds of the indexes' distributions and re-indexing")
+        _index(channel)
+    return added
+
+
 def ensure_stubs(channel: Path) -> bool:
     """Add the STUBS the channel lacks and re-index it; True when something was added.
 
@@ -532,6 +558,7 @@ def ensure_channel(root: Path, pythons: list[WorldPython] | None = None) -> Path
         build_channel(root, pythons)
         stamp.write_text(recipe)
     ensure_stubs(channel)
+    ensure_conda_dists(channel)
     return channel
 
 

@@ -2,7 +2,8 @@
 
 * ``pypi/simple/``: tiny wheels built here with zipfile: ``kbrange`` 1.0, 1.5 and 2.0 (1.5
   needs ``kbdep``), ``kbdep`` 0.3, ``kbdemo`` 1.0, and ``kbb-01`` … ``kbb-15`` (each 1.0 and
-  1.1, needing ``kbdep``) for the pip benchmark.
+  1.1, needing ``kbdep``) for the pip benchmark, and ``kbpy`` 1.0 and 2.0, whose wheels' own
+  metadata require Python >=3.6 and >=3.10 while the pages say nothing of it (as many mirrors).
 * ``extra/simple/``: ``kbdemo`` 1.0+cu118, a local version as download.pytorch.org serves them.
 * ``git/kbgit.git``: a bare repository (dumb HTTP: ``git update-server-info``) holding the
   pure-python package ``kbgit`` 0.1 (tag ``v0.1``), built by an in-tree PEP 517 backend that
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from .common import log
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 DEFAULT_PORT = 18766
 STATE_FILE = "pypi-server.json"
 STAMP = "pypi.stamp"
@@ -43,12 +44,15 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def wheel_bytes(name: str, version: str, modules: dict[str, str], requires: list[str] = ()) -> bytes:
+def wheel_bytes(
+    name: str, version: str, modules: dict[str, str], requires: list[str] = (), requires_python: str | None = None
+) -> bytes:
     """A valid py3-none-any wheel of `modules` (path -> source), written deterministically."""
     import io
 
     dist = f"{name.replace('-', '_')}-{version}.dist-info"
     meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+    meta += f"Requires-Python: {requires_python}\n" if requires_python else ""
     meta += "".join(f"Requires-Dist: {r}\n" for r in requires)
     files = dict(modules)
     files[f"{dist}/METADATA"] = meta
@@ -85,9 +89,12 @@ def _write_index(root: Path, wheels: dict[str, list[tuple[str, bytes]]]) -> None
         page.write_text("<!DOCTYPE html>\n<html><body>\n" + "\n".join(anchors) + "\n</body></html>\n")
 
 
-def _add(wheels: dict, name: str, version: str, origin: str, requires: list[str] = ()) -> None:
+def _add(
+    wheels: dict, name: str, version: str, origin: str, requires: list[str] = (), requires_python: str | None = None
+) -> None:
     filename = f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
-    wheels.setdefault(name, []).append((filename, wheel_bytes(name, version, _module(name, version, origin), requires)))
+    data = wheel_bytes(name, version, _module(name, version, origin), requires, requires_python)
+    wheels.setdefault(name, []).append((filename, data))
 
 
 BACKEND = '''"""An in-tree PEP 517 backend: builds kbgit's wheel with the standard library alone."""
@@ -184,6 +191,10 @@ def build_pypi(root: Path) -> Path:
         _add(main, "kbrange", version, "index", ["kbdep>=0.3"] if version == "1.5" else [])
     _add(main, "kbdep", "0.3", "index")
     _add(main, "kbdemo", "1.0", "index")
+    # Like a mirror whose pages carry no data-requires-python: only the wheel's own metadata says
+    # that kbpy 2.0 needs Python 3.10 (issue 17: a lock the recipient cannot install).
+    _add(main, "kbpy", "1.0", "index", requires_python=">=3.6")
+    _add(main, "kbpy", "2.0", "index", requires_python=">=3.10")
     for name in BENCH_PACKAGES:
         for version in ("1.0", "1.1"):
             _add(main, name, version, "index", ["kbdep>=0.3"])

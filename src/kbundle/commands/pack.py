@@ -150,20 +150,24 @@ def _channels_note(m) -> str:
 
 
 def lock_status(m) -> str:
-    """The summary's last line: how much of the environment the recipient will still resolve."""
+    """The summary's last line: which side is locked, and what the recipient will still resolve."""
     from kbundle.specs import parse_pip_line
 
+    pip_locked = bool(m.pip) and getattr(m, "pip_locked", False)
     # Exact pins that pip could not lock are the sender's top level only: their dependencies
     # are still the recipient's pip's to resolve.
-    loose = [] if getattr(m, "pip_locked", False) else list(m.pip)
+    loose = [] if pip_locked else list(m.pip)
+    why_conda = f": {m.lock_note}" if m.lock_note else ""
     if not m.locked:
-        return "unlocked: the recipient will resolve the whole environment" + (
-            f" ({m.lock_note})" if m.lock_note else ""
-        )
+        if pip_locked:
+            return f"pip locked, conda unlocked{why_conda}"
+        if m.pip:
+            return f"unlocked: the recipient will resolve the whole environment, conda and pip{why_conda}"
+        return f"unlocked: the recipient will resolve the whole environment{why_conda}"
     if loose:
         exact = all(_exact(parse_pip_line, p) for p in loose)
         what = "the dependencies of the pip pins" if exact else "the pip lines"
-        return f"partly locked: conda is locked; the recipient will resolve {what} {', '.join(loose)}"
+        return f"conda locked, pip unlocked: the recipient will resolve {what} {', '.join(loose)}"
     return "fully locked: every conda package" + (" and pip pin" if m.pip else "") + " is fixed"
 
 

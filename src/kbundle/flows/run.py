@@ -501,7 +501,9 @@ def assemble_context(
             meter = Meter("downloading wheels", on_change=status.update)
             glibc = wheels.glibc_of(target_of(bundle))
             locked = bool(bundle.manifest.pip_locked)
-            fetched = wheels.fetch(bundle.pip, python, indexes, glibc, builder, recorded, meter, locked=locked)
+            fetched = wheels.fetch(
+                bundle.pip, python, indexes, glibc, builder, recorded, meter, locked=locked, conda_env=env_dir
+            )
             finish(
                 status,
                 f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
@@ -513,6 +515,9 @@ def assemble_context(
             finish(status, f"installed {len(lines)} wheel(s) with pip in {time.perf_counter() - t0:.1f} s")
         wheels.remember_resolution(bundle_hash(bundle), fetched.resolution)
         console.print(f"pip: {len(lines)} wheel(s): " + ", ".join(r.split(" ")[0] for r in lines))
+        for message in installed.warnings:
+            console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+        log += [f"# warning: {message}" for message in installed.warnings]
         log += ["# pip: installed into the environment before the build, from exactly these wheels:", *lines]
         log += [f"#   {line}" for line in installed.log.splitlines() if line.strip()]
     with console.status("byte-compiling the environment") as status:

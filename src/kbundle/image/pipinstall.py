@@ -15,6 +15,7 @@ checks. `--no-compile`: image/bytecode.py compiles afterwards, through its share
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from pathlib import Path
 from kbundle import contract
 from kbundle.display import safe
 from kbundle.errors import KbundleError
+from kbundle.specs import canonical
 
 WHEELS_IN_CONTAINER = "/kbundle-wheels"
 REQUIREMENTS = "requirements.txt"
@@ -34,6 +36,7 @@ TIMEOUT = 3600  # seconds: a 3 GB PyTorch unpacks in about a minute
 class Installed:
     lines: tuple[str, ...]  # the exact resolution pip installed from
     log: str  # pip's own words, for the build log
+    warnings: tuple[str, ...] = ()  # what the after-install check found that is not an error
 
 
 def command(requirements: str) -> list[str]:
@@ -99,12 +102,42 @@ def install(client, image: str, prefix: Path, files: Sequence[Path], lines: Sequ
         except docker.errors.DockerException as exc:
             detail = str(getattr(exc, "explanation", None) or exc).splitlines()[0]
             raise KbundleError(f"cannot start the container that installs the pip: section: {detail}") from None
-    if outcome.status != 0:
-        tail = [ln.strip() for ln in outcome.stderr.splitlines() if ln.strip()]
-        errors = [ln for ln in tail if ln.startswith("ERROR")] or tail[-1:] or [f"exit {outcome.status}"]
-        raise KbundleError(f"installing the pip: section into the environment failed: {safe(errors[0])}")
-    envmod.check_prefix(prefix)  # the bundle's pip wrote there: no symlink may lead out of it
-    return Installed(tuple(lines), outcome.stdout + outcome.stderr)
+        if outcome.status != 0:
+            tail = [ln.strip() for ln in outcome.stderr.splitlines() if ln.strip()]
+            errors = [ln for ln in tail if ln.startswith("ERROR")] or tail[-1:] or [f"exit {outcome.status}"]
+            raise KbundleError(f"installing the pip: section into the environment failed: {safe(errors[0])}")
+        envmod.check_prefix(prefix)  # the bundle's pip wrote there: no symlink may lead out of it
+        try:
+            warnings = _check(client, image, prefix, run_as, lines)
+        except docker.errors.DockerException as exc:
+            detail = str(getattr(exc, "explanation", None) or exc).splitlines()[0]
+            raise KbundleError(f"cannot start the container that checks the environment: {detail}") from None
+    return Installed(tuple(lines), outcome.stdout + outcome.stderr, warnings)
+
+
+def _check(client, image: str, prefix: Path, run_as: str, lines: Sequence[str]) -> tuple[str, ...]:
+    """The environment as its users will see it (image/envcheck.py): `pip check` by the env's own
+    pip, and conda's records against the files. A requirement pip broke is one error."""
+    from kbundle.image import envcheck, sandbox
+
+    pip_names = {canonical(re.split(r"[=@\s]", line, maxsplit=1)[0]) for line in lines}
+    with sandbox.lent(prefix, run_as):
+        outcome = sandbox.run(
+            client,
+            image,
+            ["-I", "-m", "pip", "check", "--disable-pip-version-check", "--no-input"],
+            entrypoint=[f"{contract.PREFIX}/bin/python"],
+            mounts={str(prefix): (contract.PREFIX, "ro")},
+            environment={"HOME": "/tmp", "PIP_CONFIG_FILE": os.devnull, "PYTHONDONTWRITEBYTECODE": "1"},
+            label=contract.LABEL_PIP_INSTALL,
+            run_as=run_as,
+            timeout=TIMEOUT,
+        )
+    errors, warnings = envcheck.judge(envcheck.parse_pip_check(outcome.stdout + outcome.stderr), pip_names)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise KbundleError(f"the pip: section broke the environment: {safe(errors[0])}{more} (pip check)")
+    return tuple(warnings + envcheck.conda_records(prefix, pip_names))
 
 
 def _gather(files: Sequence[Path], folder: Path, lines: Sequence[str]) -> None:

@@ -40,7 +40,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from kbundle.errors import KbundleError
-from kbundle.pipplatform import PLATFORM, explain_no_wheel, target_args, target_tags, target_words
+from kbundle.pipplatform import (
+    PLATFORM,
+    error_line,
+    explain_no_wheel,
+    failure_cause,
+    python_refusals,
+    target_args,
+    target_tags,
+    target_words,
+)
 from kbundle.specs import PipIndexes
 
 if TYPE_CHECKING:
@@ -129,11 +138,9 @@ def _run_pip(
         env = indexes.environment(pip_environment())
         result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
-        errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")] or result.stderr.splitlines()[-1:]
-        detail = errors[0].removeprefix("ERROR: ").strip() if errors else f"pip exited with {result.returncode}"
-        if "No module named pip" in result.stderr:
-            detail = "pip is not installed next to kbundle"
-        refusal = explain_no_wheel(detail, *target, indexes) if target else None
+        detail = error_line(result.stderr, result.returncode)
+        cause = failure_cause(result.stderr, detail)
+        refusal = cause or (explain_no_wheel(detail, *target, indexes) if target else None)
         if refusal:
             raise KbundleError(f"pip: {refusal}")
         raise KbundleError(
@@ -187,8 +194,12 @@ def fetch(
     recorded: Sequence[str] | None = None,
     meter=None,
     locked: bool = True,
+    conda_env: Path | None = None,
 ) -> WheelSet:
     """The bundle's pip: section as wheel files for the image, and its exact resolution.
+
+    `conda_env`: the conda side, installed; pip's resolver takes its distributions as installed
+    (kbundle/pydists.py), so it adds only what conda does not provide, as on the sender's machine.
 
     `locked`: pack locked the section (`pip_locked`), so its pins are the whole set, each
     fetched alone. Exact pins pack could not lock are only the sender's top level: pip's
@@ -206,7 +217,7 @@ def fetch(
     reused = _reuse(recorded, python, glibc) if recorded else None
     if reused is not None:
         return reused
-    return _resolve_and_fetch(parsed, python, indexes, glibc, builder, meter)
+    return _resolve_and_fetch(parsed, python, indexes, glibc, builder, meter, conda_env)
 
 
 def _reuse(recorded: Sequence[str], python: str, glibc: str | None) -> Optional[WheelSet]:
@@ -279,20 +290,32 @@ def _exact_line(path: Path, source: str | None = None) -> tuple[PipPin, str]:
 
 
 def _resolve(
-    lines: Sequence[str], python: str, indexes: PipIndexes, glibc: str | None, tmp: Path, no_deps: bool
+    lines: Sequence[str],
+    python: str,
+    indexes: PipIndexes,
+    glibc: str | None,
+    tmp: Path,
+    no_deps: bool,
+    conda_env: Path | None = None,
 ) -> list:
     """What pip's resolver chooses for `lines` on the image (pipreport.Chosen), fetching only metadata
-    where the index serves it apart from the wheel."""
+    where the index serves it apart from the wheel. `conda_env`: the installed conda side, whose
+    distributions pip takes as installed, as it did on the sender's machine."""
+    from kbundle import pydists
     from kbundle.image import pipreport
 
     tmp.mkdir(parents=True, exist_ok=True)
     report = tmp / "report.json"
-    args = pipreport.report_args(tmp / "target", report, no_deps) + target_args(python, glibc)
+    installed = pydists.installed_site(pydists.from_site_packages(conda_env), tmp) if conda_env else None
+    args = pipreport.report_args(report, no_deps, installed) + target_args(python, glibc)
     _run_pip(args, lines, indexes, target_words(python, glibc), (python, glibc))
     try:
         data = json.loads(report.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise KbundleError("pip wrote no report of its resolution (kbundle needs pip 22.2 or newer)") from None
+        raise KbundleError("pip wrote no report of its resolution (kbundle needs pip 25.1 or newer)") from None
+    refused = python_refusals(data, python)
+    if refused:
+        raise KbundleError(f"pip: {refused[0]}")
     return sorted(pipreport.parse(data), key=lambda c: c.filename)
 
 
@@ -325,8 +348,10 @@ def _resolve_and_fetch(
     glibc: str | None,
     builder: ContainerBuilder | None,
     meter=None,
+    conda_env: Path | None = None,
 ) -> WheelSet:
-    """pip's resolver over the whole section, for the image; VCS and sdist lines built first."""
+    """pip's resolver over the whole section, for the image, with the conda side (`conda_env`)
+    installed; VCS and sdist lines built first."""
     from packaging.utils import parse_wheel_filename
 
     directory = cache_dir(python)
@@ -342,7 +367,7 @@ def _resolve_and_fetch(
         else:
             lines.append(pin.spec or pin.text)  # hashes are checked below: pip would want one for every line
     with tempfile.TemporaryDirectory(prefix="kbundle-resolve-") as tmp:
-        chosen = _resolve(lines, python, indexes, glibc, Path(tmp), False)
+        chosen = _resolve(lines, python, indexes, glibc, Path(tmp), False, conda_env)
     fetched = _fetch_chosen([c for c in chosen if c.filename not in built], directory, python, indexes, glibc, meter)
     files, resolution, kept = [], [], []
     for item in chosen:
