@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from kbundle.commands.pack import lock_status
-from kbundle.pipplatform import error_line, failure_cause
+from kbundle.pipplatform import error_line, failure_cause, target_gaps
 
 REFUSED = """\
 WARNING: Retrying (Retry(total=0, connect=None, read=None, redirect=None, status=None)) after connection broken by 'NewConnectionError("HTTPConnection(host='127.0.0.1', port=9): Failed to establish a new connection: [Errno 111] Connection refused")': /simple/kbrange/
@@ -85,3 +85,33 @@ def _m(locked: bool, pip: list[str], pip_locked: bool, note: str | None = None):
 )
 def test_the_summary_says_which_side_is_locked(manifest, start):
     assert lock_status(manifest).startswith(start), lock_status(manifest)
+
+
+def _item(name: str, requires: list[str], extras: list[str] = ()) -> dict:
+    return {"metadata": {"name": name, "version": "1", "requires_dist": requires}, "requested_extras": list(extras)}
+
+
+@pytest.mark.parametrize(
+    "python, items, installed, gaps",
+    [
+        # pip on a 3.11 host skipped Markdown's importlib-metadata; a 3.7 image needs it
+        (
+            "3.7",
+            [_item("Markdown", ['importlib-metadata>=4.4; python_version < "3.10"'])],
+            [],
+            ["importlib-metadata>=4.4"],
+        ),
+        ("3.11", [_item("Markdown", ['importlib-metadata>=4.4; python_version < "3.10"'])], [], []),
+        # conda provides it: pip sees it installed
+        ("3.7", [_item("Markdown", ['importlib-metadata>=4.4; python_version < "3.10"'])], ["importlib_metadata"], []),
+        # already chosen, or unconditional (pip followed those itself)
+        ("3.7", [_item("a", ['zipp; python_version < "3.8"']), _item("zipp", [])], [], []),
+        ("3.7", [_item("a", ["zipp"])], [], []),
+        # an extra's requirement counts only when the extra was asked for
+        ("3.7", [_item("a", ['b; extra == "x" and python_version < "3.8"'])], [], []),
+        ("3.7", [_item("a", ['b; extra == "x" and python_version < "3.8"'], ["x"])], [], ["b"]),
+        ("3.7", [_item("a", ['pywin32; sys_platform == "win32"'])], [], []),
+    ],
+)
+def test_target_gaps_judge_markers_for_the_images_python(python, items, installed, gaps):
+    assert target_gaps({"install": items}, python, installed) == gaps

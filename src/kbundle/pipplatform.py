@@ -258,3 +258,53 @@ def python_refusals(report: dict, python: str) -> list[str]:
                 f"not the image's {python} (the index does not say which Python each file needs)"
             )
     return found
+
+
+def target_markers(python: str) -> dict[str, str]:
+    """PEP 508 marker values of the image: CPython `python` on x86_64 Linux."""
+    parts = (python.split(".") + ["0", "0"])[:3]
+    return {
+        "python_version": ".".join(parts[:2]),
+        "python_full_version": ".".join(parts),
+        "implementation_name": "cpython",
+        "implementation_version": ".".join(parts),
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "platform_release": "",
+        "platform_version": "",
+    }
+
+
+def target_gaps(report: dict, python: str, installed: Sequence[str] = ()) -> list[str]:
+    """Requirements the image's Python needs that pip left out of its report.
+
+    pip reads `--python-version` for wheels and Requires-Python but judges environment markers
+    by the interpreter it runs in: for a Python 3.7 image resolved by a 3.11 host, Markdown's
+    `importlib-metadata; python_version < "3.10"` is skipped. Each such requirement, without its
+    marker, for pip to resolve again with the rest."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    from kbundle.specs import canonical
+
+    env = target_markers(python)
+    items = report.get("install") or []
+    have = {canonical(str((i.get("metadata") or {}).get("name", ""))) for i in items} | {
+        canonical(n) for n in installed
+    }
+    gaps: dict[str, str] = {}
+    for item in items:
+        extras = {"", *(item.get("requested_extras") or [])}
+        for text in (item.get("metadata") or {}).get("requires_dist") or []:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue
+            if canonical(req.name) in have or req.marker is None:
+                continue
+            if any(req.marker.evaluate({**env, "extra": extra}) for extra in extras):
+                req.marker = None
+                gaps.setdefault(f"{canonical(req.name)} {req.specifier}", str(req))
+    return list(gaps.values())

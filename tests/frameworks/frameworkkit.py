@@ -10,9 +10,15 @@ either; an older tag of the same name is removed, so the disk holds one image pe
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
-from dataclasses import dataclass
+import re
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +57,55 @@ kbundle = run_kbundle
 
 
 @dataclass
+class Mirror:
+    """A PyPI mirror on 127.0.0.1 whose pages carry no `data-requires-python`, as many corporate
+    mirrors serve them: pip then learns which Python a file needs only from its metadata."""
+
+    url: str
+    projects: list[str] = field(default_factory=list)  # every project page it served
+
+
+_REQUIRES_PYTHON = re.compile(rb'\sdata-requires-python="[^"]*"')
+
+
+@contextlib.contextmanager
+def stripped_mirror(upstream: str = "https://pypi.org/simple") -> Iterator[Mirror]:
+    """Serve `upstream`'s PEP 503 pages (HTML) without their data-requires-python attributes; the
+    files stay where the pages point (files.pythonhosted.org)."""
+    mirror = Mirror("")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            project = self.path.strip("/").split("/")[-1]
+            request = urllib.request.Request(f"{upstream}/{project}/", headers={"Accept": "text/html"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as resp:
+                    body = _REQUIRES_PYTHON.sub(b"", resp.read())
+            except OSError:
+                self.send_error(502)
+                return
+            mirror.projects.append(project)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    mirror.url = f"http://127.0.0.1:{server.server_address[1]}/simple"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield mirror
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
 class Executed:
     """What the recipient got from `kbundle run --execute --json`."""
 
@@ -73,10 +128,15 @@ def _text(value: Any) -> str:
     return "".join(value) if isinstance(value, list) else value
 
 
-def pack_and_execute(world: dict, root: Path, name: str, notebook: Path, environment: str) -> Executed:
+def pack_and_execute(
+    world: dict, root: Path, name: str, notebook: Path, environment: str, index_url: str | None = None
+) -> Executed:
     """The sender packs `notebook` with `environment` (an environment.yml's text) against the
-    world's channel and base image; the recipient runs it with --execute, without a GPU."""
+    world's channel and base image; the recipient runs it with --execute, without a GPU.
+    `index_url`: the package index both use (their pip configuration), instead of PyPI."""
     env = heavy_environment(world, root)
+    if index_url:
+        env["PIP_INDEX_URL"] = index_url
     sender, recipient = root / "sender", root / "recipient"
     sender.mkdir()
     recipient.mkdir()

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
-from frameworkkit import keep_newest_only, pack_and_execute
+from frameworkkit import keep_newest_only, pack_and_execute, stripped_mirror
 
 pytestmark = [pytest.mark.heavy, pytest.mark.docker]
 
@@ -29,7 +29,12 @@ def warp_speed(world, tmp_path_factory, docker_client):
         f"name: {NAME}\nchannels:\n  - {world['channel']}\ndependencies:\n"
         "  - python=3.7\n  - ipykernel\n  - pip\n  - pip:\n    - tensorflow-gpu==2.3.1\n"
     )
-    executed = pack_and_execute(world, tmp_path_factory.mktemp("warp-speed"), NAME, EXAMPLE, environment)
+    # Through a mirror whose pages do not say which Python each file needs (issue 17): pip must
+    # still pick only wheels Python 3.7 accepts (absl-py 2.x, for one, needs 3.10).
+    with stripped_mirror() as mirror:
+        root = tmp_path_factory.mktemp("warp-speed")
+        executed = pack_and_execute(world, root, NAME, EXAMPLE, environment, index_url=mirror.url)
+    assert "tensorflow-gpu" in mirror.projects, mirror.projects
     yield executed
     keep_newest_only(docker_client, executed.data["image"])
 

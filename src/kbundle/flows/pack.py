@@ -224,11 +224,8 @@ def _pip_lock(pending, env, indexes, python: str | None, choice, result, raw, mo
     from kbundle.pack import piplock
 
     provided = result.provided if result.locked else _exported(raw, env)
-    if provided is None:
-        return piplock.lock(env.pip, indexes, python, choice.glibc, mode, piplock.CONDA_UNKNOWN)
-    if pending is not None and pending.serves(env.pip, indexes, env.python, choice.glibc, provided):
-        return pending.result()
-    return piplock.lock(env.pip, indexes, python, choice.glibc, mode, provided)
+    # pip reads X.Y: the environment's own line (`3.7`) and the solved version (`3.7.16`) choose alike.
+    return piplock.settle(pending, env.pip, indexes, env.python or python, choice.glibc, mode, provided)
 
 
 def _with_channels(env, options: PackOptions):

@@ -47,6 +47,7 @@ from kbundle.pipplatform import (
     failure_cause,
     python_refusals,
     target_args,
+    target_gaps,
     target_tags,
     target_words,
 )
@@ -289,6 +290,9 @@ def _exact_line(path: Path, source: str | None = None) -> tuple[PipPin, str]:
     return pin, pin.text + (f"  # built from {source}" if source else "")
 
 
+GAP_ROUNDS = 4  # marker-only requirements pip skipped pull in their own: a few rounds close it
+
+
 def _resolve(
     lines: Sequence[str],
     python: str,
@@ -306,13 +310,21 @@ def _resolve(
 
     tmp.mkdir(parents=True, exist_ok=True)
     report = tmp / "report.json"
-    installed = pydists.installed_site(pydists.from_site_packages(conda_env), tmp) if conda_env else None
+    provided = pydists.from_site_packages(conda_env) if conda_env else ()
+    installed = pydists.installed_site(provided, tmp) if conda_env else None
     args = pipreport.report_args(report, no_deps, installed) + target_args(python, glibc)
-    _run_pip(args, lines, indexes, target_words(python, glibc), (python, glibc))
-    try:
-        data = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise KbundleError("pip wrote no report of its resolution (kbundle needs pip 25.1 or newer)") from None
+    lines = list(lines)
+    for _ in range(GAP_ROUNDS):
+        _run_pip(args, lines, indexes, target_words(python, glibc), (python, glibc))
+        try:
+            data = json.loads(report.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise KbundleError("pip wrote no report of its resolution (kbundle needs pip 25.1 or newer)") from None
+        # pip judges markers by the host's Python: what the image's needs and pip skipped goes back to it.
+        gaps = [] if no_deps else target_gaps(data, python, [p.name for p in provided])
+        if not gaps:
+            break
+        lines += gaps
     refused = python_refusals(data, python)
     if refused:
         raise KbundleError(f"pip: {refused[0]}")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kbundle.errors import KbundleError
-from kbundle.pipplatform import explain_no_wheel, python_refusals
+from kbundle.pipplatform import explain_no_wheel, python_refusals, target_gaps
 from kbundle.pydists import Provided, installed_site
 from kbundle.specs import PipIndexes, PipPin, cpython_abis, manylinux_platforms, parse_pip_line
 
@@ -56,6 +56,8 @@ class PipLock:
     seconds: float = 0.0
     touched: frozenset[str] = frozenset()  # every distribution the resolution chose (canonical names)
     kept: tuple[Provided, ...] = ()  # conda's distributions pip saw installed
+    report: dict | None = field(default=None, compare=False, repr=False)  # pip's own report
+    carried: tuple[PipPin, ...] = ()  # lines pip could not lock, after the locked pins
 
 
 @dataclass
@@ -87,7 +89,7 @@ class PendingLock:
         if self.provided:
             return False
         result = self.result()
-        return result.locked and not (result.touched & {p.name for p in provided})
+        return result.report is not None and not (result.touched & {p.name for p in provided})
 
     def result(self) -> PipLock:
         if self.done is None:
@@ -96,6 +98,41 @@ class PendingLock:
             finally:
                 self._pool.shutdown(wait=False)
         return self.done
+
+
+def settle(
+    pending: PendingLock | None,
+    pins: list[PipPin],
+    indexes: PipIndexes,
+    python: str | None,
+    glibc: str | None,
+    mode: str,
+    provided: tuple[Provided, ...] | None,
+) -> PipLock:
+    """The lock for the conda side `provided` (None: unknown): the early lock when it holds; the
+    early lock made with nothing installed, adapted to conda's packages (pack/pipadapt.py), when
+    it can be; else pip's resolver again, with them installed."""
+    from kbundle.pack.pipadapt import adapt
+
+    if provided is CONDA_UNKNOWN:
+        return lock(pins, indexes, python, glibc, mode, CONDA_UNKNOWN)
+    if pending is None or pending.inputs != lock_inputs(pins, indexes, python, glibc):
+        return lock(pins, indexes, python, glibc, mode, provided)
+    if pending.serves(pins, indexes, python, glibc, provided):
+        return pending.result()
+    early = pending.result()
+    if pending.provided or early.report is None:
+        return lock(pins, indexes, python, glibc, mode, provided)
+    locked = [p for p in early.pins if p not in early.carried]
+    adapted = adapt(early.report, locked, provided, python, [_unhashed(p) for p in pins if lockable(p)])
+    if adapted is None:
+        return lock(pins, indexes, python, glibc, mode, provided)
+    kept = _kept(provided, adapted)
+    notes = tuple(n for n in early.notes if not n.startswith("pip: resolved with")) + _kept_note(kept)
+    touched = frozenset(p.name for p in adapted)
+    return PipLock(
+        tuple(adapted) + early.carried, early.locked, notes, early.seconds, touched, kept, early.report, early.carried
+    )
 
 
 def lockable(pin: PipPin) -> bool:
@@ -166,6 +203,8 @@ def lock(
         time.perf_counter() - t0,
         frozenset(p.name for p in locked),
         kept,
+        report,
+        tuple(carried),
     )
 
 
@@ -208,6 +247,9 @@ def pip_target_args(python: str, glibc: str | None) -> list[str]:
     return args
 
 
+GAP_ROUNDS = 4  # marker-only requirements pip skipped pull in their own: a few rounds close it
+
+
 def resolve(
     requirements: list[str],
     indexes: PipIndexes,
@@ -216,50 +258,47 @@ def resolve(
     provided: tuple[Provided, ...] = (),
 ) -> dict:
     """pip's installation report for `requirements` on the image, with `provided` installed;
-    PipLockError when pip says no, or when it chose a wheel the image's Python refuses."""
+    PipLockError when pip says no, or when it chose a wheel the image's Python refuses.
+
+    pip judges markers by the Python it runs on, so the requirements the image's Python needs
+    and pip skipped (pipplatform.target_gaps) go back to pip with the rest until none is left."""
+    lines = list(requirements)
     with tempfile.TemporaryDirectory(prefix="kbundle-piplock-") as tmp:
-        reqs = Path(tmp) / "requirements.txt"
-        # A file, not argv: a line can never become an option of this pip command.
-        reqs.write_text("".join(f"{r}\n" for r in requirements), encoding="utf-8")
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            # pip's resolver sees the conda side as installed in this stand-in interpreter.
-            "--python",
-            str(installed_site(provided, Path(tmp))),
-            "install",
-            "--dry-run",
-            "--quiet",
-            "--report",
-            "-",
-            *pip_target_args(python, glibc),
-            "--disable-pip-version-check",
-            "--no-input",
-            "--progress-bar",
-            "off",
-            "--timeout",
-            str(PIP_TIMEOUT_S),
-            "--retries",
-            str(PIP_RETRIES),
-            "-r",
-            str(reqs),
-        ]
-        env = indexes.environment(os.environ.copy())
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
-        except OSError as exc:
-            raise PipLockError(f"cannot start pip: {exc.strerror}") from None
-    if proc.returncode != 0:
-        raise PipLockError(pip_failure(proc.stderr, proc.returncode, python, glibc, indexes))
-    try:
-        report = json.loads(proc.stdout)
-    except ValueError:
-        raise PipLockError("pip printed no installation report (pip 25.1 or newer is needed)") from None
+        # pip's resolver sees the conda side as installed in this stand-in interpreter.
+        interpreter = installed_site(provided, Path(tmp))
+        for _ in range(GAP_ROUNDS):
+            report = _dry_run(lines, interpreter, Path(tmp), indexes, python, glibc)
+            gaps = target_gaps(report, python, [p.name for p in provided])
+            if not gaps:
+                break
+            lines += gaps
     refused = python_refusals(report, python)
     if refused:
         raise PipLockError(refused[0])
     return report
+
+
+def _dry_run(
+    lines: list[str], interpreter: Path, tmp: Path, indexes: PipIndexes, python: str, glibc: str | None
+) -> dict:
+    reqs = tmp / "requirements.txt"
+    # A file, not argv: a line can never become an option of this pip command.
+    reqs.write_text("".join(f"{r}\n" for r in lines), encoding="utf-8")
+    command = [sys.executable, "-m", "pip", "--python", str(interpreter), "install", "--dry-run", "--quiet"]
+    command += ["--report", "-", *pip_target_args(python, glibc), "--disable-pip-version-check", "--no-input"]
+    command += ["--progress-bar", "off", "--timeout", str(PIP_TIMEOUT_S), "--retries", str(PIP_RETRIES)]
+    command += ["-r", str(reqs)]
+    env = indexes.environment(os.environ.copy())
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise PipLockError(f"cannot start pip: {exc.strerror}") from None
+    if proc.returncode != 0:
+        raise PipLockError(pip_failure(proc.stderr, proc.returncode, python, glibc, indexes))
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise PipLockError("pip printed no installation report (pip 25.1 or newer is needed)") from None
 
 
 def pip_failure(stderr: str, code: int, python: str, glibc: str | None, indexes: PipIndexes) -> str:
