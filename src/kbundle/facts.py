@@ -223,9 +223,16 @@ class TensorFlow:
     cpu_names: frozenset[str]
     gpu_in_plain_package_from: Version
     carrying_extras: frozenset[str]  # pip extras that pull the CUDA runtime as nvidia-* wheels
+    gpu_intent: frozenset[str] = frozenset()  # pip names that say TensorFlow ran on a GPU
+    conda_cudas: Mapping[Version, tuple[Version, ...]] = field(default_factory=dict)  # conda builds' other CUDAs
 
     def build_for(self, version: Optional[Version]) -> Optional[TfBuild]:
         return longest_prefix(self.builds, version)
+
+    def conda_builds(self, version: Optional[Version]) -> tuple[Version, ...]:
+        """Every CUDA conda's GPU TensorFlow of this version was built for: the tested one first."""
+        tested = self.build_for(version)
+        return ((tested.cuda,) if tested else ()) + (longest_prefix(self.conda_cudas, version) or ())
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,8 @@ class PipRuntime:
 class RuntimePackages:
     conda: Mapping[str, str]  # conda name -> cuda | cudnn
     pip: tuple[PipRuntime, ...]
+    selectors: Mapping[str, Version] = field(default_factory=dict)  # pytorch's cuda100-style metapackages
+    published: Mapping[str, tuple[Version, ...]] = field(default_factory=dict)  # CUDA versions a package exists at
 
     def gives(self, name: str, source: str) -> Optional[str]:
         """What a package is a runtime of (cuda | cudnn), or None."""
@@ -326,12 +335,15 @@ def _section(root: _Node, key: str) -> _Node:
 
 def _tensorflow(node: _Node) -> TensorFlow:
     builds = {v: TfBuild(b["cuda"].version(), b["cudnn"].version()) for v, b in node["builds"].version_items()}
+    conda_cudas = {v: tuple(c.version() for c in n.seq()) for v, n in node["conda_cudas"].version_items()}
     return TensorFlow(
         _names(node["names"]),
         _frozen(builds),
         frozenset(node["cpu_names"].texts()),
         node["gpu_in_plain_package_from"].version(),
         frozenset(node["carrying_extras"].texts()),
+        frozenset(node["gpu_intent"].texts()),
+        _frozen(conda_cudas),
     )
 
 
@@ -376,7 +388,9 @@ def _pattern(node: _Node) -> re.Pattern[str]:
 def _runtime_packages(node: _Node) -> RuntimePackages:
     conda = {name: _kind(kind) for name, kind in node["conda"].items()}
     pip = tuple(PipRuntime(_pattern(p["pattern"]), _kind(p["gives"])) for p in node["pip"].seq())
-    return RuntimePackages(_frozen(conda), pip)
+    selectors = {name: n.version() for name, n in node["conda_selectors"].items()}
+    published = {name: tuple(v.version() for v in n.seq()) for name, n in node["published"].items()}
+    return RuntimePackages(_frozen(conda), pip, _frozen(selectors), _frozen(published))
 
 
 def _major_map(node: _Node) -> dict[int, Version]:
@@ -512,6 +526,43 @@ def _os_only_reason(tables: tuple[OsOnly, ...], name: str) -> Optional[str]:
 
 
 @dataclass(frozen=True)
+class DeadName:
+    """A pip name that refuses to install (a placeholder pointing at the real project)."""
+
+    use: str  # the real project
+    keep_version: bool  # whether the placeholder's version means anything for the real project
+    source: str
+    since: Optional[str] = None  # the first placeholder version; None: every version
+
+    def refuses(self, specifier, version: Optional[str]) -> bool:
+        """Whether pip would reach a placeholder: every pin when `since` is None; else an exact
+        version at or past it, or a range that admits it."""
+        if self.since is None:
+            return True
+        if version is not None:
+            return Version.lenient(version) is not None and Version.lenient(version) >= Version.parse(self.since)
+        return specifier is None or specifier.contains(self.since, prereleases=True)
+
+
+@dataclass(frozen=True)
+class LocalIndex:
+    """Where pip builds with a local version label (`+cu113`) of some projects are served."""
+
+    names: frozenset[str]
+    local: re.Pattern[str]  # the label, matched whole
+    index: str  # a URL; `{local}` is the label
+    kind: str  # extra_index_url | find_links
+    versions: tuple[str, ...] = ()  # globs on the public version; empty: any
+
+    def url_for(self, name: str, public: str, local: str) -> Optional[str]:
+        """The URL for `name==public+local`, or None; the label's named groups fill the URL too."""
+        match = self.local.fullmatch(local) if name in self.names else None
+        if not match or (self.versions and not _matches_any(public, self.versions)):
+            return None
+        return self.index.format(local=local, **match.groupdict())
+
+
+@dataclass(frozen=True)
 class NormaliseFacts:
     conda_os_only: tuple[OsOnly, ...]
     pip_os_only: tuple[OsOnly, ...]
@@ -523,6 +574,9 @@ class NormaliseFacts:
     conda_os_only_versions: Mapping[str, OsOnlyVersions]  # package -> its versions for another OS
     channel_aliases: Mapping[str, tuple[str, ...]]  # named channel -> its URLs (none: a platform-only channel)
     channel_alias: str  # the URL other bare channel names live under
+    wheel_url_os_words: Mapping[str, frozenset[str]] = field(default_factory=dict)  # OS -> URL path words
+    pip_dead_names: Mapping[str, DeadName] = field(default_factory=dict)  # pip name -> its real project
+    pip_local_indexes: tuple[LocalIndex, ...] = ()  # first match wins
 
     def conda_os_reason(self, name: str) -> Optional[str]:
         return _os_only_reason(self.conda_os_only, name)
@@ -544,6 +598,29 @@ def _os_only(node: _Node) -> tuple[OsOnly, ...]:
     return tuple(OsOnly(os_name, n["reason"].text(), n["names"].texts()) for os_name, n in node.items())
 
 
+def _dead_name(node: _Node) -> DeadName:
+    table = node._typed(dict, "a mapping")
+    since = node["from"].version() if "from" in table else None
+    return DeadName(
+        node["use"].text(), node["keep_version"].flag(), node["source"].text(), str(since) if since else None
+    )
+
+
+_INDEX_KINDS = ("extra_index_url", "find_links")
+
+
+def _local_index(node: _Node) -> LocalIndex:
+    table = node._typed(dict, "a mapping")
+    kind = node["kind"].text() if "kind" in table else "extra_index_url"
+    if kind not in _INDEX_KINDS:
+        node["kind"].fail(f"must be one of {', '.join(_INDEX_KINDS)}, not {kind!r}")
+    index = node["index"].text()
+    if not index.startswith("https://"):
+        node["index"].fail("must be an https:// URL")
+    versions = node["versions"].texts() if "versions" in table else ()
+    return LocalIndex(frozenset(node["names"].texts()), _pattern(node["local"]), index, kind, versions)
+
+
 def normalise_facts_from(data: Any) -> NormaliseFacts:
     """normalise.yaml's contents, checked and typed."""
     root = _open("normalise", data)
@@ -563,6 +640,9 @@ def normalise_facts_from(data: Any) -> NormaliseFacts:
         ),
         channel_aliases=_frozen({k: n.texts() for k, n in root["channel_aliases"].items()}),
         channel_alias=root["channel_alias"].text(),
+        wheel_url_os_words=_frozen({k: frozenset(n.texts()) for k, n in root["wheel_url_os_words"].items()}),
+        pip_dead_names=_frozen({k: _dead_name(n) for k, n in root["pip_dead_names"].items()}),
+        pip_local_indexes=tuple(_local_index(n) for n in root["pip_local_indexes"].seq()),
     )
 
 

@@ -165,6 +165,17 @@ def url_filename(url: str) -> str:
     return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
 
 
+def wheel_file_of(url: str) -> str | None:
+    """The wheel file a URL names, in lower case, in any spelling people write: behind a VCS
+    prefix (`git+https://…/x-win_amd64.whl`), with a query or fragment, percent-encoded (even the
+    `?`), upper case (`.WHL`). None when the URL names no wheel."""
+    from urllib.parse import unquote
+
+    body = url.split("+", 1)[1] if _vcs_url(url) else url
+    name = re.split(r"[?#]", unquote(url_filename(body)), maxsplit=1)[0].strip().lower()
+    return name if name.endswith(".whl") else None
+
+
 def strip_credentials(url: str) -> tuple[str, bool]:
     """The URL without `user:token@`; whether there was one. Credentials stay with their owner."""
     from urllib.parse import urlsplit, urlunsplit
@@ -198,6 +209,10 @@ def _one_line(raw: str, what: str) -> str:
 _BARE_BRACKET = re.compile(r"\[\s*([A-Za-z0-9_.*]+)\s*\]\s*$")
 # A version conda reads as exact or as a prefix (`==1.2`, `1.2`, `1.2.*`): kept as `version`.
 _PLAIN_VERSION = re.compile(r"^(?:==)?([A-Za-z0-9_.+!]+?)(?:\.\*)?$")
+# A lone `=` (not part of `==`, `>=`, `<=`, `!=`, `~=`) with spaces around it: `python = 3.8`,
+# `pytorch = 1.9 = py3.8_cuda11.1_0`. conda reads these as `python=3.8`; rattler would take the
+# second `=` as part of the build string.
+_SPACED_EQUALS = re.compile(r"\s*(?<![<>!=~])=(?!=)\s*")
 
 
 def parse_conda_spec(raw: str) -> CondaSpec:
@@ -208,7 +223,7 @@ def parse_conda_spec(raw: str) -> CondaSpec:
 
     text = _one_line(raw, "conda dependency")
     try:
-        spec = MatchSpec(_BARE_BRACKET.sub(r"[build=*\1*]", text), strict=False)
+        spec = MatchSpec(_BARE_BRACKET.sub(r"[build=*\1*]", _SPACED_EQUALS.sub("=", text)), strict=False)
     except Exception:  # rattler's InvalidMatchSpecError and friends: the sender's text, not our bug
         raise UsageError(f"cannot read the conda dependency {text!r}") from None
     if spec.name is None:
@@ -266,8 +281,8 @@ def _url_name(url: str) -> str | None:
         return egg.group(1)
     filename = url_filename(url)
     try:
-        if filename.endswith(".whl"):
-            return parse_wheel_filename(filename)[0]
+        if wheel_file_of(url):
+            return parse_wheel_filename(wheel_file_of(url))[0]
         if filename.endswith((".tar.gz", ".zip", ".tar.bz2")):
             return parse_sdist_filename(filename)[0]
     except (InvalidWheelFilename, InvalidSdistFilename, ValueError):

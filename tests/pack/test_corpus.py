@@ -62,10 +62,11 @@ CORPUS = {
         False,
     ),
     "win_tf21_pip_conflict.yml": ("10.0", WIN, set(), ["defaults"], "win-64", True),
+    # tensorflow-macos is TensorFlow under Apple's name: the same version on Linux is a change, not a drop.
     "mac_arm64_tf_metal.yml": (
         "11.8",
-        {"appnope", "libcxx", "tensorflow-deps", "pip: tensorflow-macos", "pip: tensorflow-metal"},
-        set(),
+        {"appnope", "libcxx", "tensorflow-deps", "pip: tensorflow-metal"},
+        {"pip: tensorflow-macos"},
         ["apple", "conda-forge"],
         "osx-arm64",
         False,
@@ -94,11 +95,133 @@ CORPUS = {
     "cudatoolkit_range_pytorch.yml": ("10.1", set(), set(), ["pytorch", "defaults"], None, False),
     "cupy_pip_cuda113.yml": ("11.3", set(), set(), ["conda-forge"], None, False),
     "onnxruntime_gpu_pip.yml": ("11.8", set(), set(), ["conda-forge"], None, False),
+    # Real files from public repositories (each names its source on its first line).
+    # Label channels and hand-written specs with spaces; cuda-toolkit from the label is the runtime.
+    "label_torchopt_cuda117.yml": (
+        "11.7",
+        set(),
+        set(),
+        ["pytorch", "nvidia/label/cuda-11.7.1", "defaults", "conda-forge"],
+        None,
+        False,
+    ),
+    "label_omnisafe_cuda116.yml": (
+        "11.6",
+        set(),
+        set(),
+        ["pytorch", "nvidia/label/cuda-11.6.2", "defaults", "conda-forge"],
+        None,
+        False,
+    ),
+    # `pytorch::pytorch >=1.0.1`, a bare cudatoolkit and the pytorch channel's cuda100 selector: CUDA 10.0.
+    "spaces_yolact_cuda100.yml": ("10.0", set(), set(), ["conda-forge", "pytorch", "defaults"], None, False),
+    # pytorch ==1.4.0 was built for CUDA 10.1 and 9.2, not the 10.0 that cuda100 asks for.
+    "conflict_pytorch14_cuda100.yml": ("10.0", set(), set(), ["conda-forge", "pytorch", "defaults"], None, True),
+    # Open ranges: cudatoolkit<10.2,>10.0 is 10.1; cudatoolkit>=11.1 is 11.8 (the newest cudatoolkit);
+    # `nodefaults` is an instruction, not a channel; pip's tensorflow-gpu>=2.0 reaches the 2.12 placeholder.
+    "pyhpc_cudatoolkit_range_jaxlib_url.yml": (
+        "10.1",
+        set(),
+        set(),
+        ["conda-forge", "defaults", "pytorch"],
+        None,
+        False,
+    ),
+    "pyhpc_tf_gpu_range_nodefaults.yml": ("11.8", set(), {"pip: tensorflow-gpu"}, ["conda-forge"], None, False),
+    # macOS TensorFlow: the Metal plug-in says GPU; tensorflow-macos becomes tensorflow (unpinned: a guessed CUDA).
+    "mac_tf_metal_unpinned.yml": (
+        GPU,
+        {"apple::tensorflow-deps", "pip: tensorflow-metal"},
+        {"pip: tensorflow-macos"},
+        ["defaults"],
+        "osx-arm64",
+        False,
+    ),
+    "mac_tf_metal_pytorch_nightly.yml": (
+        GPU,
+        {"tensorflow-deps", "pip: tensorflow-metal"},
+        {"pip: tensorflow-macos"},
+        ["pytorch-nightly", "apple", "conda-forge", "defaults"],
+        "osx-arm64",
+        False,
+    ),
+    "mac_arm64_tf_metal_dlc.yml": (
+        GPU,
+        {"python.app", "apple::tensorflow-deps", "pip: tensorflow-metal", "pip: -e"},
+        {"pip: tensorflow-macos"},
+        ["conda-forge", "defaults"],
+        "osx-arm64",
+        False,
+    ),
+    # Versions that exist only for macOS: libgfortran 5.0.0.dev0 / libgfortran5 11.0.1.dev0 (the first
+    # Apple Silicon gfortran) and defaults' libgfortran 3.0.1 (osx-64; linux-64 has 3.0.0).
+    "mac_arm64_tf_metal_pinned_gfortran_dev0.yml": (
+        "11.2",
+        {"appnope", "libcxx", "tensorflow-deps", "pip: tensorflow-metal"},
+        {"libgfortran", "libgfortran5", "pip: tensorflow-macos"},
+        ["apple", "conda-forge"],
+        "osx-arm64",
+        False,
+    ),
+    "mac_arm64_gfortran_dev0.yml": (
+        None,
+        {"libcxx"},
+        {"libgfortran", "libgfortran5"},
+        ["conda-forge"],
+        "osx-arm64",
+        False,
+    ),
+    "mac_x86_gfortran301_dlc.yml": (
+        None,
+        {"libcxx", "libcxxabi", "python.app", "pip: appnope"},
+        {"libgfortran"},
+        ["defaults"],
+        "osx-64",
+        False,
+    ),
+    # sklearn==0.0 refuses to install; scikit-learn is already pinned beside it, so it is dropped.
+    "mac_sklearn_shim.yml": (None, {"pip: appnope", "pip: sklearn"}, set(), ["menpo", "defaults"], "osx-64", False),
+    # torch==1.8.2+cu111 with no index: PyTorch's 1.8 LTS index serves it (PIP_INDEXES below).
+    "win_torch_lts_cu111_no_index.yml": ("11.1", WIN | {"wincertstore"}, set(), ["defaults"], "win-64", False),
     # Files no rule should change.
+    "linux_tf113_gpu_export.yml": ("10.0", set(), set(), ["conda-forge", "defaults"], "linux-64", False),
     "linux_plain_export.yml": (None, set(), set(), ["conda-forge"], "linux-64", False),
     "linux_llvm_openmp_faiss.yml": (None, set(), set(), ["conda-forge"], "linux-64", False),
     "linux_r_irkernel.yml": (None, set(), set(), ["conda-forge"], None, False),
     "pip_only_requests.yml": (None, set(), set(), ["conda-forge"], None, False),
+}
+
+
+# file -> the bundle's pip_indexes, where a rule decides them
+PIP_INDEXES = {
+    "win_torch_lts_cu111_no_index.yml": {
+        "index_url": None,
+        "extra_index_urls": ["https://download.pytorch.org/whl/lts/1.8/cu111"],
+        "find_links": [],
+    },
+    "pyhpc_tf_gpu_range_nodefaults.yml": {
+        "index_url": None,
+        "extra_index_urls": [],
+        "find_links": ["https://storage.googleapis.com/jax-releases/jax_cuda_releases.html"],
+    },
+}
+# The real files: each names the repository and commit it was taken from.
+REAL = {
+    "label_torchopt_cuda117.yml",
+    "label_omnisafe_cuda116.yml",
+    "spaces_yolact_cuda100.yml",
+    "conflict_pytorch14_cuda100.yml",
+    "pyhpc_cudatoolkit_range_jaxlib_url.yml",
+    "pyhpc_tf_gpu_range_nodefaults.yml",
+    "mac_tf_metal_unpinned.yml",
+    "mac_tf_metal_pytorch_nightly.yml",
+    "mac_arm64_tf_metal_dlc.yml",
+    "mac_arm64_tf_metal_pinned_gfortran_dev0.yml",
+    "mac_arm64_gfortran_dev0.yml",
+    "mac_x86_gfortran301_dlc.yml",
+    "mac_sklearn_shim.yml",
+    "win_torch_lts_cu111_no_index.yml",
+    "linux_tf113_gpu_export.yml",
 }
 
 
@@ -132,15 +255,27 @@ def test_corpus(tmp_path, file):
     if platform is not None:
         assert m.source["platform"] == platform
     assert any("conflict" in w for w in result.warnings) is conflict
+    if file in PIP_INDEXES:
+        assert m.pip_indexes == PIP_INDEXES[file]
     _assert_accounted(m, ENVS / file)
 
 
+@pytest.mark.parametrize("file", sorted(REAL))
+def test_real_files_name_their_source(file):
+    first = (ENVS / file).read_text().splitlines()[0]
+    assert re.fullmatch(r"# source: github\.com/[\w.-]+/[\w.-]+/blob/[0-9a-f]{40}/\S+", first), first
+
+
 def _assert_accounted(m, path: Path) -> None:
-    """Every conda line of the input is carried, changed or dropped: nothing disappears unsaid."""
+    """Every conda and pip line of the input is carried, changed or dropped: nothing disappears unsaid."""
     from kbundle.pack.envfile import read_env_file
+    from kbundle.specs import parse_pip_line
 
     raw = read_env_file(path)
     carried = {re.split(r"[=<>!~ ]", d)[0].split("::")[-1] for d in m.dependencies}
     said = {c.spec for c in m.changed} | {d.spec for d in m.dropped}
     for spec in raw.conda:
         assert spec.name in carried or spec.raw in said, spec.raw
+    pip_carried = {parse_pip_line(line).name for line in m.pip}
+    for pin in raw.pip:
+        assert pin.name in pip_carried or f"pip: {pin.raw}" in said, pin.raw

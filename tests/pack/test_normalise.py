@@ -125,8 +125,9 @@ def test_macos_export(tmp_path):
     dropped = {d.spec: d.reason for d in env.dropped}
     assert dropped["appnope=0.1.3=pyhd8ed1ab_0"] == "exists only for macOS"
     assert dropped["libcxx=16.0.6=h4653b0c_0"] == "exists only for macOS"
-    assert dropped["pip: tensorflow-metal==1.0.1"] == "installs only on macOS"
-    assert "replaced by tensorflow==2.13.0" in dropped["pip: tensorflow-macos==2.13.0"]
+    assert "Metal GPU plug-in" in dropped["pip: tensorflow-metal==1.0.1"]
+    changed = {c.spec: c.to for c in env.changed}
+    assert changed["pip: tensorflow-macos==2.13.0"] == "tensorflow==2.13.0"
     assert _pip(env) == ["tensorflow==2.13.0", "rich==13.5.2"]
     assert "libblas=3.9.0=*openblas*" in _deps(env)
     assert "llvm-openmp=16.0.6" in _deps(env)
@@ -172,12 +173,112 @@ def test_local_pip_paths_are_dropped(tmp_path):
         ("python 3.8", "3.8", None, None),
         ("conda-forge::numpy=1.26.4", "1.26.4", None, None),
         ("numpy", None, None, None),
+        # Spaces around the operator, as people write them by hand.
+        ("python = 3.8", "3.8", None, None),
+        ("numpy >= 1.20", None, None, ">=1.20"),
+        ("numpy ==1.20", "1.20", None, None),
+        ("numpy = 1.20 = py38h1_0", "1.20", "py38h1_0", None),
+        ("numpy >= 1.20=*mkl*", None, "*mkl*", ">=1.20"),
+        ("numpy < 2.0a0", None, None, "<2.0a0"),
     ],
 )
 def test_conda_spec_forms(raw, version, build, constraint):
     spec = parse_conda_spec(raw)
     assert spec.name == "numpy" or spec.name == "python"
     assert (spec.version, spec.build, spec.constraint) == (version, build, constraint)
+
+
+@pytest.mark.parametrize(
+    "raw, channel, name, text",
+    [
+        (
+            "nvidia/label/cuda-11.7.1::cuda-toolkit = 11.7",
+            "nvidia/label/cuda-11.7.1",
+            "cuda-toolkit",
+            "nvidia/label/cuda-11.7.1::cuda-toolkit=11.7",
+        ),
+        ("pytorch::pytorch >= 1.13", "pytorch", "pytorch", "pytorch::pytorch>=1.13"),
+        ("pytorch::pytorch-mutex = *=*cuda*", "pytorch", "pytorch-mutex", "pytorch::pytorch-mutex=*=*cuda*"),
+        ("conda-forge/label/gcc7::gcc", "conda-forge/label/gcc7", "gcc", "conda-forge/label/gcc7::gcc"),
+    ],
+)
+def test_channel_specs_keep_their_channel(raw, channel, name, text):
+    spec = parse_conda_spec(raw)
+    assert (spec.channel, spec.name, spec.text) == (channel, name, text)
+
+
+@pytest.mark.parametrize(
+    "channels, deps, expected",
+    [
+        # A label the channel list names stays where it is.
+        (
+            ["pytorch", "nvidia/label/cuda-11.7.1"],
+            ["nvidia/label/cuda-11.7.1::cuda-toolkit = 11.7"],
+            ["pytorch", "nvidia/label/cuda-11.7.1"],
+        ),
+        # One only a spec names joins the list, after the listed ones (the solve sees listed channels only).
+        (
+            ["pytorch", "conda-forge"],
+            ["nvidia/label/cuda-11.8.0::cuda-nvcc"],
+            ["pytorch", "conda-forge", "nvidia/label/cuda-11.8.0"],
+        ),
+        ([], ["nvidia/label/cuda-11.8.0::cuda"], ["defaults", "nvidia/label/cuda-11.8.0"]),
+        # A dropped spec's channel does not.
+        (["conda-forge"], ["apple::tensorflow-deps"], ["conda-forge"]),
+    ],
+)
+def test_channels_a_spec_names(tmp_path, channels, deps, expected):
+    text = "channels: [" + ", ".join(channels) + "]\ndependencies:\n" + "".join(f"  - {d}\n" for d in deps)
+    env = normalise(read_env_file(_write(tmp_path, text)))
+    assert env.channels == expected
+    for channel in expected[len(channels or ["defaults"]) :]:
+        assert any(a.spec == f"channel {channel}" for a in env.added)
+
+
+def test_a_range_keeps_its_variant(tmp_path):
+    env = normalise(
+        read_env_file(_write(tmp_path, "channels: [conda-forge]\ndependencies:\n  - jaxlib >= 0.3=*cuda*\n"))
+    )
+    assert "jaxlib >=0.3 *cuda*" in _deps(env)
+    assert parse_conda_spec("jaxlib >=0.3 *cuda*").build == "*cuda*"
+
+
+@pytest.mark.parametrize(
+    "line, to",
+    [
+        ("libgfortran=3.0.1=h93005f0_2", "libgfortran"),  # defaults' osx-64 build
+        ("libgfortran=4.0.0=2", "libgfortran"),
+        ("libgfortran=5.0.0=13_2_0_h97931a8_1", "libgfortran"),
+        ("libgfortran=5.0.0.dev0=11_0_1_hf114ba7_23", "libgfortran"),  # the first Apple Silicon gfortran
+        ("libgfortran5=11.0.1.dev0=hf114ba7_23", "libgfortran5"),
+        ("libgfortran5=12.0.1.dev0=hf114ba7_23", "libgfortran5"),
+        ("libgfortran=3.0.0=1", None),  # published for linux-64 too: kept
+        ("libgfortran5=13.2.0=hf226fd6_3", None),
+    ],
+)
+def test_versions_published_only_for_macos_are_relaxed(tmp_path, line, to):
+    env = normalise(read_env_file(_write(tmp_path, f"channels: [conda-forge]\ndependencies:\n  - {line}\n")))
+    changed = {c.spec: c for c in env.changed}
+    if to is None:
+        assert not changed
+        return
+    assert changed[line].to == to and "exists only for macOS" in changed[line].reason
+    assert to in _deps(env)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "python.app=2=py36_9",
+        "sigtool=0.1.3=h44b9a77_0",
+        "clang_osx-arm64=14.0.6=h3808999_0",
+        "libwinpthread=12.0.0.r4=h5ffb7fd_0",
+        "vs2019_win-64=19.29.30139=he1865b1_20",
+    ],
+)
+def test_more_packages_that_exist_only_for_another_os(tmp_path, line):
+    env = normalise(read_env_file(_write(tmp_path, f"channels: [conda-forge]\ndependencies:\n  - {line}\n")))
+    assert [d.spec for d in env.dropped] == [line]
 
 
 def test_pip_line_forms():

@@ -89,6 +89,12 @@ def test_a_broken_table_names_its_file_and_key_at_load_time():
     assert "quoted" in message
     message = _broken("normalise", lambda d: d.pop("source"))
     assert "normalise.yaml" in message and "source is missing" in message
+    message = _broken("normalise", lambda d: d["pip_local_indexes"][0].update(kind="ftp"))
+    assert "pip_local_indexes[0].kind must be one of" in message
+    message = _broken("normalise", lambda d: d["pip_dead_names"]["sklearn"].pop("use"))
+    assert "pip_dead_names.sklearn.use is missing" in message
+    message = _broken("frameworks", lambda d: d["runtime_packages"]["published"].update(cudatoolkit=["x"]))
+    assert "runtime_packages.published.cudatoolkit[0] is not a version" in message
 
 
 @pytest.mark.parametrize(
@@ -295,3 +301,76 @@ def test_choice_follows_the_covers_rule(tmp_path, deps, pin, cuda, in_env, added
     assert choice.runtime_in_env is in_env
     assert {a.spec for a in choice.added} == added
     assert ("carries its own CUDA runtime" in choice.reason) is (in_env and not added and not choice.conflict)
+
+
+# an open range or a bare runtime name -> the CUDA it reads as: the newest version the package
+# is published at within the range, never one that does not exist
+OPEN_RANGE_CASES = [
+    ("  - cudatoolkit>=10\n", "11.8"),  # cudatoolkit stops at 11.8
+    ("  - cudatoolkit\n", "11.8"),
+    ("  - cudatoolkit<10.2,>10.0\n", "10.1"),
+    ("  - cudatoolkit>=11.0,<11.4\n", "11.3"),
+    ("  - pytorch-cuda>=11.8\n", "12.4"),  # the newest pytorch-cuda, not the newest CUDA
+    ("  - pytorch-cuda\n", "12.4"),
+    ("  - pytorch-cuda>=11.6,<12\n", "11.8"),
+    ("  - cuda-version>=12\n", "13.0"),
+    ("  - nvidia/label/cuda-11.7.1::cuda-toolkit = 11.7\n", "11.7"),
+    ("  - pytorch::cuda100\n  - cudatoolkit\n", "10.0"),  # the pytorch channel's old selector says it
+    ("  - cudatoolkit\n  - cuda92\n", "9.2"),  # in either order: a versioned pin outranks a bare name
+    ("  - cudatoolkit\n  - cudnn=8.2\n", "11.8"),  # a cuDNN pin says nothing about the CUDA
+    ("  - cuda92\n", "9.2"),
+]
+
+
+@pytest.mark.parametrize("deps, cuda", OPEN_RANGE_CASES)
+def test_open_ranges_read_as_versions_that_exist(tmp_path, deps, cuda):
+    choice, _ = _choose(tmp_path, deps)
+    assert choice.cuda == cuda and not choice.conflict
+
+
+# conda framework pin + conda runtime pin (or a pip framework) -> a CUDA conflict is reported or not
+CONFLICT_CASES = [
+    ("  - pytorch=1.4\n  - cudatoolkit=11.3\n", "", True),  # pytorch 1.4 was built for 10.1 and 9.2 only
+    ("  - pytorch=1.5.1\n  - cudatoolkit=10.0\n", "", True),
+    ("  - pytorch=1.4\n  - cudatoolkit=10.1\n", "", False),
+    ("  - pytorch=1.10\n  - cudatoolkit=11.2\n", "", False),  # CUDA 11: conda-forge built other minors
+    ("  - pytorch=2.0.1\n  - pytorch-cuda=11.8\n", "", False),
+    ("  - pytorch=1.13.1\n  - pytorch-cuda=12.1\n", "", True),
+    ("  - pytorch=1.12\n", "", False),  # no runtime pin: nothing to check (it may be a CPU build)
+    ("  - tensorflow-gpu=1.13\n  - cudatoolkit=9.2\n", "", True),  # TF 1.13 needs 10.0
+    ("  - tensorflow-gpu=2.4.1\n  - cudatoolkit=10.1\n", "", False),  # Anaconda built 2.4 for 10.1
+    ("  - tensorflow-gpu=1.12\n  - cudatoolkit=9.2\n", "", False),
+    ("  - cudatoolkit=10.2\n", "    - tensorflow-gpu==2.1.0\n", True),  # pip TF 2.1 needs 10.1
+    ("  - cudatoolkit=9.2\n", "    - tensorflow-gpu==1.13.1\n", True),  # pip TF 1.13 needs 10.0
+    ("  - cudatoolkit=10.1\n  - cudnn=7.6\n", "    - tensorflow-gpu==2.1.0\n", False),
+]
+
+
+@pytest.mark.parametrize("deps, pip, conflict", CONFLICT_CASES)
+def test_cuda_conflicts_on_either_side(tmp_path, deps, pip, conflict):
+    choice, _ = _choose(tmp_path, deps, pip)
+    assert bool(choice.conflict) is conflict, choice.conflict
+    if conflict:
+        assert "conflict" in choice.conflict and choice.cuda is not None
+
+
+def test_a_conda_framework_with_no_build_for_the_pinned_runtime_names_the_pins_that_pair(tmp_path):
+    choice, _ = _choose(tmp_path, "  - pytorch=1.4\n  - cudatoolkit=11.3\n")
+    assert choice.cuda == "11.3"  # what the sender pinned, said as a conflict, not replaced
+    assert "pytorch=1.4 has no build for CUDA 11.3" in choice.conflict
+    assert "cudatoolkit=10.1" in choice.conflict
+
+
+@pytest.mark.parametrize(
+    "pip, cuda",
+    [
+        ("    - tensorflow-macos\n    - tensorflow-metal\n", "12.5"),  # the newest tested TensorFlow
+        ("    - tensorflow-macos==2.13.0\n    - tensorflow-metal==1.0.1\n", "11.8"),
+        ("    - tensorflow-macos==2.8.0\n    - tensorflow-metal==0.4.0\n", "11.2"),
+        ("    - tensorflow-macos\n", None),  # without the plug-in, no sign of a GPU
+    ],
+)
+def test_the_metal_plugin_says_tensorflow_ran_on_a_gpu(tmp_path, pip, cuda):
+    choice, env = _choose(tmp_path, pip=pip)
+    assert choice.cuda == cuda
+    assert [p.name for p in env.pip] == ["tensorflow"]

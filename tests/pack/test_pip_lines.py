@@ -103,7 +103,7 @@ def _env(tmp_path, pip_lines: list[str], python: str = "3.11"):
     return raw, normalise(raw)
 
 
-# (line, kept as, dropped reason fragment)
+# (line, kept as, dropped or changed reason fragment)
 LINUX_TABLE = [
     ("test-tube>=0.7.5", "test-tube>=0.7.5", None),
     ("tensorflow~=2.6.0", "tensorflow~=2.6.0", None),
@@ -123,8 +123,30 @@ LINUX_TABLE = [
     ),
     ("-e .", None, LOCAL_REASON),
     ("/home/me/src/lib", None, LOCAL_REASON),
-    ("tensorflow-macos==2.13.0", "tensorflow==2.13.0", "replaced by tensorflow==2.13.0 on Linux"),
-    ("tensorflow-macos>=2.12", "tensorflow>=2.12", "replaced by tensorflow>=2.12 on Linux"),
+    ("tensorflow-macos==2.13.0", "tensorflow==2.13.0", "on Linux the same pin is tensorflow==2.13.0"),
+    ("tensorflow-macos>=2.12", "tensorflow>=2.12", "on Linux the same pin is tensorflow>=2.12"),
+    ("tensorflow-metal==1.0.1", None, "Metal GPU plug-in"),
+    # Other OSes' wheels, however the URL is spelled.
+    ("git+https://github.com/o/r/releases/download/v1/foo-1.0-cp38-cp38-win_amd64.whl", None, "a Windows wheel"),
+    ("HTTPS://STORAGE.GOOGLEAPIS.COM/B/BAR-1.0-CP38-CP38-MACOSX_10_15_X86_64.WHL", None, "a macOS wheel"),
+    ("https://storage.googleapis.com/b/baz-1.0-cp38-cp38-macosx_10_15_x86_64.whl?alt=media", None, "write `baz==1.0`"),
+    ("https://x.org/f/q-1.0-cp38-cp38-macosx_10_15_x86_64.whl%3Fdl%3D1", None, "a macOS wheel"),
+    ("https://x.org/f/torch-1.1.0%2Bcu100-cp37-cp37m-win_amd64.whl", None, "write `torch==1.1.0+cu100`"),
+    (
+        "https://storage.googleapis.com/tensorflow/mac/cpu/tensorflow-1.9.0-py3-none-any.whl",
+        None,
+        "a macOS wheel (any)",
+    ),
+    ("https://x.org/f/z-1.0-py3-none-any.whl", "https://x.org/f/z-1.0-py3-none-any.whl", None),
+    # Names that refuse to install on PyPI.
+    ("sklearn", "scikit-learn", "placeholder that refuses to install"),
+    ("sklearn==0.0", "scikit-learn", "the project is scikit-learn"),
+    ("skimage==0.0", "scikit-image", "the project is scikit-image"),
+    ("tensorflow-gpu", "tensorflow", "the project is tensorflow"),
+    ("tensorflow-gpu==2.12.0", "tensorflow==2.12.0", "the project is tensorflow"),
+    ("tensorflow-gpu==2.4.1", "tensorflow-gpu==2.4.1", None),  # a real release
+    # A local build no index serves cannot be fetched: its public release, said so.
+    ("mylib==1.0+cu113", "mylib==1.0", "kbundle cannot fetch it"),
     ("pywin32==306", None, "installs only on Windows"),
     ('colorama==0.4.6; sys_platform == "win32"', None, "is false on linux-64"),
     ('tomli==2.0.1; python_version < "3.11"', None, "is false on linux-64"),
@@ -153,11 +175,53 @@ def test_a_senders_dev_build_is_relaxed_to_its_public_version(tmp_path, line, pu
 def test_pip_lines_for_linux(tmp_path, line, kept, reason):
     _, env = _env(tmp_path, [line])
     assert [p.text for p in env.pip] == ([kept] if kept else [])
-    dropped = {d.spec: d.reason for d in env.dropped}
+    said = {d.spec: d.reason for d in env.dropped} | {c.spec: c.reason for c in env.changed}
     if reason:
-        assert reason in dropped[f"pip: {line}"], dropped
+        assert reason in said[f"pip: {line}"], said
     else:
-        assert not [d for d in dropped if d.startswith("pip:")], dropped
+        assert not [s for s in said if s.startswith("pip:")], said
+    if kept and kept != line:  # a line carried in another form is a change, never a silent one
+        assert {c.spec: c.to for c in env.changed}[f"pip: {line}"] == kept
+
+
+def test_a_dead_name_already_in_the_environment_is_dropped(tmp_path):
+    _, env = _env(tmp_path, ["scikit-learn==0.19.1", "sklearn==0.0"])
+    assert [p.text for p in env.pip] == ["scikit-learn==0.19.1"]
+    (gone,) = env.dropped
+    assert gone.spec == "pip: sklearn==0.0" and "already in the environment" in gone.reason
+
+
+# (the pip section, the indexes kbundle records, the note's fragment)
+LOCAL_BUILD_TABLE = [
+    (["torch==1.12.1+cu113", "torchvision==0.13.1+cu113"], ((), ("https://download.pytorch.org/whl/cu113",), ())),
+    (["torch==1.8.2+cu111", "torchaudio==0.8.2"], ((), ("https://download.pytorch.org/whl/lts/1.8/cu111",), ())),
+    (["torch==2.1.0+cpu"], ((), ("https://download.pytorch.org/whl/cpu",), ())),
+    (["torch==2.0.1+rocm5.4.2"], ((), ("https://download.pytorch.org/whl/rocm5.4.2",), ())),
+    (["torch-scatter==2.1.0+pt112cu113"], ((), (), ("https://data.pyg.org/whl/torch-1.12.0+cu113.html",))),
+    (
+        ["jaxlib==0.3.25+cuda11.cudnn82"],
+        ((), (), ("https://storage.googleapis.com/jax-releases/jax_cuda_releases.html",)),
+    ),
+    # The section names an index: that one serves them; nothing is added.
+    (
+        ["--extra-index-url https://download.pytorch.org/whl/cu118", "torch==2.0.1+cu118"],
+        ((), ("https://download.pytorch.org/whl/cu118",), ()),
+    ),
+    (["torch==2.0.1"], ((), (), ())),
+]
+
+
+@pytest.mark.parametrize("lines, expected", LOCAL_BUILD_TABLE)
+def test_local_builds_get_the_index_that_serves_them(tmp_path, lines, expected):
+    raw, env = _env(tmp_path, lines)
+    index_url, extras, links = expected
+    assert pip_indexes(raw) == PipIndexes(index_url or None, extras, links)
+    notes = {a.spec for a in env.added if a.spec.startswith("pip: ")}
+    named = any(line.startswith("-") for line in lines)
+    assert notes == (
+        set() if named else {f"pip: --extra-index-url {u}" for u in extras} | {f"pip: --find-links {u}" for u in links}
+    )
+    assert [p.text for p in env.pip] == [line for line in lines if not line.startswith("-")]
 
 
 def test_index_options_become_pip_indexes_without_credentials(tmp_path):

@@ -33,6 +33,12 @@ class Evidence:
     follows_env: bool = False
     name: str = ""  # the package name, for replacing a runtime pin
     spec: str = ""  # the line as the sender wrote it
+    # A conda framework's published CUDA builds: a runtime pin that fits none is a conflict.
+    builds: tuple[Version, ...] = ()
+    # Said only to check the environment's conda runtime pin against `builds`: without such a
+    # pin it says nothing (a conda pytorch with no build string may be a CPU build).
+    needs_runtime: bool = False
+    guess: bool = False  # a runtime named with no version (`cudatoolkit`): the newest published, a guess
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,19 @@ class Wanted:
     constraint: str | None = None
     extras: frozenset[str] = frozenset()
     spec: str = ""
+    gpu_intent: bool = False  # the environment says the sender ran it on a GPU (tensorflow-metal)
 
     def pick(self, candidates) -> Version | None:
         """The version to read tables at: the exact one, else the highest candidate the range allows."""
         if self.version:
             return Version.lenient(self.version)
         return _highest_in(self.constraint, candidates)
+
+    def pick_any(self, candidates) -> Version | None:
+        """`pick`, and the highest candidate when no version is asked for at all."""
+        if not self.version and not self.constraint:
+            return max(candidates, default=None)
+        return self.pick(candidates)
 
 
 def _highest_in(constraint: str | None, candidates) -> Version | None:
@@ -71,7 +84,7 @@ def _highest_in(constraint: str | None, candidates) -> Version | None:
 def _tf_gpu(w: Wanted, parsed: Version | None) -> bool:
     table = frameworks().tensorflow
     marker = variant_of(w.build)
-    if w.name == "tensorflow-gpu" or (marker is not None and marker[0] in ("gpu", "cuda")):
+    if w.name == "tensorflow-gpu" or w.gpu_intent or (marker is not None and marker[0] in ("gpu", "cuda")):
         return True
     if w.source == "conda" and w.build and "*" not in w.build:
         return False  # an export's build string is decisive: no gpu/cuda word, a CPU build
@@ -85,7 +98,8 @@ def _tf(w: Wanted) -> Evidence | None:
     marker = variant_of(w.build)
     if marker and marker[0] in ("cpu", "mkl", "eigen"):
         return None
-    parsed = w.pick(table.builds)
+    # An unpinned TensorFlow beside the Metal plug-in was the newest one: read it as the newest tested build.
+    parsed = w.pick_any(table.builds) if w.gpu_intent else w.pick(table.builds)
     tested = table.build_for(parsed)
     if not _tf_gpu(w, parsed) or not tested:
         return None
@@ -93,7 +107,9 @@ def _tf(w: Wanted) -> Evidence | None:
     if w.source == "conda":
         # conda's GPU TensorFlow depends on cudatoolkit/cudnn: the build string or the env's runtime says which.
         cuda = _cuda_in_build(w.build) or tested.cuda
-        return Evidence(label, "conda", cuda, tested.cudnn, carries=True, follows_env=True, name=w.name)
+        # Only an exact pin can be checked against the runtime: a range may hold a version that fits.
+        builds = table.conda_builds(parsed) if w.version and not _cuda_in_build(w.build) else ()
+        return Evidence(label, "conda", cuda, tested.cudnn, carries=True, follows_env=True, name=w.name, builds=builds)
     carries = bool(w.extras & table.carrying_extras)
     return Evidence(label, "pip", tested.cuda, tested.cudnn, carries=carries, name=w.name)
 
@@ -130,7 +146,20 @@ def _torch(w: Wanted) -> Evidence | None:
             return Evidence(label, "pip", _cuda(match.group(1), match.group(2)), carries=table.carries_runtime)
         cudas = table.cudas_for(Version.lenient(base))
         return Evidence(label, "pip", cudas[0], carries=table.carries_runtime) if cudas else None
-    return None  # conda pytorch: its build string says (the generic conda rule below)
+    return _conda_torch(w)
+
+
+def _conda_torch(w: Wanted) -> Evidence | None:
+    """A conda pytorch pinned to a version with no build string: which CUDA builds that version
+    has, to check the environment's runtime pin against (`pytorch=1.4` has none for 11.3).
+    A build string that names its variant says more (the generic conda rule below)."""
+    cudas = frameworks().torch.cudas_for(Version.lenient(w.version))
+    if not cudas or variant_of(w.build):
+        return None
+    label = f"{w.name}={w.version}"
+    return Evidence(
+        label, "conda", cudas[0], carries=True, follows_env=True, name=w.name, builds=cudas, needs_runtime=True
+    )
 
 
 def _jax(w: Wanted) -> Evidence | None:
@@ -199,16 +228,31 @@ def _conda_cuda_build(w: Wanted) -> Evidence | None:
 
 
 def _runtime(w: Wanted) -> Evidence | None:
-    gives = frameworks().runtime_packages.gives(w.name, w.source)
+    table = frameworks().runtime_packages
+    common = dict(carries=True, runtime=True, name=w.name, spec=w.spec)
+    if w.source == "conda" and w.name in table.selectors:  # pytorch's `cuda100`: the name says it
+        return Evidence(w.name, w.source, table.selectors[w.name], **common)
+    gives = table.gives(w.name, w.source)
     if not gives:
         return None
-    parsed = w.pick(base_tags().known_cuda()) if gives == "cuda" else Version.lenient(w.version)
+    parsed = _runtime_version(w, table.published.get(w.name)) if gives == "cuda" else Version.lenient(w.version)
     if parsed is None:
         return None
-    common = dict(carries=True, runtime=True, name=w.name, spec=w.spec)
+    common["guess"] = not w.version and not w.constraint
     if gives == "cudnn":
         return Evidence(w.name, w.source, None, parsed.major_minor, **common)
     return Evidence(w.name, w.source, parsed.major_minor, **common)
+
+
+def _runtime_version(w: Wanted, published) -> Version | None:
+    """The CUDA a runtime pin gives. An open range or a bare name (`cudatoolkit>=10`,
+    `pytorch-cuda`) reads as the newest version the package is published at: the one conda
+    would install, never one that does not exist (cudatoolkit stops at 11.8)."""
+    if published is None:
+        return w.pick(base_tags().known_cuda())
+    if w.version:
+        return Version.lenient(w.version)
+    return w.pick_any(published) if w.source == "conda" else w.pick(published)
 
 
 _READERS = (_runtime, _tf, _torch, _jax, _cupy, _onnxruntime, _conda_cuda_build)
@@ -222,19 +266,21 @@ def _conda_wanted(spec: CondaSpec) -> Wanted:
     return Wanted(spec.name, spec.version, spec.build, "conda", spec.constraint, spec=spec.raw)
 
 
-def _pip_wanted(pin: PipPin) -> Wanted:
+def _pip_wanted(pin: PipPin, gpu_intent: bool = False) -> Wanted:
     req = pin.requirement
     extras = frozenset(e.lower() for e in req.extras) if req is not None else frozenset()
     constraint = str(req.specifier) if req is not None and req.specifier and not pin.version else None
-    return Wanted(pin.name, pin.version, None, "pip", constraint, extras, spec=pin.raw)
+    return Wanted(pin.name, pin.version, None, "pip", constraint, extras, spec=pin.raw, gpu_intent=gpu_intent)
 
 
 def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
     """Every package's say about CUDA, conda first, then pip (pip installs win).
 
     Conda specs are read as the sender wrote them, since their build strings name the CUDA
-    build; only those normalisation kept count."""
+    build; only those normalisation kept count. The sender's pip lines also count for intent:
+    tensorflow-metal, dropped on Linux, still says TensorFlow ran on a GPU."""
     kept = env.names()
+    intent = bool({p.name for p in raw.pip} & frameworks().tensorflow.gpu_intent)
     found: list[Evidence] = []
     for spec in raw.conda:
         if spec.name in kept:
@@ -242,9 +288,13 @@ def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
             if item:
                 found.append(item)
     for pin in env.pip:
-        item = _one(_pip_wanted(pin))
+        item = _one(_pip_wanted(pin, intent))
         if item:
             found.append(item)
+    if not any(e.runtime and e.source == "conda" for e in found):
+        found = [e for e in found if not e.needs_runtime]
+    if any(e.runtime and e.cuda and not e.guess for e in found):  # a versioned CUDA pin outranks a bare name
+        found = [e for e in found if not e.guess]
     return found
 
 
@@ -316,6 +366,8 @@ def choose(
     cuda = Version.parse(cuda_option) if cuda_option != "auto" else primary.cuda
     if cuda_option == "auto" and primary.follows_env and runtimes:
         cuda = runtimes[-1].cuda  # a conda framework runs with the runtime its environment pins
+        if primary.builds and not any(_built_for(b, cuda) for b in primary.builds):
+            return _with_override(_no_build(primary, runtimes[-1], found), base_image)
     cudnn = primary.cudnn if primary is not None else None
     if cudnn is None and cudnn_runtimes:
         cudnn = cudnn_runtimes[-1].cudnn
@@ -353,6 +405,32 @@ def choose(
 
 
 # ---------------------------------------------------------------- conflicts and --cuda X
+
+
+def _built_for(build: Version, runtime: Version) -> bool:
+    """Does a conda build for CUDA `build` install beside a runtime pin of `runtime`? From CUDA
+    11 a build fits any runtime of its major version (conda-forge and the pytorch channel built
+    many minors); before it, only its own major.minor."""
+    if build.major != runtime.major:
+        return False
+    return runtime.major >= 11 or build.minor == runtime.minor
+
+
+def _no_build(primary: Evidence, runtime: Evidence, found: list[Evidence]) -> CudaChoice:
+    """A conda framework pinned beside a runtime that none of its builds fits (`pytorch=1.4` with
+    `cudatoolkit=11.3`): the solve cannot pair them. Keep the runtime (what the sender pinned),
+    say so as a conflict, and name the pins that would pair."""
+    builds = ", ".join(str(b) for b in primary.builds)
+    near = next((b for b in primary.builds if b.major == runtime.cuda.major), primary.builds[0])
+    pin = runtime.spec or runtime.package
+    # A selector (`cuda100`) has no versions of its own: the runtime to pin is cudatoolkit.
+    name = "cudatoolkit" if runtime.name in frameworks().runtime_packages.selectors else runtime.name
+    conflict = (
+        f"CUDA conflict: {primary.package} has no build for CUDA {runtime.cuda} ({pin}); its CUDA builds are "
+        f"{builds}: pin {name}={near}, or a {primary.name} built for CUDA {runtime.cuda}"
+    )
+    why = f"the environment pins CUDA {runtime.cuda} ({pin}), for which {primary.package} has no build: see the conflict warning"
+    return replace(_on_live_base(runtime.cuda, None, why, (), found), conflict=conflict)
 
 
 def _stale_runtimes(found: list[Evidence], cuda: Version, cudnn: Version | None) -> list[Evidence]:
