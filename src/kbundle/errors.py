@@ -23,6 +23,13 @@ class MachineError(KbundleError):
     exit_code = 4
 
 
+class UnsafeName(KbundleError):
+    """A name from outside (a URL, an index link) that cannot become a file name: a bundle that
+    carries it is refused as a bundle is (exit 3)."""
+
+    exit_code = 3
+
+
 class Interrupted(KbundleError):
     """Ctrl-C or SIGTERM: the run cleaned up and stops."""
 

@@ -73,7 +73,7 @@ class PipPin:
 
     @property
     def wheel_url(self) -> bool:
-        return self.url is not None and not self.vcs and url_filename(self.url).endswith(".whl")
+        return self.url is not None and not self.vcs and last_segment(self.url).endswith(".whl")
 
     @property
     def text(self) -> str:
@@ -159,10 +159,23 @@ def cpython_abis(python: str) -> list[str]:
 
 
 def url_filename(url: str) -> str:
-    """The file name a URL ends in, without query or fragment: `.../x-1.0-py3-none-any.whl`."""
+    """The file name a URL ends in, without query or fragment: `.../x-1.0-py3-none-any.whl`.
+
+    Unquoted first and split after, so `..%2F..%2Ftmp%2FX` is the name `X`, never a path; a last
+    segment that is no file name (empty, `.`, `..`, a backslash or NUL in it) is UnsafeName."""
+    from kbundle.errors import UnsafeName
+
+    name = last_segment(url)
+    if name in ("", ".", "..") or "\\" in name or "\x00" in name:
+        raise UnsafeName(f"the URL {url!r} does not end in a file name kbundle can write")
+    return name
+
+
+def last_segment(url: str) -> str:
+    """The URL's last path segment, unquoted first (for reading a name; never for writing a file)."""
     from urllib.parse import unquote, urlsplit
 
-    return unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+    return unquote(urlsplit(url).path).rsplit("/", 1)[-1]
 
 
 def wheel_file_of(url: str) -> str | None:
@@ -172,7 +185,7 @@ def wheel_file_of(url: str) -> str | None:
     from urllib.parse import unquote
 
     body = url.split("+", 1)[1] if _vcs_url(url) else url
-    name = re.split(r"[?#]", unquote(url_filename(body)), maxsplit=1)[0].strip().lower()
+    name = re.split(r"[?#]", unquote(last_segment(body)), maxsplit=1)[0].strip().lower()
     return name if name.endswith(".whl") else None
 
 
@@ -279,7 +292,7 @@ def _url_name(url: str) -> str | None:
     egg = re.search(r"[#&]egg=([A-Za-z0-9][A-Za-z0-9._\-]*)", url)
     if egg:
         return egg.group(1)
-    filename = url_filename(url)
+    filename = last_segment(url)
     try:
         if wheel_file_of(url):
             return parse_wheel_filename(wheel_file_of(url))[0]

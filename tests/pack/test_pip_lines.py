@@ -330,3 +330,31 @@ def test_a_prefix_gives_exact_versions_and_vcs_commits(tmp_path):
 def test_a_bare_url_naming_no_package_is_one_error():
     with pytest.raises(UsageError, match="egg="):
         parse_pip_line("https://example.org/download")
+
+
+@pytest.mark.parametrize(
+    "url, name",
+    [
+        ("https://h/files/x-1.0-py3-none-any.whl", "x-1.0-py3-none-any.whl"),
+        ("https://h/files/x-1.0-py3-none-any.whl?token=1#sha256=ab", "x-1.0-py3-none-any.whl"),
+        ("https://h/files/x%2B1-1.0.tar.gz", "x+1-1.0.tar.gz"),
+        # issue 18: unquoted first, then split, so an encoded path is only its last name
+        ("http://h/a/..%2F..%2F..%2Ftmp%2FX", "X"),
+        ("http://h/a/%2E%2E%2F%2E%2E%2Froot%2F.bashrc", ".bashrc"),
+    ],
+)
+def test_url_filename_is_one_plain_name(url, name):
+    from kbundle.specs import url_filename
+
+    assert url_filename(url) == name
+
+
+@pytest.mark.parametrize(
+    "url", ["http://h/a/..", "http://h/a/%2E%2E", "http://h/a/", "http://h/a/x%5C..%5Cy", "http://h/a%00b"]
+)
+def test_url_filename_refuses_what_is_no_file_name(url):
+    from kbundle.errors import UnsafeName
+    from kbundle.specs import url_filename
+
+    with pytest.raises(UnsafeName):
+        url_filename(url)
