@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -83,17 +82,7 @@ def test_pip_sees_the_stand_ins_as_installed(tmp_path):
     provided = (pydists.Provided("absl-py", "0.10.0", "absl-py"), pydists.Provided("protobuf", "3.13.0.1", "protobuf"))
     python = pydists.installed_site(provided, tmp_path)
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            str(python),
-            "list",
-            "--format",
-            "json",
-            "--disable-pip-version-check",
-        ],
+        [*pydists.pip_command(python), "list", "--format", "json", "--disable-pip-version-check"],
         capture_output=True,
         text=True,
         check=True,

@@ -18,13 +18,11 @@ Pack and run both use this module, so it lives at the top (pack/ and image/ do n
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kbundle.errors import KbundleError
 from kbundle.specs import canonical
 
 # A conda build string made for Python: py37_0, py_0, pyhd3eb1b0_3, gpu_py37h7db9008_0, cuda112py38h…
@@ -115,22 +113,39 @@ def _dist_folder_name(folder: str) -> tuple[str, str] | None:
 
 
 def installed_site(provided_dists: Sequence[Provided], folder: Path) -> Path:
-    """A venv in `folder` whose site-packages holds a stand-in for each provided distribution;
-    returns its python, for `pip --python`. No pip inside: the host's pip runs against it."""
-    venv = folder / "installed"
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "venv", "--without-pip", str(venv)],
-            check=True,
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise KbundleError(f"cannot make a throwaway venv for pip's resolver: {exc}") from None
-    site = next(venv.glob("lib/python3*/site-packages"))
+    """A stand-in interpreter in `folder` whose site-packages holds a stand-in for each provided
+    distribution, and through which pip itself (kbundle's own, not installed there) can run:
+    `[that python, "-m", "pip", ...]` resolves as if in the conda environment.
+
+    Made by hand as `venv` would make it (pyvenv.cfg, a link to this interpreter, an empty
+    site-packages), in milliseconds; pip's package is reached through a `.pth` file naming a
+    folder that holds only a link to it, so no other distribution of kbundle's own environment
+    is seen as installed."""
+    import pip
+
+    root = folder / "installed"
+    base = Path(getattr(sys, "_base_executable", None) or sys.executable).resolve()
+    version = ".".join(str(part) for part in sys.version_info[:3])
+    site = root / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
+    site.mkdir(parents=True)
+    (root / "bin").mkdir()
+    (root / "pyvenv.cfg").write_text(
+        f"home = {base.parent}\ninclude-system-site-packages = false\nversion = {version}\n", encoding="utf-8"
+    )
+    python = root / "bin" / "python"
+    python.symlink_to(base)
+    only_pip = root / "pip-only"
+    only_pip.mkdir()
+    (only_pip / "pip").symlink_to(Path(pip.__file__).resolve().parent)
+    (site / "_kbundle_pip.pth").write_text(f"{only_pip}\n", encoding="utf-8")
     for dist in provided_dists:
         _stand_in(site, dist)
-    return venv / "bin" / "python"
+    return python
+
+
+def pip_command(interpreter: Path) -> list[str]:
+    """pip's command line, run by the stand-in interpreter."""
+    return [str(interpreter), "-m", "pip"]
 
 
 def _stand_in(site: Path, dist: Provided) -> None:

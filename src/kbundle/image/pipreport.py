@@ -56,15 +56,14 @@ def _chosen(item: Mapping[str, Any]) -> Chosen:
     return Chosen(str(meta["name"]), str(meta["version"]), str(info["url"]), str(sha).lower())
 
 
-def report_args(report: Path, no_deps: bool, installed_python: Path | None = None) -> list[str]:
+def report_args(report: Path, no_deps: bool, installed: bool = False) -> list[str]:
     """pip's arguments for a resolution that installs nothing and reports what it chose.
 
-    `installed_python`: a stand-in interpreter whose site-packages holds the conda side's
-    distributions (kbundle/pydists.py), which pip then takes as installed; without it, pip
-    resolves as if nothing were installed."""
-    head = ["--python", str(installed_python)] if installed_python else []
-    args = [*head, "install", "--dry-run", "--report", str(report)]
-    if installed_python is None:
+    `installed`: pip runs in a stand-in interpreter whose site-packages holds the conda side's
+    distributions (kbundle/pydists.py), and takes them as installed; otherwise it resolves as
+    if nothing were installed."""
+    args = ["install", "--dry-run", "--report", str(report)]
+    if not installed:
         args.append("--ignore-installed")
     return args + (["--no-deps"] if no_deps else [])
 

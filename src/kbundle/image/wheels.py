@@ -123,18 +123,22 @@ def _run_pip(
     indexes: PipIndexes,
     what: str,
     target: tuple[str, str | None] | None = None,
+    interpreter: Path | None = None,
 ) -> None:
     """`pip ARGS -r FILE` with the host's pip settings and the bundle's indexes; one error line.
 
     `target` (python, glibc): when pip finds no file of a requirement, ask which wheels it has, so
-    that a glibc too old for them is said as such rather than in pip's words."""
+    that a glibc too old for them is said as such rather than in pip's words. `interpreter`: a
+    pydists stand-in to run pip in (the conda side installed), instead of kbundle's own."""
     from kbundle.net import pip_environment
+    from kbundle.pydists import pip_command
 
     with tempfile.TemporaryDirectory(prefix="kbundle-pipreq-") as tmp:
         reqs = Path(tmp) / "requirements.txt"
         # A file, not argv: a bundle's line can never become an option of this command.
         reqs.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-        command = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "--no-input"]
+        pip = pip_command(interpreter) if interpreter else [sys.executable, "-m", "pip"]
+        command = [*pip, *args, "--disable-pip-version-check", "--no-input"]
         command += ["--progress-bar", "off", "-r", str(reqs)]
         env = indexes.environment(pip_environment())
         result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
@@ -312,10 +316,10 @@ def _resolve(
     report = tmp / "report.json"
     provided = pydists.from_site_packages(conda_env) if conda_env else ()
     installed = pydists.installed_site(provided, tmp) if conda_env else None
-    args = pipreport.report_args(report, no_deps, installed) + target_args(python, glibc)
+    args = pipreport.report_args(report, no_deps, installed is not None) + target_args(python, glibc)
     lines = list(lines)
     for _ in range(GAP_ROUNDS):
-        _run_pip(args, lines, indexes, target_words(python, glibc), (python, glibc))
+        _run_pip(args, lines, indexes, target_words(python, glibc), (python, glibc), installed)
         try:
             data = json.loads(report.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +35,7 @@ from pathlib import Path
 
 from kbundle.errors import KbundleError
 from kbundle.pipplatform import explain_no_wheel, python_refusals, target_gaps
-from kbundle.pydists import Provided, installed_site
+from kbundle.pydists import Provided, installed_site, pip_command
 from kbundle.specs import PipIndexes, PipPin, cpython_abis, manylinux_platforms, parse_pip_line
 
 PIP_TIMEOUT_S = 8  # per connection: an offline sender hears back in seconds
@@ -284,7 +283,7 @@ def _dry_run(
     reqs = tmp / "requirements.txt"
     # A file, not argv: a line can never become an option of this pip command.
     reqs.write_text("".join(f"{r}\n" for r in lines), encoding="utf-8")
-    command = [sys.executable, "-m", "pip", "--python", str(interpreter), "install", "--dry-run", "--quiet"]
+    command = [*pip_command(interpreter), "install", "--dry-run", "--quiet"]
     command += ["--report", "-", *pip_target_args(python, glibc), "--disable-pip-version-check", "--no-input"]
     command += ["--progress-bar", "off", "--timeout", str(PIP_TIMEOUT_S), "--retries", str(PIP_RETRIES)]
     command += ["-r", str(reqs)]
