@@ -27,10 +27,12 @@ Public API (other stages use only these):
     follows a link already in ``dest``; each file appears only once its sha256 matched. Returns
     the written paths.
 
-``write_bundle(target, manifest, members, sign=None) -> Manifest``
+``write_bundle(target, manifest, members, sign=None, *, check=False) -> Manifest``
     Writes ``members`` (``dict[str, bytes]``) plus the sealed manifest, atomically and
     byte-for-byte reproducibly; with ``sign`` (``signing.signer_for(key)``) also the signature
-    member ``kbundle.sig``. Returns the manifest with its ``files`` filled in.
+    member ``kbundle.sig``. Returns the manifest with its ``files`` filled in. With ``check``
+    (pack's way), ``writer.OverLimit`` before anything is written when a reader would refuse the
+    bundle: the limits of ``kbundle.bundle.limits`` (shared with the reader), the schema, the notebook.
 
 ``Manifest``, ``FileEntry``, ``Dropped``, ``Added``, ``Variant``: the typed records.
 ``FORMAT_VERSION`` and the member-name constants live in ``kbundle.bundle.format``.

@@ -11,6 +11,8 @@ kbundle itself reads (notebook, Dockerfile, environment, lock: at most TEXT_BUDG
 Everything else is read again from the zip when extracted, with the same size and hash
 check, into a temporary file that only becomes visible once it matched. So `verify`, `inspect`
 and `run` stay within a few tens of MB whatever sizes a bundle declares.
+
+Every limit lives in bundle/limits.py, where pack reads the same numbers before it writes.
 """
 
 from __future__ import annotations
@@ -39,21 +41,25 @@ from kbundle.bundle.format import (
     Manifest,
     content_hash_of,
 )
-from kbundle.bundle.schema import MAX_MEMBERS, SchemaError, check_manifest
+from kbundle.bundle.limits import (
+    DEFAULT_MAX_EXTRACT,
+    DIRECTORY_LIMIT,
+    MANIFEST_LIMIT,
+    MAX_MEMBERS,
+    MEMBER_NAME_LIMIT,
+    SIGNATURE_LIMIT,
+    TEXT_BUDGET,
+    mib,
+    text_members,
+    text_size,
+)
+from kbundle.bundle.schema import SchemaError, check_manifest
 from kbundle.display import safe
 from kbundle.errors import KbundleError
 
 if TYPE_CHECKING:
     from kbundle.bundle.signing import Signer
 
-# A manifest is a few KB (a few hundred for 10,000 members); anything far larger is not one.
-_MANIFEST_LIMIT = 4 * 1024 * 1024
-# The texts kbundle reads into memory (notebook, Dockerfile, environment, lock), together.
-TEXT_BUDGET = 16 * 1024 * 1024
-# The most a bundle may unpack to; extraction is refused before writing beyond it.
-DEFAULT_MAX_EXTRACT = 2 * 1024**3
-# zipfile reads the whole central directory and makes an object per entry: bound both.
-_DIRECTORY_LIMIT = 3 * 1024 * 1024
 _CHUNK = 1 << 20
 _COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # no bzip2/lzma: their decoders can take GBs
 _ZIP_ERRORS = (
@@ -200,11 +206,7 @@ def _extract_one(root: int, entry: FileEntry, source: MemberSource, made: list[s
 def _check_limit(entries: list[FileEntry], limit: int) -> None:
     total = sum(e.size for e in entries)
     if total > limit:
-        raise BundleError(f"the bundle would unpack to {_mib(total)}, more than the {_mib(limit)} limit")
-
-
-def _mib(n: int) -> str:
-    return f"{n / 1024**2:,.1f} MiB"
+        raise BundleError(f"the bundle would unpack to {mib(total)}, more than the {mib(limit)} limit")
 
 
 class MemberSource:
@@ -264,7 +266,7 @@ def check_member_name(name: str) -> None:
     path = PurePosixPath(name)
     bad = (
         not name
-        or len(name) > 1024
+        or len(name) > MEMBER_NAME_LIMIT
         or "\\" in name
         or any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
         or name.startswith("/")
@@ -310,11 +312,11 @@ def _stream(zf: zipfile.ZipFile, info: zipfile.ZipInfo, entry: FileEntry, sink=N
 
 def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, what: str) -> bytes:
     if info.file_size > limit:
-        raise BundleError(f"{what} is larger than {_mib(limit)}")
+        raise BundleError(f"{what} is larger than {mib(limit)}")
     with zf.open(info) as src:
         data = src.read(limit + 1)
     if len(data) > limit:
-        raise BundleError(f"{what} is larger than {_mib(limit)}")
+        raise BundleError(f"{what} is larger than {mib(limit)}")
     return data
 
 
@@ -366,7 +368,7 @@ def _check_directory(path: Path) -> None:
     if at < 0 or at + 22 > len(data):
         return  # no end record: zipfile refuses it as "not a zip file"
     entries, directory_size = struct.unpack_from("<HI", data, at + 10)
-    if entries > MAX_MEMBERS + 2 or directory_size > _DIRECTORY_LIMIT:
+    if entries > MAX_MEMBERS + 2 or directory_size > DIRECTORY_LIMIT:
         raise BundleError(f"{path.name} has more members than a bundle may ({MAX_MEMBERS})")
 
 
@@ -389,7 +391,7 @@ def _open(path: Path, zf: zipfile.ZipFile, max_extract: int) -> Bundle:
     by_name = _entries(path, zf)
     if MANIFEST not in by_name:
         raise BundleError(f"{path.name} is not a kbundle (no {MANIFEST})")
-    manifest_raw = _read_capped(zf, by_name.pop(MANIFEST), _MANIFEST_LIMIT, "the manifest")
+    manifest_raw = _read_capped(zf, by_name.pop(MANIFEST), MANIFEST_LIMIT, "the manifest")
     manifest = _parse_manifest(manifest_raw)
     signature_info = by_name.pop(SIGNATURE, None)
     expected = {f.path: f for f in manifest.files}
@@ -401,9 +403,9 @@ def _open(path: Path, zf: zipfile.ZipFile, max_extract: int) -> Bundle:
     _check_texts(manifest, cached)
     signer = None
     if signature_info is not None:
-        from kbundle.bundle.signing import MEMBER_LIMIT, check_member
+        from kbundle.bundle.signing import check_member
 
-        raw = _read_capped(zf, signature_info, MEMBER_LIMIT, "kbundle.sig")
+        raw = _read_capped(zf, signature_info, SIGNATURE_LIMIT, "kbundle.sig")
         signer = check_member(raw, manifest_raw, manifest.content_hash or computed)
     return Bundle(path, manifest, MappingProxyType(expected), signer, max_extract, MappingProxyType(cached))
 
@@ -429,18 +431,16 @@ def _check_listing(by_name: Mapping[str, zipfile.ZipInfo], expected: Mapping[str
         raise BundleError(f"member '{safe(missing[0], 200)}' listed in the manifest is missing")
 
 
-def _text_members(manifest: Manifest) -> set[str]:
-    return {m for m in (manifest.notebook, manifest.dockerfile, manifest.environment, manifest.lock) if m}
-
-
 def _verify_members(
     zf: zipfile.ZipFile, by_name: Mapping[str, zipfile.ZipInfo], manifest: Manifest
 ) -> dict[str, bytes]:
     """Hash every member in chunks; keep only the texts kbundle reads, within TEXT_BUDGET."""
-    texts = _text_members(manifest)
-    sizes = {f.path: f.size for f in manifest.files}
-    if sum(sizes[m] for m in texts) > TEXT_BUDGET:
-        raise BundleError(f"the notebook, Dockerfile, environment and lock together are more than {_mib(TEXT_BUDGET)}")
+    texts = text_members(manifest)
+    if text_size(manifest, {f.path: f.size for f in manifest.files}) > TEXT_BUDGET:
+        raise BundleError(
+            f"the notebook, Dockerfile, environment and lock together are more than {mib(TEXT_BUDGET)} "
+            "(the sender can pack it again with --strip-outputs)"
+        )
     cached: dict[str, bytes] = {}
     for entry in sorted(manifest.files, key=lambda f: f.path):
         if entry.path in texts:
@@ -477,7 +477,7 @@ def _older_than_0_2(version: str) -> bool:
 
 def _check_texts(manifest: Manifest, cached: Mapping[str, bytes]) -> None:
     """The texts kbundle reads are what they claim: UTF-8, and the notebook a Jupyter notebook."""
-    for member in _text_members(manifest) - {manifest.notebook}:
+    for member in text_members(manifest) - {manifest.notebook}:
         try:
             cached[member].decode("utf-8")
         except UnicodeDecodeError:
@@ -486,17 +486,26 @@ def _check_texts(manifest: Manifest, cached: Mapping[str, bytes]) -> None:
 
 
 def _check_notebook(member: str, data: bytes) -> None:
+    problem = notebook_problem(data)
+    if problem:
+        raise BundleError(f"the notebook '{safe(member, 200)}' is not a Jupyter notebook ({problem})")
+
+
+def notebook_problem(data: bytes) -> str | None:
+    """Why `data` is not a Jupyter notebook kbundle reads (`not JSON`, `no cells/nbformat`), or None.
+    pack asks the same question of the sender's notebook, so it never packs one a reader refuses."""
     try:
         doc = json.loads(data.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BundleError(f"the notebook '{safe(member, 200)}' is not a Jupyter notebook (not JSON)") from None
+        return "not JSON"
     if (
         not isinstance(doc, dict)
         or not isinstance(doc.get("cells"), list)
         or type(doc.get("nbformat")) is not int
         or not isinstance(doc.get("metadata", {}), dict)
     ):
-        raise BundleError(f"the notebook '{safe(member, 200)}' is not a Jupyter notebook (no cells/nbformat)")
+        return "no cells/nbformat"
+    return None
 
 
 def extract_bundle(path: str | os.PathLike, dest: str | os.PathLike, members: list[str] | None = None) -> list[Path]:

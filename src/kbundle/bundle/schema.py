@@ -13,11 +13,11 @@ import re
 from collections.abc import Callable
 
 from kbundle.bundle.format import FORMAT_VERSION, MANIFEST, SIGNATURE, WORK_DIR
+from kbundle.bundle.limits import MAX_MEMBERS, MEMBER_NAME_LIMIT
 
 Check = Callable[[object, str], None]
 
 MAX_DEPTH = 8  # the manifest itself nests 3 deep; room for fields added later
-MAX_MEMBERS = 10_000
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")  # as `kbundle pack --name` enforces
 IMAGE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")  # as the Dockerfile renderer enforces
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -68,7 +68,7 @@ def integer(low: int, high: int) -> Check:
 
 def member_path(value: object, where: str) -> None:
     """A safe relative member path (the reader's name rule), not a reserved member."""
-    text(1024)(value, where)
+    text(MEMBER_NAME_LIMIT)(value, where)
     parts = value.split("/")
     if "\\" in value or value.startswith("/") or (len(value) > 1 and value[1] == ":") or value in (MANIFEST, SIGNATURE):
         _fail(where, "is not a member path")

@@ -26,13 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kbundle.bundle.limits import SIGNATURE_LIMIT
 from kbundle.bundle.reader import BundleError
 from kbundle.display import safe
 from kbundle.errors import KbundleError, UsageError, first_line
 
 NAMESPACE = "kbundle"
 MEMBER_VERSION = 1
-MEMBER_LIMIT = 64 * 1024  # an ed25519 or RSA-4096 signature with its key is a few KB
+MEMBER_LIMIT = SIGNATURE_LIMIT  # bundle/limits.py
 # What an identity may be: an email-like word. No spaces, commas, quotes or `*`/`?`/`!`, since
 # it becomes the principal of an allowed_signers line, where those are list separators or patterns.
 IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+@-]{0,99}")

@@ -7,19 +7,26 @@ inside the functions so `kbundle pack --lock never` starts fast.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from kbundle.display import size
+from kbundle.display import safe, size
 
 
 def pack(
     notebook: Path = typer.Argument(..., help="The notebook (.ipynb) to pack."),
     env_file: Optional[Path] = typer.Option(
-        None, "-e", "--env", help="environment.yml from `conda env export` (any OS), or requirements.txt with --python."
+        None,
+        "-e",
+        "--env",
+        help=(
+            "The environment, when pack should not find it from the notebook's kernel: environment.yml (any OS), "
+            "conda-lock.yml, pixi.lock or pixi.toml, uv.lock, pyproject.toml, or a requirements file."
+        ),
     ),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output", help="Where to write the bundle (default: ./NOTEBOOK.kbundle)."
@@ -46,7 +53,14 @@ def pack(
         help="Channel URL or name to solve against before the environment's own channels (repeatable).",
     ),
     python: Optional[str] = typer.Option(
-        None, "--python", help="Python version X.Y, for a requirements.txt environment."
+        None,
+        "--python",
+        help="Python version X.Y, when neither the environment nor the notebook's metadata says which.",
+    ),
+    extra: list[str] = typer.Option(
+        [],
+        "--extra",
+        help="An optional-dependencies group (or dependency group) of a pyproject.toml or uv.lock to add (repeatable).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the bundle's manifest as JSON instead of a summary."),
     sign: Optional[Path] = typer.Option(
@@ -55,9 +69,15 @@ def pack(
     strict: bool = typer.Option(
         False, "--strict", help="Refuse to write the bundle if anything is dropped, unreadable or in CUDA conflict."
     ),
+    strip_outputs: bool = typer.Option(
+        False,
+        "--strip-outputs",
+        help="Carry the notebook with its outputs and execution counts cleared (the code stays; your file is unchanged).",
+    ),
 ) -> None:
     """Pack a notebook, its environment (cleaned for linux-64 and locked) and a Dockerfile into one file."""
-    from kbundle.flows.pack import MAIL_LIMIT, PackOptions, StrictError
+    from kbundle.bundle.limits import MAIL_LIMIT
+    from kbundle.flows.pack import PackOptions, StrictError
     from kbundle.flows.pack import pack as run_pack
 
     options = PackOptions(
@@ -74,6 +94,8 @@ def pack(
         python=python,
         sign=sign,
         strict=strict,
+        strip_outputs=strip_outputs,
+        extras=list(extra),
     )
     try:
         result = run_pack(options, progress=_progress)
@@ -94,9 +116,7 @@ def pack(
     if as_json:  # the same object `kbundle inspect --json` prints: the manifest and its signature
         typer.echo(json.dumps({**result.manifest.to_dict(), "signature": _signature(result.path).to_dict()}, indent=2))
         return
-    _summary(result)
-    if sign is not None:
-        typer.echo(f"  signature  {_signature(result.path).describe()}")
+    _summary(result, _signature(result.path).describe() if sign is not None else None)
 
 
 def _signature(path: Path):
@@ -118,12 +138,16 @@ def _progress(message: str):
     return Console(stderr=True).status(message)
 
 
-def _summary(result) -> None:
+def _summary(result, signature: str | None = None) -> None:
+    """What was written, what the recipient runs and needs, and last the lock status line."""
     m = result.manifest
+    stripped = (
+        f" (outputs cleared: {size(result.stripped[1])}, was {size(result.stripped[0])})" if result.stripped else ""
+    )
     lines = [
         f"wrote {result.path} ({size(result.size)})",
         f"  name       {m.name}",
-        f"  notebook   {m.notebook}",
+        f"  notebook   {m.notebook}{stripped}",
         f"  python     {m.python or 'unpinned'}",
         f"  cuda       {m.cuda or 'none'}"
         + (f", cuDNN {m.cudnn}" if m.cudnn else "")
@@ -140,8 +164,35 @@ def _summary(result) -> None:
         lines.append(f"  changed    {c.spec} -> {c.to}: {c.reason}")
     for v in m.variants:
         lines.append(f"  kept       {v.spec} ({v.intent})")
-    lines.append(lock_status(m))
+    if signature is not None:
+        lines.append(f"  signature  {signature}")
+    lines += recipient_lines(result.path.name, m)
+    lines.append(lock_status(m))  # last, always: scripts and tests read the lock status there
     typer.echo("\n".join(lines))
+
+
+def recipient_lines(filename: str, m) -> list[str]:
+    """What the person who gets the bundle runs, and what their machine needs for it."""
+    needs = ["Docker or Podman"]
+    if m.cuda:
+        needs.append(f"an NVIDIA GPU, its driver{_driver(m.cuda)} for CUDA {m.cuda} and the NVIDIA Container Toolkit")
+    needs.append('kbundle (its README, "For the recipient", says how to install it)')
+    needs.append("JupyterLab only for `kbundle run --lab`")
+    return [
+        f"  next       the recipient runs: kbundle run {safe(shlex.quote(filename))}",
+        f"  they need  {'; '.join(needs)}",
+    ]
+
+
+def _driver(cuda: str) -> str:
+    """` (>= 520.61.05)`: the oldest driver with full support for `cuda`, from kbundle's tables."""
+    from kbundle.facts import load_tables
+
+    try:
+        need = load_tables().min_driver(cuda)
+    except Exception:  # a version the table cannot read: the sentence stands without the number
+        return ""
+    return f" (>= {need[1]})" if need else ""
 
 
 def _channels_note(m) -> str:

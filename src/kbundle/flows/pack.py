@@ -24,11 +24,13 @@ from kbundle.bundle.format import (
     Manifest,
     content_hash,
 )
-from kbundle.errors import KbundleError, UsageError
+from kbundle.bundle.limits import DEFAULT_MAX_EXTRACT, MAX_MEMBERS, MEMBER_NAME_LIMIT, TEXT_BUDGET
+from kbundle.bundle.reader import notebook_problem
+from kbundle.display import safe, size
+from kbundle.errors import KbundleError, UsageError, first_line
 from kbundle.names import slug
 from kbundle.pack.records import RawEnv
 
-MAIL_LIMIT = 20 * 1024 * 1024  # mail servers commonly cap attachments at 20-25 MB
 _NAME_OK = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _SKIP_DIRS = {".ipynb_checkpoints", "__pycache__", ".git"}
 
@@ -48,6 +50,8 @@ class PackOptions:
     python: str | None = None
     sign: Path | None = None  # an SSH private key: sign the bundle with it (bundle/signing.py)
     strict: bool = False  # any drop, unreadable line or CUDA conflict is an error
+    extras: list[str] = field(default_factory=list)  # --extra NAME: a pyproject.toml's or uv.lock's optional deps
+    strip_outputs: bool = False  # carry the notebook with its outputs and execution counts cleared
 
 
 class StrictError(KbundleError):
@@ -65,6 +69,7 @@ class PackResult:
     size: int
     notes: list[str]
     warnings: list[str] = field(default_factory=list)
+    stripped: tuple[int, int] | None = None  # --strip-outputs: the notebook's size before and after
 
 
 @dataclass(frozen=True)
@@ -74,23 +79,75 @@ class Notebook:
     kernel_name: str | None
 
 
+def _unprintable(name: str) -> bool:
+    """Control, line-separator or bidi characters, or a backslash: what no member name may hold."""
+    return "\\" in name or safe(name, len(name) + 1) != name
+
+
 def read_notebook(path: Path) -> Notebook:
-    if any(ord(ch) < 32 or ch == "\\" for ch in path.name):
+    if _unprintable(path.name):
         raise UsageError(f"the notebook's file name {path.name!r} has control characters or backslashes; rename it")
     if not path.exists():
         raise UsageError(f"notebook {path} does not exist")
     if not path.is_file():
         raise UsageError(f"{path} is not a file")
     data = path.read_bytes()
-    try:
-        doc = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UsageError(f"{path.name} is not a Jupyter notebook (not JSON)") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("cells"), list) or not isinstance(doc.get("nbformat"), int):
-        raise UsageError(f"{path.name} is not a Jupyter notebook (no cells/nbformat)")
-    spec = (doc.get("metadata") or {}).get("kernelspec") or {}
+    problem = notebook_problem(data)  # the reader's own question, so pack never packs what it refuses
+    if problem:
+        raise UsageError(f"{path.name} is not a Jupyter notebook ({problem})")
+    doc = json.loads(data.decode("utf-8-sig"))
+    spec = doc.get("metadata", {}).get("kernelspec") or {}
     name = spec.get("name") if isinstance(spec, dict) else None
     return Notebook(path, data, name if isinstance(name, str) else None)
+
+
+def strip_outputs(notebook: Notebook) -> tuple[Notebook, int]:
+    """The notebook with every code cell's outputs and execution count cleared (its code, markdown
+    and metadata kept), written by nbformat; and how many cells had something to clear."""
+    import warnings
+
+    import nbformat
+    from nbformat import reader
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nbformat's advice about cell ids is not the sender's business here
+            nb = reader.reads(notebook.data.decode("utf-8-sig"))
+            cleared = 0
+            for cell in nb.cells:
+                if cell.get("cell_type") != "code":
+                    continue
+                cleared += bool(cell.get("outputs")) or cell.get("execution_count") is not None
+                cell["outputs"], cell["execution_count"] = [], None
+            # The version's own writer: no validation pass, so no cell ids are invented (same bytes every time).
+            text = nbformat.versions[nb.nbformat].writes_json(nb) + "\n"
+    except Exception as exc:  # nbformat raises its own, jsonschema's and plain errors for what it cannot read
+        raise UsageError(
+            f"--strip-outputs: nbformat cannot read {notebook.path.name} ({safe(first_line(exc), 200)})"
+        ) from None
+    data = text.encode()
+    if notebook_problem(data):
+        raise UsageError(f"--strip-outputs: {notebook.path.name} is not a notebook kbundle reads once stripped")
+    return Notebook(notebook.path, data, notebook.kernel_name), cleared
+
+
+def check_notebook_budget(notebook: Notebook, options: PackOptions, other_texts: int = 0) -> None:
+    """The notebook (with the Dockerfile, environment and lock, once they exist: `other_texts`
+    bytes) within the TEXT_BUDGET every reader holds a bundle to; else one line with the ways out."""
+    total = len(notebook.data) + other_texts
+    if total <= TEXT_BUDGET:
+        return
+    what = f"{notebook.path.name} is {size(len(notebook.data))}"
+    if other_texts:
+        what += f" ({size(total)} with the bundle's Dockerfile, environment and lock)"
+    ways = "save large data to files and carry them with --include"
+    if options.strip_outputs:
+        what = "even with its outputs cleared, " + what
+    else:
+        ways = "pack with --strip-outputs to clear its outputs (the code stays), or " + ways
+    raise KbundleError(
+        f"{what}, more than the {size(TEXT_BUDGET)} a bundle's notebook may be (kbundle verify and run refuse more): {ways}"
+    )
 
 
 def bundle_name(options: PackOptions) -> str:
@@ -124,10 +181,18 @@ def _is_kbundle(path: Path) -> bool:
         return False
 
 
+# The members pack always writes: the notebook, the original and normalised environment, the
+# Dockerfile and the lock. `--include` may add up to MAX_MEMBERS less these.
+_OWN_MEMBERS = 5
+
+
 def include_members(notebook: Path, includes: list[Path]) -> dict[str, bytes]:
-    """`--include` files and folders, stored under work/ at their path beside the notebook."""
+    """`--include` files and folders, stored under work/ at their path beside the notebook.
+
+    Counted and sized against the bundle's limits (bundle/limits.py) before a byte is read."""
     root = notebook.resolve().parent
-    members: dict[str, bytes] = {}
+    found: dict[str, Path] = {}
+    room = MAX_MEMBERS - _OWN_MEMBERS
     for given in includes:
         if not given.exists() and not given.is_symlink():
             raise UsageError(f"--include {given} does not exist")
@@ -138,11 +203,27 @@ def include_members(notebook: Path, includes: list[Path]) -> dict[str, bytes]:
             if root not in resolved.parents:
                 raise UsageError(f"--include {given} is outside the notebook's folder {root}")
             rel = resolved.relative_to(root).as_posix()
-            if any(ord(ch) < 32 or ch == "\\" for ch in rel):
+            if _unprintable(rel):
                 raise UsageError(f"--include {rel!r} has control characters or backslashes in its name; rename it")
+            if len(WORK_DIR + rel) > MEMBER_NAME_LIMIT:
+                raise UsageError(f"--include {safe(rel, 80)}: its path is longer than a bundle's member names may be")
+            if not path.is_file():
+                raise UsageError(f"--include {safe(path, 200)} is not a regular file")
             if resolved != notebook.resolve():
-                members[WORK_DIR + rel] = path.read_bytes()
-    return members
+                found[WORK_DIR + rel] = path
+            if len(found) > room:
+                raise KbundleError(
+                    f"--include carries more than {room:,} files, more than a bundle may hold "
+                    f"(kbundle verify and run refuse more than {MAX_MEMBERS:,} members): pack many small files "
+                    "into one archive (tar or zip) and include that"
+                )
+    total = sum(path.stat().st_size for path in found.values())
+    if total > DEFAULT_MAX_EXTRACT:
+        raise KbundleError(
+            f"--include carries {size(total)}, more than the {size(DEFAULT_MAX_EXTRACT)} a bundle may unpack to "
+            "(kbundle verify and run refuse more): leave large data out and say where the recipient gets it"
+        )
+    return {member: path.read_bytes() for member, path in found.items()}
 
 
 def _walk(path: Path):
@@ -156,8 +237,9 @@ def _walk(path: Path):
 
 def _original_member(raw: RawEnv, options: PackOptions) -> tuple[str, bytes]:
     name = raw.source_file or "environment.yml"
-    if options.env_file is not None:
-        return ORIGINAL_DIR + options.env_file.name, options.env_file.read_bytes()
+    original = options.env_file or raw.source_path  # a file pack found itself is kept as given too
+    if original is not None:
+        return ORIGINAL_DIR + original.name, original.read_bytes()
     return ORIGINAL_DIR + name, raw.source_text.encode()
 
 
@@ -190,7 +272,9 @@ def _environment(options: PackOptions, notebook: Notebook):
     from kbundle.pack.discover import find_environment
     from kbundle.pack.normalise import normalise, pip_indexes
 
-    raw = find_environment(notebook.kernel_name, options.env_file, options.python)
+    raw = find_environment(
+        notebook.kernel_name, options.env_file, options.python, notebook=notebook.path, extras=options.extras
+    )
     env = _with_channels(normalise(raw), options)
     indexes = pip_indexes(raw)
     early = None
@@ -284,6 +368,12 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     _check(options)
     signer = _signer(options)
     notebook = read_notebook(options.notebook)
+    stripped = None
+    if options.strip_outputs:
+        before = len(notebook.data)
+        notebook, cleared = strip_outputs(notebook)
+        stripped = (before, len(notebook.data), cleared)
+    check_notebook_budget(notebook, options)  # before the slow steps: the notebook alone may be too large
     name = bundle_name(options)
     out = output_path(options, name)
     includes = include_members(options.notebook, options.includes)
@@ -342,11 +432,24 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     members[DOCKERFILE] = render_for(manifest).encode()  # rendered from the manifest alone, as run can redo it
     # The hash covers the Dockerfile too, so it is taken once every member exists.
     manifest.content_hash = content_hash(members)
-    sealed = write_bundle(out, manifest, members, sign=signer)
-    notes = [f"{a.spec}: added ({a.reason})" for a in env.added]
+    check_notebook_budget(
+        notebook, options, sum(len(members[m]) for m in (DOCKERFILE, ENVIRONMENT, LOCK) if m in members)
+    )
+    # check: every limit and rule a reader enforces, before anything is signed or written.
+    sealed = write_bundle(out, manifest, members, sign=signer, check=True)
+    notes = list(raw.notes) + [f"{a.spec}: added ({a.reason})" for a in env.added]
+    if stripped is not None:
+        before, after, cleared = stripped
+        saved = f"{size(before - after)} saved" if before >= after else "nothing saved"
+        notes.insert(
+            0,
+            f"--strip-outputs: cleared the outputs and execution counts of {cleared} code cell"
+            f"{'' if cleared == 1 else 's'}; the bundle's notebook is {size(after)}, yours {size(before)} "
+            f"({saved}; your file is unchanged)",
+        )
     if result.note and options.lock != "never":
         notes.append(result.note)
     if options.lock != "never":
         notes += pip_lock.notes
     warnings = [choice.conflict] if choice.conflict else []
-    return PackResult(out, sealed, out.stat().st_size, notes, warnings)
+    return PackResult(out, sealed, out.stat().st_size, notes, warnings, stripped[:2] if stripped else None)

@@ -1,9 +1,10 @@
 """Parse the sender's environment description: `environment.yml` as `conda env export`
-writes it on any OS, or a `requirements.txt` with an explicit Python version."""
+writes it on any OS; every other format goes to its own reader (`read_env_file` dispatches):
+requirements files (pack/reqfile.py), pyproject.toml (pack/pyproject.py), uv.lock
+(pack/uvlock.py), pixi.lock, conda-lock.yml and pixi.toml (pack/pixilock.py)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from kbundle.errors import UsageError
@@ -34,12 +35,14 @@ def read_environment_yml(path: Path) -> RawEnv:
         raise UsageError(f"{path.name} lists no dependencies")
     conda: list[CondaSpec] = []
     pip: list[PipPin] = []
+    pip_lines: list[str] = []
     for item in deps:
         if isinstance(item, dict):
             for key, value in item.items():
                 if key != "pip" or not isinstance(value, list):
                     raise UsageError(f"{path.name}: unexpected entry {key!r} under dependencies")
                 pip.extend(p for p in (parse_pip_line(str(v)) for v in value) if p)
+                pip_lines += [str(v) for v in value]
         elif isinstance(item, (str, int, float)):
             conda.append(parse_conda_spec(str(item)))
         else:
@@ -48,7 +51,7 @@ def read_environment_yml(path: Path) -> RawEnv:
     if not isinstance(channels, list):
         raise UsageError(f"{path.name}: 'channels' must be a list")
     name = data.get("name")
-    return RawEnv(
+    env = RawEnv(
         name=str(name) if name is not None else None,
         channels=[str(c) for c in channels],
         conda=conda,
@@ -58,36 +61,23 @@ def read_environment_yml(path: Path) -> RawEnv:
         source_file=path.name,
         source_text=text,
     )
+    from kbundle.pack.reqfile import expand_pip_section  # `- -r requirements.txt`: read as conda runs it
+
+    return expand_pip_section(env, pip_lines, path)
 
 
-def read_requirements(path: Path, python: str | None) -> RawEnv:
-    if not python:
-        raise UsageError(f"{path.name} is a requirements file: pass --python X.Y to say which Python it needs")
-    if not re.fullmatch(r"\d+\.\d+(\.\d+)?", python):
-        raise UsageError(f"--python must look like 3.11, not {python!r}")
-    text = _read_text(path)
-    pins = [p for p in (parse_pip_line(line) for line in text.splitlines()) if p]
-    if not pins:
-        raise UsageError(f"{path.name} lists no requirements")
-    return RawEnv(
-        name=None,
-        channels=["conda-forge"],
-        conda=[parse_conda_spec(f"python={python}"), parse_conda_spec("pip")],
-        pip=pins,
-        source_kind="requirements",
-        source_file=path.name,
-        source_text=text,
-    )
+def read_requirements(path: Path, python: str | None, hints=None) -> RawEnv:
+    """A requirements file, by pip's rules (pack/reqfile.py)."""
+    from kbundle.pack.formats import read_requirements as read
+
+    return read(path, python, hints)
 
 
-def read_env_file(path: Path, python: str | None = None) -> RawEnv:
-    if not path.exists():
-        raise UsageError(f"environment file {path} does not exist")
-    if not path.is_file():
-        raise UsageError(f"environment file {path} is not a file")
-    if path.suffix.lower() in (".txt", ".in") or path.name.lower().startswith("requirements"):
-        return read_requirements(path, python)
-    return read_environment_yml(path)
+def read_env_file(path: Path, python: str | None = None, hints=None) -> RawEnv:
+    """Any environment file: pack/formats.py sends it to its reader."""
+    from kbundle.pack.formats import read_any
+
+    return read_any(path, python, hints)
 
 
 def _read_text(path: Path) -> str:

@@ -59,14 +59,14 @@ def _pip_installed(prefix: Path, conda_files: set[str]) -> list[PipPin]:
             if installer == "conda" or rel in conda_files:
                 continue
             name, version = _metadata(dist)
-            line = _installed_line(dist, name, version) if name and version else None
+            line = installed_line(dist, name, version) if name and version else None
             pin = parse_pip_line(line) if line else None
             if pin is not None:
                 pins.append(pin)
     return pins
 
 
-def _installed_line(dist: Path, name: str, version: str) -> str:
+def installed_line(dist: Path, name: str, version: str) -> str:
     """The pip line that reinstalls what the dist-info records (PEP 610's direct_url.json): the
     exact version from an index; the VCS commit; the archive URL; a path stays a local path."""
     try:

@@ -4,6 +4,7 @@ locking, rendering), so each module has one job and can be tested on its own."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kbundle.bundle.format import Added, Changed, Dropped, Variant
 from kbundle.specs import CondaSpec, PipPin
@@ -22,6 +23,12 @@ class RawEnv:
     source_kind: str = "env-file"  # env-file | requirements | kernelspec-prefix | conda-prefix
     source_file: str | None = None  # the original file name (basename)
     source_text: str = ""  # the original environment file's text (synthesised for a prefix)
+    # What pack says about how the environment was found and read (which kernel or file, what was
+    # left out and why): one `note:` line each.
+    notes: list[str] = field(default_factory=list)
+    # The file the environment was read from when pack found it itself (beside the notebook, or a
+    # kernel's lock file): the bundle keeps it as the original, as it keeps a file given with -e.
+    source_path: Path | None = None
 
 
 @dataclass
