@@ -12,6 +12,19 @@ Needs the Docker engine and the offline world (tests/world/). Builds one image, 
 it at the end, and uses throwaway kbundle caches and Jupyter dirs.
 
     .venv/bin/python bench/bench_run.py [--runs 5]
+
+`--native` measures `kbundle run --native` instead (no engine is used: DOCKER_HOST points nowhere;
+the world needs Docker only for its base image), on a bundle of python, numpy, ipykernel, pip,
+conda's kbdep and pip's kbrange==1.5 (world index):
+
+3. Cold native run (whole process, empty kbundle cache) against the same work done by the tools
+   themselves: py-rattler's own `rattler.install` of the same lock into a prefix (empty package
+   cache, link scripts off), then the prefix's own `pip install --no-index --no-deps` of the same
+   wheel files. Reported as a ratio; kbundle adds verifying the bundle, vetting every package's
+   paths, the pip resolution, `pip check` and conda's records, and the kernelspec.
+4. Warm native run (the prefix complete, whole process). Target: at most 1 s.
+
+    .venv/bin/python bench/bench_run.py --native [--runs 5]
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 KBUNDLE = str(Path(sys.executable).with_name("kbundle"))
 WARM_TARGET = 1.0
 CACHE_TARGET = 5.0
+NATIVE_WARM_TARGET = 1.0  # seconds, whole process
 
 NOTEBOOK = {
     "cells": [
@@ -131,13 +145,90 @@ def baseline_context(bundle: Path, base_image: str, ctx: Path) -> None:
     assemble_context(ctx, b, resolved, dockerfile, base_image=base_image)
 
 
+def rattler_and_pip(bundle: Path, prefix: Path, pkgs: Path, wheels: list[Path]) -> float:
+    """The baseline: py-rattler's own install of the bundle's lock, then pip of the same wheels."""
+    import asyncio
+
+    import rattler
+
+    from kbundle.bundle import open_bundle
+    from kbundle.solve import records_from_lock
+
+    t0 = time.perf_counter()
+    records = records_from_lock(open_bundle(bundle).lock_text)
+    asyncio.run(
+        rattler.install(
+            records, target_prefix=str(prefix), cache_dir=pkgs, execute_link_scripts=False, show_progress=False
+        )
+    )
+    folder = prefix.parent / "wheels"
+    folder.mkdir()
+    for wheel in wheels:
+        shutil.copyfile(wheel, folder / wheel.name)
+    pip = [str(prefix / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile"]
+    sh([*pip, "--disable-pip-version-check", "--find-links", folder, *[folder / w.name for w in wheels]])
+    return time.perf_counter() - t0
+
+
+def native_main(world, runs: int, tmp: Path) -> int:
+    env = dict(
+        os.environ,
+        JUPYTER_DATA_DIR=str(tmp / "jupyter"),
+        KBUNDLE_CACHE_DIR=str(tmp / "cache-native"),
+        PIP_CONFIG_FILE=os.devnull,
+        PIP_FIND_LINKS="",
+        DOCKER_HOST="unix:///nonexistent/docker.sock",
+    )
+    tag = os.urandom(3).hex()
+    deps = [f"python={world['python']}", "numpy", "ipykernel", "pip", "kbdep=0.4"]
+    bundle = pack(world, env, tmp / "n", f"bench-n-{tag}", deps, [f"--index-url {world['pypi_index']}", "kbrange==1.5"])
+    run_cmd = [KBUNDLE, "run", bundle, "--native", "--json", "--yes"]
+
+    t0 = time.perf_counter()
+    cold = json.loads(sh(run_cmd, env, tmp).stdout)
+    cold_run = time.perf_counter() - t0
+    assert cold["native"]["reused"] is False
+    samples, inside = [], []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        warm = json.loads(sh(run_cmd, env, tmp).stdout)
+        samples.append(time.perf_counter() - t0)
+        inside.append(warm["seconds"])
+        assert warm["native"]["reused"] is True
+    wheels = [
+        next(Path(env["KBUNDLE_CACHE_DIR"]).glob(f"wheels/*/{line.split('==')[0]}-*.whl"))
+        for line in cold["pip_resolved"]
+    ]
+    base = rattler_and_pip(bundle, tmp / "baseline" / "env", tmp / "baseline-pkgs", wheels)
+    warm_median = statistics.median(samples)
+    print(
+        f"cold kbundle run --native (empty cache, whole process): {cold_run:6.2f} s  ({cold['packages']} conda, "
+        f"{len(cold['pip_resolved'])} pip)"
+    )
+    print(f"rattler install of the same lock + pip install of the same wheels: {base:6.2f} s")
+    print(f"ratio cold kbundle --native / rattler + pip: {cold_run / base:.2f}x")
+    print(
+        f"warm kbundle run --native (prefix complete, whole process): {warm_median:6.2f} s  (median of {runs}; "
+        f"in the flow {statistics.median(inside):.2f} s; target <= {NATIVE_WARM_TARGET:g} s)"
+    )
+    print(f"ratio cold / warm: {cold_run / warm_median:.0f}x")
+    return 0 if warm_median <= NATIVE_WARM_TARGET else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--native", action="store_true", help="measure `kbundle run --native` (see above)")
     args = parser.parse_args()
     import world as world_module
 
     world = world_module.up()
+    if args.native:
+        tmp = Path(tempfile.mkdtemp(prefix="kbundle-bench-native-"))
+        try:
+            return native_main(world, args.runs, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix="kbundle-bench-"))
     env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp / "jupyter"), KBUNDLE_CACHE_DIR=str(tmp / "cache-run"))
     image = None

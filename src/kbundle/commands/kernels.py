@@ -25,7 +25,7 @@ def kernels_list(as_json: bool = typer.Option(False, "--json", help="Print a JSO
     from kbundle.kernel.spec import list_kernelspecs
 
     records = list_kernelspecs()
-    client = _engine_or_none() if records else None
+    client = _engine_or_none() if any(not r.native for r in records) else None
     health = {r.name: kernel_health(r, client) for r in records}
     if as_json:
         _print_json([dict(r.to_dict(), health=health[r.name]) for r in records])
@@ -34,10 +34,15 @@ def kernels_list(as_json: bool = typer.Option(False, "--json", help="Print a JSO
         typer.echo("no kbundle kernels (register one with `kbundle run BUNDLE`)")
         return
     rows = [("NAME", "IMAGE", "GPUS", "HEALTH", "WORKDIR")]
-    rows += [(r.name, r.image, ",".join(r.gpus) or "cpu", health[r.name], r.workdir) for r in records]
+    rows += [(r.name, _runs(r), ",".join(r.gpus) or "cpu", health[r.name], r.workdir) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+
+
+def _runs(record) -> str:
+    """What a kernel runs: its image, or `native <prefix>` for a kernel of `run --native`."""
+    return f"native {record.native}" if record.native else record.image
 
 
 def _engine_or_none():
@@ -53,8 +58,20 @@ def _engine_or_none():
 
 
 def kernel_health(record, client) -> str:
-    """`ok`, or what is broken: `image missing`, `workdir missing`; `unknown` when the image cannot be checked."""
+    """`ok`, or what is broken: `image missing` (a native kernel's `prefix missing`, `prefix incomplete`),
+    `workdir missing`; `unknown` when the image cannot be checked."""
     problems = [] if record.workdir and os.path.isdir(record.workdir) else ["workdir missing"]
+    if record.native:
+        from pathlib import Path
+
+        from kbundle.image import native
+
+        prefix = Path(record.native)
+        if not prefix.is_dir():
+            problems.insert(0, "prefix missing")
+        elif not native.is_complete(prefix):
+            problems.insert(0, "prefix incomplete")
+        return ", ".join(problems) or "ok"
     image = _image_present(client, record.image)
     if image is False:
         problems.insert(0, "image missing")
@@ -86,10 +103,13 @@ def kernels_remove(
     image: bool = typer.Option(False, "--image", help="Remove the kernel's Docker image too."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: kernel, path, image, image_removed."),
 ) -> None:
-    """Unregister one of kbundle's kernels; its image stays (until `kbundle gc`) unless --image."""
+    """Unregister one of kbundle's kernels; its image stays (until `kbundle gc`) unless --image.
+    A native kernel's environment goes with it, unless another kernel uses it."""
     from kbundle.kernel.spec import find_kernel, list_kernelspecs, remove_kernelspec
 
     record = find_kernel(ref)
+    if record.native:
+        return _remove_native(record, as_json)
     client = None
     if image:
         from kbundle.kernel import gc as gcmod
@@ -115,6 +135,43 @@ def kernels_remove(
     typer.echo("\n".join(lines))
 
 
+def _remove_native(record, as_json: bool) -> None:
+    """A native kernel: the kernelspec, then its prefix unless another kernel uses it (or a run is installing it)."""
+    from kbundle.kernel.spec import remove_kernelspec
+
+    path = remove_kernelspec(record.name)
+    message, removed = remove_native_prefix(record.native)
+    if as_json:
+        _print_json({"kernel": record.name, "path": str(path), "native": record.native, "native_removed": removed})
+        return
+    typer.echo(f"removed kernel {record.name} ({path})\n{message}")
+
+
+def remove_native_prefix(prefix_text: str) -> tuple[str, bool]:
+    """Remove a native prefix no registered kernel uses: (what happened, in words; removed)."""
+    from pathlib import Path
+
+    from kbundle.display import size
+    from kbundle.image import native
+    from kbundle.kernel.spec import list_kernelspecs
+
+    prefix = Path(prefix_text)
+    if sharing := [k.name for k in list_kernelspecs() if k.native == prefix_text]:
+        return f"its environment {prefix} stays: kernel {', '.join(sharing)} uses it too", False
+    if not prefix.exists():
+        return f"its environment {prefix} was already gone", False
+    if not native.is_ours(prefix):
+        return f"its environment {prefix} stays: it holds no kbundle stamp, so kbundle leaves it alone", False
+    if native.busy(prefix):
+        return (
+            f"its environment {prefix} stays: a kbundle run is installing it now (`kbundle gc` removes it later)",
+            False,
+        )
+    freed = native.size_of(prefix)
+    native.remove(prefix)
+    return f"removed its environment {prefix} ({size(freed)})", True
+
+
 def _remove_image(client, image: str) -> str:
     import docker
 
@@ -137,11 +194,16 @@ def gc(
         False, "--cache", help="Also empty kbundle's package, wheel and bytecode caches (refetched when needed)."
     ),
 ) -> None:
-    """Remove leftover kernel containers, unused kbundle images and stale extracted bundles (--cache: and caches)."""
-    from kbundle.errors import KbundleError
+    """Remove leftover kernel containers, unused kbundle images, native environments no kernel uses and
+    stale extracted bundles (--cache: and caches)."""
+    from kbundle.errors import KbundleError, MachineError
     from kbundle.kernel import gc as gcmod
 
-    client = gcmod.connect()
+    try:
+        client = gcmod.connect()
+    except MachineError as exc:  # what needs no engine (native environments, folders) is still swept
+        client = None
+        typer.echo(f"warning: {exc}: kernel containers and images are not checked", err=True)
     plan = gcmod.plan_gc(client, caches=caches)
     if not as_json:
         _print_plan(plan, gcmod)

@@ -84,8 +84,18 @@ def run(
     login_address: str = typer.Option(
         "", "--login-address", help="With --slurm: this machine's address as the nodes reach it (default: found)."
     ),
+    native: bool = typer.Option(
+        False,
+        "--native",
+        help="No Docker: install the environment on this machine and run the kernel there, as you, outside any "
+        'container (see docs/usage.md, "No Docker?").',
+    ),
+    prefix_root: Optional[Path] = typer.Option(
+        None, "--prefix-root", help="With --native: where its environment goes (default: kbundle's cache)."
+    ),
 ) -> None:
-    """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it."""
+    """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it
+    (--native: install its environment on this machine instead, without a container)."""
     from kbundle.errors import UsageError
     from kbundle.flows.run import RunOptions, run_bundle, summary_lines
     from kbundle.progress import reporter
@@ -114,6 +124,8 @@ def run(
         slurm=_slurm_options(
             slurm, gpus, partition, gres, time_limit, account, slurm_arg or [], start_timeout, login_address
         ),
+        native=native,
+        prefix_root=prefix_root,
     )
     result = run_bundle(options, console)
     data = result.to_dict()
@@ -192,7 +204,7 @@ def _kernel_networks() -> list[dict[str, str]]:
     from kbundle.kernel.spec import list_kernelspecs
 
     try:
-        return [{"name": k.name, "network": k.network} for k in list_kernelspecs()]
+        return [{"name": k.name, "network": k.network, "native": bool(k.native)} for k in list_kernelspecs()]
     except Exception:  # doctor reports what it can; a broken Jupyter setup is not its topic
         return []
 
@@ -248,7 +260,7 @@ def doctor(
         client = preflight.connect(_timeout(engine_timeout))
     except KbundleError as exc:  # still show what NVML knows
         client = None
-        engine = preflight.EngineFacts(False, preflight.docker_host(), error=str(exc))
+        engine = preflight.EngineFacts(False, preflight.docker_host(), error=f"{exc}; {preflight.NATIVE_HINT}")
         report = preflight.evaluate(engine, preflight.probe_nvml(), cuda, preflight.GpuRequest.parse("auto"))
     else:
         report = preflight.run_preflight(client, cuda, preflight.GpuRequest.parse("auto"))
@@ -264,6 +276,8 @@ def doctor(
         typer.echo(f"gpu {gpu.index}  {gpu.name}  sm_{gpu.capability.replace('.', '')}  native: {native}")
     for kernel in kernels:
         note = "  (shares this machine's network: --network host)" if kernel["network"] == "host" else ""
+        if kernel.get("native"):
+            note = "  (runs on this machine, outside any container: --native)"
         typer.echo(f"kernel {kernel['name']}  network {kernel['network']}{note}")
     if failure:
         raise MachineError(failure)

@@ -186,3 +186,129 @@ def consent(
             trust(signature)
     if not ask(console, "Build it and register the kernel? [y/N] "):
         raise KbundleError("not built: you declined (pass --yes to skip the question)")
+
+
+# ----------------------------------------------------------------- run --native
+
+
+@dataclass(frozen=True)
+class NativeReview:
+    """What `run --native` asks the recipient to agree to, gathered offline."""
+
+    sender: str  # Signature.describe()
+    prefix: str  # where the environment goes
+    hosts: tuple[str, ...]
+    conda: str
+    pip: int
+    builds: tuple[str, ...] = ()  # pip lines whose build code runs here: VCS and sdist requirements
+    disk: str = ""
+    unusual: tuple[str, ...] = ()
+    workdir: str = ""
+
+
+def native_review_lines(review: NativeReview) -> list[str]:
+    """The native review as plain lines (pure; every bundle-supplied string escaped here)."""
+    lines = [
+        f"sender      {review.sender}",
+        "runs        ON THIS MACHINE, AS YOU, OUTSIDE ANY CONTAINER: when the kernel runs, the bundle's "
+        "code (its notebook, its conda and pip packages) can read and change your files, use your "
+        "network and your credentials; nothing isolates it",
+        f"prefix      {safe(review.prefix)} (the environment, installed here; `kbundle kernels remove` removes it)",
+        f"contacts    {', '.join(safe(h) for h in review.hosts) or 'nothing (all local)'}",
+        f"conda       {review.conda}",
+    ]
+    if review.pip:
+        lines.append(
+            f"pip         {review.pip} requirement(s), installed as wheels by the environment's own pip, "
+            "whose Python runs on this machine as you"
+        )
+        lines += [
+            f"build       {safe(line)}: its build code runs on this machine, as you, to make a wheel (no container)"
+            for line in review.builds
+        ]
+        lines.append(
+            ".pth        a .pth file in a wheel runs at every start of the environment's Python: kbundle "
+            "reads the wheels' file lists and names any before installing it"
+        )
+    if review.disk:
+        lines.append(f"disk        {review.disk}")
+    lines += [f"unusual     {u}" for u in review.unusual]
+    if review.workdir:
+        lines.append(f"workdir     {safe(review.workdir)}")
+    return lines
+
+
+def native_builds(pins) -> tuple[str, ...]:
+    """The pip lines whose build code runs on the host under `--native`: VCS and sdist requirements (pure)."""
+    from kbundle.specs import parse_pip_line
+
+    found = []
+    for text in pins:
+        try:
+            pin = parse_pip_line(text)
+        except KbundleError:
+            continue
+        if pin is not None and (pin.vcs or (pin.url and not pin.wheel_url)):
+            found.append(pin.text)
+    return tuple(found)
+
+
+def pth_lines(found) -> list[str]:
+    """One line per wheel that carries `.pth` files (pure): what runs at every interpreter start."""
+    by_wheel: dict[str, list[str]] = {}
+    for wheel, pth in found:
+        by_wheel.setdefault(wheel, []).append(pth)
+    return [
+        f"{safe(wheel)} installs {', '.join(safe(p) for p in names)}: it runs at every start of the "
+        "environment's Python, the kernel's included"
+        for wheel, names in sorted(by_wheel.items())
+    ]
+
+
+def consent_native(
+    console,
+    *,
+    yes: bool,
+    review: NativeReview,
+    signature=None,
+    ask: Callable[[Any, str], bool] = _ask,
+    interactive: Optional[bool] = None,
+) -> None:
+    """`run --native` installs a stranger's environment on this machine: show it and ask, unless --yes."""
+    if yes:
+        return
+    interactive = sys.stdin.isatty() if interactive is None else interactive
+    if not interactive:
+        raise KbundleError(
+            "--native installs this bundle on this machine, where its code runs as you, outside any container; "
+            "review it (kbundle inspect, or run kbundle on a terminal to see the review) and pass --yes to "
+            "install it (stdin is not a terminal, so kbundle cannot ask)"
+        )
+    console.print("[bold]About to install an environment on this machine and register a kernel:[/]", soft_wrap=True)
+    for line in native_review_lines(review):
+        console.print(escape(line), soft_wrap=True, highlight=False)
+    if signature is not None and signature.state == "unknown":
+        if ask(console, "Trust this signer for the bundles it signs from now on? [y/N] "):
+            trust(signature)
+    if not ask(console, "Install it on this machine and register the kernel? [y/N] "):
+        raise KbundleError("not installed: you declined (pass --yes to skip the question)")
+
+
+def consent_pth(
+    console, *, yes: bool, found, ask: Callable[[Any, str], bool] = _ask, interactive: Optional[bool] = None
+) -> list[str]:
+    """Wheels carrying `.pth` files, named before they are installed. With --yes they are warnings
+    (returned); otherwise a question, whose "no" stops the run before pip installs anything."""
+    lines = pth_lines(found)
+    if not lines or yes:
+        return lines
+    interactive = sys.stdin.isatty() if interactive is None else interactive
+    if not interactive:
+        raise KbundleError(
+            f"{lines[0]}; pass --yes to install it anyway (stdin is not a terminal, so kbundle cannot ask)"
+        )
+    for line in lines:
+        console.print(f"[yellow].pth[/]        {escape(line)}", soft_wrap=True, highlight=False)
+    if not ask(console, "Install these wheels all the same? [y/N] "):
+        raise KbundleError("not installed: you declined the wheels' .pth files (pass --yes to skip the question)")
+    return []

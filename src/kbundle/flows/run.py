@@ -16,6 +16,9 @@
    bundle's content hash; nothing is built. `image_for` is this step, for run and push alike.
 7. register the kernel (kernel/spec.py): a name another bundle holds is refused (--name, --replace)
 
+`--native` (flows/native.py) takes none of steps 3-6: no engine, no image; the environment is
+installed on this machine and the kernel is a plain ipykernel of it, after its own consent.
+
 Nothing is registered unless the image exists under its content tag, so a failed or
 interrupted build leaves no kernel behind. kbundle builds the Dockerfile it renders
 from the manifest, never the shipped one unless --use-bundled-dockerfile says so.
@@ -72,6 +75,8 @@ class RunOptions:
     replace: bool = False  # --replace: take over a kernel of that name that runs another bundle
     image: Optional[str] = None  # --image NAME@sha256:…: pull this pushed image instead of building
     slurm: Any = None  # --slurm: kernel/slurm.py's SlurmOptions; the kernel runs on a compute node (flows/slurm.py)
+    native: bool = False  # --native: no container; the env installed on this machine (flows/native.py)
+    prefix_root: Optional[Path] = None  # --prefix-root: where --native puts its prefix (default: kbundle's cache)
 
 
 @dataclass
@@ -97,6 +102,7 @@ class RunResult:
     pulled: bool = False  # --image: pulled now (False: this engine had that digest)
     image_ref: Optional[str] = None  # --image: the pinned reference the kernel's image came from
     slurm: Any = None  # --slurm: the job's options the kernel was registered with
+    native: Optional[dict[str, Any]] = None  # --native: prefix, reused, install_seconds, virtual_packages
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +126,7 @@ class RunResult:
             "pulled": self.pulled,
             "image_ref": self.image_ref,
             "slurm": dataclasses.asdict(self.slurm) if self.slurm is not None else None,
+            "native": dict(self.native) if self.native is not None else None,
         }
 
 
@@ -157,6 +164,10 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     from kbundle.flows.undo import Undo
 
     with Undo() as undo:
+        if options.native or options.prefix_root is not None:
+            from kbundle.flows.native import run_native
+
+            return run_native(options, console, undo)
         if options.slurm is not None:
             from kbundle.flows.slurm import run_on_slurm
 
@@ -190,7 +201,7 @@ def _run_bundle(options: RunOptions, console, undo) -> RunResult:
         f"kept your {k.path} (it differs from the bundle's); the bundle's copy is at {k.fresh}" for k in placement.kept
     ]
 
-    client = preflight.connect(options.engine_timeout)
+    client = connect_or_hint(options.engine_timeout)
     undo.client = client
     base = options.base_image or bundle.base_image
     report = preflight.run_preflight(client, bundle.cuda, request, probe_image=base)
@@ -222,6 +233,18 @@ def _run_bundle(options: RunOptions, console, undo) -> RunResult:
         pulled=image.pulled,
         image_ref=image.ref,
     )
+
+
+def connect_or_hint(timeout: float):
+    """The engine; when none answers, the error also says that `--native` exists and what it means
+    (it is never chosen silently)."""
+    from kbundle.errors import MachineError
+    from kbundle.image import preflight
+
+    try:
+        return preflight.connect(timeout)
+    except MachineError as exc:
+        raise MachineError(f"{exc}; {preflight.NATIVE_HINT}") from None
 
 
 @contextmanager
@@ -642,6 +665,10 @@ def _pip_resolved(bundle) -> list[str]:
 
 
 def summary_lines(result: RunResult) -> list[str]:
+    if result.native is not None:
+        from kbundle.flows.native import summary_lines as native_summary
+
+        return native_summary(result)
     if result.slurm is not None:
         return _slurm_summary(result)
     where = "GPUs " + ", ".join(result.gpus) if result.gpus else "CPU"

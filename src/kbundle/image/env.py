@@ -139,8 +139,11 @@ class InstallStats:
     seconds: float
 
 
-def install(env: ResolvedEnv, target: Path, on_progress=None, meter=None) -> InstallStats:
-    """Install the records into `target`, with the image's prefix patched in as the final prefix.
+def install(
+    env: ResolvedEnv, target: Path, on_progress=None, meter=None, final_prefix: Optional[str] = contract.PREFIX
+) -> InstallStats:
+    """Install the records into `target`, with `final_prefix` patched in as the final prefix: the
+    image's by default; None for a prefix that stays where it is installed (`run --native`).
 
     `meter` (a progress.Meter) counts the packages fetched and their bytes; `on_progress(done,
     total)` follows rattler's linking.
@@ -161,7 +164,7 @@ def install(env: ResolvedEnv, target: Path, on_progress=None, meter=None) -> Ins
             await rattler.install(
                 records,
                 target_prefix=str(target),
-                alternative_target_prefix=contract.PREFIX,
+                alternative_target_prefix=final_prefix if final_prefix != str(target) else None,
                 cache_dir=package_cache_dir(),
                 platform=rattler.Subdir(contract.PLATFORM),
                 execute_link_scripts=False,
@@ -178,7 +181,7 @@ def install(env: ResolvedEnv, target: Path, on_progress=None, meter=None) -> Ins
             for record in env.records:  # the records are the caller's: give them their URLs back
                 record.url = origins[_stem(record)][0]
     _restore_urls(target, origins)
-    check_prefix(target)
+    check_prefix(target, final_prefix or str(target))
     return InstallStats(env.count, time.perf_counter() - t0)
 
 
@@ -191,11 +194,12 @@ def _install_failure(exc: BaseException, target: Path) -> str:
     return f"installing the environment failed: {text}"
 
 
-def check_prefix(target: Path) -> None:
-    """Refuse an installed prefix holding a symlink that resolves outside it (to a host file, say)."""
+def check_prefix(target: Path, final_prefix: str = contract.PREFIX) -> None:
+    """Refuse an installed prefix holding a symlink that resolves outside it (to a host file, say);
+    absolute targets are read against `final_prefix`, where the prefix will live."""
     from kbundle.bundle import BundleError
 
-    for link in provenance.escaping_links(target):
+    for link in provenance.escaping_links(target, final_prefix):
         raise BundleError(
             f"the environment holds a symlink that leaves it: {safe(link)} -> {safe(os.readlink(target / link))}"
         )

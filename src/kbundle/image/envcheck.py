@@ -2,7 +2,8 @@
 
 Two checks, both named after what they guard:
 
-* `pip check` (run by the env's own pip, in the install's sandbox) reads every installed
+* `pip check` (run by the env's own pip: in the install's sandbox for an image, on the host
+  for `run --native`; both judged here by `verdict`) reads every installed
   distribution's requirements. A requirement broken where a pip package stands on either side
   is an error naming both sides: kbundle's pip step did that. One broken among conda's own
   packages only is a warning: the conda side came that way from its solve.
@@ -20,7 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from kbundle.display import safe
+from kbundle.errors import KbundleError
 from kbundle.specs import canonical
+
+PIP_CHECK = ["-m", "pip", "check", "--disable-pip-version-check", "--no-input"]
 
 # pip check's two kinds of line (pip 9 to 26).
 _HAS = re.compile(r"^(\S+) (\S+) has requirement (.+?), but you have (\S+) (\S+?)\.?$")
@@ -42,6 +47,22 @@ class Problem:
         return f"{sides.get(owner, 'conda')}'s {self.owner} needs {self.requirement}, but {have}" + (
             f" (from {sides.get(needed, 'conda')})" if self.found else ""
         )
+
+
+def pip_names(lines: Iterable[str]) -> set[str]:
+    """The distributions an exact resolution (`name==1.0 --hash=…`, one per line) installs, canonical."""
+    return {canonical(re.split(r"[=@\s]", line, maxsplit=1)[0]) for line in lines}
+
+
+def verdict(pip_check_output: str, prefix: Path, lines: Iterable[str]) -> tuple[str, ...]:
+    """The environment at `prefix` after pip installed the resolution `lines`, judged from `pip check`'s
+    output and conda's records: a requirement pip broke is one KbundleError; the rest are warnings."""
+    names = pip_names(lines)
+    errors, warnings = judge(parse_pip_check(pip_check_output), names)
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise KbundleError(f"the pip: section broke the environment: {safe(errors[0])}{more} (pip check)")
+    return tuple(warnings + conda_records(prefix, names))
 
 
 def parse_pip_check(output: str) -> list[Problem]:

@@ -15,7 +15,6 @@ checks. `--no-compile`: image/bytecode.py compiles afterwards, through its share
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -25,7 +24,6 @@ from pathlib import Path
 from kbundle import contract
 from kbundle.display import safe
 from kbundle.errors import KbundleError
-from kbundle.specs import canonical
 
 WHEELS_IN_CONTAINER = "/kbundle-wheels"
 REQUIREMENTS = "requirements.txt"
@@ -120,12 +118,11 @@ def _check(client, image: str, prefix: Path, run_as: str, lines: Sequence[str]) 
     pip, and conda's records against the files. A requirement pip broke is one error."""
     from kbundle.image import envcheck, sandbox
 
-    pip_names = {canonical(re.split(r"[=@\s]", line, maxsplit=1)[0]) for line in lines}
     with sandbox.lent(prefix, run_as):
         outcome = sandbox.run(
             client,
             image,
-            ["-I", "-m", "pip", "check", "--disable-pip-version-check", "--no-input"],
+            ["-I", *envcheck.PIP_CHECK],
             entrypoint=[f"{contract.PREFIX}/bin/python"],
             mounts={str(prefix): (contract.PREFIX, "ro")},
             environment={"HOME": "/tmp", "PIP_CONFIG_FILE": os.devnull, "PYTHONDONTWRITEBYTECODE": "1"},
@@ -133,11 +130,66 @@ def _check(client, image: str, prefix: Path, run_as: str, lines: Sequence[str]) 
             run_as=run_as,
             timeout=TIMEOUT,
         )
-    errors, warnings = envcheck.judge(envcheck.parse_pip_check(outcome.stdout + outcome.stderr), pip_names)
-    if errors:
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise KbundleError(f"the pip: section broke the environment: {safe(errors[0])}{more} (pip check)")
-    return tuple(warnings + envcheck.conda_records(prefix, pip_names))
+    return envcheck.verdict(outcome.stdout + outcome.stderr, prefix, lines)
+
+
+def install_on_host(prefix: Path, files: Sequence[Path], lines: Sequence[str]) -> Installed:
+    """`run --native`: pip install `files` (the exact resolution `lines`) into the env at `prefix`
+    by the env's own pip, here on the host, as the invoking user: the same wheels, hashes and
+    options as in the image's sandbox (`--no-index --no-deps --no-compile`), then the same checks
+    (image/envcheck.py). A wheel runs no code when it is installed; the env's own interpreter
+    does (the consent says so: flows/review.py)."""
+    import subprocess
+
+    from kbundle.image import env as envmod
+    from kbundle.image import envcheck
+
+    if not lines:
+        return Installed((), "")
+    if not has_pip(prefix):
+        raise KbundleError("the bundle has pip: requirements, but its environment has no pip to install them with")
+    python = str(prefix / "bin" / "python")
+    environment = host_environment(prefix)
+    with tempfile.TemporaryDirectory(prefix=".kbundle-wheels-", dir=prefix.parent) as tmp:
+        folder = Path(tmp)
+        _gather(files, folder, lines)
+        args = [a.replace(WHEELS_IN_CONTAINER, str(folder)) for a in command(REQUIREMENTS)]
+        try:
+            done = subprocess.run(
+                [python, *args],
+                capture_output=True,
+                text=True,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                timeout=TIMEOUT,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KbundleError(f"cannot run the environment's pip ({python}): {exc}") from None
+    if done.returncode != 0:
+        tail = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in tail if ln.startswith("ERROR")] or tail[-1:] or [f"exit {done.returncode}"]
+        raise KbundleError(f"installing the pip: section into the environment failed: {safe(errors[0])}")
+    envmod.check_prefix(prefix, str(prefix))  # the bundle's pip wrote there: no symlink may lead out of it
+    checked = subprocess.run(
+        [python, "-I", *envcheck.PIP_CHECK],
+        capture_output=True,
+        text=True,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        timeout=TIMEOUT,
+    )
+    warnings = envcheck.verdict(checked.stdout + checked.stderr, prefix, lines)
+    return Installed(tuple(lines), done.stdout + done.stderr, warnings)
+
+
+def host_environment(prefix: Path) -> dict[str, str]:
+    """What the env's pip runs with on the host: the user's environment minus anything that would
+    point pip or the interpreter elsewhere (pip configuration, PYTHON* variables, a venv)."""
+    drop = ("PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA_", "LD_PRELOAD", "LD_LIBRARY_PATH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(PIP_CONFIG_FILE=os.devnull, PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1")
+    env["PATH"] = f"{prefix / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
 
 
 def _gather(files: Sequence[Path], folder: Path, lines: Sequence[str]) -> None:

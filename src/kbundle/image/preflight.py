@@ -3,6 +3,8 @@
 Two halves. `probe_*` functions read the world (Docker engine, NVML) into typed facts;
 `evaluate` turns facts plus the environment's CUDA plus the `--gpus` request into
 findings and a GPU plan. `evaluate` is pure, so the decision table is unit-tested by data.
+`evaluate_native` is the same for `run --native`: no engine, no passthrough, the GPUs
+straight from NVML, and the same driver and architecture checks.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ from kbundle.facts import CompatTables, Version, load_tables
 OK, WARN, ERROR = "ok", "warn", "error"
 ENGINE_TIMEOUT = 10.0  # seconds an engine may take to answer the first call (--engine-timeout)
 BUILD_TIMEOUT = 600  # seconds any later engine call may take (a pull, a build step's output)
+
+# Added to "no engine answers" by `run` and `doctor`: --native is never chosen silently.
+NATIVE_HINT = (
+    "without a container engine, `kbundle run BUNDLE --native` installs the environment on this machine "
+    'instead, where the bundle\'s code runs as you, outside any container (docs/usage.md, "No Docker?")'
+)
+NATIVE_ENGINE = "none: --native runs the kernel on this machine, outside any container"
 
 # Where NVIDIA's container toolkit writes CDI specs (nvidia-ctk cdi generate).
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
@@ -299,6 +308,82 @@ def evaluate(
         )
     elif plan.on_gpu and not cuda:
         findings.append(Finding(WARN, "driver", "this environment has no CUDA: the GPUs are passed through unused"))
+    return Report(engine, nvml, cuda, request, plan, findings)
+
+
+def plan_native_gpus(request: GpuRequest, nvml: NvmlFacts) -> tuple[GpuPlan, list[Finding]]:
+    """`run --native`: which GPUs the kernel sees, straight from the driver (no passthrough).
+    Never a silent CPU: auto says so in a warning; a GPU asked for and absent is an error."""
+    if request.mode == "none":
+        return GpuPlan(), [Finding(OK, "runtime", "GPUs off (--gpus none): the kernel runs on CPU")]
+    visible = [str(g.index) for g in nvml.gpus]
+    unread = not nvml.available and _device_nodes()  # a driver here, but NVML cannot be read
+    if not visible and not unread:
+        why = nvml.reason or "NVML reports no GPU"
+        if request.mode == "auto":
+            return GpuPlan(), [Finding(WARN, "runtime", f"no NVIDIA GPU found ({why}): the kernel runs on CPU")]
+        return GpuPlan(), [
+            Finding(ERROR, "runtime", f"--gpus {request}: no NVIDIA GPU found ({why}); pass --gpus none to run on CPU")
+        ]
+    if request.mode in ("auto", "all"):
+        gpus = tuple(visible) or ("all",)
+        level = OK if visible else WARN
+        said = f"the kernel sees GPUs {', '.join(gpus)}, straight from the driver"
+        if not visible:
+            said = f"the kernel sees this machine's GPUs, unchecked ({nvml.reason})"
+        return GpuPlan(gpus), [Finding(level, "runtime", said)]
+    if request.mode == "count":
+        if nvml.available and request.count > len(visible):
+            return GpuPlan(), [
+                Finding(ERROR, "runtime", f"--gpus {request.count}: this machine has {len(visible)} GPU(s)")
+            ]
+        gpus = tuple(visible[: request.count]) if visible else tuple(str(i) for i in range(request.count))
+        return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel sees GPUs {', '.join(gpus)}")]
+    known = set(visible) | {g.uuid for g in nvml.gpus}
+    missing = [d for d in request.devices if nvml.available and d not in known]
+    if missing:
+        return GpuPlan(), [
+            Finding(
+                ERROR,
+                "runtime",
+                f"--gpus {request}: no GPU {', '.join(missing)} on this machine (GPUs: {', '.join(visible) or 'none'})",
+            )
+        ]
+    return GpuPlan(request.devices), [Finding(OK, "runtime", f"the kernel sees GPUs {', '.join(request.devices)}")]
+
+
+def visible_devices(request: GpuRequest, plan: GpuPlan) -> Optional[str]:
+    """`CUDA_VISIBLE_DEVICES` for a native kernel: None leaves the machine's GPUs as they are (pure)."""
+    if not plan.on_gpu:
+        return "-1" if request.mode == "none" else None
+    if request.mode in ("count", "devices"):
+        return ",".join(plan.gpus)
+    return None
+
+
+def evaluate_native(
+    nvml: NvmlFacts, cuda: Optional[str], request: GpuRequest, tables: Optional[CompatTables] = None
+) -> Report:
+    """`run --native`: the same findings as `evaluate`, read straight from NVML: the driver against
+    the environment's CUDA, each GPU's architecture against the CUDA build (pure)."""
+    tables = tables or load_tables()
+    engine = EngineFacts(False, NATIVE_ENGINE)
+    findings = [Finding(OK, "native", "no container: the kernel runs on this machine, as you")]
+    findings += _nvml_findings(nvml)
+    plan, gpu_findings = plan_native_gpus(request, nvml)
+    findings += gpu_findings
+    if plan.on_gpu and cuda and nvml.driver_version:
+        findings.append(check_driver(nvml, cuda, tables))
+        chosen = [g for g in nvml.gpus if str(g.index) in plan.gpus or g.uuid in plan.gpus or "all" in plan.gpus]
+        findings += [check_arch(g, cuda, tables) for g in (chosen or nvml.gpus)]
+    elif plan.on_gpu and cuda:
+        findings.append(
+            Finding(
+                WARN,
+                "driver",
+                f"cannot check the NVIDIA driver against CUDA {cuda}: {nvml.reason or 'NVML gave no driver version'}",
+            )
+        )
     return Report(engine, nvml, cuda, request, plan, findings)
 
 

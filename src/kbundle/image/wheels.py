@@ -409,17 +409,12 @@ def _resolve_and_fetch(
     return WheelSet(tuple(kept), tuple(files), fetched, tuple(resolution))
 
 
-class ContainerBuilder:
-    """Build a VCS or sdist requirement into a wheel without running its code on this host.
+class _Builder:
+    """Build a VCS or sdist requirement into a wheel with the environment's own Python.
 
-    The source is fetched here (git, or a plain HTTP download), then the environment's own
-    Python (`env_dir`, installed for the image's prefix) runs `pip wheel` in a throwaway
-    container of the base image: no network, every capability dropped, no new privileges, an
-    unprivileged user; the build requirements the project declares are fetched here first as
-    wheels for the image and offered to it as its only index."""
-
-    def __init__(self, client, base_image: str, env_dir: Path, timeout: float = 600):
-        self.client, self.base_image, self.env_dir, self.timeout = client, base_image, env_dir, timeout
+    The source is fetched here (git, or a plain HTTP download: no package code runs for that);
+    the build requirements the project declares are fetched here first as wheels for the target
+    and offered to the build as its only index. Subclasses say where the build runs (`_run`)."""
 
     def build(self, pin: PipPin, python: str, indexes: PipIndexes, glibc: str | None) -> tuple[Path, str]:
         work = Path(tempfile.mkdtemp(prefix="build-", dir=cache_root_dir("built")))
@@ -446,29 +441,77 @@ class ContainerBuilder:
             shutil.rmtree(work, ignore_errors=True)
 
     def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
+        raise NotImplementedError
+
+
+def _wheel_command(python: str, root: str, subdir: str) -> list[str]:
+    """`pip wheel` of the source in `root`/src, offline, its build requirements from `root`/deps."""
+    return [
+        python,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-index",
+        "--find-links",
+        f"{root}/deps",
+        "--wheel-dir",
+        f"{root}/out",
+        "--disable-pip-version-check",
+        "--no-cache-dir",
+        "--progress-bar",
+        "off",
+        f"{root}/src" + (f"/{subdir}" if subdir else ""),
+    ]
+
+
+class HostBuilder(_Builder):
+    """`run --native`: the build runs here, on the host, as the invoking user, by the environment's
+    own Python at `prefix`: its build code runs on this machine (the consent names each such line:
+    flows/review.py). pip gets no index but the build requirements fetched beforehand."""
+
+    def __init__(self, prefix: Path, timeout: float = 600):
+        self.prefix, self.timeout = prefix, timeout
+
+    def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
+        from kbundle.image.pipinstall import host_environment
+
+        command = _wheel_command(str(self.prefix / "bin" / "python"), str(work), subdir)
+        try:
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                env=host_environment(self.prefix),
+                stdin=subprocess.DEVNULL,
+                timeout=self.timeout,
+                cwd=work,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KbundleError(f"pip: building {pin.text} into a wheel failed: {exc}") from None
+        if done.returncode != 0:
+            tail = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()][-1:] or ["no output"]
+            raise KbundleError(f"pip: building {pin.text} into a wheel failed: {tail[0].strip()}")
+
+
+class ContainerBuilder(_Builder):
+    """Build a VCS or sdist requirement into a wheel without running its code on this host.
+
+    The environment's own Python (`env_dir`, installed for the image's prefix) runs `pip wheel`
+    in a throwaway container of the base image: no network, every capability dropped, no new
+    privileges, an unprivileged user."""
+
+    def __init__(self, client, base_image: str, env_dir: Path, timeout: float = 600):
+        self.client, self.base_image, self.env_dir, self.timeout = client, base_image, env_dir, timeout
+
+    def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
         from kbundle import contract
 
         uid = os.getuid() if hasattr(os, "getuid") and os.getuid() != 0 else 65534
         for path in [work, *work.rglob("*")]:
             if not path.is_symlink():
                 path.chmod(0o777 if path.is_dir() else 0o666)
-        command = [
-            f"{contract.PREFIX}/bin/python",
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-index",
-            "--find-links",
-            "/kbundle/deps",
-            "--wheel-dir",
-            "/kbundle/out",
-            "--disable-pip-version-check",
-            "--no-cache-dir",
-            "--progress-bar",
-            "off",
-            "/kbundle/src" + (f"/{subdir}" if subdir else ""),
-        ]
+        command = _wheel_command(f"{contract.PREFIX}/bin/python", "/kbundle", subdir)
         container = self.client.containers.create(
             self.base_image,
             command=command,
@@ -619,6 +662,29 @@ def _build_requires(src: Path) -> list[str]:
     if any(r.lower().startswith("setuptools") for r in requires) and not any(r.startswith("wheel") for r in requires):
         requires.append("wheel")  # older setuptools asks for it at build time
     return requires
+
+
+def pth_files(files: Sequence[Path]) -> list[tuple[str, str]]:
+    """(wheel file name, .pth file) for every `.pth` file a wheel installs into site-packages, read
+    from the wheels' file lists before anything is installed. Python runs the lines of such a
+    file that start with `import` at every interpreter start."""
+    import zipfile
+
+    found = []
+    for path in files:
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except (OSError, zipfile.BadZipFile):
+            raise KbundleError(f"pip: {path.name} is not a readable wheel") from None
+        for name in names:
+            parts = name.split("/")
+            in_site = len(parts) == 1 or (
+                len(parts) == 3 and parts[0].endswith(".data") and parts[1] in ("purelib", "platlib")
+            )
+            if in_site and parts[-1].endswith(".pth"):
+                found.append((path.name, parts[-1]))
+    return found
 
 
 def resolution_record(bundle_hash: str) -> Path:

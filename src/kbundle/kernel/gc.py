@@ -8,7 +8,10 @@
     kbundle kernel names and no container uses;
   - extracted bundles nobody uses: build contexts left in kbundle's cache by a build that
     was killed, and extraction scratch dirs (`.kbundle/extract-*`) in kernels' workdirs,
-    both only when older than `STALE_AFTER_S` (a build may be running right now).
+    both only when older than `STALE_AFTER_S` (a build may be running right now);
+  - native environments (`run --native`, image/native.py) in kbundle's cache that no
+    registered kernel uses, and unfinished ones no run is installing now. Without an engine
+    (`client` None) only these and the folders are planned.
   A user's working directory is never a candidate: it holds their notebook and edits.
   With `caches=True` (`kbundle gc --cache`), kbundle's download caches too (cache.py's
   DOWNLOAD_CACHES: conda packages, wheels, byte-compiled environments).
@@ -85,16 +88,21 @@ def plan_gc(
     pycache_dir: Optional[Path] = None,
     now: Optional[float] = None,
     caches: bool = False,
+    native_dir: Optional[Path] = None,
 ) -> GcPlan:
-    """What `kbundle gc` would remove (nothing is removed here); `caches`: kbundle's download caches too."""
+    """What `kbundle gc` would remove (nothing is removed here); `caches`: kbundle's download caches too.
+    `client` None: no engine answers, so kernel containers and images are left out."""
+    from kbundle.image import native
     from kbundle.kernel.spec import list_kernelspecs
 
     kernels = list_kernelspecs() if kernels is None else kernels
     host = host or socket.gethostname()
     now = time.time() if now is None else now
     plan = GcPlan()
-    plan.items += _dead_kernel_containers(client, host)
-    plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
+    if client is not None:
+        plan.items += _dead_kernel_containers(client, host)
+        plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
+    plan.items += _unused_native(kernels, native_dir if native_dir is not None else native.native_root())
     plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else cache.contexts_dir(), now)
     plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache.pycache_root())
     if caches:
@@ -107,6 +115,27 @@ def _download_caches() -> list[GcItem]:
         GcItem(DIRECTORY, str(path.resolve()), f"cache/{path.name}", f"{what}, fetched again when needed", _du(path))
         for path, what in cache.download_caches()
     ]
+
+
+def _unused_native(kernels: list, root: Path) -> list[GcItem]:
+    """Native prefixes under `root` that no registered kernel names, left alone while a run holds their lock."""
+    from kbundle.image import native
+
+    if not root.is_dir():
+        return []
+    used = {os.path.abspath(k.native) for k in kernels if getattr(k, "native", "")}
+    items = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        if str(path.absolute()) in used or not native.is_ours(path) or native.busy(path):
+            continue
+        stamp = native.stamp_of(path)
+        if stamp is not None:
+            what = f"native environment of {stamp.get('name') or 'a bundle'} ({str(stamp.get('bundle_hash', ''))[:12]})"
+            reason = f"{what}, which no registered kernel uses"
+        else:
+            reason = "unfinished native environment: no run is installing it"
+        items.append(GcItem(DIRECTORY, str(path.absolute()), f"native/{path.name}", reason, native.size_of(path)))
+    return items
 
 
 def _unused_pycaches(kernels: list, root: Path) -> list[GcItem]:
@@ -256,6 +285,7 @@ def apply_gc(plan: GcPlan, client) -> GcResult:
             elif item.kind == IMAGE:
                 client.api.remove_image(item.ref, noprune=False)
             else:
+                Path(item.ref, native_stamp()).unlink(missing_ok=True)  # a half-removed prefix is never complete
                 shutil.rmtree(item.ref)
             result.removed.append(item)
         except docker.errors.NotFound:
@@ -263,6 +293,12 @@ def apply_gc(plan: GcPlan, client) -> GcResult:
         except (docker.errors.APIError, OSError) as exc:
             result.failed.append((item, str(getattr(exc, "explanation", None) or exc)))
     return result
+
+
+def native_stamp() -> str:
+    from kbundle.image.native import STAMP
+
+    return STAMP
 
 
 def human_size(size: Optional[int]) -> str:

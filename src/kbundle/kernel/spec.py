@@ -13,6 +13,11 @@ Public functions (the `run` command and `kbundle kernels list/remove` call these
 Why argv and no provisioner: VS Code starts kernels from `argv` only, and rewrites specs
 whose argv looks like `python -m ipykernel...`. The launcher reads everything it needs
 from its own argv, so the spec is self-contained.
+
+A native kernel (`run --native`, `KernelRequest.native`) is a plain ipykernel of the prefix
+kbundle installed on this machine: `<prefix>/bin/python -m ipykernel_launcher -f {connection_file}`,
+with the environment's activation in the spec's `env` (image/native.py `activation`) and
+`metadata.kbundle.native` naming the prefix.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from kbundle.errors import KbundleError, UsageError
 LAUNCHER_SCRIPT = "kbundle-kernel"
 DISPLAY_SUFFIX = " (kbundle)"
 SLURM_SUFFIX = " (kbundle, Slurm)"
+NATIVE_SUFFIX = " (kbundle, native)"
 # Jupyter shows these from a kernelspec's directory (JupyterLab's launcher, Notebook's menu).
 LOGO_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 NETWORKS = ("bridge", "host")
@@ -56,6 +62,7 @@ class KernelRecord:
     network: str = "bridge"
     argv: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    native: str = ""  # the prefix a native kernel runs (`run --native`); "" for a container's
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -110,6 +117,8 @@ class KernelRequest:
     extra_metadata: dict[str, Any] = field(default_factory=dict)  # more for metadata.kbundle
     network: str = "bridge"  # bridge: ports published on 127.0.0.1; host: opted in with `run --network host`
     slurm: Any = None  # kernel/slurm.py's SlurmOptions: the kernel runs on a compute node through srun
+    native: Optional[str] = None  # `run --native`: the prefix on this machine the kernel runs (no image)
+    env: dict[str, str] = field(default_factory=dict)  # native: the activation (image/native.py `activation`)
 
 
 def slurm_kernel_name(name: str) -> str:
@@ -121,6 +130,8 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
     """The kernel.json content (pure: no file is touched)."""
     name, image, gpus, display_name = request.name, request.image, request.gpus, request.display_name
     check_name(name)
+    if request.native is not None:
+        return _native_spec(request)
     if not image:
         raise UsageError("a kernelspec needs an image")
     workdir = os.path.abspath(request.workdir)
@@ -161,6 +172,28 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
     }
 
 
+def _native_spec(request: KernelRequest) -> dict[str, Any]:
+    """A plain ipykernel of the native prefix, activated through the spec's `env` (pure)."""
+    prefix = request.native or ""
+    if not os.path.isabs(prefix):
+        raise UsageError(f"a native kernel needs an absolute prefix, not {prefix!r}")
+    workdir = os.path.abspath(request.workdir)
+    kb: dict[str, Any] = dict(request.extra_metadata)
+    kb.update(native=prefix, bundle_hash=request.bundle_hash, gpus=list(request.gpus), workdir=workdir)
+    shown = safe(request.display_name)
+    shown = shown if shown.endswith(NATIVE_SUFFIX) else shown + NATIVE_SUFFIX
+    env = banner_env(shown.removesuffix(NATIVE_SUFFIX), kb.get("cuda"))
+    env.update(request.env)
+    return {
+        "argv": [os.path.join(prefix, "bin", "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": shown,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "env": env,
+        "metadata": {"kbundle": kb},
+    }
+
+
 def banner_env(bundle: str, cuda: Any) -> dict[str, str]:
     """What the kernel's banner names beyond the image: the launcher gets it from Jupyter's
     environment (its argv stays what the container needs) and hands it to the shim."""
@@ -185,7 +218,8 @@ def claim_name(
     that the advice names a free one."""
     if existing is None or existing.bundle_hash == bundle_hash:
         return None
-    other = f"another bundle ({safe(existing.image) or 'unknown image'})"
+    runs = existing.image or (f"native prefix {existing.native}" if existing.native else "")
+    other = f"another bundle ({safe(runs) or 'unknown image'})"
     if replace:
         return f"replaced kernel {name}, which ran {other}"
     raise KbundleError(
@@ -335,9 +369,11 @@ def _record(name: str, path: Path, data: dict[str, Any]) -> KernelRecord:
         bundle_hash=str(kb.get("bundle_hash", "")),
         gpus=[str(g) for g in kb.get("gpus") or []],
         workdir=str(kb.get("workdir", "")),
-        network="host" if "host" in _network_args(data.get("argv") or []) else "bridge",
+        # a native kernel is a process of this machine: it shares its network
+        network="host" if kb.get("native") or "host" in _network_args(data.get("argv") or []) else "bridge",
         argv=list(data.get("argv") or []),
         metadata=dict(kb),
+        native=str(kb.get("native") or ""),
     )
 
 

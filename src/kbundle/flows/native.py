@@ -1,0 +1,396 @@
+"""`kbundle run BUNDLE --native`: the recipient without a container engine.
+
+The bundle's environment is installed on this machine, in a prefix kbundle owns (image/native.py),
+and its kernel is a plain ipykernel of that prefix. Nothing isolates it: the bundle's code runs as
+the recipient, outside any container, and the consent says so first (flows/review.py).
+
+1. open the bundle once, verifying every member; read its signature; refuse a kernel name another
+   bundle holds (the same rules as `run`)
+2. place its notebook and files in the working directory (image/workdir.py)
+3. preflight on this host (image/preflight.py `evaluate_native`): GPUs straight from NVML, the
+   driver against the environment's CUDA, each GPU's architecture against the CUDA build
+4. the prefix, `<kbundle cache>/native/<content hash[:16]>` (or under `--prefix-root`): complete
+   (its stamp) means reused, nothing installed and nothing asked
+5. otherwise consent (the review: runs as you, outside any container; which pip lines build here;
+   .pth files; the disk the prefix takes), then under the prefix's lock: conda from the bundle's
+   lock (or solved against THIS machine's virtual packages), the pip: section's wheels fetched as
+   for the image and installed by the env's own pip here, the same checks as the image's, the stamp
+6. register the kernel `kbundle-<name>`, "<name> (kbundle, native)" (kernel/spec.py)
+
+A run that fails, is declined or is interrupted removes what it created (flows/undo.py): the
+workdir it made and a prefix it started.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rich.markup import escape
+
+from kbundle.display import safe, size
+from kbundle.errors import UsageError
+
+
+@dataclass(frozen=True)
+class NativePlan:
+    """What the native install will do, found offline before consent."""
+
+    records: Optional[tuple]  # the lock's records; None when unlocked (solved after consent)
+    target: tuple[str, ...]  # this machine's virtual packages (an unlocked solve, and pip's glibc)
+    review: object  # flows/review.py NativeReview
+    needs: object  # flows/checks.py Needs
+
+
+def check_options(options) -> None:
+    """What --native cannot do, refused before any work (pure)."""
+    if options.slurm is not None:
+        raise UsageError(
+            "--native with --slurm is not supported yet: register a Slurm kernel from a pushed image "
+            "(--slurm --image REF@sha256:…), or run --native on the machine that runs the kernel"
+        )
+    refused = [
+        flag
+        for flag, given in (
+            ("--image", options.image),
+            ("--base-image", options.base_image),
+            ("--use-bundled-dockerfile", options.use_bundled_dockerfile),
+            ("--network host", options.network == "host"),
+        )
+        if given
+    ]
+    if refused:
+        raise UsageError(
+            f"--native runs no container: {refused[0]} does not apply (the kernel runs on this machine, on its network)"
+        )
+    if options.prefix_root is not None and not options.native:
+        raise UsageError("--prefix-root goes with --native")
+
+
+def run_native(options, console, undo):
+    from kbundle.bundle import open_bundle
+    from kbundle.flows import run as runflow
+    from kbundle.flows.review import check_signature, read_sender
+    from kbundle.image import native, preflight
+    from kbundle.image import workdir as wd
+    from kbundle.kernel.spec import NATIVE_SUFFIX, kernel_name_for
+
+    t0 = time.perf_counter()
+    request = preflight.GpuRequest.parse(options.gpus)
+    check_options(options)
+    native.check_platform()
+    root = native.native_root(options.prefix_root)
+    bundle = open_bundle(options.bundle, max_extract=options.max_extract)
+    signature = read_sender(bundle)
+    check_signature(signature, options.require_signature)
+    local_name = options.name or bundle.name
+    kernel_name = kernel_name_for(local_name)
+    runflow._claim(bundle, options, kernel_name)  # a name collision is refused before anything is written
+    display_name = f"{safe(local_name)}{NATIVE_SUFFIX}"
+
+    target = options.workdir or wd.default_workdir(local_name)
+    undo.created_folder(target)
+    placement = wd.place(bundle, target, kernel_name, display_name)
+    warnings = [
+        f"kept your {k.path} (it differs from the bundle's); the bundle's copy is at {k.fresh}" for k in placement.kept
+    ]
+    report = preflight.evaluate_native(preflight.probe_nvml(), bundle.cuda, request)
+    report.raise_for_errors()
+    warnings += [f.message for f in report.warnings]
+
+    prefix = native.prefix_for(runflow.bundle_hash(bundle), root)
+    consented = False
+    if not native.is_complete(prefix):  # nothing to install: no question (as an image already built)
+        plan = plan_native(bundle, options, signature, prefix, placement.workdir)
+        _prechecks(plan.needs, placement.workdir, root)
+        runflow._print_warnings(console, warnings)
+        _consent(console, options, plan, signature)
+        consented = True
+    else:
+        runflow._print_warnings(console, warnings)
+
+    installed = None
+    waiting = f"another kbundle run is installing {prefix}; waiting for it"
+    with native.locked(prefix, on_wait=lambda: console.print(escape(waiting), soft_wrap=True)):
+        if not native.is_complete(prefix):
+            if not consented:  # removed between the look and the lock (gc): ask after all
+                plan = plan_native(bundle, options, signature, prefix, placement.workdir)
+                _consent(console, options, plan, signature)
+            if prefix.exists():  # a run that died half-way: its prefix goes, then again from the start
+                console.print(escape(f"removing the unfinished environment {prefix}"), soft_wrap=True)
+                native.remove(prefix)
+            undo.created_folder(prefix)
+            installed = install_prefix(bundle, plan, prefix, options.yes, console, warnings)
+        stamp = native.stamp_of(prefix) or {}
+        spec_dir = _register(bundle, options, kernel_name, prefix, stamp, placement, report, warnings, console)
+    pip_resolved = [str(x) for x in stamp.get("pip_resolved") or []]
+    return runflow.RunResult(
+        name=bundle.name,
+        kernel_name=kernel_name,
+        display_name=display_name,
+        image="",
+        image_id="",
+        workdir=placement.workdir,
+        notebook=placement.notebook,
+        built=installed is not None,
+        gpus=list(report.plan.gpus),
+        seconds=time.perf_counter() - t0,
+        packages=int(stamp.get("packages") or 0),
+        pip=len(bundle.pip),
+        base_image="",
+        warnings=warnings,
+        kept=[{"path": str(k.path), "fresh": str(k.fresh)} for k in placement.kept],
+        kernelspec=spec_dir,
+        pip_resolved=pip_resolved,
+        native={
+            "prefix": str(prefix),
+            "reused": installed is None,
+            "install_seconds": round(installed, 3) if installed is not None else 0.0,
+            "virtual_packages": list(stamp.get("virtual_packages") or []),
+        },
+    )
+
+
+def plan_native(bundle, options, signature, prefix: Path, workdir: Path) -> NativePlan:
+    """Everything the native review shows, found offline: the lock is read, not fetched."""
+    from kbundle.flows import run as runflow
+    from kbundle.flows.checks import estimate
+    from kbundle.flows.review import (
+        NativeReview,
+        conda_summary,
+        native_builds,
+        pip_hosts,
+        unpinned,
+        url_host,
+    )
+    from kbundle.image import env as envmod
+    from kbundle.image import native, provenance
+
+    channels = runflow.declared_channels(bundle)
+    target = native.host_virtual_packages()
+    unusual = []
+    records = None
+    if bundle.lock_text:
+        records = envmod.resolve(envmod.EnvSpec(channels, tuple(bundle.dependencies), bundle.lock_text)).records
+        hosts = [url_host(str(r.url)) for r in records]
+        conda = conda_summary(records, bundle.dependencies) + " (the bundle's lock)"
+    else:
+        hosts = [url_host(provenance.channel_base(c)) for c in channels]
+        conda = f"not locked: solved here from {len(bundle.dependencies)} spec(s), for this machine ({native.described(target)})"
+        unusual.append(
+            "the environment is not locked: it is solved on this machine, for its glibc and CUDA, "
+            "and may differ from the sender's"
+        )
+        loose = unpinned(bundle.dependencies)
+        if loose:
+            unusual.append("unpinned conda specs: " + ", ".join(safe(s) for s in loose))
+    if bundle.pip:
+        hosts += list(pip_hosts(bundle.manifest))
+    needs = estimate(records)
+    review = NativeReview(
+        sender=safe(signature.describe()),
+        prefix=str(prefix),
+        hosts=tuple(dict.fromkeys(hosts)),
+        conda=conda,
+        pip=len(bundle.pip),
+        builds=native_builds(bundle.pip),
+        disk=disk_words(needs),
+        unusual=tuple(unusual),
+        workdir=str(workdir),
+    )
+    return NativePlan(tuple(records) if records is not None else None, target, review, needs)
+
+
+def disk_words(needs) -> str:
+    """The disk a native prefix takes, for the review (pure)."""
+    if needs.download is None:
+        return "unknown until the environment is solved"
+    return (
+        f"about {size(needs.env)} for the environment (hard links into kbundle's package cache where both "
+        f"share a disk), {size(needs.download)} of packages to download at most"
+    )
+
+
+def _prechecks(needs, workdir: Path, root: Path) -> None:
+    """Before the first download: every place run writes is writable, and the disks have room."""
+    from kbundle.cache import cache_root
+    from kbundle.flows import checks
+
+    for path, what in [*checks.places(workdir), (root, "the native prefixes' folder")]:
+        checks.check_writable(path, what)
+    if needs.download is not None:
+        checks.check_free(cache_root(), needs.download + needs.env, "kbundle's cache")
+        checks.check_free(root, needs.env, "the native prefixes' folder")
+
+
+def _consent(console, options, plan: NativePlan, signature) -> None:
+    from kbundle.flows.review import consent_native
+
+    consent_native(console, yes=options.yes, review=plan.review, signature=signature)
+
+
+def install_prefix(bundle, plan: NativePlan, prefix: Path, yes: bool, console, warnings: list[str]) -> float:
+    """The environment into `prefix`, its own final prefix: conda with rattler, the pip: section's
+    wheels by the env's own pip here, the checks, and the stamp last. Returns the seconds it took."""
+    from kbundle.flows import run as runflow
+    from kbundle.flows.review import consent_pth
+    from kbundle.image import env as envmod
+    from kbundle.image import native, pipinstall, wheels
+    from kbundle.progress import Meter, finish
+    from kbundle.specs import PipIndexes
+
+    t_start = time.perf_counter()
+    if plan.records is not None:
+        resolved = envmod.ResolvedEnv(tuple(plan.records), locked=True)
+    else:
+        spec = envmod.EnvSpec(runflow.declared_channels(bundle), tuple(bundle.dependencies), None, plan.target)
+        resolved = envmod.resolve(spec)
+    t0 = time.perf_counter()
+    with console.status(f"installing {resolved.count} conda packages into {prefix}") as status:
+        meter = Meter("installing conda packages", resolved.count, on_change=status.update)
+        envmod.install(
+            resolved, prefix, on_progress=lambda d, t: meter.items(d, t), meter=meter, final_prefix=str(prefix)
+        )
+        finish(
+            status,
+            f"installed {resolved.count} conda packages ({size(meter.bytes)} downloaded) "
+            f"in {time.perf_counter() - t0:.1f} s",
+        )
+    lines: tuple[str, ...] = ()
+    if bundle.pip:
+        python = bundle.python or resolved.python_version()
+        if not python:
+            from kbundle.errors import KbundleError
+
+            raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
+        indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
+        key = "native-" + runflow.bundle_hash(bundle)
+        t0 = time.perf_counter()
+        with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:
+            meter = Meter("downloading wheels", on_change=status.update)
+            fetched = wheels.fetch(
+                bundle.pip,
+                python,
+                indexes,
+                wheels.glibc_of(plan.target),
+                wheels.HostBuilder(prefix),
+                wheels.recorded_resolution(key),
+                meter,
+                locked=bool(bundle.manifest.pip_locked),
+                conda_env=prefix,
+            )
+            finish(
+                status,
+                f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
+            )
+        lines = fetched.resolution or tuple(p.text for p in fetched.pins)
+        for message in consent_pth(console, yes=yes, found=wheels.pth_files(fetched.files)):
+            warnings.append(message)
+            console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+        t0 = time.perf_counter()
+        with console.status(f"installing {len(lines)} wheel(s) into {prefix}, without network") as status:
+            installed = pipinstall.install_on_host(prefix, fetched.files, lines)
+            finish(status, f"installed {len(lines)} wheel(s) with pip in {time.perf_counter() - t0:.1f} s")
+        wheels.remember_resolution(key, fetched.resolution)
+        console.print(f"pip: {len(lines)} wheel(s): " + ", ".join(r.split(" ")[0] for r in lines))
+        for message in installed.warnings:
+            warnings.append(message)
+            console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+    _check_kernel(prefix)
+    scripts = native.activate_scripts(prefix)
+    if scripts:
+        message = (
+            f"the environment's activation scripts (etc/conda/activate.d: {', '.join(scripts)}) do not run for "
+            "a native kernel; an image's entrypoint runs them"
+        )
+        warnings.append(message)
+        console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+    native.write_stamp(
+        prefix,
+        bundle_hash=runflow.bundle_hash(bundle),
+        name=bundle.name,
+        packages=resolved.count,
+        locked=resolved.locked,
+        virtual_packages=list(plan.target) if not resolved.locked else [],
+        pip_resolved=list(lines),
+    )
+    return time.perf_counter() - t_start
+
+
+def _check_kernel(prefix: Path) -> None:
+    """A native kernel is the env's own ipykernel: refuse, naming it, an env without one."""
+    from kbundle.errors import KbundleError
+
+    if not any(prefix.glob("lib/python3*/site-packages/ipykernel_launcher.py")):
+        raise KbundleError(
+            "the bundle's environment has no ipykernel, so it cannot be a Jupyter kernel: "
+            "the sender adds ipykernel to the environment and packs it again"
+        )
+
+
+def _register(bundle, options, kernel_name: str, prefix: Path, stamp: dict, placement, report, warnings, console):
+    """The native kernelspec, under the same name lock and collision rules as an image's kernel."""
+    from kbundle.flows import run as runflow
+    from kbundle.image import native, preflight
+    from kbundle.kernel.spec import KernelRequest, install_kernelspec
+
+    with runflow._lock(f"kernel-{kernel_name}", console, f"another kbundle run is registering {kernel_name}; waiting"):
+        previous, replaced = runflow._claim(bundle, options, kernel_name)
+        same = bool(previous) and previous.bundle_hash == runflow.bundle_hash(bundle)
+        moved = None
+        if same and previous.image and not previous.native:
+            moved = (
+                f"kernel {kernel_name} ran the image {previous.image}; it now runs natively "
+                "(`kbundle run` without --native takes it back to the image)"
+            )
+        metadata = {
+            "bundle": str(Path(options.bundle).resolve()),
+            "notebook": str(placement.notebook),
+            "cuda": bundle.cuda,
+            "pip_resolved": [str(x) for x in stamp.get("pip_resolved") or []],
+        }
+        old = previous.workdir if previous else None
+        workdir, kept = runflow.kernel_workdir(
+            str(placement.workdir), old, same, bool(old) and Path(old).is_dir(), options.replace
+        )
+        if kept:
+            metadata["notebook"] = str(previous.metadata.get("notebook") or metadata["notebook"])
+        for message in filter(None, (replaced, kept, moved)):
+            warnings.append(message)
+            console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+        env = native.activation(prefix, bool(bundle.manifest.cuda_env_libs), native.nvidia_lib_dirs(prefix))
+        devices = preflight.visible_devices(report.request, report.plan)
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        request = KernelRequest(
+            kernel_name,
+            safe(options.name or bundle.name),
+            "",
+            workdir,
+            list(report.plan.gpus),
+            runflow.bundle_hash(bundle),
+            metadata,
+            native=str(prefix),
+            env=env,
+        )
+        return install_kernelspec(request)
+
+
+def summary_lines(result) -> list[str]:
+    """The calm summary of a native run (pure)."""
+    info = result.native or {}
+    where = "GPUs " + ", ".join(result.gpus) + " (straight from the driver)" if result.gpus else "CPU"
+    if info.get("reused"):
+        state = f"already installed: reused, {result.seconds:.1f}s"
+    else:
+        state = f"installed, {result.seconds:.1f}s"
+    lines = [
+        f"prefix     {info.get('prefix', '')} ({state})",
+        f"runs on    {where}, on this machine, as you, outside any container",
+        f'kernel     {result.kernel_name}  "{result.display_name}"',
+        f"workdir    {result.workdir}",
+        f'open it    jupyter lab {result.notebook}   (or pick "{result.display_name}" in VS Code)',
+    ]
+    return [safe(line) for line in lines]
