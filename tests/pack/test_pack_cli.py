@@ -58,7 +58,8 @@ def test_summary_ends_with_what_the_recipient_runs_and_needs(packed):
     lines = result.stdout.strip().splitlines()
     assert lines[-3] == f"  next       the recipient runs: kbundle run {out.name}"
     needs = lines[-2]
-    assert needs.startswith("  they need  Docker or Podman; an NVIDIA GPU"), needs
+    assert needs.startswith("  they need  Docker or Podman (without one: kbundle run --native"), needs
+    assert "; an NVIDIA GPU" in needs, needs
     assert "NVIDIA Container Toolkit" in needs and "CUDA 10.1" in needs and "(>= " in needs
     assert 'README, "For the recipient"' in needs and "JupyterLab only for `kbundle run --lab`" in needs
     assert "locked" in lines[-1] and not lines[-1].startswith(" ")  # the lock status stays the last line
@@ -186,7 +187,10 @@ def test_includes_and_cuda_none(tmp_path):
     assert doc["includes"] == ["work/data/a.csv", "work/helper.py"]
     assert doc["cuda"] is None and not doc["base_image"].startswith("nvidia/cuda")
     needs = result.stdout.strip().splitlines()[-2]
-    assert needs.startswith("  they need  Docker or Podman; kbundle") and "NVIDIA" not in needs, needs
+    assert needs.startswith(
+        "  they need  Docker or Podman (without one: kbundle run --native, outside any container); kbundle"
+    )
+    assert "NVIDIA" not in needs, needs
     assert {"ipykernel", "pip"} <= set(doc["conda"]["dependencies"])
 
 

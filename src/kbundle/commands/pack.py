@@ -173,9 +173,12 @@ def _summary(result, signature: str | None = None) -> None:
 
 def recipient_lines(filename: str, m) -> list[str]:
     """What the person who gets the bundle runs, and what their machine needs for it."""
-    needs = ["Docker or Podman"]
+    needs = ["Docker or Podman (without one: kbundle run --native, outside any container)"]
     if m.cuda:
-        needs.append(f"an NVIDIA GPU, its driver{_driver(m.cuda)} for CUDA {m.cuda} and the NVIDIA Container Toolkit")
+        needs.append(
+            f"an NVIDIA GPU, its driver{_driver(m.cuda)} for CUDA {m.cuda} and the NVIDIA Container Toolkit "
+            "(not with --native)"
+        )
     needs.append('kbundle (its README, "For the recipient", says how to install it)')
     needs.append("JupyterLab only for `kbundle run --lab`")
     return [
