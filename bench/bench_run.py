@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 KBUNDLE = str(Path(sys.executable).with_name("kbundle"))
 WARM_TARGET = 1.0
 CACHE_TARGET = 5.0
+NATIVE_COLD_TARGET = 1.1  # cold --native against rattler + pip by hand
 NATIVE_WARM_TARGET = 1.0  # seconds, whole process
 
 NOTEBOOK = {
@@ -145,8 +146,10 @@ def baseline_context(bundle: Path, base_image: str, ctx: Path) -> None:
     assemble_context(ctx, b, resolved, dockerfile, base_image=base_image)
 
 
-def rattler_and_pip(bundle: Path, prefix: Path, pkgs: Path, wheels: list[Path]) -> float:
-    """The baseline: py-rattler's own install of the bundle's lock, then pip of the same wheels."""
+def rattler_and_pip(bundle: Path, prefix: Path, pkgs: Path, resolved: list[str], index: str) -> float:
+    """The baseline, as a person would do it by hand with the tools themselves: py-rattler's own
+    install of the bundle's lock into an empty package cache (micromamba is not on this machine),
+    then the prefix's own `pip install` of the same exact, hashed pip lines from the same index."""
     import asyncio
 
     import rattler
@@ -161,33 +164,45 @@ def rattler_and_pip(bundle: Path, prefix: Path, pkgs: Path, wheels: list[Path]) 
             records, target_prefix=str(prefix), cache_dir=pkgs, execute_link_scripts=False, show_progress=False
         )
     )
-    folder = prefix.parent / "wheels"
-    folder.mkdir()
-    for wheel in wheels:
-        shutil.copyfile(wheel, folder / wheel.name)
-    pip = [str(prefix / "bin" / "python"), "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile"]
-    sh([*pip, "--disable-pip-version-check", "--find-links", folder, *[folder / w.name for w in wheels]])
+    requirements = prefix.parent / "requirements.txt"
+    requirements.write_text("".join(f"{line.split('  #')[0]}\n" for line in resolved))
+    pip = [str(prefix / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-compile", "--no-cache-dir"]
+    sh([*pip, "--disable-pip-version-check", "--index-url", index, "-r", requirements])
     return time.perf_counter() - t0
 
 
 def native_main(world, runs: int, tmp: Path) -> int:
-    env = dict(
+    """Cold pairs (kbundle, then the tools by hand), each from empty caches, then warm runs."""
+    base_env = dict(
         os.environ,
-        JUPYTER_DATA_DIR=str(tmp / "jupyter"),
-        KBUNDLE_CACHE_DIR=str(tmp / "cache-native"),
         PIP_CONFIG_FILE=os.devnull,
         PIP_FIND_LINKS="",
         DOCKER_HOST="unix:///nonexistent/docker.sock",
     )
     tag = os.urandom(3).hex()
     deps = [f"python={world['python']}", "numpy", "ipykernel", "pip", "kbdep=0.4"]
-    bundle = pack(world, env, tmp / "n", f"bench-n-{tag}", deps, [f"--index-url {world['pypi_index']}", "kbrange==1.5"])
+    pack_env = dict(base_env, JUPYTER_DATA_DIR=str(tmp / "jupyter-pack"), KBUNDLE_CACHE_DIR=str(tmp / "cache-pack"))
+    bundle = pack(
+        world, pack_env, tmp / "n", f"bench-n-{tag}", deps, [f"--index-url {world['pypi_index']}", "kbrange==1.5"]
+    )
     run_cmd = [KBUNDLE, "run", bundle, "--native", "--json", "--yes"]
 
-    t0 = time.perf_counter()
-    cold = json.loads(sh(run_cmd, env, tmp).stdout)
-    cold_run = time.perf_counter() - t0
-    assert cold["native"]["reused"] is False
+    colds, bases = [], []
+    for i in range(max(1, runs // 2)):
+        env = dict(base_env, JUPYTER_DATA_DIR=str(tmp / f"jupyter-{i}"), KBUNDLE_CACHE_DIR=str(tmp / f"cache-{i}"))
+        t0 = time.perf_counter()
+        cold = json.loads(sh(run_cmd, env, tmp).stdout)
+        colds.append(time.perf_counter() - t0)
+        assert cold["native"]["reused"] is False
+        bases.append(
+            rattler_and_pip(
+                bundle,
+                tmp / f"baseline-{i}" / "env",
+                tmp / f"baseline-pkgs-{i}",
+                cold["pip_resolved"],
+                world["pypi_index"],
+            )
+        )
     samples, inside = [], []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -195,24 +210,23 @@ def native_main(world, runs: int, tmp: Path) -> int:
         samples.append(time.perf_counter() - t0)
         inside.append(warm["seconds"])
         assert warm["native"]["reused"] is True
-    wheels = [
-        next(Path(env["KBUNDLE_CACHE_DIR"]).glob(f"wheels/*/{line.split('==')[0]}-*.whl"))
-        for line in cold["pip_resolved"]
-    ]
-    base = rattler_and_pip(bundle, tmp / "baseline" / "env", tmp / "baseline-pkgs", wheels)
+    ratios = [a / b for a, b in zip(colds, bases, strict=True)]
     warm_median = statistics.median(samples)
     print(
-        f"cold kbundle run --native (empty cache, whole process): {cold_run:6.2f} s  ({cold['packages']} conda, "
-        f"{len(cold['pip_resolved'])} pip)"
+        f"cold kbundle run --native (empty caches, whole process): median {statistics.median(colds):6.2f} s  "
+        f"({cold['packages']} conda, {len(cold['pip_resolved'])} pip; {len(colds)} runs)"
     )
-    print(f"rattler install of the same lock + pip install of the same wheels: {base:6.2f} s")
-    print(f"ratio cold kbundle --native / rattler + pip: {cold_run / base:.2f}x")
+    print(f"rattler install of the same lock + pip install of the same lines: median {statistics.median(bases):6.2f} s")
+    print(
+        f"ratio cold kbundle --native / rattler + pip (pair by pair): median {statistics.median(ratios):.2f}x "
+        f"(target <= {NATIVE_COLD_TARGET:g}x)"
+    )
     print(
         f"warm kbundle run --native (prefix complete, whole process): {warm_median:6.2f} s  (median of {runs}; "
         f"in the flow {statistics.median(inside):.2f} s; target <= {NATIVE_WARM_TARGET:g} s)"
     )
-    print(f"ratio cold / warm: {cold_run / warm_median:.0f}x")
-    return 0 if warm_median <= NATIVE_WARM_TARGET else 1
+    ok = warm_median <= NATIVE_WARM_TARGET and statistics.median(ratios) <= NATIVE_COLD_TARGET
+    return 0 if ok else 1
 
 
 def main() -> int:

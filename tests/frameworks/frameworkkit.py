@@ -129,11 +129,19 @@ def _text(value: Any) -> str:
 
 
 def pack_and_execute(
-    world: dict, root: Path, name: str, notebook: Path, environment: str, index_url: str | None = None
+    world: dict,
+    root: Path,
+    name: str,
+    notebook: Path,
+    environment: str,
+    index_url: str | None = None,
+    native: bool = False,
 ) -> Executed:
     """The sender packs `notebook` with `environment` (an environment.yml's text) against the
     world's channel and base image; the recipient runs it with --execute, without a GPU.
-    `index_url`: the package index both use (their pip configuration), instead of PyPI."""
+    `index_url`: the package index both use (their pip configuration), instead of PyPI.
+    `native`: the recipient has no container engine (DOCKER_HOST points nowhere) and runs
+    `run --native`."""
     env = heavy_environment(world, root)
     if index_url:
         env["PIP_INDEX_URL"] = index_url
@@ -151,9 +159,11 @@ def pack_and_execute(
         PACK_TIMEOUT_S,
     )
     assert packed.returncode == 0, packed.stderr
+    how = ["--native"] if native else [*base, "--gpus", "none"]
+    run_env = dict(env, DOCKER_HOST="unix:///nonexistent/docker.sock") if native else env
     ran = kbundle(
-        ["run", bundle, *base, "--gpus", "none", "--yes", "--json", "--execute", "--progress", "plain"],
-        env,
+        ["run", bundle, *how, "--yes", "--json", "--execute", "--progress", "plain"],
+        run_env,
         recipient,
         RUN_TIMEOUT_S,
     )

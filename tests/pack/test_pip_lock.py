@@ -148,3 +148,24 @@ def test_an_early_pip_lock_serves_only_the_inputs_it_was_started_for():
     assert not early.serves(pins, indexes, "3.10", "2.36")
     assert not early.serves([parse_pip_line("kbrange>=1.5")], indexes, "3.11", "2.36")
     assert not early.serves(pins, PipIndexes.from_dict({"index_url": "http://127.0.0.1:1/simple"}), "3.11", "2.36")
+
+
+def test_a_section_that_is_a_lock_already_is_taken_as_it_is(monkeypatch):
+    """uv.lock, pixi.lock and hashed exports pin every dependency with its hashes: pip's resolver
+    is not asked again (it would keep one wheel's hash of several), and nothing is dropped."""
+    import subprocess
+
+    from kbundle.pack import piplock
+    from kbundle.specs import PipIndexes, parse_pip_line
+
+    def no_pip(*_args, **_kwargs):
+        raise AssertionError("pip was run")
+
+    monkeypatch.setattr(subprocess, "run", no_pip)
+    pins = [
+        parse_pip_line("click==8.1.7 --hash=sha256:" + "a" * 64 + " --hash=sha256:" + "b" * 64),
+        parse_pip_line("tqdm==4.67.1 --hash=sha256:" + "c" * 64),
+    ]
+    done = piplock.lock(pins, PipIndexes(), "3.11", "2.35", "auto", piplock.CONDA_UNKNOWN)
+    assert done.locked and done.pins == tuple(pins)
+    assert "taken as locked" in done.notes[0]

@@ -227,17 +227,25 @@ def vet_packages(records, staging: Path, meter=None) -> list:
         meter.plan_bytes(sum(r.size or 0 for r in todo))
         meter.items(len(records) - len(todo), len(records))
     with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
+        # Each worker fetches and reads the file list (a .tar.bz2 is decompressed to its end for
+        # it): the reading of one package overlaps the download of the next.
         fetched = dict(
-            zip([id(r) for r in todo], pool.map(lambda r: _fetch_verified(r, staging, meter), todo), strict=True)
+            zip([id(r) for r in todo], pool.map(lambda r: _fetch_and_list(r, staging, meter), todo), strict=True)
         )
     vetted = []
     for record in records:
-        archive = fetched.get(id(record))
-        if archive is not None:
-            _check_paths(record, _archive_paths(record, archive))
+        found = fetched.get(id(record))
+        if found is not None:
+            archive, paths = found
+            _check_paths(record, paths)
             record = _relocated(record, archive)
         vetted.append(record)
     return vetted
+
+
+def _fetch_and_list(record, staging: Path, meter=None) -> tuple[Path, list[str]]:
+    archive = _fetch_verified(record, staging, meter)
+    return archive, _archive_paths(record, archive)
 
 
 def _stem(record) -> str:

@@ -187,7 +187,9 @@ def host_environment(prefix: Path) -> dict[str, str]:
     point pip or the interpreter elsewhere (pip configuration, PYTHON* variables, a venv)."""
     drop = ("PIP_", "PYTHON", "VIRTUAL_ENV", "CONDA_", "LD_PRELOAD", "LD_LIBRARY_PATH")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(PIP_CONFIG_FILE=os.devnull, PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1")
+    # Bytecode is written: the prefix is the user's own, and pip's second run (pip check) then
+    # starts in a fraction of the first's time, as every later start of the kernel does.
+    env.update(PIP_CONFIG_FILE=os.devnull, PYTHONNOUSERSITE="1")
     env["PATH"] = f"{prefix / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return env
 

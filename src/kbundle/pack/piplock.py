@@ -179,6 +179,10 @@ def lock(
     notes = [f"pip: {p.text} is resolved and built by the recipient (a VCS or source requirement)" for p in carried]
     if mode == "never":
         return PipLock(tuple(pins), False, ("pip: not locked (--lock never); the recipient will resolve it",))
+    if all(p.hashed for p in pins):
+        # A lock already (uv.lock, pixi.lock, `uv export`, `pip-compile --generate-hashes`): pip's
+        # hash-checking mode needs every dependency pinned, so the lines are the whole set.
+        return PipLock(tuple(pins), True, ("pip: taken as locked: every line is an exact pin with its hashes",))
     unlockable = _why_not(python, provided)
     if unlockable:
         if mode == "always":
