@@ -361,7 +361,7 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
     from kbundle.bundle.writer import write_bundle
     from kbundle.pack import piplock
-    from kbundle.pack.dockerfile import render_for
+    from kbundle.pack.dockerfile import render_for, template
     from kbundle.pack.lock import channel_urls, lock, target
     from kbundle.pack.normalise import environment_yml
 
@@ -391,6 +391,7 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     with slow:
         result = lock(env, choice, options.lock)
         python = result.python or env.python  # the solved version is the precise one
+        template()  # compiled while pip's resolver runs, not after it
         pip_lock = _pip_lock(pending, env, indexes, python, choice, result, raw, options.lock)
 
     nb_member = WORK_DIR + options.notebook.name

@@ -7,6 +7,7 @@ caller needs to know Dockerfile quoting; paths and label keys come from kbundle.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass
 
@@ -118,6 +119,12 @@ def render_for(manifest) -> str:
 
 
 def render(inputs: DockerfileInputs) -> str:
+    return template().render(**_contract_values(), **asdict(inputs))
+
+
+@functools.lru_cache(maxsize=1)
+def template():
+    """The Dockerfile template, compiled once (pack warms it while pip's resolver runs)."""
     import jinja2
 
     from kbundle.resources import templates_dir
@@ -131,4 +138,4 @@ def render(inputs: DockerfileInputs) -> str:
         autoescape=False,  # Dockerfile, not HTML: the filters below do the escaping
     )
     env.filters.update(dq=double_quoted, comment=comment, image_ref=image_ref)
-    return env.get_template(TEMPLATE).render(**_contract_values(), **asdict(inputs))
+    return env.get_template(TEMPLATE)
