@@ -18,6 +18,7 @@ Pack and run both use this module, so it lives at the top (pack/ and image/ do n
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -138,9 +139,68 @@ def installed_site(provided_dists: Sequence[Provided], folder: Path) -> Path:
     only_pip.mkdir()
     (only_pip / "pip").symlink_to(Path(pip.__file__).resolve().parent)
     (site / "_kbundle_pip.pth").write_text(f"{only_pip}\n", encoding="utf-8")
+    add_stand_ins(python, provided_dists)
+    return python
+
+
+def add_stand_ins(interpreter: Path, provided_dists: Sequence[Provided]) -> None:
+    """Put stand-ins for `provided_dists` into the stand-in interpreter's site-packages. pip reads
+    site-packages when it resolves, so they may come after the interpreter has started."""
+    site = next(interpreter.parent.parent.glob("lib/python3*/site-packages"))
     for dist in provided_dists:
         _stand_in(site, dist)
-    return python
+
+
+# A stand-in interpreter started before pack knows what to resolve: it imports pip (a third of
+# a second) while pack reads the environment, then runs the one pip command it is sent.
+_WARM = """
+import json, os, sys
+from pip._internal.cli.main import main
+from pip._internal.commands import install  # noqa: F401  the resolver's imports, done while waiting
+request = json.loads(sys.stdin.readline() or "null")
+if request is None:
+    sys.exit(0)
+os.environ.clear()
+os.environ.update(request["env"])
+sys.exit(main(request["args"]))
+"""
+
+
+class WarmPip:
+    """pip, started early in a stand-in interpreter, for one command (`run`); `close` if unused."""
+
+    def __init__(self, folder: Path):
+        self._used = False
+        self.interpreter = installed_site((), folder)
+        self._proc = subprocess.Popen(
+            [str(self.interpreter), "-c", _WARM],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    @property
+    def fresh(self) -> bool:
+        """Not used yet, and still waiting (it serves one command)."""
+        return not self._used and self._proc.poll() is None
+
+    def run(self, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        import json
+
+        self._used = True
+        request = json.dumps({"args": args, "env": env}) + "\n"
+        stdout, stderr = self._proc.communicate(request)
+        return subprocess.CompletedProcess(args, self._proc.returncode, stdout, stderr)
+
+    def close(self) -> None:
+        """End it, used or not (a lock still running in its thread then fails, unheard)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a killed process is reaped at once
+            pass
 
 
 def pip_command(interpreter: Path) -> list[str]:

@@ -263,7 +263,7 @@ def _signer(options: PackOptions):
     return signer_for(options.sign)
 
 
-def _environment(options: PackOptions, notebook: Notebook):
+def _environment(options: PackOptions, notebook: Notebook, warm=None):
     """Find, normalise, choose CUDA: the environment as the bundle will carry it.
 
     pip's resolver starts as soon as the offline reading gives its inputs (it is the slowest
@@ -281,7 +281,8 @@ def _environment(options: PackOptions, notebook: Notebook):
     if options.lock != "never":
         guess = cuda.choose(cuda.evidence(raw, env), options.cuda, options.base_image)
         if env.python and not options.strict:  # --strict may stop pack before any lock is needed
-            early = piplock.start(env.pip, indexes, env.python, guess.glibc, options.lock, _exported(raw, env) or ())
+            exported = _exported(raw, env) or ()
+            early = piplock.start(env.pip, indexes, env.python, guess.glibc, options.lock, exported, warm)
         # The channels, when they answer, decide what exists for linux-64 (else data/normalise.yaml does).
         available, down = _availability(raw, env)
         if available is not None:
@@ -359,6 +360,31 @@ def _strict(env, choice) -> None:
 
 def pack(options: PackOptions, progress=None) -> PackResult:
     """Write the bundle. `progress(message)` returns a context manager shown around slow steps."""
+    with _warm_pip(options) as warm:
+        return _pack(options, progress, warm)
+
+
+@contextlib.contextmanager
+def _warm_pip(options: PackOptions):
+    """pip, started now in a stand-in interpreter (pydists.WarmPip): its third of a second of
+    imports overlaps pack's reading of the environment, and its first command is the pip lock."""
+    if options.lock == "never":
+        yield None
+        return
+    import tempfile
+
+    from kbundle.pydists import WarmPip
+
+    # A lock pack no longer waits for may still be writing there: its leftovers are not our error.
+    with tempfile.TemporaryDirectory(prefix="kbundle-warmpip-", ignore_cleanup_errors=True) as tmp:
+        warm = WarmPip(Path(tmp))
+        try:
+            yield warm
+        finally:
+            warm.close()
+
+
+def _pack(options: PackOptions, progress, warm) -> PackResult:
     from kbundle.bundle.writer import write_bundle
     from kbundle.pack import piplock
     from kbundle.pack.dockerfile import render_for, template
@@ -377,12 +403,13 @@ def pack(options: PackOptions, progress=None) -> PackResult:
     name = bundle_name(options)
     out = output_path(options, name)
     includes = include_members(options.notebook, options.includes)
-    raw, env, choice, indexes, pending = _environment(options, notebook)
+    raw, env, choice, indexes, pending = _environment(options, notebook, warm)
     if pending is not None and pending.inputs != piplock.lock_inputs(env.pip, indexes, env.python, choice.glibc):
         pending = None  # started on a guess the channels overturned
     if pending is None and env.python:
         # pip's resolver runs beside rattler's solve when the Python version is already known.
-        pending = piplock.start(env.pip, indexes, env.python, choice.glibc, options.lock, _exported(raw, env) or ())
+        exported = _exported(raw, env) or ()
+        pending = piplock.start(env.pip, indexes, env.python, choice.glibc, options.lock, exported, warm)
     slow = (
         progress("Locking the environment for linux-64 with rattler…")
         if progress and options.lock != "never"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from kbundle.errors import KbundleError
 from kbundle.pipplatform import explain_no_wheel, python_refusals, target_gaps
-from kbundle.pydists import Provided, installed_site, pip_command
+from kbundle.pydists import Provided, WarmPip, add_stand_ins, installed_site, pip_command
 from kbundle.specs import PipIndexes, PipPin, cpython_abis, manylinux_platforms, parse_pip_line
 
 PIP_TIMEOUT_S = 8  # per connection: an offline sender hears back in seconds
@@ -146,14 +146,16 @@ def start(
     glibc: str | None,
     mode: str,
     provided: tuple[Provided, ...] = (),
+    warm: WarmPip | None = None,
 ) -> PendingLock:
-    """Start `lock` in a thread (pip runs as a subprocess, so rattler's solve runs meanwhile)."""
+    """Start `lock` in a thread (pip runs as a subprocess, so rattler's solve runs meanwhile);
+    `warm`: a pip already started, for its first command."""
     inputs = lock_inputs(pins, indexes, python, glibc)
     if mode == "never" or not pins or not python:
         done = lock(pins, indexes, python, glibc, mode, provided)
         return PendingLock(done=done, inputs=inputs, provided=provided)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kbundle-piplock")
-    future = pool.submit(lock, pins, indexes, python, glibc, mode, provided)
+    future = pool.submit(lock, pins, indexes, python, glibc, mode, provided, warm)
     return PendingLock(future=future, _pool=pool, inputs=inputs, provided=provided)
 
 
@@ -168,6 +170,7 @@ def lock(
     glibc: str | None,
     mode: str,
     provided: tuple[Provided, ...] | None = (),
+    warm: WarmPip | None = None,
 ) -> PipLock:
     """The pip: section as the manifest will carry it, locked when pip's resolver can do it.
 
@@ -191,7 +194,7 @@ def lock(
     wanted = [p for p in pins if lockable(p)]
     t0 = time.perf_counter()
     try:
-        report = resolve([_unhashed(p) for p in wanted], indexes, python, glibc, provided)
+        report = resolve([_unhashed(p) for p in wanted], indexes, python, glibc, provided, warm)
     except PipLockError as exc:
         if mode == "always":
             raise
@@ -259,18 +262,25 @@ def resolve(
     python: str,
     glibc: str | None,
     provided: tuple[Provided, ...] = (),
+    warm: WarmPip | None = None,
 ) -> dict:
     """pip's installation report for `requirements` on the image, with `provided` installed;
     PipLockError when pip says no, or when it chose a wheel the image's Python refuses.
 
     pip judges markers by the Python it runs on, so the requirements the image's Python needs
-    and pip skipped (pipplatform.target_gaps) go back to pip with the rest until none is left."""
+    and pip skipped (pipplatform.target_gaps) go back to pip with the rest until none is left.
+    `warm`: a pip started early in its own stand-in interpreter, which then serves the first round."""
     lines = list(requirements)
     with tempfile.TemporaryDirectory(prefix="kbundle-piplock-") as tmp:
         # pip's resolver sees the conda side as installed in this stand-in interpreter.
-        interpreter = installed_site(provided, Path(tmp))
+        if warm is not None and warm.fresh:
+            interpreter = warm.interpreter
+            add_stand_ins(interpreter, provided)
+        else:
+            interpreter, warm = installed_site(provided, Path(tmp)), None
         for _ in range(GAP_ROUNDS):
-            report = _dry_run(lines, interpreter, Path(tmp), indexes, python, glibc)
+            report = _dry_run(lines, interpreter, Path(tmp), indexes, python, glibc, warm)
+            warm = None
             gaps = target_gaps(report, python, [p.name for p in provided])
             if not gaps:
                 break
@@ -282,18 +292,28 @@ def resolve(
 
 
 def _dry_run(
-    lines: list[str], interpreter: Path, tmp: Path, indexes: PipIndexes, python: str, glibc: str | None
+    lines: list[str],
+    interpreter: Path,
+    tmp: Path,
+    indexes: PipIndexes,
+    python: str,
+    glibc: str | None,
+    warm: WarmPip | None = None,
 ) -> dict:
     reqs = tmp / "requirements.txt"
     # A file, not argv: a line can never become an option of this pip command.
     reqs.write_text("".join(f"{r}\n" for r in lines), encoding="utf-8")
-    command = [*pip_command(interpreter), "install", "--dry-run", "--quiet"]
-    command += ["--report", "-", *pip_target_args(python, glibc), "--disable-pip-version-check", "--no-input"]
-    command += ["--progress-bar", "off", "--timeout", str(PIP_TIMEOUT_S), "--retries", str(PIP_RETRIES)]
-    command += ["-r", str(reqs)]
+    args = ["install", "--dry-run", "--quiet"]
+    args += ["--report", "-", *pip_target_args(python, glibc), "--disable-pip-version-check", "--no-input"]
+    args += ["--progress-bar", "off", "--timeout", str(PIP_TIMEOUT_S), "--retries", str(PIP_RETRIES)]
+    args += ["-r", str(reqs)]
     env = indexes.environment(os.environ.copy())
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        if warm is not None:
+            proc = warm.run(args, env)
+        else:
+            command = [*pip_command(interpreter), *args]
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     except OSError as exc:
         raise PipLockError(f"cannot start pip: {exc.strerror}") from None
     if proc.returncode != 0:
