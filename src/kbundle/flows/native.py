@@ -231,6 +231,32 @@ def _consent(console, options, plan: NativePlan, signature) -> None:
     consent_native(console, yes=options.yes, review=plan.review, signature=signature)
 
 
+def _fetch(bundle, plan: NativePlan, prefix: Path, python: str, indexes, key: str, console):
+    """The pip: section's wheels, resolved against the installed conda side (an unlocked section)."""
+    from kbundle.image import wheels
+    from kbundle.progress import Meter, finish
+
+    t0 = time.perf_counter()
+    with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:
+        meter = Meter("downloading wheels", on_change=status.update)
+        fetched = wheels.fetch(
+            bundle.pip,
+            python,
+            indexes,
+            wheels.glibc_of(plan.target),
+            wheels.HostBuilder(prefix),
+            wheels.recorded_resolution(key),
+            meter,
+            locked=bool(bundle.manifest.pip_locked),
+            conda_env=prefix,
+        )
+        finish(
+            status,
+            f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
+        )
+    return fetched
+
+
 def install_prefix(bundle, plan: NativePlan, prefix: Path, yes: bool, console, warnings: list[str]) -> float:
     """The environment into `prefix`, its own final prefix: conda with rattler, the pip: section's
     wheels by the env's own pip here, the checks, and the stamp last. Returns the seconds it took."""
@@ -247,6 +273,17 @@ def install_prefix(bundle, plan: NativePlan, prefix: Path, yes: bool, console, w
     else:
         spec = envmod.EnvSpec(runflow.declared_channels(bundle), tuple(bundle.dependencies), None, plan.target)
         resolved = envmod.resolve(spec)
+    indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
+    key = "native-" + runflow.bundle_hash(bundle)
+    # A locked pip section is fetched while conda installs: it needs nothing from the conda side.
+    early = wheels.fetch_early(
+        bundle.pip,
+        bundle.python,
+        indexes,
+        wheels.glibc_of(plan.target),
+        wheels.recorded_resolution(key),
+        bool(bundle.manifest.pip_locked),
+    )
     t0 = time.perf_counter()
     with console.status(f"installing {resolved.count} conda packages into {prefix}") as status:
         meter = Meter("installing conda packages", resolved.count, on_change=status.update)
@@ -265,26 +302,11 @@ def install_prefix(bundle, plan: NativePlan, prefix: Path, yes: bool, console, w
             from kbundle.errors import KbundleError
 
             raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
-        indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
-        key = "native-" + runflow.bundle_hash(bundle)
-        t0 = time.perf_counter()
-        with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:
-            meter = Meter("downloading wheels", on_change=status.update)
-            fetched = wheels.fetch(
-                bundle.pip,
-                python,
-                indexes,
-                wheels.glibc_of(plan.target),
-                wheels.HostBuilder(prefix),
-                wheels.recorded_resolution(key),
-                meter,
-                locked=bool(bundle.manifest.pip_locked),
-                conda_env=prefix,
-            )
-            finish(
-                status,
-                f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
-            )
+        if early is not None:
+            fetched = early.result()
+            console.print(f"fetched {len(fetched.files)} wheel(s) while conda installed ({fetched.downloaded} new)")
+        else:
+            fetched = _fetch(bundle, plan, prefix, python, indexes, key, console)
         lines = fetched.resolution or tuple(p.text for p in fetched.pins)
         for message in consent_pth(console, yes=yes, found=wheels.pth_files(fetched.files)):
             warnings.append(message)

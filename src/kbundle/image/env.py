@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,31 +156,25 @@ def install(
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     reporter = _reporter(on_progress) if on_progress else None
-    origins = {_stem(r): (str(r.url), str(r.channel) if r.channel else None) for r in env.records}
-    with tempfile.TemporaryDirectory(prefix="kbundle-archives-", dir=package_cache_dir().parent) as staging:
-        records = vet_packages(env.records, Path(staging), meter)
+    records = vet_packages(env.records, meter)
 
-        async def go():
-            await rattler.install(
-                records,
-                target_prefix=str(target),
-                alternative_target_prefix=final_prefix if final_prefix != str(target) else None,
-                cache_dir=package_cache_dir(),
-                platform=rattler.Subdir(contract.PLATFORM),
-                execute_link_scripts=False,
-                show_progress=False,
-                client=net.rattler_client(),
-                reporter=reporter,
-            )
+    async def go():
+        await rattler.install(
+            records,
+            target_prefix=str(target),
+            alternative_target_prefix=final_prefix if final_prefix != str(target) else None,
+            cache_dir=package_cache_dir(),
+            platform=rattler.Subdir(contract.PLATFORM),
+            execute_link_scripts=False,
+            show_progress=False,
+            client=net.rattler_client(),
+            reporter=reporter,
+        )
 
-        try:
-            asyncio.run(go())
-        except Exception as exc:
-            raise KbundleError(_install_failure(exc, target)) from None
-        finally:
-            for record in env.records:  # the records are the caller's: give them their URLs back
-                record.url = origins[_stem(record)][0]
-    _restore_urls(target, origins)
+    try:
+        asyncio.run(go())
+    except Exception as exc:
+        raise KbundleError(_install_failure(exc, target)) from None
     check_prefix(target, final_prefix or str(target))
     return InstallStats(env.count, time.perf_counter() - t0)
 
@@ -208,14 +202,14 @@ def check_prefix(target: Path, final_prefix: str = contract.PREFIX) -> None:
 # ----------------------------------------------------------------- vetting packages
 
 
-def vet_packages(records, staging: Path, meter=None) -> list:
-    """The records, each package's paths.json checked; fetched packages point at verified local copies.
+def vet_packages(records, meter=None) -> list:
+    """The records, each package's paths.json checked before rattler links anything.
 
     A package already in rattler's cache under the same sha256 is read there. Any other is
-    downloaded here and checked against the lock's sha256, and rattler then installs that
-    very file (a file:// URL): what rattler links is what was checked."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    downloaded and unpacked once, by rattler, straight into that cache (`_unpack_into_cache`),
+    checked against the lock's sha256 as it streams; its paths.json is then read from the
+    unpacked folder. rattler's install finds it there and links what was checked: nothing is
+    unpacked twice."""
     todo = []
     for record in records:
         cached = _cached_paths(record)
@@ -226,26 +220,64 @@ def vet_packages(records, staging: Path, meter=None) -> list:
     if meter is not None:
         meter.plan_bytes(sum(r.size or 0 for r in todo))
         meter.items(len(records) - len(todo), len(records))
-    with ThreadPoolExecutor(max_workers=FETCH_WORKERS) as pool:
-        # Each worker fetches and reads the file list (a .tar.bz2 is decompressed to its end for
-        # it): the reading of one package overlaps the download of the next.
-        fetched = dict(
-            zip([id(r) for r in todo], pool.map(lambda r: _fetch_and_list(r, staging, meter), todo), strict=True)
-        )
-    vetted = []
-    for record in records:
-        found = fetched.get(id(record))
-        if found is not None:
-            archive, paths = found
+    if todo:
+        asyncio.run(_unpack_all(todo, meter))
+    for record in todo:
+        paths = _cached_paths(record)
+        if paths is None:
+            raise KbundleError(f"cannot read the file list of {safe(record.file_name)} after unpacking it")
+        try:
             _check_paths(record, paths)
-            record = _relocated(record, archive)
-        vetted.append(record)
-    return vetted
+        except KbundleError:
+            _forget(record)  # a refused package must not wait in the cache for the next run
+            raise
+    return list(records)
 
 
-def _fetch_and_list(record, staging: Path, meter=None) -> tuple[Path, list[str]]:
-    archive = _fetch_verified(record, staging, meter)
-    return archive, _archive_paths(record, archive)
+async def _unpack_all(records, meter=None) -> None:
+    import rattler.package_streaming as streaming
+
+    client = net.rattler_client()
+    limit = asyncio.Semaphore(FETCH_WORKERS)
+
+    async def one(record) -> None:
+        expected = bytes(record.sha256 or b"")
+        if not expected:
+            raise KbundleError(f"package {safe(record.file_name)} has no sha256 to verify it against")
+        folder = package_cache_dir() / _stem(record)
+        async with limit:
+            _forget(record)
+            try:
+                sha, _md5 = await streaming.download_and_extract(client, str(record.url), folder, expected)
+            except Exception as exc:
+                _forget(record)
+                raise KbundleError(_unpack_failure(record, exc, folder)) from None
+        if sha != expected:  # rattler checks it too; the cache is only stamped for what matched
+            _forget(record)
+            raise KbundleError(f"{safe(record.url)} does not match the checksum the bundle records")
+        # rattler's own cache stamp: a big-endian revision, then the sha256 it was unpacked from.
+        (package_cache_dir() / f"{_stem(record)}.lock").write_bytes((1).to_bytes(8, "big") + sha)
+        if meter is not None:
+            meter.add_bytes(record.size or 0)
+            meter.item_done()
+
+    await asyncio.gather(*(one(r) for r in records))
+
+
+def _unpack_failure(record, exc: BaseException, folder: Path) -> str:
+    text = first_line(exc)
+    if "No space left" in text or "os error 28" in text:
+        return f"no space left on device (ENOSPC) unpacking {safe(record.file_name)} into {folder}: free some space"
+    if "sha" in text.lower() and "mismatch" in text.lower():
+        return f"{safe(record.url)} does not match the checksum the bundle records"
+    return f"cannot download {safe(record.url)}: {text}"
+
+
+def _forget(record) -> None:
+    """Remove a package's cache entry (its folder and stamp), so that only checked packages stay."""
+    cache = package_cache_dir()
+    (cache / f"{_stem(record)}.lock").unlink(missing_ok=True)
+    shutil.rmtree(cache / _stem(record), ignore_errors=True)
 
 
 def _stem(record) -> str:
@@ -271,15 +303,6 @@ def _cached_paths(record) -> Optional[list[str]]:
         return None
 
 
-def _archive_paths(record, archive: Path) -> list[str]:
-    import rattler
-
-    try:
-        return [str(e.relative_path) for e in rattler.PathsJson.from_package_archive(archive).paths]
-    except Exception as exc:
-        raise KbundleError(f"cannot read the file list of {safe(record.file_name)}: {first_line(exc)}") from None
-
-
 def _check_paths(record, paths: list[str]) -> None:
     from kbundle.bundle import BundleError
 
@@ -288,82 +311,12 @@ def _check_paths(record, paths: list[str]) -> None:
         raise BundleError(problem)
 
 
-def _fetch_verified(record, staging: Path, meter=None) -> Path:
-    """Download one package archive and check it against the lock's sha256 (or md5)."""
-    import urllib.request
-
-    url = str(record.url)
-    target = staging / str(record.file_name)
-    digest = hashlib.sha256() if record.sha256 else hashlib.md5()
-    expected = bytes(record.sha256 or record.md5 or b"")
-    if not expected:
-        raise KbundleError(f"package {safe(record.file_name)} has no checksum to verify it against")
-    try:
-        out = open(target, "wb")
-    except OSError as exc:
-        raise _disk_error(exc, target) from None
-    with out:
-        try:
-            response = urllib.request.urlopen(url, timeout=60, context=_ssl_context())
-        except OSError as exc:
-            raise KbundleError(f"cannot download {safe(url)}: {first_line(exc)}") from None
-        with response:
-            _copy(response, out, digest, url, target, meter)
-    if meter is not None:
-        meter.item_done()
-    if digest.digest() != expected:
-        raise KbundleError(f"{safe(url)} does not match the checksum the bundle records")
-    return target
-
-
-def _copy(response, out, digest, url: str, target: Path, meter) -> None:
-    """The response body into `out`: a network failure names the URL, a disk failure the file."""
-    while True:
-        try:
-            chunk = response.read(1 << 20)
-        except OSError as exc:
-            raise KbundleError(f"cannot download {safe(url)}: {first_line(exc)}") from None
-        if not chunk:
-            return
-        digest.update(chunk)
-        try:
-            out.write(chunk)
-        except OSError as exc:
-            raise _disk_error(exc, target) from None
-        if meter is not None:
-            meter.add_bytes(len(chunk))
-
-
 def _disk_error(exc: OSError, path: Path) -> KbundleError:
     """An OSError writing a file, with its errno's name and the path (ENOSPC, EROFS, EACCES, ...)."""
     import errno
 
     name = errno.errorcode.get(exc.errno or 0, "OSError")
     return KbundleError(f"{os.strerror(exc.errno).lower() if exc.errno else exc} ({name}): {path}")
-
-
-def _ssl_context():
-    import ssl
-
-    return ssl.create_default_context(cafile=net.host_ca_bundle())
-
-
-def _relocated(record, archive: Path):
-    """The record, pointing at the verified local archive (its checksums stay as they are)."""
-    record.url = archive.as_uri()
-    return record
-
-
-def _restore_urls(target: Path, urls: dict) -> None:
-    """conda-meta names where each package came from, not the temporary local copy."""
-    for meta in (target / "conda-meta").glob("*.json"):
-        original = urls.get(meta.stem)
-        if original is None:
-            continue
-        data = json.loads(meta.read_text(encoding="utf-8"))
-        if str(data.get("url", "")).startswith("file:"):
-            data["url"], data["channel"] = original
-            meta.write_text(json.dumps(data, indent=2), encoding="utf-8")
 
 
 def _reporter(on_progress):

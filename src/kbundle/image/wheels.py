@@ -225,6 +225,32 @@ def fetch(
     return _resolve_and_fetch(parsed, python, indexes, glibc, builder, meter, conda_env)
 
 
+def fetch_early(
+    pins: Sequence[str],
+    python: Optional[str],
+    indexes: PipIndexes | None,
+    glibc: str | None,
+    recorded: Sequence[str] | None,
+    locked: bool,
+):
+    """`fetch` started now in a thread, while conda installs, when it needs nothing from the
+    conda side: a locked section whose every line is fetched alone (no resolver, no build).
+    A Future of the WheelSet, or None when the section must wait for the installed env."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not pins or not python or not locked:
+        return None
+    try:
+        if not all(_alone(p) for p in parse_pins(pins)):
+            return None
+    except KbundleError:
+        return None  # the caller's own fetch says what is wrong, in order
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kbundle-wheels")
+    future = pool.submit(fetch, pins, python, indexes, glibc, None, recorded, None, True)
+    pool.shutdown(wait=False)
+    return future
+
+
 def _reuse(recorded: Sequence[str], python: str, glibc: str | None) -> Optional[WheelSet]:
     """The recorded resolution, when the cache holds each of its wheels for this target; else None."""
     from kbundle.specs import parse_pip_line
