@@ -94,3 +94,26 @@ def run_env_for(root: Path) -> dict:
     env = dict(os.environ, JUPYTER_DATA_DIR=str(root / "jupyter"), KBUNDLE_CACHE_DIR=str(root / "cache"))
     env.pop("JUPYTER_PATH", None)
     return env
+
+
+def printed_by_kernel(kernel_name: str, code: str, ready_timeout: float = 120, timeout: float = 60) -> str:
+    """Start the registered kernel `kernel_name` as Jupyter does (jupyter_client's KernelManager,
+    the caller's JUPYTER_DATA_DIR), run `code`, and return what it printed; the kernel is shut
+    down whatever happens."""
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name=kernel_name)
+    km.start_kernel()
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=ready_timeout)
+            out: list = []
+            reply = kc.execute_interactive(code, timeout=timeout, output_hook=out.append)
+            assert reply["content"]["status"] == "ok", reply["content"]
+            return "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import KBUNDLE, run_kbundle
+from helpers import KBUNDLE, printed_by_kernel, run_kbundle
 
 pytestmark = pytest.mark.docker
 
@@ -95,30 +95,16 @@ def test_the_environment_goes_into_a_prefix_kbundle_owns(native_run):
 
 
 def test_the_kernel_runs_in_the_prefix_with_the_locked_versions(native_run, monkeypatch):
-    from jupyter_client.manager import KernelManager
-
     data, _, env, _, _ = native_run
     monkeypatch.setenv("JUPYTER_DATA_DIR", env["JUPYTER_DATA_DIR"])
-    km = KernelManager(kernel_name=data["kernel_name"])
-    km.start_kernel()
-    try:
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=90)
-        out = []
-        code = (
-            "import json, os, subprocess, sys, kbdep, kbrange\n"
-            "check = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True, text=True)\n"
-            "print(json.dumps({'prefix': sys.prefix, 'kbdep': [kbdep.__version__, kbdep.ORIGIN],"
-            " 'kbrange': [kbrange.__version__, kbrange.ORIGIN], 'check': check.returncode,"
-            " 'conda_prefix': os.environ.get('CONDA_PREFIX')}))"
-        )
-        reply = kc.execute_interactive(code, timeout=60, output_hook=out.append)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        seen = json.loads("".join(m["content"]["text"] for m in out if m["msg_type"] == "stream"))
-        kc.stop_channels()
-    finally:
-        km.shutdown_kernel(now=True)
+    code = (
+        "import json, os, subprocess, sys, kbdep, kbrange\n"
+        "check = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True, text=True)\n"
+        "print(json.dumps({'prefix': sys.prefix, 'kbdep': [kbdep.__version__, kbdep.ORIGIN],"
+        " 'kbrange': [kbrange.__version__, kbrange.ORIGIN], 'check': check.returncode,"
+        " 'conda_prefix': os.environ.get('CONDA_PREFIX')}))"
+    )
+    seen = json.loads(printed_by_kernel(data["kernel_name"], code, ready_timeout=90))
     prefix = data["native"]["prefix"]
     assert seen == {
         "prefix": prefix,

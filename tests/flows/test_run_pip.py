@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_kbundle
+from helpers import printed_by_kernel, run_kbundle
 
 pytestmark = pytest.mark.docker
 
@@ -97,30 +97,15 @@ def test_run_resolves_ranges_vcs_and_extra_index_versions(pip_run):
 
 
 def test_the_kernel_imports_all_three(pip_run, monkeypatch):
-    from jupyter_client.manager import KernelManager
-
     data, env, _ = pip_run
     monkeypatch.setenv("JUPYTER_DATA_DIR", env["JUPYTER_DATA_DIR"])
-    km = KernelManager(kernel_name=data["kernel_name"])
-    km.start_kernel()
-    try:
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=90)
-        out = []
-        code = (
-            "import json, kbrange, kbdemo, kbgit, kbdep\n"
-            "print(json.dumps({m.__name__: [m.__version__, m.ORIGIN] for m in (kbrange, kbdemo, kbgit, kbdep)}))"
-        )
-        reply = kc.execute_interactive(code, timeout=60, output_hook=out.append)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        text = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
-        assert json.loads(text) == {
-            "kbrange": ["1.5", "index"],
-            "kbdemo": ["1.0+cu118", "extra-index"],
-            "kbgit": ["0.1", "git"],
-            "kbdep": ["0.3", "index"],
-        }
-        kc.stop_channels()
-    finally:
-        km.shutdown_kernel()
+    code = (
+        "import json, kbrange, kbdemo, kbgit, kbdep\n"
+        "print(json.dumps({m.__name__: [m.__version__, m.ORIGIN] for m in (kbrange, kbdemo, kbgit, kbdep)}))"
+    )
+    assert json.loads(printed_by_kernel(data["kernel_name"], code, ready_timeout=90)) == {
+        "kbrange": ["1.5", "index"],
+        "kbdemo": ["1.0+cu118", "extra-index"],
+        "kbgit": ["0.1", "git"],
+        "kbdep": ["0.3", "index"],
+    }

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from helpers import run_kbundle
+from helpers import printed_by_kernel, run_kbundle
 
 pytestmark = pytest.mark.docker
 
@@ -75,27 +75,13 @@ def test_pack_says_it_read_the_venv_and_what_it_left_out(sent):
 
 
 def test_the_kernel_has_the_venvs_distributions_at_their_versions(sent, monkeypatch):
-    from jupyter_client.manager import KernelManager
-
     data, env, dists, _packed = sent
     monkeypatch.setenv("JUPYTER_DATA_DIR", env["JUPYTER_DATA_DIR"])
-    km = KernelManager(kernel_name=data["kernel_name"])
-    km.start_kernel()
-    try:
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=120)
-        out = []
-        code = (
-            "import json, importlib.metadata as md, six, ipykernel\n"
-            "print(json.dumps({d.metadata['Name']: d.version for d in md.distributions()}))"
-        )
-        reply = kc.execute_interactive(code, timeout=60, output_hook=out.append)
-        assert reply["content"]["status"] == "ok", reply["content"]
-        seen = json.loads("".join(m["content"]["text"] for m in out if m["msg_type"] == "stream"))
-        kc.stop_channels()
-    finally:
-        km.shutdown_kernel()
+    code = (
+        "import json, importlib.metadata as md, six, ipykernel\n"
+        "print(json.dumps({d.metadata['Name']: d.version for d in md.distributions()}))"
+    )
+    seen = json.loads(printed_by_kernel(data["kernel_name"], code))
     tools = {"pip", "setuptools", "wheel"}
     wanted = {n: v for n, v in dists.items() if n.lower() not in tools}
     assert {n: seen.get(n) for n in wanted} == wanted

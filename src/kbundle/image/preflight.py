@@ -257,24 +257,25 @@ def plan_gpus(request: GpuRequest, engine: EngineFacts, nvml: NvmlFacts) -> tupl
     if request.mode == "all":
         gpus = tuple(visible) or ("all",)
         return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
+    return _counted_or_named(request, nvml, visible, "this host", "gets")
+
+
+def _counted_or_named(request: GpuRequest, nvml, visible: list[str], place: str, verb: str):
+    """`--gpus N` or `--gpus device=…`, checked against the GPUs NVML lists (when it can be read):
+    the plan and its finding, in the words of the container (`gets`) or native (`sees`) kernel."""
     if request.mode == "count":
         if nvml.available and request.count > len(visible):
-            return GpuPlan(), [
-                Finding(ERROR, "runtime", f"--gpus {request.count}: this host has {len(visible)} GPU(s)")
-            ]
+            return GpuPlan(), [Finding(ERROR, "runtime", f"--gpus {request.count}: {place} has {len(visible)} GPU(s)")]
         gpus = tuple(visible[: request.count]) if visible else tuple(str(i) for i in range(request.count))
-        return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(gpus)}")]
+        return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel {verb} GPUs {', '.join(gpus)}")]
     known = set(visible) | {g.uuid for g in nvml.gpus}
     missing = [d for d in request.devices if nvml.available and d not in known]
     if missing:
+        have = ", ".join(visible) or "none"
         return GpuPlan(), [
-            Finding(
-                ERROR,
-                "runtime",
-                f"--gpus {request}: no GPU {', '.join(missing)} on this host (GPUs: {', '.join(visible) or 'none'})",
-            )
+            Finding(ERROR, "runtime", f"--gpus {request}: no GPU {', '.join(missing)} on {place} (GPUs: {have})")
         ]
-    return GpuPlan(request.devices), [Finding(OK, "runtime", f"the kernel gets GPUs {', '.join(request.devices)}")]
+    return GpuPlan(request.devices), [Finding(OK, "runtime", f"the kernel {verb} GPUs {', '.join(request.devices)}")]
 
 
 def evaluate(
@@ -332,24 +333,7 @@ def plan_native_gpus(request: GpuRequest, nvml: NvmlFacts) -> tuple[GpuPlan, lis
         if not visible:
             said = f"the kernel sees this machine's GPUs, unchecked ({nvml.reason})"
         return GpuPlan(gpus), [Finding(level, "runtime", said)]
-    if request.mode == "count":
-        if nvml.available and request.count > len(visible):
-            return GpuPlan(), [
-                Finding(ERROR, "runtime", f"--gpus {request.count}: this machine has {len(visible)} GPU(s)")
-            ]
-        gpus = tuple(visible[: request.count]) if visible else tuple(str(i) for i in range(request.count))
-        return GpuPlan(gpus), [Finding(OK, "runtime", f"the kernel sees GPUs {', '.join(gpus)}")]
-    known = set(visible) | {g.uuid for g in nvml.gpus}
-    missing = [d for d in request.devices if nvml.available and d not in known]
-    if missing:
-        return GpuPlan(), [
-            Finding(
-                ERROR,
-                "runtime",
-                f"--gpus {request}: no GPU {', '.join(missing)} on this machine (GPUs: {', '.join(visible) or 'none'})",
-            )
-        ]
-    return GpuPlan(request.devices), [Finding(OK, "runtime", f"the kernel sees GPUs {', '.join(request.devices)}")]
+    return _counted_or_named(request, nvml, visible, "this machine", "sees")
 
 
 def visible_devices(request: GpuRequest, plan: GpuPlan) -> Optional[str]:
