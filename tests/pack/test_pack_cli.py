@@ -416,3 +416,25 @@ def test_pack_json_prints_the_manifest(tmp_path):
     doc = json.loads(result.stdout)
     assert INSPECT_KEYS <= set(doc)
     assert doc == json.loads(kbundle("inspect", out, "--json").stdout)
+
+
+def test_the_channels_line_says_which_channel_each_reason_is_for():
+    """Two channels only specs name (pytorch::, nvidia/label/…::): each reason keeps its channel."""
+    from types import SimpleNamespace
+
+    from kbundle.bundle.format import Added
+    from kbundle.commands.pack import _channels_note
+
+    one = SimpleNamespace(added=[Added("channel defaults", "the environment names no channel, so conda's defaults")])
+    assert _channels_note(one) == " (the environment names no channel, so conda's defaults)"
+    two = SimpleNamespace(
+        added=[
+            Added("channel pytorch", "`pytorch::pytorch=2.3.1` names it"),
+            Added("ipykernel", "the kernel needs it"),
+            Added("channel nvidia/label/cuda-12.1.0", "`nvidia/label/cuda-12.1.0::cuda-nvcc` names it"),
+        ]
+    )
+    assert _channels_note(two) == (
+        " (pytorch: `pytorch::pytorch=2.3.1` names it; "
+        "nvidia/label/cuda-12.1.0: `nvidia/label/cuda-12.1.0::cuda-nvcc` names it)"
+    )

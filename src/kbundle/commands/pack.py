@@ -199,8 +199,11 @@ def _driver(cuda: str) -> str:
 
 
 def _channels_note(m) -> str:
-    added = next((a for a in m.added if a.spec.startswith("channel ")), None)
-    return f" ({added.reason})" if added else ""
+    added = [a for a in m.added if a.spec.startswith("channel ")]
+    if len(added) == 1:
+        return f" ({added[0].reason})"
+    # Several: each reason says which channel it is for (two spec-only channels, say).
+    return " (" + "; ".join(f"{a.spec.removeprefix('channel ')}: {a.reason}" for a in added) + ")" if added else ""
 
 
 def lock_status(m) -> str:
