@@ -295,19 +295,8 @@ def evaluate(
     findings.append(Finding(OK if engine.gpu_capable else WARN, "engine", engine.describe_gpu_support()))
     plan, gpu_findings = plan_gpus(request, engine, nvml)
     findings += gpu_findings
-    if plan.on_gpu and cuda and nvml.driver_version:
-        findings.append(check_driver(nvml, cuda, tables))
-        chosen = [g for g in nvml.gpus if str(g.index) in plan.gpus or g.uuid in plan.gpus or "all" in plan.gpus]
-        findings += [check_arch(g, cuda, tables) for g in (chosen or nvml.gpus)]
-    elif plan.on_gpu and cuda:
-        findings.append(
-            Finding(
-                WARN,
-                "driver",
-                f"cannot check the NVIDIA driver against CUDA {cuda}: {nvml.reason or 'NVML gave no driver version'}",
-            )
-        )
-    elif plan.on_gpu and not cuda:
+    findings += _cuda_findings(plan, nvml, cuda, tables)
+    if plan.on_gpu and not cuda:
         findings.append(Finding(WARN, "driver", "this environment has no CUDA: the GPUs are passed through unused"))
     return Report(engine, nvml, cuda, request, plan, findings)
 
@@ -336,6 +325,18 @@ def plan_native_gpus(request: GpuRequest, nvml: NvmlFacts) -> tuple[GpuPlan, lis
     return _counted_or_named(request, nvml, visible, "this machine", "sees")
 
 
+def _cuda_findings(plan: GpuPlan, nvml, cuda, tables) -> list[Finding]:
+    """The driver against the environment's CUDA, and each chosen GPU's architecture against the
+    CUDA build, for a kernel on GPUs (container or native alike); a warning when NVML cannot say."""
+    if not (plan.on_gpu and cuda):
+        return []
+    if not nvml.driver_version:
+        why = nvml.reason or "NVML gave no driver version"
+        return [Finding(WARN, "driver", f"cannot check the NVIDIA driver against CUDA {cuda}: {why}")]
+    chosen = [g for g in nvml.gpus if str(g.index) in plan.gpus or g.uuid in plan.gpus or "all" in plan.gpus]
+    return [check_driver(nvml, cuda, tables)] + [check_arch(g, cuda, tables) for g in (chosen or nvml.gpus)]
+
+
 def visible_devices(request: GpuRequest, plan: GpuPlan) -> Optional[str]:
     """`CUDA_VISIBLE_DEVICES` for a native kernel: None leaves the machine's GPUs as they are (pure)."""
     if not plan.on_gpu:
@@ -356,18 +357,7 @@ def evaluate_native(
     findings += _nvml_findings(nvml)
     plan, gpu_findings = plan_native_gpus(request, nvml)
     findings += gpu_findings
-    if plan.on_gpu and cuda and nvml.driver_version:
-        findings.append(check_driver(nvml, cuda, tables))
-        chosen = [g for g in nvml.gpus if str(g.index) in plan.gpus or g.uuid in plan.gpus or "all" in plan.gpus]
-        findings += [check_arch(g, cuda, tables) for g in (chosen or nvml.gpus)]
-    elif plan.on_gpu and cuda:
-        findings.append(
-            Finding(
-                WARN,
-                "driver",
-                f"cannot check the NVIDIA driver against CUDA {cuda}: {nvml.reason or 'NVML gave no driver version'}",
-            )
-        )
+    findings += _cuda_findings(plan, nvml, cuda, tables)
     return Report(engine, nvml, cuda, request, plan, findings)
 
 
