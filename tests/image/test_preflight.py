@@ -8,6 +8,7 @@ import pytest
 
 from kbundle.errors import KbundleError, UsageError
 from kbundle.facts import load_tables
+from kbundle.image.engine import describe_docker_error
 from kbundle.image.preflight import (
     ERROR,
     OK,
@@ -18,7 +19,6 @@ from kbundle.image.preflight import (
     NvmlFacts,
     check_arch,
     check_driver,
-    describe_docker_error,
     evaluate,
     plan_gpus,
 )

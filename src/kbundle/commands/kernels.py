@@ -47,14 +47,9 @@ def _runs(record) -> str:
 
 def _engine_or_none():
     """The Docker engine, or None when none answers (list still shows what it knows)."""
-    try:
-        import docker
+    from kbundle.image.engine import connect_or_none
 
-        client = docker.from_env(timeout=5)
-        client.ping()
-        return client
-    except Exception:
-        return None
+    return connect_or_none()
 
 
 def kernel_health(record, client) -> str:

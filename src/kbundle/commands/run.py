@@ -250,6 +250,7 @@ def doctor(
     """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
     from kbundle.errors import KbundleError, MachineError
     from kbundle.image import preflight
+    from kbundle.image.engine import connect, docker_host
 
     if slurm:
         return _doctor_slurm(partition, gres, as_json)
@@ -257,10 +258,10 @@ def doctor(
     opened = _open_for_doctor(bundle)
     cuda = opened.cuda if opened else None
     try:
-        client = preflight.connect(_timeout(engine_timeout))
+        client = connect(_timeout(engine_timeout))
     except KbundleError as exc:  # still show what NVML knows
         client = None
-        engine = preflight.EngineFacts(False, preflight.docker_host(), error=f"{exc}; {preflight.NATIVE_HINT}")
+        engine = preflight.EngineFacts(False, docker_host(), error=f"{exc}; {preflight.NATIVE_HINT}")
         report = preflight.evaluate(engine, preflight.probe_nvml(), cuda, preflight.GpuRequest.parse("auto"))
     else:
         report = preflight.run_preflight(client, cuda, preflight.GpuRequest.parse("auto"))

@@ -233,7 +233,7 @@ def _consent(console, options, plan: NativePlan, signature) -> None:
 
 def _fetch(bundle, plan: NativePlan, prefix: Path, python: str, indexes, key: str, console):
     """The pip: section's wheels, resolved against the installed conda side (an unlocked section)."""
-    from kbundle.image import wheels
+    from kbundle.image import sourcebuild, wheels
     from kbundle.progress import Meter, finish
 
     t0 = time.perf_counter()
@@ -244,7 +244,7 @@ def _fetch(bundle, plan: NativePlan, prefix: Path, python: str, indexes, key: st
             python,
             indexes,
             wheels.glibc_of(plan.target),
-            wheels.HostBuilder(prefix),
+            sourcebuild.HostBuilder(prefix),
             wheels.recorded_resolution(key),
             meter,
             locked=bool(bundle.manifest.pip_locked),

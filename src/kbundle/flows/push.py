@@ -74,14 +74,14 @@ def push_bundle(options: PushOptions, console) -> PushResult:
     from kbundle.bundle import open_bundle
     from kbundle.flows.review import read_sender
     from kbundle.flows.undo import Undo
-    from kbundle.image import preflight, registry
+    from kbundle.image import engine, registry
 
     t0 = time.perf_counter()
     destination = registry.parse_destination(options.to)  # a bad --to fails before any work
     bundle = open_bundle(options.bundle)
     signature = read_sender(bundle)
     with Undo() as undo, _scratch() as scratch:
-        client = preflight.connect(options.engine_timeout)
+        client = engine.connect(options.engine_timeout)
         undo.client = client
         base = options.base_image or bundle.base_image
         warnings: list[str] = []

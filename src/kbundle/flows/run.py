@@ -239,10 +239,10 @@ def connect_or_hint(timeout: float):
     """The engine; when none answers, the error also says that `--native` exists and what it means
     (it is never chosen silently)."""
     from kbundle.errors import MachineError
-    from kbundle.image import preflight
+    from kbundle.image import engine, preflight
 
     try:
-        return preflight.connect(timeout)
+        return engine.connect(timeout)
     except MachineError as exc:
         raise MachineError(f"{exc}; {preflight.NATIVE_HINT}") from None
 
@@ -488,7 +488,7 @@ def assemble_context(
     split into the Dockerfile's layers (image/layers.py). Returns what the build log starts with:
     the exact pip resolution and the layers."""
     from kbundle import contract
-    from kbundle.image import bytecode, context, pipinstall, preflight, wheels
+    from kbundle.image import bytecode, context, engine, pipinstall, sourcebuild, wheels
     from kbundle.image import env as envmod
     from kbundle.specs import PipIndexes
 
@@ -496,7 +496,7 @@ def assemble_context(
     if problem:
         raise KbundleError(problem)
     console = console or _quiet_console()
-    client = client or preflight.connect()
+    client = client or engine.connect()
     image = base_image or bundle.base_image
     env_dir = context.env_dir(ctx)
     context.write_static(ctx, dockerfile)
@@ -517,7 +517,7 @@ def assemble_context(
         # pip's part (image/wheels.py): pip's resolver chooses for the image (exact pins alone), kbundle
         # downloads the files together into the shared cache; VCS/sdist lines are built in a container.
         indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
-        builder = wheels.ContainerBuilder(client, image, env_dir)
+        builder = sourcebuild.ContainerBuilder(client, image, env_dir)
         recorded = wheels.recorded_resolution(bundle_hash(bundle))
         t0 = time.perf_counter()
         with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:

@@ -100,13 +100,12 @@ def review_lines(sender: str, ref, slurm) -> list[str]:
 def _check_labels_here(ref, bundle_hash: str) -> None:
     """Check the image's labels here when this machine's engine has it (the node checks them anyway)."""
     from kbundle.image import registry
+    from kbundle.image.engine import connect_or_none
 
+    client = connect_or_none()  # no engine on a login node is normal
     try:
-        import docker
-
-        client = docker.from_env(timeout=5)
-        image_id = registry.local_by_digest(client, ref)
-    except Exception:  # no engine on a login node is normal
+        image_id = registry.local_by_digest(client, ref) if client is not None else None
+    except Exception:  # the engine went away between the calls: the node checks the labels anyway
         image_id = None
     if image_id is not None:
         registry.check_labels(client.api.inspect_image(image_id)["Config"].get("Labels"), bundle_hash, str(ref))

@@ -18,10 +18,9 @@ from typing import Any, Optional
 from kbundle import contract
 from kbundle.errors import MachineError, UsageError, first_line
 from kbundle.facts import CompatTables, Version, load_tables
+from kbundle.image.engine import docker_host
 
 OK, WARN, ERROR = "ok", "warn", "error"
-ENGINE_TIMEOUT = 10.0  # seconds an engine may take to answer the first call (--engine-timeout)
-BUILD_TIMEOUT = 600  # seconds any later engine call may take (a pull, a build step's output)
 
 # Added to "no engine answers" by `run` and `doctor`: --native is never chosen silently.
 NATIVE_HINT = (
@@ -374,70 +373,6 @@ def _nvml_findings(nvml: NvmlFacts) -> list[Finding]:
 
 def _device_nodes() -> bool:
     return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
-
-
-def docker_host() -> str:
-    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-
-
-def describe_docker_error(exc: BaseException, host: str) -> str:
-    text = str(exc)
-    if isinstance(exc, PermissionError) or "Permission denied" in text or "PermissionError" in text:
-        return (
-            f"permission denied on the Docker socket {host}: add your user to the 'docker' group "
-            f"(sudo usermod -aG docker $USER, then log in again)"
-        )
-    if any(
-        s in text
-        for s in (
-            "No such file",
-            "FileNotFoundError",
-            "Connection refused",
-            "ConnectionRefused",
-            "Connection aborted",
-            "Max retries",
-            "timed out",
-        )
-    ):
-        return (
-            f"cannot reach the Docker daemon at {host}: is it running? "
-            f"(start it, e.g. sudo systemctl start docker, or fix DOCKER_HOST)"
-        )
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return f"cannot use the Docker daemon at {host}: {first}"
-
-
-def connect(timeout: float = ENGINE_TIMEOUT):
-    """A docker client for a reachable daemon, or a one-line MachineError saying what to do.
-
-    The engine must answer within `timeout` seconds: one that accepts connections and never
-    answers is named as such, not waited on for minutes."""
-    import docker
-
-    host = docker_host()
-    try:
-        client = docker.from_env(timeout=timeout)
-        client.ping()
-    except Exception as exc:  # docker wraps transport errors in several types
-        if _timed_out(exc):
-            raise MachineError(
-                f"the Docker engine at {host} accepted the connection but did not answer within {timeout:g} s "
-                f"(is it hung? restart it, or raise --engine-timeout)"
-            ) from None
-        raise MachineError(describe_docker_error(exc, host)) from None
-    client.api.timeout = BUILD_TIMEOUT
-    return client
-
-
-def _timed_out(exc: BaseException) -> bool:
-    import socket
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, (socket.timeout, TimeoutError)) or "timed out" in str(seen).lower():
-            return "Connection refused" not in str(seen)
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _has_nvidia_cdi() -> bool:

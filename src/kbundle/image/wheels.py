@@ -30,14 +30,13 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from kbundle.errors import KbundleError
 from kbundle.pipplatform import (
@@ -55,6 +54,12 @@ from kbundle.specs import PipIndexes
 
 if TYPE_CHECKING:
     from kbundle.specs import PipPin
+
+
+class WheelBuilder(Protocol):
+    """Builds a VCS or sdist requirement into a wheel (image/sourcebuild.py): its path and source."""
+
+    def build(self, pin: PipPin, python: str, indexes: PipIndexes, glibc: str | None) -> tuple[Path, str]: ...
 
 
 @dataclass(frozen=True)
@@ -195,7 +200,7 @@ def fetch(
     python: str,
     indexes: PipIndexes | None = None,
     glibc: str | None = None,
-    builder: ContainerBuilder | None = None,
+    builder: WheelBuilder | None = None,
     recorded: Sequence[str] | None = None,
     meter=None,
     locked: bool = True,
@@ -388,7 +393,7 @@ def _resolve_and_fetch(
     python: str,
     indexes: PipIndexes,
     glibc: str | None,
-    builder: ContainerBuilder | None,
+    builder: WheelBuilder | None,
     meter=None,
     conda_env: Path | None = None,
 ) -> WheelSet:
@@ -435,259 +440,12 @@ def _resolve_and_fetch(
     return WheelSet(tuple(kept), tuple(files), fetched, tuple(resolution))
 
 
-class _Builder:
-    """Build a VCS or sdist requirement into a wheel with the environment's own Python.
-
-    The source is fetched here (git, or a plain HTTP download: no package code runs for that);
-    the build requirements the project declares are fetched here first as wheels for the target
-    and offered to the build as its only index. Subclasses say where the build runs (`_run`)."""
-
-    def build(self, pin: PipPin, python: str, indexes: PipIndexes, glibc: str | None) -> tuple[Path, str]:
-        work = Path(tempfile.mkdtemp(prefix="build-", dir=cache_root_dir("built")))
-        try:
-            src, source, subdir = _fetch_source(pin, work / "src")
-            deps = work / "deps"
-            deps.mkdir()
-            requires = _build_requires(src / subdir if subdir else src)
-            if requires:
-                args = ["download", *target_args(python, glibc), "-d", str(deps)]
-                _run_pip(args, requires, indexes, f"building {pin.name}", (python, glibc))
-            out = work / "out"
-            out.mkdir()
-            self._run(pin, work, subdir)
-            wheels = sorted(out.glob("*.whl"))
-            if len(wheels) != 1:
-                raise KbundleError(f"pip: building {pin.text} made {len(wheels)} wheels, not one")
-            final = cache_root_dir("built") / sha256_file(wheels[0])[:16]
-            final.mkdir(exist_ok=True)
-            wheel = final / wheels[0].name
-            os.replace(wheels[0], wheel)
-            return wheel, source
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
-        raise NotImplementedError
-
-
-def _wheel_command(python: str, root: str, subdir: str) -> list[str]:
-    """`pip wheel` of the source in `root`/src, offline, its build requirements from `root`/deps."""
-    return [
-        python,
-        "-m",
-        "pip",
-        "wheel",
-        "--no-deps",
-        "--no-index",
-        "--find-links",
-        f"{root}/deps",
-        "--wheel-dir",
-        f"{root}/out",
-        "--disable-pip-version-check",
-        "--no-cache-dir",
-        "--progress-bar",
-        "off",
-        f"{root}/src" + (f"/{subdir}" if subdir else ""),
-    ]
-
-
-class HostBuilder(_Builder):
-    """`run --native`: the build runs here, on the host, as the invoking user, by the environment's
-    own Python at `prefix`: its build code runs on this machine (the consent names each such line:
-    flows/review.py). pip gets no index but the build requirements fetched beforehand."""
-
-    def __init__(self, prefix: Path, timeout: float = 600):
-        self.prefix, self.timeout = prefix, timeout
-
-    def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
-        from kbundle.image.pipinstall import host_environment
-
-        command = _wheel_command(str(self.prefix / "bin" / "python"), str(work), subdir)
-        try:
-            done = subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                env=host_environment(self.prefix),
-                stdin=subprocess.DEVNULL,
-                timeout=self.timeout,
-                cwd=work,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise KbundleError(f"pip: building {pin.text} into a wheel failed: {exc}") from None
-        if done.returncode != 0:
-            tail = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()][-1:] or ["no output"]
-            raise KbundleError(f"pip: building {pin.text} into a wheel failed: {tail[0].strip()}")
-
-
-class ContainerBuilder(_Builder):
-    """Build a VCS or sdist requirement into a wheel without running its code on this host.
-
-    The environment's own Python (`env_dir`, installed for the image's prefix) runs `pip wheel`
-    in a throwaway container of the base image: no network, every capability dropped, no new
-    privileges, an unprivileged user."""
-
-    def __init__(self, client, base_image: str, env_dir: Path, timeout: float = 600):
-        self.client, self.base_image, self.env_dir, self.timeout = client, base_image, env_dir, timeout
-
-    def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
-        from kbundle import contract
-
-        uid = os.getuid() if hasattr(os, "getuid") and os.getuid() != 0 else 65534
-        for path in [work, *work.rglob("*")]:
-            if not path.is_symlink():
-                path.chmod(0o777 if path.is_dir() else 0o666)
-        command = _wheel_command(f"{contract.PREFIX}/bin/python", "/kbundle", subdir)
-        container = self.client.containers.create(
-            self.base_image,
-            command=command,
-            entrypoint=[],
-            user=f"{uid}:{uid}",
-            network_disabled=True,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PIP_CONFIG_FILE": "/dev/null"},
-            volumes={
-                str(self.env_dir): {"bind": contract.PREFIX, "mode": "ro"},
-                str(work / "src"): {"bind": "/kbundle/src", "mode": "rw"},
-                str(work / "deps"): {"bind": "/kbundle/deps", "mode": "ro"},
-                str(work / "out"): {"bind": "/kbundle/out", "mode": "rw"},
-            },
-            labels={"org.kbundle.role": "wheel-build"},
-        )
-        try:
-            container.start()
-            status = container.wait(timeout=self.timeout)
-            logs = container.logs().decode(errors="replace")
-        finally:
-            container.remove(force=True)
-        if status.get("StatusCode") != 0:
-            tail = [ln for ln in logs.splitlines() if ln.strip()][-1:] or ["no output"]
-            raise KbundleError(f"pip: building {pin.text} into a wheel failed: {tail[0].strip()}")
-
-
 def cache_root_dir(name: str) -> Path:
     from kbundle.image.env import cache_root
 
     path = cache_root() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-_GIT_PROTOCOLS = ("https", "http", "ssh", "git")
-
-
-def _fetch_source(pin: PipPin, dest: Path) -> tuple[Path, str, str]:
-    """The requirement's source tree in `dest`, what it was (`git+URL@commit`), its subdirectory."""
-    from urllib.parse import parse_qs, urlsplit
-
-    url, _, fragment = pin.url.partition("#")
-    subdir = (parse_qs(fragment).get("subdirectory") or [""])[0].strip("/")
-    if ".." in subdir.split("/"):
-        raise KbundleError(f"pip: {pin.text} names a subdirectory outside its source")
-    if pin.vcs:
-        vcs, _, rest = url.partition("+")
-        if vcs.lower() != "git":
-            raise KbundleError(f"pip: {pin.text}: kbundle builds git requirements only, not {vcs}")
-        parts = urlsplit(rest)
-        ref = None
-        if "@" in parts.path:
-            path, ref = parts.path.rsplit("@", 1)
-            parts = parts._replace(path=path)
-        if parts.scheme.lower() not in _GIT_PROTOCOLS or (ref or "").startswith("-"):
-            raise KbundleError(f"pip: {pin.text} is not a git URL kbundle fetches (https, http, ssh or git)")
-        commit = _git_checkout(parts.geturl(), ref, dest)
-        return dest, f"git+{parts.geturl()}@{commit}", subdir
-    return _download_sdist(pin, url, dest), url, subdir
-
-
-def _git_checkout(repo: str, ref: str | None, dest: Path) -> str:
-    """Clone and check out on the host: git runs no code of the repository's (no hooks travel)."""
-    import base64
-
-    from kbundle.net import pip_environment
-    from kbundle.specs import strip_credentials
-
-    bare, had = strip_credentials(repo)
-    env = dict(pip_environment(), GIT_TERMINAL_PROMPT="0", GIT_ALLOW_PROTOCOL=":".join(_GIT_PROTOCOLS))
-    if had:  # a token in the URL goes in git's environment, never in argv
-        from urllib.parse import unquote, urlsplit
-
-        parts = urlsplit(repo)
-        auth = base64.b64encode(f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()).decode()
-        count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
-        env.update(
-            {
-                "GIT_CONFIG_COUNT": str(count + 1),
-                f"GIT_CONFIG_KEY_{count}": "http.extraHeader",
-                f"GIT_CONFIG_VALUE_{count}": f"Authorization: Basic {auth}",
-            }
-        )
-
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
-        if result.returncode != 0:
-            detail = (result.stderr.strip().splitlines() or [f"git exited with {result.returncode}"])[-1]
-            raise KbundleError(f"pip: cannot fetch {bare}: {detail}")
-        return result.stdout.strip()
-
-    if not shutil.which("git"):
-        raise KbundleError(f"pip: fetching {bare} needs git on this machine (install git)")
-    git("clone", "--quiet", "--no-checkout", "--", bare, str(dest))
-    git("-C", str(dest), "-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", ref or "HEAD", "--")
-    commit = git("-C", str(dest), "rev-parse", "HEAD")
-    shutil.rmtree(dest / ".git", ignore_errors=True)
-    return commit
-
-
-def _download_sdist(pin: PipPin, url: str, dest: Path) -> Path:
-    """Download a source archive (checking its hash when the bundle has one) and unpack it safely."""
-    import tarfile
-    import urllib.request
-    import zipfile
-
-    from kbundle.specs import url_filename
-
-    dest.mkdir(parents=True)
-    archive = dest.parent / url_filename(url)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
-            shutil.copyfileobj(resp, fh)
-    except (OSError, ValueError) as exc:
-        raise KbundleError(f"pip: cannot download {url}: {exc}") from None
-    if not _matches_hash(archive, pin.hashes):
-        raise KbundleError(f"pip: {url} does not match the bundle's hash")
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for member in zf.namelist():
-                if member.startswith("/") or ".." in Path(member).parts:
-                    raise KbundleError(f"pip: {url} holds an unsafe path {member!r}")
-            zf.extractall(dest)
-    else:
-        with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")
-    roots = [p for p in dest.iterdir()]
-    return roots[0] if len(roots) == 1 and roots[0].is_dir() else dest
-
-
-def _build_requires(src: Path) -> list[str]:
-    """What the project's build backend needs (pyproject.toml, read as data), as pip lines."""
-    default = ["setuptools>=40.8.0", "wheel"]
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        return default
-    try:
-        data = tomllib.loads((src / "pyproject.toml").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return default
-    system = data.get("build-system") if isinstance(data, dict) else None
-    if not isinstance(system, dict) or "requires" not in system:
-        return default
-    requires = [str(r) for r in system.get("requires") or [] if not str(r).startswith("-")]
-    if any(r.lower().startswith("setuptools") for r in requires) and not any(r.startswith("wheel") for r in requires):
-        requires.append("wheel")  # older setuptools asks for it at build time
-    return requires
 
 
 def pth_files(files: Sequence[Path]) -> list[tuple[str, str]]:

@@ -74,7 +74,7 @@ class GcResult:
 
 def connect():
     """The engine, as run and doctor reach it: a hung engine times out, an absent one is exit 4."""
-    from kbundle.image.preflight import connect as engine
+    from kbundle.image.engine import connect as engine
 
     return engine()
 

@@ -68,11 +68,10 @@ from typing import Any, Optional
 
 from kbundle import contract
 from kbundle.cache import pycache_root
+from kbundle.image import engine
 from kbundle.kernel.labels import container_labels, orphaned
 from kbundle.kernel.shim import SHIM
 
-# device_requests need 1.40. Pinning the version saves the /version round trip at start.
-API_VERSION = "1.40"
 STOP_GRACE_S = 1
 PARENT_POLL_S = 1.0  # how often the watcher thread checks that the parent still lives
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -434,7 +433,7 @@ class Launcher:
         if self.parent is not None:
             watch_parent_death()  # before the container exists: a death from here on is noticed
         try:
-            self.api = docker.APIClient(version=API_VERSION, timeout=60, **docker.utils.kwargs_from_env())
+            self.api = engine.low_level()
             self._create()
             try:
                 sock = self.api.attach_socket(self.cid, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
