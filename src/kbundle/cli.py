@@ -111,6 +111,15 @@ def describe_os_error(exc: OSError) -> str:
     return f"{what} ({name}){': ' + str(path) if path else ''}" if name else f"{exc}"
 
 
+def _os_error_code(exc: OSError) -> int:
+    """A full disk or quota is this machine's limit (exit 4, as docs/usage.md says); anything else 1."""
+    import errno
+
+    from kbundle.errors import MachineError
+
+    return MachineError.exit_code if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 1
+
+
 def _terminated(signum, frame) -> None:
     """SIGTERM is handled like Ctrl-C: the run cleans up, then `error: interrupted`, exit 130."""
     raise KeyboardInterrupt
@@ -120,6 +129,10 @@ def _run_app(args: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     as_json = wants_json(args)
     signal.signal(signal.SIGTERM, _terminated)
+    if args[:1] != ["gc"]:
+        from kbundle import activity
+
+        activity.hold()  # `kbundle gc` then knows this process's temporary folders are not orphans
     try:
         result = command().main(args, prog_name="kbundle", standalone_mode=False)
     except KbundleError as exc:
@@ -131,7 +144,7 @@ def _run_app(args: list[str] | None = None) -> int:
     except OSError as exc:  # a disk or permission fault outside any step's own handling: name it and its path
         if os.environ.get("KBUNDLE_DEBUG"):
             raise
-        return _fail(1, describe_os_error(exc), as_json)
+        return _fail(_os_error_code(exc), describe_os_error(exc), as_json)
     except Exception as exc:  # usage errors from click (vendored by newer typer) and anything unexpected
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `kbundle` shows the help
             typer.echo(exc.format_message(), err=True)

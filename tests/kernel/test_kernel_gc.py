@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from kbundle import contract
+from kbundle.image import ledger
 from kbundle.kernel import gc as G
 from kbundle.kernel.labels import process_start
 from kbundle.kernel.spec import KernelRecord
@@ -73,7 +76,28 @@ def labelled_image(client, base: str, tag: str, made) -> str:
     return tag
 
 
-def test_plan_lists_only_leftovers_and_apply_removes_them(docker_client, env_image, made, tmp_path):
+@pytest.fixture
+def mine(tmp_path, monkeypatch):
+    """This test's user: its own Jupyter data dir (kernels and image ledger) and kbundle cache."""
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("KBUNDLE_CACHE_DIR", str(tmp_path / "cache"))
+    return dict(os.environ)
+
+
+@contextlib.contextmanager
+def kbundle_working(env: dict[str, str]):
+    """Another kbundle process of the same user, busy (it holds activity.py's mark) for the block."""
+    code = "from kbundle import activity; activity.hold(); print('held', flush=True); import time; time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_plan_lists_only_leftovers_and_apply_removes_them(docker_client, env_image, made, tmp_path, mine):
     host = socket.gethostname()
     me = os.getpid()
     dead = kernel_container(docker_client, env_image, made, dead_pid(), "", host)
@@ -83,6 +107,8 @@ def test_plan_lists_only_leftovers_and_apply_removes_them(docker_client, env_ima
 
     unused = labelled_image(docker_client, env_image, "kbundle-test/gc-unused:1", made)
     used = labelled_image(docker_client, env_image, "kbundle-test/gc-used:1", made)
+    for tag in (unused, used):
+        ledger.record(docker_client.api.inspect_image(tag)["Id"], ledger.BUILT, "gc-test", tag)
     kernels = [KernelRecord("kbundle-gc-used", "used (kbundle)", tmp_path, used, "h", [], str(tmp_path))]
 
     contexts = tmp_path / "contexts"
@@ -103,7 +129,8 @@ def test_plan_lists_only_leftovers_and_apply_removes_them(docker_client, env_ima
         str((pycaches / i.replace("/", "-").replace(":", "-")).resolve()) for i in (used, unused)
     )
 
-    plan = G.plan_gc(docker_client, kernels=kernels, host=host, contexts_dir=contexts, pycache_dir=pycaches)
+    with kbundle_working(mine):  # a fresh context may be a running build's
+        plan = G.plan_gc(docker_client, kernels=kernels, host=host, contexts_dir=contexts, pycache_dir=pycaches)
     refs = {i.ref for i in plan.items}
     assert {dead, reused} <= refs
     assert not {alive, elsewhere, used} & refs
@@ -138,3 +165,125 @@ def test_cli_lists_and_refuses_to_remove_without_yes(docker_client, env_image, m
     assert refused.returncode == 1
     assert refused.stderr.startswith("error: ") and "--yes" in refused.stderr and "Traceback" not in refused.stderr
     assert docker_client.api.inspect_container(dead)["State"]["Running"]  # nothing removed
+
+
+def _gc_json(env: dict[str, str], *extra: str) -> dict:
+    proc = subprocess.run(
+        [KBUNDLE, "gc", "--dry-run", "--json", *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_gc_under_a_second_users_data_dir_leaves_the_first_users_images(docker_client, env_image, made, tmp_path):
+    """A shared engine: what user A made is never a candidate for user B's gc, only for A's."""
+    image = labelled_image(docker_client, env_image, "kbundle-test/gc-user-a:1", made)
+    users = {}
+    for user in ("a", "b"):
+        users[user] = dict(
+            os.environ, JUPYTER_DATA_DIR=str(tmp_path / user / "jupyter"), KBUNDLE_CACHE_DIR=str(tmp_path / user / "c")
+        )
+    recorder = (
+        "import sys; from kbundle.image import ledger; ledger.record(sys.argv[1], ledger.BUILT, 'a', sys.argv[2])"
+    )
+    image_id = docker_client.api.inspect_image(image)["Id"]
+    subprocess.run([sys.executable, "-c", recorder, image_id, image], env=users["a"], check=True)
+
+    as_b = _gc_json(users["b"])
+    assert image not in {i["ref"] for i in as_b["items"]}
+    assert any("did not make for this user" in line for line in as_b["kept"])
+    as_a = _gc_json(users["a"])
+    assert image in {i["ref"] for i in as_a["items"]}
+
+    removed = subprocess.run(
+        [KBUNDLE, "gc", "--yes", "--json"], capture_output=True, text=True, timeout=120, env=users["b"]
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert docker_client.api.images(name="kbundle-test/gc-user-a"), "user B's gc removed user A's image"
+
+
+def test_an_image_with_a_registry_tag_is_kept_unless_asked(docker_client, env_image, made, mine):
+    image = labelled_image(docker_client, env_image, "kbundle-test/gc-pushed:1", made)
+    pushed_tag = "127.0.0.1:5999/lab/gc-pushed:1"
+    docker_client.api.tag(image, "127.0.0.1:5999/lab/gc-pushed", "1")
+    made["images"].append(pushed_tag)
+    ledger.record(docker_client.api.inspect_image(image)["Id"], ledger.BUILT, "gc-pushed", image)
+
+    plain = _gc_json(mine)
+    assert not {image, pushed_tag} & {i["ref"] for i in plain["items"]}
+    assert any("registry tag" in line for line in plain["kept"])
+    asked = _gc_json(mine, "--pushed")
+    assert {image, pushed_tag} <= {i["ref"] for i in asked["items"]}
+
+
+def _build_quietly(context: Path) -> None:
+    import docker
+
+    client = docker.from_env(timeout=600)  # its own connection: the stream must outlive the test's calls
+    try:
+        for _ in client.api.build(path=str(context), rm=True, decode=True):
+            pass
+    except Exception:
+        pass  # the test kills it
+
+
+def test_a_killed_builds_step_image_is_found_and_a_running_builds_is_not(docker_client, world, tmp_path):
+    """The legacy builder commits each step; killing the build leaves the last one untagged."""
+    dockerfile = f"FROM {world['base_image']}\nRUN mkdir -p /opt/kbundle/gc-step && echo {tmp_path.name} > /opt/kbundle/gc-step/x\nRUN sleep 300\n"
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text(dockerfile)
+    before = {c["Id"] for c in docker_client.api.containers(all=True)}
+    build = threading.Thread(target=_build_quietly, args=(tmp_path / "ctx",), daemon=True)
+    build.start()
+    step_container = None
+    try:
+        deadline = time.time() + 120
+        while step_container is None and time.time() < deadline:
+            running = [c for c in docker_client.api.containers() if c["Id"] not in before]
+            step_container = next((c for c in running if "sleep 300" in (c.get("Command") or "")), None)
+            time.sleep(0.2)
+        assert step_container, "the build never reached its sleeping step"
+        step_image = step_container["ImageID"]
+        later = time.time() + G.STEP_GRACE_S + 1
+        busy = G.plan_gc(docker_client, kernels=[], now=later, temp_dir=tmp_path / "none")
+        assert step_image not in {i.ref for i in busy.items}, "a running build's step image was planned"
+
+        with contextlib.suppress(Exception):  # the build dies as a killed one does
+            docker_client.api.kill(step_container["Id"])
+        build.join(timeout=60)
+        orphaned = G.plan_gc(docker_client, kernels=[], now=later, temp_dir=tmp_path / "none")
+        planned = [i for i in orphaned.items if "interrupted kbundle build" in i.reason]
+        assert step_image in {i.ref for i in planned}
+        assert {i.ref for i in planned if i.kind == G.CONTAINER} <= {step_container["Id"]}
+        result = G.apply_gc(G.GcPlan(planned), docker_client)
+        assert not result.failed
+        assert not any(i["Id"] == step_image for i in docker_client.api.images(all=True))
+        assert not any(c["Id"] == step_container["Id"] for c in docker_client.api.containers(all=True))
+    finally:
+        if step_container is not None:  # only this build's own: other tests share the engine
+            with contextlib.suppress(Exception):  # the builder may remove it first
+                docker_client.api.remove_container(step_container["Id"], force=True)
+
+
+def test_temporary_folders_of_killed_runs_go_once_no_run_is_active(tmp_path, mine):
+    temp = tmp_path / "tmp"
+    (temp / "kbundle-resolve-abc").mkdir(parents=True)
+    (temp / "kbundle-resolve-abc" / "report.json").write_text("{}")
+    (temp / "someone-elses").mkdir()
+    built = Path(mine["KBUNDLE_CACHE_DIR"]) / "built" / "build-xyz"
+    built.mkdir(parents=True)
+
+    with kbundle_working(mine):
+        busy = {i.ref for i in G.plan_gc(None, kernels=[], temp_dir=temp).items}
+    assert str(temp / "kbundle-resolve-abc") not in busy and str(built) not in busy
+    idle = G.plan_gc(None, kernels=[], temp_dir=temp)
+    refs = {i.ref for i in idle.items}
+    assert {str(temp / "kbundle-resolve-abc"), str(built)} <= refs
+    assert str(temp / "someone-elses") not in refs
+    G.apply_gc(G.GcPlan([i for i in idle.items if i.ref.startswith(str(tmp_path))]), None)
+    assert not (temp / "kbundle-resolve-abc").exists() and (temp / "someone-elses").exists()

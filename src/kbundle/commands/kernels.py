@@ -110,6 +110,7 @@ def kernels_remove(
         from kbundle.kernel import gc as gcmod
 
         client = gcmod.connect()  # before anything is removed: no half-done removal without an engine
+        _refuse_while_running(client, record)
     path = remove_kernelspec(record.name)
     lines = [f"removed kernel {record.name} ({path})"]
     removed = False
@@ -167,6 +168,20 @@ def remove_native_prefix(prefix_text: str) -> tuple[str, bool]:
     return f"removed its environment {prefix} ({size(freed)})", True
 
 
+def _refuse_while_running(client, record) -> None:
+    """Removing the image of a kernel that runs would leave a live kernel on an image that is gone."""
+    from kbundle.errors import KbundleError
+    from kbundle.kernel.gc import running_on
+
+    running = running_on(client, record.image)
+    if running:
+        names = ", ".join(running)
+        raise KbundleError(
+            f"kernel {record.name} is running on {record.image} (container {names}): shut it down from Jupyter "
+            f"(Kernel > Shut Down Kernel) or with `docker stop {running[0]}`, then run this again; nothing removed"
+        )
+
+
 def _remove_image(client, image: str) -> str:
     import docker
 
@@ -188,9 +203,13 @@ def gc(
     caches: bool = typer.Option(
         False, "--cache", help="Also empty kbundle's package, wheel and bytecode caches (refetched when needed)."
     ),
+    pushed: bool = typer.Option(
+        False, "--pushed", help="Also remove unused images of yours that carry a registry tag (pushed or pulled)."
+    ),
 ) -> None:
-    """Remove leftover kernel containers, unused kbundle images, native environments no kernel uses and
-    stale extracted bundles (--cache: and caches)."""
+    """Remove what kbundle made for you and nothing uses: leftover kernel containers, unused kbundle
+    images, native environments, step images and temporary folders of killed runs (--cache: and caches).
+    Images other users made on a shared engine, and images with a registry tag, are kept."""
     from kbundle.errors import KbundleError, MachineError
     from kbundle.kernel import gc as gcmod
 
@@ -199,7 +218,7 @@ def gc(
     except MachineError as exc:  # what needs no engine (native environments, folders) is still swept
         client = None
         typer.echo(f"warning: {exc}: kernel containers and images are not checked", err=True)
-    plan = gcmod.plan_gc(client, caches=caches)
+    plan = gcmod.plan_gc(client, caches=caches, pushed=pushed)
     if not as_json:
         _print_plan(plan, gcmod)
     if not plan.items or dry_run:
@@ -228,6 +247,8 @@ def gc(
 
 
 def _print_plan(plan, gcmod) -> None:
+    for line in plan.kept:
+        typer.echo(f"kept: {line}")
     if not plan.items:
         typer.echo("nothing to remove")
         return

@@ -4,8 +4,14 @@
   - kernel containers (kernel/labels.py) started on this host whose launcher is gone: its
     pid is dead, or now belongs to a process that started at another time; or whose
     launcher lives on orphaned (its parent died, so no Jupyter can reach the kernel);
-  - kbundle images (the contract's content-hash label, or kbundle 0.1's) that no registered
-    kbundle kernel names and no container uses;
+  - kbundle images (the contract's content-hash label, or kbundle 0.1's) that kbundle built or
+    pulled for this user (image/ledger.py), that no registered kbundle kernel names and no
+    container uses, whoever started it. On a shared engine the others' images are never
+    candidates, and an image with a registry tag is kept unless `pushed` (`gc --pushed`);
+  - step images a killed build left (untagged, no child, built on kbundle's own steps) that no
+    container uses: a running build's step container holds the newest one;
+  - kbundle's temporary folders (resolve, lock, signature, staging) in the temp dir and in
+    its cache, once no kbundle process of this user runs (activity.py), or when stale;
   - extracted bundles nobody uses: build contexts left in kbundle's cache by a build that
     was killed, and extraction scratch dirs (`.kbundle/extract-*`) in kernels' workdirs,
     both only when older than `STALE_AFTER_S` (a build may be running right now);
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +41,10 @@ from kbundle.kernel.launcher import PYCACHE_IMAGE_FILE
 
 IMAGE_LABELS = (contract.LABEL_CONTENT_HASH, contract.LEGACY_LABEL_CONTENT_HASH)
 STALE_AFTER_S = 6 * 3600
+STEP_GRACE_S = 30  # a step image younger than this may be one a running build just committed
+# Temporary folders kbundle makes with tempfile (in the temp dir, or beside an env in the cache).
+TEMP_PATTERNS = ("kbundle-*",)
+CACHE_TEMP_PATTERNS = ("built/build-*", "native/.kbundle-*", "push/push-*", "wheels/*/.download-*")
 CONTAINER, IMAGE, DIRECTORY = "container", "image", "directory"
 
 
@@ -52,12 +63,13 @@ class GcItem:
 @dataclass
 class GcPlan:
     items: list[GcItem] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # what gc leaves alone on purpose, in words
 
     def of(self, kind: str) -> list[GcItem]:
         return [i for i in self.items if i.kind == kind]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"items": [i.to_dict() for i in self.items]}
+        return {"items": [i.to_dict() for i in self.items], "kept": list(self.kept)}
 
 
 @dataclass
@@ -89,6 +101,8 @@ def plan_gc(
     now: Optional[float] = None,
     caches: bool = False,
     native_dir: Optional[Path] = None,
+    pushed: bool = False,
+    temp_dir: Optional[Path] = None,
 ) -> GcPlan:
     """What `kbundle gc` would remove (nothing is removed here); `caches`: kbundle's download caches too.
     `client` None: no engine answers, so kernel containers and images are left out."""
@@ -101,10 +115,17 @@ def plan_gc(
     plan = GcPlan()
     if client is not None:
         plan.items += _dead_kernel_containers(client, host)
-        plan.items += _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)})
+        images, plan.kept = _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)}, pushed)
+        plan.items += images
+        plan.items += _orphaned_step_images(client, {i.ref for i in plan.of(CONTAINER)}, now)
     plan.items += _unused_native(kernels, native_dir if native_dir is not None else native.native_root())
-    plan.items += _stale_directories(kernels, contexts_dir if contexts_dir is not None else cache.contexts_dir(), now)
+    from kbundle import activity
+
+    idle = activity.nobody_working()  # no kbundle process of this user runs: what runs left is orphaned
+    contexts = contexts_dir if contexts_dir is not None else cache.contexts_dir()
+    plan.items += _stale_directories(kernels, contexts, now, idle)
     plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache.pycache_root())
+    plan.items += _temporary_folders(Path(temp_dir or tempfile.gettempdir()), cache.cache_root(), now, idle)
     if caches:
         plan.items += _download_caches()
     return plan
@@ -196,29 +217,132 @@ def _leftover_reason(labels: dict, host: str) -> str:
     return ""
 
 
-def _unused_images(client, kernels: list, leaving: set[str]) -> list[GcItem]:
-    import docker
+def _unused_images(client, kernels: list, leaving: set[str], pushed: bool) -> tuple[list[GcItem], list[str]]:
+    """This user's unused kbundle images, and a line for each kind of image left alone."""
+    from kbundle.image import ledger
 
-    wanted_ids = set()
-    wanted_tags = {k.image for k in kernels if k.image}
-    for tag in wanted_tags:
-        try:
-            wanted_ids.add(client.api.inspect_image(tag)["Id"])
-        except docker.errors.NotFound:
-            pass
-    # Containers the plan removes no longer hold their image.
+    mine = ledger.entries()
+    wanted_ids = _image_ids(client, {k.image for k in kernels if k.image})
+    # Containers the plan removes no longer hold their image; any other container does, anyone's.
     used_ids = {c.get("ImageID") for c in client.api.containers(all=True) if c["Id"] not in leaving}
-    items = []
+    items, foreign, published = [], 0, 0
+    present = set()
     for image in _kbundle_images(client):
+        present.add(image["Id"])
+        if image["Id"] not in mine:
+            foreign += 1
+            continue
         if image["Id"] in wanted_ids or image["Id"] in used_ids:
             continue
         tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+        if not pushed and any(_registry_tag(t) for t in tags):
+            published += 1
+            continue
         digest = contract.image_content_hash(image.get("Labels")) or "?"
         for ref in tags or [image["Id"]]:
             items.append(
                 GcItem(IMAGE, ref, ref, f"bundle {digest[:19]}: no registered kernel uses it", image.get("Size"))
             )
+    for image_id in set(mine) - present:
+        ledger.forget(image_id)  # removed by other means: the record goes too
+    kept = []
+    if foreign:
+        kept.append(f"{foreign} kbundle image(s) on this engine that kbundle did not make for this user")
+    if published:
+        kept.append(f"{published} unused image(s) with a registry tag (--pushed removes them too)")
+    return items, kept
+
+
+def _image_ids(client, refs: set[str]) -> set[str]:
+    import docker
+
+    ids = set()
+    for ref in refs:
+        try:
+            ids.add(client.api.inspect_image(ref)["Id"])
+        except docker.errors.NotFound:
+            pass
+    return ids
+
+
+def _registry_tag(tag: str) -> bool:
+    """`127.0.0.1:5000/lab/x:1` or `ghcr.io/lab/x:1`: the image was pushed or pulled under it."""
+    first, _, rest = tag.partition("/")
+    return bool(rest) and ("." in first or ":" in first or first == "localhost")
+
+
+def _orphaned_step_images(client, leaving: set[str], now: float) -> list[GcItem]:
+    """Untagged, childless images whose history holds a kbundle build step, and the stopped step
+    containers on them: what a killed build leaves.
+
+    The legacy builder commits each step as an image and runs the next step in a container of
+    it; a killed build leaves the last image with no tag and no label, often with that step's
+    container `Created` or `Exited`. A build still running holds its newest step image in a
+    running container; STEP_GRACE_S covers the instant between a commit and that container."""
+    containers = [c for c in client.api.containers(all=True) if c["Id"] not in leaving]
+    items = []
+    for image in client.api.images(filters={"dangling": True}):
+        if now - float(image.get("Created") or now) < STEP_GRACE_S:
+            continue
+        if (image.get("Labels") or {}).get(contract.LABEL_CONTENT_HASH) or not _kbundle_steps(client, image["Id"]):
+            continue
+        on_it = [c for c in containers if c.get("ImageID") == image["Id"]]
+        if any(c.get("State") in ("running", "restarting", "paused") or c.get("Labels") for c in on_it):
+            continue  # a build at work, or someone's own container of it
+        for c in on_it:
+            name = (c.get("Names") or ["?"])[0].lstrip("/")
+            items.append(
+                GcItem(CONTAINER, c["Id"], name, f"step container of an interrupted kbundle build; {c.get('State')}")
+            )
+        items.append(
+            GcItem(
+                IMAGE, image["Id"], image["Id"][:19], "step image of an interrupted kbundle build", image.get("Size")
+            )
+        )
     return items
+
+
+def _kbundle_steps(client, image_id: str) -> bool:
+    try:
+        history = client.api.history(image_id)
+    except Exception:  # gone meanwhile, or unreadable: not ours to judge
+        return False
+    return any(f" {contract.ROOT}/" in (h.get("CreatedBy") or "") for h in history)
+
+
+def _temporary_folders(temp_dir: Path, cache_dir: Path, now: float, idle: bool) -> list[GcItem]:
+    """kbundle's own temporary folders that a killed run left: all of them when no kbundle process
+    of this user runs now, else those untouched for STALE_AFTER_S. Only folders this user owns."""
+    found = [p for pattern in TEMP_PATTERNS for p in temp_dir.glob(pattern)]
+    found += [p for pattern in CACHE_TEMP_PATTERNS for p in cache_dir.glob(pattern)]
+    items = []
+    for path in sorted(set(found)):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if not path.is_dir() or path.is_symlink() or info.st_uid != os.getuid():
+            continue
+        age = now - _newest_mtime(path)
+        if not idle and age < STALE_AFTER_S:
+            continue
+        reason = (
+            "temporary folder of a kbundle run that ended"
+            if idle
+            else f"temporary folder, untouched for {age / 3600:.0f} h"
+        )
+        items.append(GcItem(DIRECTORY, str(path.absolute()), path.name, reason, _du(path)))
+    return items
+
+
+def running_on(client, image: str) -> list[str]:
+    """Names of the running containers that use `image` (a tag or an id)."""
+    ids = _image_ids(client, {image})
+    return [
+        (c.get("Names") or [c["Id"][:12]])[0].lstrip("/")
+        for c in client.api.containers(filters={"status": "running"})
+        if c.get("ImageID") in ids
+    ]
 
 
 def _kbundle_images(client) -> list[dict]:
@@ -229,7 +353,7 @@ def _kbundle_images(client) -> list[dict]:
     return list(found.values())
 
 
-def _stale_directories(kernels: list, contexts_dir: Path, now: float) -> list[GcItem]:
+def _stale_directories(kernels: list, contexts_dir: Path, now: float, idle: bool = False) -> list[GcItem]:
     candidates = []
     if contexts_dir.is_dir():
         candidates += [(p, "build context of an interrupted build") for p in contexts_dir.iterdir() if p.is_dir()]
@@ -242,12 +366,9 @@ def _stale_directories(kernels: list, contexts_dir: Path, now: float) -> list[Gc
     items = []
     for path, reason in candidates:
         age = now - _newest_mtime(path)
-        if age >= STALE_AFTER_S:
-            items.append(
-                GcItem(
-                    DIRECTORY, str(path.resolve()), path.name, f"{reason}, untouched for {age / 3600:.0f} h", _du(path)
-                )
-            )
+        if idle or age >= STALE_AFTER_S:
+            why = f"{reason}; no kbundle run is active" if idle else f"{reason}, untouched for {age / 3600:.0f} h"
+            items.append(GcItem(DIRECTORY, str(path.resolve()), path.name, why, _du(path)))
     return items
 
 
@@ -283,7 +404,7 @@ def apply_gc(plan: GcPlan, client) -> GcResult:
             if item.kind == CONTAINER:
                 client.api.remove_container(item.ref, force=True)
             elif item.kind == IMAGE:
-                client.api.remove_image(item.ref, noprune=False)
+                _remove_image(client, item.ref)
             else:
                 Path(item.ref, native_stamp()).unlink(missing_ok=True)  # a half-removed prefix is never complete
                 shutil.rmtree(item.ref)
@@ -293,6 +414,15 @@ def apply_gc(plan: GcPlan, client) -> GcResult:
         except (docker.errors.APIError, OSError) as exc:
             result.failed.append((item, str(getattr(exc, "explanation", None) or exc)))
     return result
+
+
+def _remove_image(client, ref: str) -> None:
+    from kbundle.image import ledger
+
+    image_id = client.api.inspect_image(ref)["Id"]
+    client.api.remove_image(ref, noprune=False)
+    if not _image_ids(client, {image_id}):
+        ledger.forget(image_id)
 
 
 def native_stamp() -> str:
