@@ -27,6 +27,17 @@ def host_ca_bundle(environ: Optional[Mapping[str, str]] = None) -> Optional[str]
     return None
 
 
+def ca_for_requests(environ: Optional[Mapping[str, str]] = None) -> str | bool:
+    """What kbundle's own downloads (wheels, sdists: image/download.py) verify TLS against: pip's
+    CA bundle (PIP_CERT), else the one the usual variables name, else requests' default store.
+    The same rule as the pip kbundle runs, so a corporate CA trusted for pip is trusted here."""
+    env = os.environ if environ is None else environ
+    cert = env.get("PIP_CERT")
+    if cert and Path(cert).is_file():
+        return cert
+    return host_ca_bundle(env) or True
+
+
 def proxies(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The proxy variables, lower-cased names (curl, pip and conda read either case)."""
     env = os.environ if environ is None else environ

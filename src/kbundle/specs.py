@@ -113,12 +113,21 @@ class PipIndexes:
 
     @classmethod
     def from_dict(cls, raw: dict | None) -> PipIndexes:
+        """The manifest's `pip_indexes`, as a bundle carries them: each must be an http(s) URL
+        (`bundle_url`), or the bundle is refused (exit 3)."""
         raw = raw or {}
-        return cls(
+        found = cls(
             raw.get("index_url") or None,
             tuple(str(u) for u in raw.get("extra_index_urls") or ()),
             tuple(str(u) for u in raw.get("find_links") or ()),
         )
+        for url in found.urls():
+            bundle_url(url, "pip index")
+        return found
+
+    def urls(self) -> list[str]:
+        """Every index and find-links URL, in pip's order."""
+        return [*([self.index_url] if self.index_url else []), *self.extra_index_urls, *self.find_links]
 
     def option_lines(self) -> list[str]:
         """The options as lines of a pip: section (environment.yml)."""
@@ -162,13 +171,50 @@ def url_filename(url: str) -> str:
     """The file name a URL ends in, without query or fragment: `.../x-1.0-py3-none-any.whl`.
 
     Unquoted first and split after, so `..%2F..%2Ftmp%2FX` is the name `X`, never a path; a last
-    segment that is no file name (empty, `.`, `..`, a backslash or NUL in it) is UnsafeName."""
+    segment that is no file name is UnsafeName (`safe_filename`)."""
+    return safe_filename(last_segment(url), f"the URL {url!r}")
+
+
+def safe_filename(name: str, what: str = "a name") -> str:
+    """`name` when it is one plain file name kbundle may create in a folder of its own; else
+    UnsafeName (exit 3). Every name that comes from outside (a URL's last segment, an index link,
+    an archive member's part) goes through here before it is joined to a path."""
+    from kbundle.display import safe
     from kbundle.errors import UnsafeName
 
-    name = last_segment(url)
-    if name in ("", ".", "..") or "\\" in name or "\x00" in name:
-        raise UnsafeName(f"the URL {url!r} does not end in a file name kbundle can write")
+    if name in ("", ".", "..") or any(c in name for c in "/\\\x00"):
+        raise UnsafeName(f"{safe(what)} does not end in a file name kbundle can write ({safe(name)!r})")
     return name
+
+
+# The schemes a bundle's pip line or index may name: pip fetches over http(s), git also over ssh.
+_FETCH_SCHEMES = ("http", "https")
+_GIT_SCHEMES = ("http", "https", "ssh", "git")
+
+
+def bundle_url(url: str, what: str = "pip URL") -> str:
+    """A URL a bundle names (a pip index, a direct or git requirement), checked before anything is
+    fetched from it: http(s) only (git also ssh and git), so that no `file://` URL reads from this
+    host (docs/format.md), and no `..` in its unquoted path, so that nothing derived from it climbs
+    out of a folder. UnsafeName (exit 3) otherwise; the URL itself when sound."""
+    from urllib.parse import unquote, urlsplit
+
+    from kbundle.display import safe
+    from kbundle.errors import UnsafeName
+
+    vcs = _vcs_url(url)
+    body = url.split("+", 1)[1] if vcs else url
+    schemes = _GIT_SCHEMES if vcs else _FETCH_SCHEMES
+    try:
+        parts = urlsplit(body)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme.lower() not in schemes or not parts.hostname:
+        allowed = ", ".join(schemes)
+        raise UnsafeName(f"the bundle's {what} {safe(url)!r} is not a URL kbundle fetches ({allowed} only)")
+    if ".." in unquote(parts.path).replace("\\", "/").split("/"):
+        raise UnsafeName(f"the bundle's {what} {safe(url)!r} climbs out of its folder (`..` in its path)")
+    return url
 
 
 def last_segment(url: str) -> str:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from kbundle import pipplatform
 from kbundle.bundle import Manifest, open_bundle, write_bundle
 from kbundle.errors import KbundleError
 from kbundle.flows.review import consent
@@ -318,26 +317,6 @@ def parse_pip_line(text: str):
     from kbundle.specs import parse_pip_line as parse  # the one pip parser, which fetch uses
 
     return parse(text)
-
-
-def test_wheel_cache_matches_only_the_target_platform(tmp_path):
-    tags = pipplatform.target_tags("3.11")
-    for name in (
-        "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-        "numpy-1.26.4-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
-        "numpy-1.26.4-cp311-cp311-macosx_11_0_arm64.whl",
-        "numpy-1.26.4-cp311-cp311-manylinux_2_28_x86_64.whl",
-        "tabulate-0.9.0-py3-none-any.whl",
-    ):
-        (tmp_path / name).write_bytes(b"")
-    found = wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, tags)
-    assert found.name.startswith("numpy-1.26.4-cp311-cp311-manylinux_2_17")
-    assert (
-        wheels.find_cached(parse_pip_line("Tabulate==0.9.0"), tmp_path, tags).name == "tabulate-0.9.0-py3-none-any.whl"
-    )
-    assert wheels.find_cached(parse_pip_line("tabulate==0.8.0"), tmp_path, tags) is None
-    assert wheels.find_cached(parse_pip_line("tabulate>=0.9"), tmp_path, tags) is None  # not an exact pin: ask pip
-    assert wheels.find_cached(parse_pip_line("numpy==1.26.4"), tmp_path, pipplatform.target_tags("3.10")) is None
 
 
 def test_rattler_uses_the_hosts_proxy_and_ca_trust(monkeypatch):

@@ -1,24 +1,32 @@
 """Wheel downloads into the shared cache: several at a time, resumable, each checked before it lands.
 
-pip's resolver decides what to fetch (image/wheels.py); pip then downloads one file after
-the other and starts over after a broken connection. Here a small pool fetches the files
-together, each into `<cache>/<file>.part`, and a `.part` left by a broken connection or an
-interrupted run is continued with an HTTP `Range` request (a server that ignores it sends
-the whole file, and the `.part` starts over). A file enters the cache (renamed from its
-`.part`) only once its sha256 matches the one pip's index gave; a mismatch removes the
-`.part` and fails. Two runs fetching the same file take turns on its `.part` (an flock).
+The one downloader of pip files kbundle fetches itself: the wheels pip's resolver chose
+(image/wheels.py) and the sdists of a bundle's direct requirements (image/sources.py). pip
+downloads one file after the other and starts over after a broken connection. Here a small
+pool fetches the files together, each into `<cache>/<file>.part`, and a `.part` left by a
+broken connection or an interrupted run is continued with an HTTP `Range` request (a server
+that ignores it sends the whole file, and the `.part` starts over). A file enters the cache
+(renamed from its `.part`) only once its sha256 matches the one its index or the bundle
+gave; a mismatch removes the `.part` and fails. Two runs fetching the same file take turns
+on its `.part` (an flock).
+
+Every write stays in kbundle's own cache: the folders below `Wanted.root` are walked one at a
+time without following a link (bundle/safefs.py), the `.part` is opened relative to its folder
+with `O_NOFOLLOW`, and the rename into place is relative to that same folder. A file name
+itself comes from `specs.url_filename` / `safe_filename`, never straight from a URL.
 
 The network settings are pip's: the proxy variables and `.netrc` (requests reads them), the
-CA bundle of PIP_CERT or the usual variables (kbundle/net.py). An index URL's credentials
-go with the requests to its host, as pip sends them, and never into a message.
+CA bundle of PIP_CERT or the usual variables (`net.ca_for_requests`). An index URL's
+credentials go with the requests to its host, as pip sends them, and never into a message.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
-import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +52,7 @@ class Wanted:
     dest: Path  # its place in the cache
     sha256: str = ""  # hex, from the index; empty when the index gives none
     auth: Optional[tuple[str, str]] = None  # the index's user and password, for its host only
+    root: Optional[Path] = None  # kbundle's folder that `dest` lies below (dest's own folder when None)
 
 
 class Refused(KbundleError):
@@ -120,7 +129,7 @@ def session():
     from kbundle import net
 
     http = requests.Session()
-    http.verify = os.environ.get("PIP_CERT") or net.host_ca_bundle() or True
+    http.verify = net.ca_for_requests()
     adapter = HTTPAdapter(pool_connections=WORKERS, pool_maxsize=WORKERS)
     http.mount("https://", adapter)
     http.mount("http://", adapter)
@@ -169,6 +178,13 @@ def _remaining(http, item: Wanted) -> Optional[int]:
     return max(length - have, 0) if length is not None else None
 
 
+def fetch_url(url: str, dest: Path, sha256: str = "", root: Optional[Path] = None) -> Path:
+    """One file a bundle names by URL (an sdist) into `dest` below kbundle's folder `root`, with
+    the same network settings, `.part` and check as every wheel; credentials in the URL go to its host only."""
+    bare, auth = split_auth(url)
+    return fetch(session(), Wanted(bare, dest, sha256, auth, root))
+
+
 def fetch(http, item: Wanted, meter=None, cancelled: Callable[[], bool] = lambda: False) -> Path:
     """One file into its `dest`, through its `.part`; continued, checked, then renamed into place."""
     if _is_file_url(item.url):
@@ -176,20 +192,21 @@ def fetch(http, item: Wanted, meter=None, cancelled: Callable[[], bool] = lambda
         if meter is not None:
             meter.item_done()
         return found
-    with _locked_part(item.dest) as fh:
-        if item.dest.exists():  # another run finished it while this one waited
+    name, part = item.dest.name, _part(item.dest).name
+    with _folder(item) as folder, _locked_part(folder, part) as fh:
+        if _finished(folder, name, item.sha256):  # another run finished it while this one waited
             return item.dest
         try:
             digest = _attempts(http, item, fh, meter, cancelled)
         except BaseException:
             if fh.seek(0, os.SEEK_END) == 0:  # nothing arrived: no empty .part to leave behind
-                _part(item.dest).unlink(missing_ok=True)
+                _unlink(folder, part)
             raise
         if item.sha256 and digest.hexdigest() != item.sha256.lower():
             fh.truncate(0)
-            _part(item.dest).unlink(missing_ok=True)
+            _unlink(folder, part)
             raise KbundleError(f"{safe(item.url)} does not match the sha256 its index gives: not kept")
-        os.replace(_part(item.dest), item.dest)
+        os.replace(part, name, src_dir_fd=folder, dst_dir_fd=folder)
     if meter is not None:
         meter.item_done()
     return item.dest
@@ -268,26 +285,90 @@ def _part(dest: Path) -> Path:
 
 
 @contextmanager
-def _locked_part(dest: Path) -> Iterator:
-    """The `.part` of `dest`, open for appending and locked; waits while another run holds it.
+def _folder(item: Wanted) -> Iterator[int]:
+    """`dest`'s folder, open: made as needed below `root`, one folder at a time, never through a link."""
+    from kbundle.bundle import safefs
 
-    The lock is on the open file: once it is granted, the path must still name that file
-    (the other run may have renamed it into place, or removed it), else open it afresh."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = _part(dest)
+    root = item.root or item.dest.parent
+    try:
+        below = item.dest.parent.relative_to(root).parts
+    except ValueError:
+        raise KbundleError(f"{safe(str(item.dest))} is not below {safe(str(root))}") from None
+    try:
+        with safefs.root(root) as root_fd:
+            fd = safefs.open_dir(root_fd, list(below), create=True)
+    except safefs.LinkInTheWay as exc:
+        raise KbundleError(f"cannot download into {safe(str(item.dest.parent))}: {exc}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+_PART_FLAGS = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_part(folder: int, part: str):
+    """The `.part`, opened for appending relative to its folder; a link or non-file there is refused."""
+    try:
+        fd = os.open(part, _PART_FLAGS, 0o644, dir_fd=folder)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise KbundleError(f"refusing to write {safe(part)}: it is a symbolic link") from None
+        raise
+    fh = os.fdopen(fd, "a+b")
+    if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+        fh.close()
+        raise KbundleError(f"refusing to write {safe(part)}: it is not a regular file")
+    return fh
+
+
+@contextmanager
+def _locked_part(folder: int, part: str) -> Iterator:
+    """The `.part` in `folder`, open for appending and locked; waits while another run holds it.
+
+    The lock is on the open file: once it is granted, the name must still be that file (the
+    other run may have renamed it into place, or removed it), else open it afresh."""
     while True:
-        fh = open(part, "a+b")
+        fh = _open_part(folder, part)
         try:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                same = os.fstat(fh.fileno()).st_ino == os.stat(part).st_ino
+                same = os.fstat(fh.fileno()).st_ino == os.stat(part, dir_fd=folder, follow_symlinks=False).st_ino
             except FileNotFoundError:
                 same = False
-            if same or dest.exists():
+            if same or _kind(folder, part.removesuffix(".part")) == "file":
                 yield fh
                 return
         finally:
             fh.close()  # closing drops the lock
+
+
+def _kind(folder: int, name: str) -> str:
+    from kbundle.bundle import safefs
+
+    return safefs.kind(folder, name)
+
+
+def _finished(folder: int, name: str, sha256: str) -> bool:
+    """Whether `name` is in place, as a regular file of the wanted sha256 (when one is known).
+    A damaged file (or a link) is removed: it is fetched again, never served."""
+    from kbundle.bundle import safefs
+
+    found = _kind(folder, name)
+    if found == "absent":
+        return False
+    if found == "file" and (not sha256 or safefs.file_sha256(folder, name) == sha256.lower()):
+        return True
+    _unlink(folder, name)
+    return False
+
+
+def _unlink(folder: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=folder)
+    except FileNotFoundError:
+        pass
 
 
 def _is_file_url(url: str) -> bool:
@@ -295,25 +376,40 @@ def _is_file_url(url: str) -> bool:
 
 
 def _from_file(item: Wanted) -> Path:
-    """A wheel pip found in a local folder (find-links): linked into the cache once its hash is checked."""
+    """A wheel pip found in a local folder (the user's own find-links): linked (or copied) into
+    the cache as a `.part`, checked there, then renamed into place."""
     from urllib.parse import urlsplit
     from urllib.request import url2pathname
 
     source = Path(url2pathname(urlsplit(item.url).path))
-    if item.sha256:
-        digest = hashlib.sha256()
-        with open(source, "rb") as fh:
-            for block in iter(lambda: fh.read(CHUNK), b""):
-                digest.update(block)
-        if digest.hexdigest() != item.sha256.lower():
-            raise KbundleError(f"{safe(str(source))} does not match the sha256 pip gives for it: not kept")
     if source.resolve() == item.dest.resolve():
         return item.dest
-    tmp = _part(item.dest)
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, item.dest)
+    name, part = item.dest.name, _part(item.dest).name
+    with _folder(item) as folder:
+        _unlink(folder, part)
+        try:
+            os.link(source, part, dst_dir_fd=folder, follow_symlinks=True)
+        except OSError:
+            _copy_into(source, folder, part)
+        if item.sha256 and _sha256_in(folder, part) != item.sha256.lower():
+            _unlink(folder, part)
+            raise KbundleError(f"{safe(str(source))} does not match the sha256 pip gives for it: not kept")
+        os.replace(part, name, src_dir_fd=folder, dst_dir_fd=folder)
     return item.dest
+
+
+def _copy_into(source: Path, folder: int, name: str) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        with open(source, "rb") as src, os.fdopen(os.open(name, flags, 0o644, dir_fd=folder), "wb") as out:
+            for block in iter(lambda: src.read(CHUNK), b""):
+                out.write(block)
+    except OSError as exc:
+        _unlink(folder, name)
+        raise KbundleError(f"cannot copy {safe(str(source))} into kbundle's cache: {exc.strerror or exc}") from None
+
+
+def _sha256_in(folder: int, name: str) -> str | None:
+    from kbundle.bundle import safefs
+
+    return safefs.file_sha256(folder, name)

@@ -8,12 +8,16 @@ report names each file's URL (credentials removed) and, when the index gives it,
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from kbundle.display import safe
 from kbundle.errors import KbundleError
+
+_SHA256 = re.compile(r"^[0-9a-f]{1,128}$")
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,10 @@ def _chosen(item: Mapping[str, Any]) -> Chosen:
     if not sha and str(archive.get("hash", "")).startswith("sha256="):
         sha = archive["hash"].split("=", 1)[1]
     meta = item["metadata"]
-    return Chosen(str(meta["name"]), str(meta["version"]), str(info["url"]), str(sha).lower())
+    sha = str(sha).lower()
+    if sha and not _SHA256.match(sha):  # it names a folder of the wheel cache: hex only
+        raise KbundleError(f"pip's report gives {safe(str(info['url']))} a sha256 that is not one: {safe(sha)!r}")
+    return Chosen(str(meta["name"]), str(meta["version"]), str(info["url"]), sha)
 
 
 def report_args(report: Path, no_deps: bool, installed: bool = False) -> list[str]:
@@ -79,15 +86,24 @@ def index_urls(indexes, environ: Optional[Mapping[str, str]] = None) -> list[str
     return [url for url in found if url]
 
 
-def wanted(chosen: Sequence[Chosen], directory: Path, indexes, environ: Optional[Mapping[str, str]] = None) -> list:
-    """download.Wanted for each chosen file, into `directory` under its own name, with its index's credentials."""
+def wanted(
+    chosen: Sequence[Chosen],
+    directory: Path,
+    indexes,
+    environ: Optional[Mapping[str, str]] = None,
+    place: Optional[Callable[[Chosen], Path]] = None,
+) -> list:
+    """download.Wanted for each chosen file, with its index's credentials: at `place(item)` (a
+    path below `directory`, kbundle's folder the download may write in), by default
+    `directory/<its file name>`."""
     from kbundle.image import download
 
     urls = index_urls(indexes, environ)
+    where = place or (lambda item: directory / item.filename)
     found = []
     for item in chosen:
         bare, auth = download.split_auth(item.url)
         found.append(
-            download.Wanted(bare, directory / item.filename, item.sha256, auth or download.credentials_for(bare, urls))
+            download.Wanted(bare, where(item), item.sha256, auth or download.credentials_for(bare, urls), directory)
         )
     return found

@@ -11,8 +11,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from kbundle.display import safe
 from kbundle.errors import KbundleError
-from kbundle.image.wheels import _matches_hash
+from kbundle.image.wheels import _matches_hash, _sha256s
 from kbundle.specs import PipPin
 
 _GIT_PROTOCOLS = ("https", "http", "ssh", "git")
@@ -82,33 +83,49 @@ def _git_checkout(repo: str, ref: str | None, dest: Path) -> str:
 
 
 def _download_sdist(pin: PipPin, url: str, dest: Path) -> Path:
-    """Download a source archive (checking its hash when the bundle has one) and unpack it safely."""
+    """Download a source archive next to `dest` (a folder of kbundle's cache) with the one
+    downloader (image/download.py: proxies, CA, `.part`, sha256), check it against the bundle's
+    hash when it has one, and unpack it safely."""
     import tarfile
-    import urllib.request
-    import zipfile
 
-    from kbundle.specs import url_filename
+    from kbundle.image import download
+    from kbundle.specs import bundle_url, url_filename
 
+    bundle_url(url)
+    name = url_filename(url)
     dest.mkdir(parents=True)
-    archive = dest.parent / url_filename(url)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(archive, "wb") as fh:
-            shutil.copyfileobj(resp, fh)
-    except (OSError, ValueError) as exc:
-        raise KbundleError(f"pip: cannot download {url}: {exc}") from None
+    hashes = _sha256s(pin.hashes)
+    archive = download.fetch_url(url, dest.parent / name, hashes[0] if len(hashes) == 1 else "", dest.parent)
     if not _matches_hash(archive, pin.hashes):
-        raise KbundleError(f"pip: {url} does not match the bundle's hash")
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            for member in zf.namelist():
-                if member.startswith("/") or ".." in Path(member).parts:
-                    raise KbundleError(f"pip: {url} holds an unsafe path {member!r}")
-            zf.extractall(dest)
+        raise KbundleError(f"pip: {safe(url)} does not match the bundle's hash")
+    if name.endswith(".zip"):
+        _unzip(archive, dest, url)
     else:
-        with tarfile.open(archive) as tf:
-            tf.extractall(dest, filter="data")
+        try:
+            with tarfile.open(archive) as tf:
+                tf.extractall(dest, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise KbundleError(f"pip: cannot unpack {safe(url)}: {exc}") from None
     roots = [p for p in dest.iterdir()]
     return roots[0] if len(roots) == 1 and roots[0].is_dir() else dest
+
+
+def _unzip(archive: Path, dest: Path, url: str) -> None:
+    """A zip sdist into `dest`: every member's every part a plain name (`specs.safe_filename`)."""
+    import zipfile
+
+    from kbundle.specs import safe_filename
+
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                if member.startswith("/"):
+                    raise KbundleError(f"pip: {safe(url)} holds an unsafe path {safe(member)!r}")
+                for part in member.rstrip("/").split("/"):
+                    safe_filename(part, f"{safe(url)} member {safe(member)!r}")
+            zf.extractall(dest)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise KbundleError(f"pip: cannot unpack {safe(url)}: {exc}") from None
 
 
 def build_requires(src: Path) -> list[str]:

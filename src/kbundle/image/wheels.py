@@ -7,6 +7,18 @@ proxy variables and CA settings, plus the bundle's indexes (`pip_indexes`, passe
 variables, never in argv). pip's resolver decides which files (`pip install --dry-run
 --report`, image/pipreport.py); kbundle downloads them, several at a time and resumably, into
 a cache per target (Python, platform), each checked against its sha256 (image/download.py).
+
+The cache is shared by every bundle, strangers' included, so nothing in it is found by file
+name alone (a hostile index can serve its own `kbdemo-1.0-py3-none-any.whl`):
+
+* `sha256/<hex>/<wheel>`: every wheel, stored by its content's sha256 and checked against it
+  each time it is served; a damaged one is removed and fetched again;
+* `index-<key>/<wheel>.sha256`: which content a set of indexes (`index_key`: the bundle's
+  and the user's index URLs) served under that name. Only a pin without a hash reads these,
+  and only those of its own indexes: another bundle's index never answers for it;
+* the resolution pip made for a section (`resolution_record`) is keyed by everything that
+  decides it (`resolution_key`: the lines, the indexes, Python, the platform, the conda side).
+
 Two paths:
 
 * every line an exact pin (`name==version`, with or without its wheel's hash) or a hashed
@@ -95,14 +107,47 @@ def _sha256_of(path: str, _inode: int, _size: int, _mtime: int) -> str:
 
 
 def _matches_hash(path: Path, hashes: Sequence[str]) -> bool:
-    wanted = {h.split(":", 1)[1].lower() for h in hashes if h.lower().startswith("sha256:")}
+    wanted = _sha256s(hashes)
     return not wanted or sha256_file(path) in wanted
 
 
-def find_cached(pin: PipPin, directory: Path, wanted_tags: set) -> Optional[Path]:
-    """The cached wheel of an exact pin for one of `wanted_tags` (and of its recorded hash, when
-    it has one); None when there is none (or the pin is not exact, so only pip can say which
-    file it means)."""
+def _sha256s(hashes: Sequence[str]) -> list[str]:
+    """The hex digests of a pin's `sha256:` hashes (others pip checks itself), hex only: each names a folder."""
+    found = [h.split(":", 1)[1].lower() for h in hashes if h.lower().startswith("sha256:")]
+    return [h for h in found if h and all(c in "0123456789abcdef" for c in h)]
+
+
+def stored(directory: Path, sha256: str, filename: str) -> Path:
+    """Where the wheel `filename` of this content lives in the cache of one target."""
+    from kbundle.specs import safe_filename
+
+    return directory / "sha256" / sha256.lower() / safe_filename(filename, "a wheel's name")
+
+
+def intact(path: Path, *sha256: str) -> bool:
+    """Whether `path` is a regular file of that content (one of them); a damaged one is removed,
+    so that it is fetched (or built) again rather than failing every later run."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    if sha256_file(path) in {h.lower() for h in sha256}:
+        return True
+    path.unlink(missing_ok=True)
+    return False
+
+
+def index_key(indexes: PipIndexes, environ=None) -> str:
+    """The indexes a wheel without a known hash came from: the bundle's and the user's index URLs
+    (credentials removed), as a folder name. Two bundles share such wheels only when they ask the same indexes."""
+    from kbundle.image.pipreport import index_urls
+    from kbundle.specs import strip_credentials
+
+    urls = [strip_credentials(u)[0] for u in index_urls(indexes, environ)]
+    return hashlib.sha256(json.dumps(urls).encode()).hexdigest()[:24]
+
+
+def _wheel_matcher(pin: PipPin, wanted_tags: set):
+    """A test of wheel file names: this pin's name and exact version, one of the target's tags.
+    None when the pin is not exact (only pip can say which file it means)."""
     from packaging.utils import InvalidWheelFilename, parse_wheel_filename
     from packaging.version import InvalidVersion, Version
 
@@ -112,14 +157,81 @@ def find_cached(pin: PipPin, directory: Path, wanted_tags: set) -> Optional[Path
         version = Version(pin.version)
     except InvalidVersion:  # `===` pins any string; pip alone can match it
         return None
-    for path in sorted(directory.glob("*.whl")):
+
+    def matches(filename: str) -> bool:
         try:
-            wname, wversion, _build, wtags = parse_wheel_filename(path.name)
+            wname, wversion, _build, wtags = parse_wheel_filename(filename)
         except (InvalidWheelFilename, ValueError):
+            return False
+        return wname == pin.name and wversion == version and bool(wtags & wanted_tags)
+
+    return matches
+
+
+def find_cached(pin: PipPin, directory: Path, wanted_tags: set, index: str | None = None) -> Optional[Path]:
+    """The cached wheel of an exact pin for one of `wanted_tags`, checked: by the pin's hash when
+    it has one (any bundle's download of that content will do), else only what the indexes
+    `index` (`index_key`) served under its name. None when there is none."""
+    matches = _wheel_matcher(pin, wanted_tags)
+    if matches is None:
+        return None
+    if pin.hashes:
+        for sha in _sha256s(pin.hashes):
+            for path in sorted((directory / "sha256" / sha).glob("*.whl")):
+                if matches(path.name) and intact(path, sha):
+                    return path
+        return _adopt(directory, matches, _sha256s(pin.hashes))
+    return _served(directory, index, matches) if index else None
+
+
+def _served(directory: Path, index: str, matches) -> Optional[Path]:
+    """A wheel these indexes served under a matching name, found through their record of its content."""
+    for record in sorted((directory / f"index-{index}").glob("*.whl.sha256")):
+        filename = record.name.removesuffix(".sha256")
+        if not matches(filename):
             continue
-        if wname == pin.name and wversion == version and wtags & wanted_tags and _matches_hash(path, pin.hashes):
+        try:
+            sha = record.read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        for hexdigest in _sha256s([f"sha256:{sha}"]):
+            path = stored(directory, hexdigest, filename)
+            if intact(path, hexdigest):
+                return path
+    return None
+
+
+def _adopt(directory: Path, matches, hashes: Sequence[str]) -> Optional[Path]:
+    """A wheel an earlier kbundle kept under its bare name (`<target>/<wheel>`), moved into the
+    store when its content is the pin's hash; never served by name alone."""
+    for path in sorted(directory.glob("*.whl")):
+        if matches(path.name) and not path.is_symlink() and path.is_file() and sha256_file(path) in hashes:
+            dest = stored(directory, sha256_file(path), path.name)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+            return dest
+    return None
+
+
+def _in_folder(pin: PipPin, folder: Path, wanted_tags: set) -> Optional[Path]:
+    """A hashed pin's wheel in a folder of its own (a built wheel's), checked against that hash."""
+    matches = _wheel_matcher(pin, wanted_tags)
+    hashes = _sha256s(pin.hashes)
+    if matches is None or not hashes:
+        return None
+    for path in sorted(folder.glob("*.whl")):
+        if matches(path.name) and intact(path, *hashes):
             return path
     return None
+
+
+def _remember_served(directory: Path, index: str, filename: str, sha256: str) -> None:
+    """What these indexes served under `filename`: the next unhashed pin of the same indexes finds it."""
+    from kbundle.atomic import write_atomic
+
+    folder = directory / f"index-{index}"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / f"{filename}.sha256", sha256)
 
 
 def _run_pip(
@@ -167,16 +279,21 @@ def _pip_download(
 
 
 def _refused(text: str) -> KbundleError:
-    return KbundleError(
-        f"pip: {text!r} is not a requirement kbundle can install (an option, a local path, or several lines)"
+    from kbundle.display import safe
+    from kbundle.errors import UnsafeName
+
+    return UnsafeName(
+        f"pip: {safe(text)!r} is not a requirement kbundle can install (an option, a local path, or several lines)"
     )
 
 
 def parse_pins(pins: Sequence[str]) -> list[PipPin]:
     """The manifest's pip lines, read by pack's one pip parser. Every requirement form pip
     accepts is read; options (`--index-url`, `-r`: the bundle's indexes are `pip_indexes`),
-    local paths and multi-line texts are refused, since lines reach pip and requirements.txt."""
-    from kbundle.specs import parse_pip_line
+    local paths and multi-line texts are refused, since lines reach pip and requirements.txt;
+    so is a URL that is not http(s) or climbs with `..` (`specs.bundle_url`). Each refusal is
+    the bundle's fault: exit 3."""
+    from kbundle.specs import bundle_url, parse_pip_line
 
     parsed = []
     for text in pins:
@@ -186,6 +303,8 @@ def parse_pins(pins: Sequence[str]) -> list[PipPin]:
             pin = None
         if pin is None or pin.local:
             raise _refused(text)
+        if pin.url:
+            bundle_url(pin.url)
         parsed.append(pin)
     return parsed
 
@@ -215,19 +334,25 @@ def fetch(
     fetched alone. Exact pins pack could not lock are only the sender's top level: pip's
     resolver then brings their dependencies.
 
-    `recorded`: the resolution an earlier run of this bundle recorded (`recorded_resolution`);
-    reused as it is when every file of it is in the cache for this target. `meter` (a
-    progress.Meter) counts the files downloaded and their bytes."""
+    A resolution pip made earlier for the very same inputs (`resolution_key`) is reused as it is
+    when every file of it is in the cache for this target. `recorded` (a bundle's record, keyed
+    by its content hash alone) is not trusted for that: another bundle with the same members and
+    other indexes shares its hash. `meter` (a progress.Meter) counts the files downloaded and their bytes."""
+    del recorded  # kept for the flows' calls; see above
     if not pins:
         return WheelSet((), (), 0)
     parsed = parse_pins(pins)
     indexes = indexes or PipIndexes()
     if locked and all(_alone(p) for p in parsed):
         return _fetch_pins(parsed, python, indexes, glibc, meter)
-    reused = _reuse(recorded, python, glibc) if recorded else None
+    key = resolution_key(pins, python, indexes, glibc, conda_env)
+    found = _recorded(key)
+    reused = _reuse(found, python, glibc) if found else None
     if reused is not None:
         return reused
-    return _resolve_and_fetch(parsed, python, indexes, glibc, builder, meter, conda_env)
+    fetched = _resolve_and_fetch(parsed, python, indexes, glibc, builder, meter, conda_env)
+    _remember(key, fetched.resolution)
+    return fetched
 
 
 def fetch_early(
@@ -271,6 +396,7 @@ def _reuse(recorded: Sequence[str], python: str, glibc: str | None) -> Optional[
         if pin is None or not pin.exact or not pin.hashes:
             return None
         found = _built_wheel(pin, wanted) if source else find_cached(pin, cache_dir(python), wanted)
+        # A recorded line always has its hash, so it is served by content, never by name.
         if found is None:
             return None
         pins.append(pin)
@@ -280,15 +406,16 @@ def _reuse(recorded: Sequence[str], python: str, glibc: str | None) -> Optional[
 
 def _built_wheel(pin: PipPin, wanted_tags: set) -> Optional[Path]:
     """A wheel ContainerBuilder built earlier, found by its hash (its folder is named after it)."""
-    digest = pin.hashes[0].split(":", 1)[-1].lower()
-    return find_cached(pin, cache_root_dir("built") / digest[:16], wanted_tags)
+    digest = (_sha256s(pin.hashes) or [""])[0]
+    return _in_folder(pin, cache_root_dir("built") / digest[:16], wanted_tags) if digest else None
 
 
 def _fetch_pins(parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: str | None, meter=None) -> WheelSet:
     """Each pin as a wheel file in the shared cache; pip runs only for pins not cached yet."""
     directory = cache_dir(python)
     wanted = target_tags(python, glibc)
-    missing = [p for p in parsed if find_cached(p, directory, wanted) is None]
+    index = index_key(indexes)
+    missing = [p for p in parsed if _cached_pin(p, directory, wanted, index) is None]
     if missing:
         # Hashed lines go together (pip checks every hash), unhashed ones apart.
         with tempfile.TemporaryDirectory(prefix="kbundle-resolve-") as tmp:
@@ -299,7 +426,7 @@ def _fetch_pins(parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: s
         _fetch_chosen(chosen, directory, python, indexes, glibc, meter)
     files = []
     for pin in parsed:
-        found = find_cached(pin, directory, wanted) if pin.exact else _url_wheel(pin, directory)
+        found = _cached_pin(pin, directory, wanted, index)
         if found is None:
             raise KbundleError(f"pip: no wheel of {pin.text!r} for {target_words(python, glibc)} came back from pip")
         files.append(found)
@@ -307,11 +434,20 @@ def _fetch_pins(parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: s
     return WheelSet(tuple(p for p, _ in exact), tuple(files), len(missing), tuple(line for _, line in exact))
 
 
+def _cached_pin(pin: PipPin, directory: Path, wanted: set, index: str) -> Optional[Path]:
+    """An exact pin's wheel (by hash, or as its indexes served it), or a hashed wheel URL's, from the cache."""
+    return find_cached(pin, directory, wanted, index) if pin.exact else _url_wheel(pin, directory)
+
+
 def _url_wheel(pin: PipPin, directory: Path) -> Optional[Path]:
+    """A wheel URL's file, found by the bundle's hash of it (`_alone`: it has one)."""
     from kbundle.specs import url_filename
 
-    path = directory / url_filename(pin.url)
-    return path if path.is_file() and _matches_hash(path, pin.hashes) else None
+    name = url_filename(pin.url)
+    for sha in _sha256s(pin.hashes):
+        if intact(stored(directory, sha, name), sha):
+            return stored(directory, sha, name)
+    return None
 
 
 def _exact_line(path: Path, source: str | None = None) -> tuple[PipPin, str]:
@@ -368,24 +504,64 @@ def _resolve(
 
 def _fetch_chosen(
     chosen: Sequence, directory: Path, python: str, indexes: PipIndexes, glibc: str | None, meter=None
-) -> int:
-    """Every chosen file into the cache (image/download.py); how many were downloaded."""
+) -> tuple[dict[str, Path], int]:
+    """Every chosen file into the cache (image/download.py), stored by its content: {file name: path},
+    and how many were downloaded. A file whose index gave no hash is fetched into its indexes'
+    own folder, then stored by the sha256 it turned out to have."""
     from kbundle.image import download, pipreport
 
-    wanted = [w for w in pipreport.wanted(chosen, directory, indexes) if not w.dest.exists()]
+    index = index_key(indexes)
+    places: dict[str, Path] = {}
+    for item in chosen:
+        path = stored(directory, item.sha256, item.filename) if item.sha256 else None
+        if path is not None and intact(path, item.sha256):
+            places[item.filename] = path
+    todo = [c for c in chosen if c.filename not in places]
+    unhashed = directory / f"index-{index}" / "downloads"
+
+    def place(item) -> Path:
+        return stored(directory, item.sha256, item.filename) if item.sha256 else unhashed / item.filename
+
     try:
-        download.fetch_all(wanted, meter)
+        download.fetch_all(pipreport.wanted(todo, directory, indexes, place=place), meter)
+        for item in todo:
+            places[item.filename] = _keep(directory, place(item), item)
     except download.Refused:
         # The index wants credentials that pip has (its configuration, a keyring) and kbundle
         # does not: pip fetches what is still missing, one file after the other.
-        left = [c for c in chosen if not (directory / c.filename).exists()]
+        left = [c for c in todo if not place(c).is_file()]
         with tempfile.TemporaryDirectory(prefix=".download-", dir=directory) as tmp:
-            for group in ([c for c in left if c.sha256], [c for c in left if not c.sha256]):
-                if group:
-                    _pip_download([c.line for c in group], python, Path(tmp), indexes, glibc)
-            for path in Path(tmp).glob("*.whl"):
-                os.replace(path, directory / path.name)
-    return len(wanted)
+            arrived = _pip_fetch(left, Path(tmp), python, indexes, glibc)
+            for item in todo:
+                places[item.filename] = _keep(directory, arrived.get(item.filename) or place(item), item)
+    for item in chosen:
+        _remember_served(directory, index, item.filename, sha256_file(places[item.filename]))
+    return places, len(todo)
+
+
+def _keep(directory: Path, path: Path, item) -> Path:
+    """A downloaded file at its place in the store (by the sha256 it has), checked against its index's hash."""
+    sha = sha256_file(path)
+    if item.sha256 and sha != item.sha256:
+        path.unlink(missing_ok=True)
+        raise KbundleError(f"pip: {item.filename} does not match the sha256 its index gives: not kept")
+    dest = stored(directory, sha, item.filename)
+    if path != dest:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+    return dest
+
+
+def _pip_fetch(todo: Sequence, tmp: Path, python: str, indexes: PipIndexes, glibc: str | None) -> dict:
+    """pip's own download of the chosen files (with the user's credentials), into `tmp` in the cache."""
+    for group in ([c for c in todo if c.sha256], [c for c in todo if not c.sha256]):
+        if group:
+            _pip_download([c.line for c in group], python, tmp, indexes, glibc)
+    arrived = {path.name: path for path in tmp.glob("*.whl") if not path.is_symlink()}
+    missing = [c.filename for c in todo if c.filename not in arrived]
+    if missing:
+        raise KbundleError(f"pip: no wheel {missing[0]} came back from pip")
+    return arrived
 
 
 def _resolve_and_fetch(
@@ -415,7 +591,9 @@ def _resolve_and_fetch(
             lines.append(pin.spec or pin.text)  # hashes are checked below: pip would want one for every line
     with tempfile.TemporaryDirectory(prefix="kbundle-resolve-") as tmp:
         chosen = _resolve(lines, python, indexes, glibc, Path(tmp), False, conda_env)
-    fetched = _fetch_chosen([c for c in chosen if c.filename not in built], directory, python, indexes, glibc, meter)
+    places, fetched = _fetch_chosen(
+        [c for c in chosen if c.filename not in built], directory, python, indexes, glibc, meter
+    )
     files, resolution, kept = [], [], []
     for item in chosen:
         if item.filename in built:
@@ -423,8 +601,8 @@ def _resolve_and_fetch(
             files.append(wheel)
             pin, line = _exact_line(wheel, source)
         else:
-            files.append(directory / item.filename)
-            pin, line = _exact_line(directory / item.filename)
+            files.append(places[item.filename])
+            pin, line = _exact_line(places[item.filename])
         kept.append(pin)
         resolution.append(line)
     for wheel, source in built.values():
@@ -471,8 +649,48 @@ def pth_files(files: Sequence[Path]) -> list[tuple[str, str]]:
     return found
 
 
+def resolution_key(
+    pins: Sequence[str],
+    python: str,
+    indexes: PipIndexes,
+    glibc: str | None,
+    conda_env: Path | None = None,
+    environ=None,
+) -> str:
+    """Everything that decides what pip's resolver picks for a section: its lines, the indexes
+    (the bundle's and the user's, credentials removed), the image's Python and platform, and
+    the distributions the conda side provides. Two bundles share a resolution only when all agree."""
+    from kbundle import pydists
+    from kbundle.image.pipreport import index_urls
+    from kbundle.specs import strip_credentials
+
+    decided = {
+        "pins": list(pins),
+        "indexes": [strip_credentials(u)[0] for u in index_urls(indexes, environ)],
+        "python": python,
+        "platform": [PLATFORM, glibc or ""],
+        "conda": [f"{p.name}=={p.version}" for p in pydists.from_site_packages(conda_env)] if conda_env else [],
+    }
+    return hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def _decided_record(key: str) -> Path:
+    return cache_root_dir("pip-resolved") / f"decided-{key}.json"
+
+
+def _remember(key: str, lines: Sequence[str]) -> None:
+    from kbundle.atomic import write_atomic
+
+    write_atomic(_decided_record(key), json.dumps(list(lines)))
+
+
+def _recorded(key: str) -> list[str] | None:
+    return _read_lines(_decided_record(key))
+
+
 def resolution_record(bundle_hash: str) -> Path:
-    """Where the last build of a bundle recorded its exact pip resolution (for warm runs)."""
+    """Where the last build of a bundle recorded its exact pip resolution, for its kernelspec's
+    metadata. Not reused to fetch: `fetch` keeps its own records under `resolution_key`."""
     return cache_root_dir("pip-resolved") / f"{bundle_hash[:32]}.json"
 
 
@@ -483,8 +701,12 @@ def remember_resolution(bundle_hash: str, lines: Sequence[str]) -> None:
 
 
 def recorded_resolution(bundle_hash: str) -> list[str] | None:
+    return _read_lines(resolution_record(bundle_hash))
+
+
+def _read_lines(path: Path) -> list[str] | None:
     try:
-        data = json.loads(resolution_record(bundle_hash).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return [str(x) for x in data] if isinstance(data, list) else None
