@@ -445,10 +445,17 @@ def probe_gpu_run(client, image: str) -> Optional[str]:
     """Start a throwaway container from `image` with all GPUs: None if it started, else the engine's words."""
     import docker
 
+    from kbundle.image import policy
+
     request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
-    try:
+    try:  # the bundle's base image: locked down like every container kbundle starts (image/policy.py)
         container = client.containers.create(
-            image, entrypoint=["true"], device_requests=[request], labels={contract.LABEL_PROBE: "1"}
+            image,
+            entrypoint=["true"],
+            device_requests=[request],
+            labels={contract.LABEL_PROBE: "1"},
+            user=policy.invoker().user,
+            **policy.SANDBOX.sdk_options(),
         )
     except docker.errors.APIError as exc:
         return first_line(exc.explanation or exc)

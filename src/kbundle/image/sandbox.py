@@ -1,10 +1,11 @@
 """Throwaway containers in which the bundle's own code does work for the host, locked down.
 
-The environment's interpreter byte-compiles it (image/bytecode.py) and its pip installs the
-pip: section into it (image/pipinstall.py). That is the bundle's code, so it never runs on
-the host: it runs in a container of the base image with the env mounted at its final
-prefix, no network, every capability dropped, no new privileges, a read-only root file
-system with a small /tmp, a limit on processes, and an unprivileged user: the invoking
+The environment's interpreter byte-compiles it (image/bytecode.py), its pip installs the
+pip: section into it (image/pipinstall.py), and a VCS or sdist project's build code makes a
+wheel (image/sourcebuild.py). That is the bundle's code, so it never runs on the host: it
+runs in a container of the base image with the env mounted at its final prefix, locked down
+as image/policy.py says (no network, no capabilities, no new privileges, a read-only root, a
+tmpfs /tmp, a process limit, a cleared environment) as an unprivileged user: the invoking
 user, or nobody when kbundle runs as root. The container is removed whatever happens,
 Ctrl-C included.
 """
@@ -18,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-NOBODY = "65534:65534"  # the container's user when kbundle itself runs as root
-_NOBODY_ID = 65534
+from kbundle.image import policy
+from kbundle.image.policy import NOBODY
+
+_NOBODY_ID = policy.NOBODY_ID
 
 
 @dataclass(frozen=True)
@@ -30,9 +33,8 @@ class Outcome:
 
 
 def user() -> str:
-    """The container's user: the invoking uid:gid, or nobody when that is root."""
-    uid, gid = os.getuid(), os.getgid()
-    return NOBODY if uid == 0 else f"{uid}:{gid}"
+    """The container's user (image/policy.py's rule): the invoking uid:gid, or nobody for root."""
+    return policy.invoker().user
 
 
 def run(
@@ -46,6 +48,7 @@ def run(
     label: str,
     run_as: Optional[str] = None,
     timeout: Optional[float] = None,
+    lockdown: policy.Lockdown = policy.SANDBOX,
 ) -> Outcome:
     """Run `command` in a locked-down container of `image`; its exit status and output.
 
@@ -56,17 +59,9 @@ def run(
         command,
         entrypoint=entrypoint,
         user=run_as or user(),
-        # Whatever the base image's ENV says, these must not reach the bundle's interpreter.
-        environment={"LD_PRELOAD": "", "LD_LIBRARY_PATH": "", **environment},
         volumes={host: {"bind": inside, "mode": mode} for host, (inside, mode) in mounts.items()},
-        network_disabled=True,
-        network_mode="none",
-        cap_drop=["ALL"],
-        security_opt=["no-new-privileges"],
-        read_only=True,
-        tmpfs={"/tmp": "rw,nosuid,nodev,noexec"},
-        pids_limit=512,
         labels={label: "1"},
+        **lockdown.sdk_options(environment),
     )
     import requests
 
@@ -90,11 +85,13 @@ def run(
 
 @contextmanager
 def lent(env: Path, run_as: str) -> Iterator[None]:
-    """The env's folders writable by the container's user while the block runs, and the host's again after.
+    """The folders under `env` writable by the container's user while the block runs, and the host's again after.
 
     Only when kbundle runs as root and the container as nobody: the folders (made for this env
-    alone) are handed to nobody, never the files, which are hard links into rattler's cache.
-    Afterwards everything nobody made or was handed goes back to root."""
+    or this build alone) are handed to nobody, never the files, which may be hard links into
+    rattler's cache. Afterwards everything nobody made or was handed goes back to root. A
+    non-root invoker is the container's user already, so nothing changes hands (and nothing is
+    ever opened to every user)."""
     if run_as != NOBODY:
         yield
         return

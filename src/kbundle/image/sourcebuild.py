@@ -21,6 +21,9 @@ from kbundle.image.wheels import _run_pip, cache_root_dir, sha256_file
 from kbundle.pipplatform import target_args
 from kbundle.specs import PipIndexes, PipPin
 
+BUILD_ROOT = "/kbundle"  # in the build container: src/ (the project), deps/ (its build requirements), out/
+LABEL_BUILD = "org.kbundle.wheel-build"  # the throwaway container that builds a wheel
+
 
 class Builder:
     """Build a VCS or sdist requirement into a wheel with the environment's own Python.
@@ -41,7 +44,7 @@ class Builder:
                 _run_pip(args, requires, indexes, f"building {pin.name}", (python, glibc))
             out = work / "out"
             out.mkdir()
-            self._run(pin, work, subdir)
+            self._run(pin, work, _inside_src(src, work / "src", subdir))
             wheels = sorted(out.glob("*.whl"))
             if len(wheels) != 1:
                 raise KbundleError(f"pip: building {pin.text} made {len(wheels)} wheels, not one")
@@ -55,6 +58,13 @@ class Builder:
 
     def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
         raise NotImplementedError
+
+
+def _inside_src(root: Path, src: Path, subdir: str) -> str:
+    """The project's folder relative to `src`: an sdist unpacks under its own top folder
+    (`name-1.0/`), which `fetch_source` returns as `root`; a `#subdirectory=` goes below that."""
+    parts = [p for p in root.relative_to(src).parts if p not in ("", ".")]
+    return "/".join([*parts, *([subdir] if subdir else [])])
 
 
 def _wheel_command(python: str, root: str, subdir: str) -> list[str]:
@@ -111,43 +121,47 @@ class ContainerBuilder(Builder):
     """Build a VCS or sdist requirement into a wheel without running its code on this host.
 
     The environment's own Python (`env_dir`, installed for the image's prefix) runs `pip wheel`
-    in a throwaway container of the base image: no network, every capability dropped, no new
-    privileges, an unprivileged user."""
+    in a throwaway container of the base image (image/sandbox.py), locked down as the other
+    throwaway containers (image/policy.py `BUILD`: no network, no capabilities, no new
+    privileges, a read-only root, a process limit, a cleared environment; its /tmp allows exec
+    for the build requirements pip installs there). Only the source and the wheel folder are
+    writable, and only by the container's user: handed over for the build when kbundle runs as
+    root (`sandbox.lent`), never opened to every user."""
 
     def __init__(self, client, base_image: str, env_dir: Path, timeout: float = 600):
         self.client, self.base_image, self.env_dir, self.timeout = client, base_image, env_dir, timeout
 
     def _run(self, pin: PipPin, work: Path, subdir: str) -> None:
-        from kbundle import contract
+        import docker
 
-        uid = os.getuid() if hasattr(os, "getuid") and os.getuid() != 0 else 65534
-        for path in [work, *work.rglob("*")]:
-            if not path.is_symlink():
-                path.chmod(0o777 if path.is_dir() else 0o666)
-        command = _wheel_command(f"{contract.PREFIX}/bin/python", "/kbundle", subdir)
-        container = self.client.containers.create(
-            self.base_image,
-            command=command,
-            entrypoint=[],
-            user=f"{uid}:{uid}",
-            network_disabled=True,
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges"],
-            environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PIP_CONFIG_FILE": "/dev/null"},
-            volumes={
-                str(self.env_dir): {"bind": contract.PREFIX, "mode": "ro"},
-                str(work / "src"): {"bind": "/kbundle/src", "mode": "rw"},
-                str(work / "deps"): {"bind": "/kbundle/deps", "mode": "ro"},
-                str(work / "out"): {"bind": "/kbundle/out", "mode": "rw"},
-            },
-            labels={"org.kbundle.role": "wheel-build"},
-        )
+        from kbundle import contract
+        from kbundle.image import policy, sandbox
+
+        run_as = sandbox.user()
+        command = _wheel_command(f"{contract.PREFIX}/bin/python", BUILD_ROOT, subdir)
         try:
-            container.start()
-            status = container.wait(timeout=self.timeout)
-            logs = container.logs().decode(errors="replace")
-        finally:
-            container.remove(force=True)
-        if status.get("StatusCode") != 0:
-            tail = [ln for ln in logs.splitlines() if ln.strip()][-1:] or ["no output"]
+            with sandbox.lent(work, run_as):
+                outcome = sandbox.run(
+                    self.client,
+                    self.base_image,
+                    command[1:],
+                    entrypoint=command[:1],
+                    mounts={
+                        str(self.env_dir): (contract.PREFIX, "ro"),
+                        str(work / "src"): (f"{BUILD_ROOT}/src", "rw"),
+                        str(work / "deps"): (f"{BUILD_ROOT}/deps", "ro"),
+                        str(work / "out"): (f"{BUILD_ROOT}/out", "rw"),
+                    },
+                    environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PIP_CONFIG_FILE": "/dev/null"},
+                    label=LABEL_BUILD,
+                    run_as=run_as,
+                    timeout=self.timeout,
+                    lockdown=policy.BUILD,
+                )
+        except docker.errors.DockerException as exc:
+            detail = str(getattr(exc, "explanation", None) or exc).splitlines()[0]
+            raise KbundleError(f"pip: cannot start the container that builds {pin.text}: {detail}") from None
+        if outcome.status != 0:
+            lines = (outcome.stdout + "\n" + outcome.stderr).splitlines()
+            tail = [ln for ln in lines if ln.strip()][-1:] or ["no output"]
             raise KbundleError(f"pip: building {pin.text} into a wheel failed: {tail[0].strip()}")

@@ -55,77 +55,52 @@ host) so that `kbundle gc` can find leftovers whose launcher is gone.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from kbundle import contract
-from kbundle.cache import pycache_root
 from kbundle.image import engine
-from kbundle.kernel.labels import container_labels, orphaned
-from kbundle.kernel.shim import SHIM
 
-STOP_GRACE_S = 1
-PARENT_POLL_S = 1.0  # how often the watcher thread checks that the parent still lives
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-PARENT_DEATH_SIGNAL = signal.SIGUSR2
-REPLACE_WAIT_S = 10  # how long a restart waits for the previous container to go
-NAME_PREFIX = "kbundle-kernel-"
-PYCACHE_IN_CONTAINER = "/tmp/kbundle-pycache"
-PYCACHE_IMAGE_FILE = "image.txt"
-PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-LOOPBACK = ("127.0.0.1", "localhost")
-# A bind mount at (or above) these paths would hide the container's own system or environment.
-RESERVED = (
-    "/",
-    "/bin",
-    "/boot",
-    "/dev",
-    "/etc",
-    "/lib",
-    "/lib32",
-    "/lib64",
-    contract.ROOT,
-    "/proc",
-    "/run",
-    "/sbin",
-    "/sys",
-    "/usr",
-    "/var",
+# The plan and the lifecycle live in their own modules (the Slurm launcher shares them); their
+# names stay importable from here, the launcher's public face.
+from kbundle.kernel.launch_lifecycle import (  # noqa: F401
+    HANDLED,
+    PARENT_DEATH_SIGNAL,
+    PARENT_POLL_S,
+    PR_SET_PDEATHSIG,
+    STOP_GRACE_S,
+    parent_lost,
+    watch_parent_death,
+)
+from kbundle.kernel.launch_plan import (  # noqa: F401
+    LOOPBACK,
+    NAME_PREFIX,
+    PORT_KEYS,
+    PYCACHE_IMAGE_FILE,
+    PYCACHE_IN_CONTAINER,
+    LaunchError,
+    LaunchPlan,
+    _binds,
+    banner_environment,
+    banner_notes,
+    choose_network,
+    container_name,
+    device_requests,
+    engine_is_local,
+    folder_owner,
+    kernel_connection,
+    kernel_mounts,
+    kernel_user,
+    plan_launch,
+    prepare_pycache,
+    pycache_dir,
+    read_connection_file,
 )
 
-
-class LaunchError(Exception):
-    """A problem the launcher reports as one `error:` line before exiting 1."""
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """Everything about the container except the connection key (safe to print)."""
-
-    name: str
-    image: str
-    user: str
-    group_add: list[str]
-    mounts: list[str]
-    working_dir: str
-    pycache: str  # host directory for bytecode, "" for none
-    network: str
-    ports: list[int]  # published by the engine on 127.0.0.1 (engines whose bridge the host cannot reach)
-    environment: dict[str, str]
-    labels: dict[str, str]
-    gpus: str
-    command: list[str] = field(default_factory=lambda: ["python", "-c", SHIM])
-    cap_drop: list[str] = field(default_factory=lambda: ["ALL"])
-    security_opt: list[str] = field(default_factory=lambda: ["no-new-privileges"])
-    forward: list[int] = field(default_factory=list)  # held on 127.0.0.1 by the launcher (kernel/forward.py)
+REPLACE_WAIT_S = 10  # how long a restart waits for the previous container to go
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -150,270 +125,15 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def container_name(connection_file: str) -> str:
-    digest = hashlib.sha256(os.path.abspath(connection_file).encode()).hexdigest()
-    return NAME_PREFIX + digest[:16]
-
-
-def choose_network(requested: str, environ: dict[str, str], platform: str) -> str:
-    """`bridge` unless host networking was asked for (the kernelspec's --network, or the variable).
-
-    `platform` stays in the signature: where an engine runs in a VM (Docker Desktop) a
-    requested `host` is that VM's network, which the user asked for knowingly."""
-    if requested in ("host", "bridge"):
-        return requested
-    forced = environ.get("KBUNDLE_KERNEL_NETWORK", "")
-    return forced if forced in ("host", "bridge") else "bridge"
-
-
-def engine_is_local(environ: dict[str, str], platform: str) -> bool:
-    """Whether containers share this machine's kernel, so their bridge addresses are reachable."""
-    if platform != "linux":
-        return False  # Docker Desktop runs containers in a VM
-    host = environ.get("DOCKER_HOST", "")
-    if host and not host.startswith("unix://"):
-        return False  # a remote or VM engine
-    # Docker Desktop for Linux is a VM; rootless engines (/run/user/…) keep their bridge in a
-    # namespace of their own: the host reaches neither's container addresses.
-    return "/.docker/desktop/" not in host and "/run/user/" not in host
-
-
-def kernel_user(uid: int, gid: int, groups: list[int], owner: tuple[int, int]) -> tuple[str, list[str]]:
-    """(user, supplementary groups) for the container: never root.
-
-    A root invoker (sudo, a root Jupyter in a container) gets the notebook folder's owner,
-    or the image's unprivileged user when root owns that too; root's groups never follow."""
-    if uid != 0:
-        return f"{uid}:{gid}", [str(g) for g in sorted(set(groups)) if g != gid and g != 0]
-    if owner[0] != 0:
-        return f"{owner[0]}:{owner[1]}", []
-    return contract.USER, []
-
-
-def folder_owner(path: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0)
-    return (st.st_uid, st.st_gid)
-
-
-def _inside(path: str, parent: str) -> bool:
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
-def mount_dirs(workdir: str, cwd: str) -> tuple[list[str], str]:
-    """(directories to mount at the same paths, working directory in the container).
-
-    The notebook's directory is the cwd Jupyter starts the kernel in: it is mounted and is
-    the working directory, like a local kernel's. The kernelspec's workdir (the bundle's
-    files) is mounted too. A cwd that would hide part of the image (Jupyter started from
-    `/`, say) is left out, and the kernel starts in the workdir instead.
-    """
-    cwd = os.path.realpath(cwd)
-    base = os.path.realpath(workdir) if workdir else cwd
-    hidden = _hidden_by(base)
-    if hidden:
-        raise LaunchError(
-            f"refusing to mount {base} into the kernel: it would hide the image's {hidden}; "
-            "start the kernel from your notebook's folder"
-        )
-    if not os.path.isdir(base):
-        raise LaunchError(f"the kernel's working directory {base} does not exist")
-    if _inside(cwd, base):
-        return [base], cwd
-    if _hidden_by(cwd):
-        return [base], base
-    if _inside(base, cwd):
-        return [cwd], cwd  # the notebook's folder holds the workdir: one mount covers both
-    return [base, cwd], cwd
-
-
-def pycache_dir(image: str, environ: dict[str, str]) -> str:
-    """The invoking user's bytecode cache for `image` ("" when turned off).
-
-    Keyed by the image reference: kbundle's tags are content hashes, and Python checks
-    each .pyc against its source's mtime and size anyway.
-    """
-    if environ.get("KBUNDLE_KERNEL_PYCACHE") == "0":
-        return ""
-    slug = "".join(c if c.isalnum() or c in "._-" else "-" for c in image)[-60:].strip("-.")
-    digest = hashlib.sha256(image.encode()).hexdigest()[:8]
-    return os.path.join(pycache_root(environ), f"{slug}-{digest}")
-
-
-def prepare_pycache(plan: LaunchPlan) -> LaunchPlan:
-    """Create the plan's bytecode cache; without one (read-only home, say) the kernel runs without it."""
-    if not plan.pycache:
-        return plan
-    try:
-        os.makedirs(plan.pycache, mode=0o700, exist_ok=True)
-        marker = os.path.join(plan.pycache, PYCACHE_IMAGE_FILE)
-        if not os.path.exists(marker):  # tells `kbundle gc` which image the cache belongs to
-            with open(marker, "w", encoding="utf-8") as fh:
-                fh.write(plan.image + "\n")
-        _hand_over(plan.pycache, plan.user)
-        return plan
-    except OSError:
-        env = {k: v for k, v in plan.environment.items() if k != "KBUNDLE_PYCACHE"}
-        return replace(plan, pycache="", environment=env)
-
-
-def _hand_over(path: str, user: str) -> None:
-    """A root launcher runs the kernel as someone else: let that user write the bytecode cache.
-
-    A uid:gid gets the folder; the image's named user (its uid is only known inside the
-    image) gets a folder open to all, whose parent stays the invoker's private cache."""
-    if os.getuid() != 0:
-        return
-    uid, _, gid = user.partition(":")
-    if uid.isdigit() and gid.isdigit():
-        os.chown(path, int(uid), int(gid))
-    else:
-        os.chmod(path, 0o1777)
-
-
-def _hidden_by(mount: str) -> str:
-    """The reserved path that mounting `mount` would cover ("" when none)."""
-    prefix = mount.rstrip("/") + "/"
-    for reserved in RESERVED:
-        if mount == reserved or reserved.startswith(prefix):
-            return reserved
-    return contract.ROOT if mount.startswith(contract.ROOT + "/") else ""
-
-
-def banner_environment(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
-    """What the shim's banner names: the bundle and CUDA come from the kernelspec's env
-    (spec.banner_env), the image from the launcher's argv. Local and Slurm kernels alike."""
-    return {
-        "KBUNDLE_BANNER_BUNDLE": environ.get("KBUNDLE_BUNDLE") or args.kernel_name or args.image,
-        "KBUNDLE_BANNER_IMAGE": args.image,
-        "KBUNDLE_BANNER_CUDA": environ.get("KBUNDLE_CUDA") or "unknown",
-    }
-
-
-def plan_launch(
-    args: argparse.Namespace,
-    info: dict[str, Any],
-    *,
-    cwd: str,
-    uid: int,
-    gid: int,
-    groups: list[int],
-    pid: int,
-    environ: dict[str, str],
-    platform: str,
-    owner: Callable[[str], tuple[int, int]] = folder_owner,
-    ppid: Optional[int] = None,
-) -> LaunchPlan:
-    """Decide the container's settings (pure, apart from checking that the workdir exists and,
-    for a root invoker, who owns the notebook's folder)."""
-    if info.get("transport", "tcp") != "tcp":
-        raise LaunchError(f"transport {info.get('transport')!r} is not supported; kbundle kernels use tcp")
-    ip = str(info.get("ip", "127.0.0.1"))
-    if not (ip in LOOPBACK or ip.startswith("127.")):
-        raise LaunchError(f"the connection file asks for ip {ip}; kbundle kernels listen on 127.0.0.1 only")
-    network = choose_network(args.network, environ, platform)
-    mounts, working_dir = mount_dirs(args.workdir, cwd)
-    env = {"HOME": "/tmp"}  # the invoking uid has no home in the image; IPython wants a writable one
-    pycache = pycache_dir(args.image, environ)
-    if pycache:
-        env["KBUNDLE_PYCACHE"] = PYCACHE_IN_CONTAINER
-    if environ.get("JPY_SESSION_NAME"):
-        env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
-    env.update(banner_environment(args, environ))
-    labels = container_labels(args.kernel_name, pid, ppid)
-    ports = [int(info[k]) for k in PORT_KEYS] if network == "bridge" else []
-    # A local engine on Linux: the host reaches the container's bridge address, so the launcher
-    # forwards the ports itself (kernel/forward.py says why); elsewhere the engine publishes them.
-    forward, ports = (ports, []) if ports and engine_is_local(environ, platform) else ([], ports)
-    user, group_add = kernel_user(uid, gid, groups, owner(working_dir) if uid == 0 else (uid, gid))
-    return LaunchPlan(
-        name=container_name(args.connection_file),
-        image=args.image,
-        user=user,
-        group_add=group_add,
-        mounts=mounts,
-        pycache=pycache,
-        working_dir=working_dir,
-        network=network,
-        ports=ports,
-        forward=forward,
-        environment=env,
-        labels=labels,
-        gpus=args.gpus or "none",
-    )
-
-
-def _binds(plan: LaunchPlan) -> dict[str, dict[str, str]]:
-    binds = {path: {"bind": path, "mode": "rw"} for path in plan.mounts}
-    if plan.pycache:
-        binds[plan.pycache] = {"bind": PYCACHE_IN_CONTAINER, "mode": "rw"}
-    return binds
-
-
-def kernel_connection(info: dict[str, Any], network: str) -> bytes:
-    """The line the shim receives: the connection info with the address the kernel binds."""
-    data = dict(info)
-    # On a bridge the kernel must listen on the container's interface; the host side of
-    # the published ports stays on 127.0.0.1.
-    data["ip"] = "127.0.0.1" if network == "host" else "0.0.0.0"
-    return (json.dumps(data, separators=(",", ":")) + "\n").encode()
-
-
-def device_requests(gpus: str) -> list[Any]:
-    from docker.types import DeviceRequest
-
-    gpus = (gpus or "none").strip()
-    if gpus == "none":
-        return []
-    if gpus == "all":
-        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
-    ids = [g for g in gpus.removeprefix("device=").split(",") if g]
-    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
-
-
-def read_connection_file(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            info = json.load(fh)
-    except OSError as exc:
-        raise LaunchError(f"cannot read the connection file {path}: {exc.strerror}") from None
-    except ValueError:
-        raise LaunchError(f"the connection file {path} is not JSON") from None
-    missing = [k for k in PORT_KEYS + ("key",) if k not in info]
-    if missing:
-        raise LaunchError(f"the connection file {path} lacks {', '.join(missing)}")
-    return info
-
-
 def _raw(sock: Any) -> Any:
     """The socket under docker-py's SocketIO wrapper (it is what `sendall` and timeouts need)."""
     return getattr(sock, "_sock", sock)
 
 
-def watch_parent_death() -> bool:
-    """Ask Linux for PARENT_DEATH_SIGNAL when our parent ends (False where that is not possible)."""
-    if not sys.platform.startswith("linux"):
-        return False  # the getppid() poll alone covers other systems
-    try:
-        import ctypes  # here: only Linux needs it, and every kernel start pays for imports
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) == 0
-    except (ImportError, OSError, AttributeError):  # no ctypes (a stripped or unreadable stdlib): poll only
-        return False
-
-
-def parent_lost(started_with: Optional[int], now: int) -> bool:
-    """Whether the parent the launcher started with is gone (pure): we were re-parented."""
-    return started_with is not None and orphaned(str(started_with), str(now))
-
-
 class Launcher:
     """Drives one kernel container from creation to removal."""
 
-    HANDLED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, PARENT_DEATH_SIGNAL}
+    HANDLED = HANDLED
 
     def __init__(self, plan: LaunchPlan, payload: bytes, parent: Optional[int] = None):
         self.plan = plan
@@ -468,13 +188,11 @@ class Launcher:
         host_config = api.create_host_config(
             init=True,
             auto_remove=True,
-            network_mode="host" if plan.network == "host" else "bridge",
             binds=_binds(plan),
             port_bindings={p: ("127.0.0.1", p) for p in plan.ports} or None,
             device_requests=device_requests(plan.gpus) or None,
             group_add=plan.group_add or None,
-            cap_drop=plan.cap_drop,
-            security_opt=plan.security_opt,
+            **plan.lockdown.host_options(),
         )
         kwargs = dict(
             image=plan.image,
@@ -485,8 +203,8 @@ class Launcher:
             detach=False,
             tty=False,  # detach=False makes StdinOnce: our EOF is the kernel's
             working_dir=plan.working_dir,
-            environment=plan.environment,
             labels=plan.labels,
+            **plan.lockdown.create_options(plan.environment),
             host_config=host_config,
             ports=plan.ports or None,
         )

@@ -20,8 +20,11 @@ it gives up. Everything else it or the container prints goes to stderr.
 The kernel runs with the host's network, bound to the one address of this node that
 routes to the login node: ports cannot be published on loopback when the client is on
 another machine, and a bridge's proxy would accept the forwarder's connections before the
-kernel listens. Like a local kernel it runs unprivileged: no capabilities, no new
-privileges, the invoking uid, an init that forwards SIGINT, removed when it ends.
+kernel listens. Like a local kernel it runs locked down, as the request's `policy` says
+(kbundle's image/policy.py, sent by the launcher; `policy_flags` renders it for docker or
+podman), as the request's `user` (the launcher applied kbundle's one user rule: never root),
+with an init that forwards SIGINT, removed when it ends. A request without a policy gets the
+strictest rendering (fail closed); a root user is refused.
 """
 
 import json
@@ -119,24 +122,41 @@ def gpu_arguments(engine, environ):
 
 
 def kernel_user(request):
-    """Never root: a root job runs the kernel as the notebook folder's owner, else the image's own user."""
-    if os.getuid() != 0:
-        return f"{os.getuid()}:{os.getgid()}"
-    try:
-        st = os.stat(request.get("working_dir") or "/")
-    except OSError:
-        st = None
-    if st is not None and st.st_uid != 0:
-        return f"{st.st_uid}:{st.st_gid}"
-    return request.get("fallback_user") or "nobody"
+    """The request's user and groups (the launcher decided them); never root."""
+    user = str(request.get("user") or request.get("fallback_user") or "nobody")
+    if user.split(":", 1)[0] in ("0", "root", ""):
+        raise NodeError("refusing to run the kernel as root")
+    return user, [str(g) for g in request.get("group_add", []) if str(g) != "0"]
+
+
+def policy_flags(policy):
+    """The lockdown (kbundle's image/policy.py `Lockdown.request`) as `docker run`/`podman run` flags.
+
+    What the request leaves out is rendered at its strictest, so that a request from an older or
+    broken launcher fails closed: every capability dropped, no new privileges, a read-only root."""
+    flags = ["--network", policy.get("network_mode") or "host"]
+    for cap in policy.get("cap_drop") or ["ALL"]:
+        flags += ["--cap-drop", cap]
+    for option in policy.get("security_opt") or ["no-new-privileges"]:
+        flags += ["--security-opt", option]
+    if policy.get("read_only", True):
+        flags.append("--read-only")
+    for path, options in policy.get("tmpfs") or [["/tmp", "rw,nosuid,nodev,exec"]]:
+        flags += ["--tmpfs", f"{path}:{options}"]
+    flags += ["--pids-limit", str(int(policy.get("pids_limit") or 8192))]
+    return flags
 
 
 def container_command(engine, request, address, environ):
     """The engine's argv (no secret in it: the connection info goes through stdin)."""
-    cmd = [engine, "run", "--rm", "-i", "--init", "--name", request["name"], "--network", "host"]
-    cmd += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
-    cmd += ["--user", kernel_user(request), "-e", "HOME=/tmp"]
-    for key, value in sorted(request.get("environment", {}).items()):
+    policy = request.get("policy") or {}
+    user, groups = kernel_user(request)
+    cmd = [engine, "run", "--rm", "-i", "--init", "--name", request["name"]] + policy_flags(policy)
+    cmd += ["--user", user]
+    for group in groups:
+        cmd += ["--group-add", group]
+    environment = dict(policy.get("environment") or {"HOME": "/tmp"}, **request.get("environment", {}))
+    for key, value in sorted(environment.items()):
         cmd += ["-e", f"{key}={value}"]
     for key, value in sorted(request.get("labels", {}).items()):
         cmd += ["--label", f"{key}={value}"]
@@ -145,6 +165,9 @@ def container_command(engine, request, address, environ):
         if os.path.isdir(path):  # a shared filesystem mounts the user's folders on the nodes too
             cmd += ["-v", f"{path}:{path}"]
             workdir = workdir if workdir != "/tmp" else path
+    for path in request.get("readonly", []):
+        if os.path.isdir(path):
+            cmd += ["-v", f"{path}:{path}:ro"]
     if request.get("working_dir") and os.path.isdir(request["working_dir"]):
         workdir = request["working_dir"]
     cmd += ["-w", workdir]

@@ -6,6 +6,8 @@ end the kernel when stdin reaches EOF (the launcher is gone, even by SIGKILL); a
 ipykernel in this very process, so that the signal tini forwards reaches it.
 """
 
+NOTES_VARIABLE = "KBUNDLE_NOTES"  # the banner's first lines: what is mounted and how, the network
+
 # Runs inside the container with the env's python. It must work on old interpreters too
 # (no f-strings), holds no secret, and keeps the kernel in this very process so that the
 # signal tini forwards reaches ipykernel itself.
@@ -56,7 +58,8 @@ def _banner():
     import glob
     gpus = glob.glob('/dev/nvidia[0-9]*')
     seen = ('GPU visible: %d' % len(gpus)) if gpus else 'no GPU visible (CPU only)'
-    return 'kbundle: %s | image %s | CUDA %s | %s' % (
+    notes = os.environ.get('KBUNDLE_NOTES', '')
+    return (notes + '\\n' if notes else '') + 'kbundle: %s | image %s | CUDA %s | %s' % (
         os.environ.get('KBUNDLE_BANNER_BUNDLE', '?'), os.environ.get('KBUNDLE_BANNER_IMAGE', '?'),
         os.environ.get('KBUNDLE_BANNER_CUDA', 'unknown'), seen)
 # parent_handle=1: no parent poller (tini is our parent) and no `ipython kernel` banner.

@@ -42,13 +42,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kbundle import contract
+from kbundle.image import policy
+from kbundle.kernel import launch_lifecycle as lifecycle
 from kbundle.kernel.labels import container_labels
-from kbundle.kernel.launcher import Launcher
+from kbundle.kernel.launch_plan import PORT_KEYS
+from kbundle.kernel.node_agent import ERROR, READY  # the node agent's protocol: defined there, once
 from kbundle.kernel.shim import SHIM
 
 JOB_PREFIX = "kbundle-"
-READY = "KBUNDLE-NODE-READY "
-ERROR = "KBUNDLE-NODE-ERROR "
 QUEUE_POLL_S = 2.0  # how often a pending start asks squeue
 QUEUE_SAY_EVERY_S = 30.0  # an unchanged queue state is repeated this often
 STOP_GRACE_S = 3.0  # EOF first; then SIGTERM to srun; then scancel
@@ -111,8 +112,14 @@ def srun_argv(options: SlurmOptions, name: str, script: str) -> list[str]:
     return argv + ["python3", "-u", "-c", script]
 
 
-def node_request(image: str, content_hash: str, info: dict[str, Any], options: SlurmOptions, **more: Any) -> bytes:
-    """The agent's first stdin line (it holds the key: written to the pipe, never logged)."""
+def node_request(
+    image: str, content_hash: str, info: dict[str, Any], options: SlurmOptions, environment=None, **more: Any
+) -> bytes:
+    """The agent's first stdin line (it holds the key: written to the pipe, never logged).
+
+    The container's lockdown and environment come from image/policy.py (`policy`: the agent
+    renders it as flags, kernel/node_agent.py `policy_flags`); on the node the kernel shares the
+    host's network (the agent's docstring says why)."""
     request = {
         "image": image,
         "content_hash": content_hash,
@@ -121,6 +128,7 @@ def node_request(image: str, content_hash: str, info: dict[str, Any], options: S
         "engine": options.engine,
         "shim": SHIM,
         "fallback_user": contract.USER,
+        "policy": policy.kernel("host").request({"HOME": "/tmp", **(environment or {})}),
         "connection": {k: v for k, v in info.items() if k != "ip"},
         **more,
     }
@@ -201,7 +209,7 @@ class SlurmLauncher:
     main_ident: int = field(default_factory=threading.get_ident)
     reader: Any = None
 
-    HANDLED = tuple(Launcher.HANDLED)  # the signals kbundle-kernel's main() blocks before it dispatches here
+    HANDLED = tuple(lifecycle.HANDLED)  # the signals kbundle-kernel's main() blocks before it dispatches here
 
     def run(self) -> int:
         from kbundle.kernel.forward import Forwarder, ForwardError
@@ -230,12 +238,7 @@ class SlurmLauncher:
 
         def child_setup() -> None:  # in the child, before exec: srun dies with us
             signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)  # our blocked signals are not srun's
-            try:
-                import ctypes
-
-                ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-            except (ImportError, OSError, AttributeError):
-                pass
+            lifecycle.die_with_parent(signal.SIGTERM)
 
         argv = srun_argv(self.options, self.name, agent_script())
         try:
@@ -274,8 +277,6 @@ class SlurmLauncher:
             sys.stdout.flush()
 
     def _wanted(self, key: str) -> int:
-        from kbundle.kernel.launcher import PORT_KEYS
-
         return self.ports[PORT_KEYS.index(key)]
 
     def _reap(self) -> None:
@@ -336,22 +337,20 @@ class SlurmLauncher:
                 break
             if sig == signal.SIGINT:
                 self._tell(b"INT\n")
-            elif sig in (signal.SIGTERM, signal.SIGHUP) or (sig == signal.SIGUSR2 and self._orphaned()):
+            elif sig in (signal.SIGTERM, signal.SIGHUP) or (sig == lifecycle.PARENT_DEATH_SIGNAL and self._orphaned()):
                 if not stopping:
                     stopping = True
                     threading.Thread(target=self._stop, daemon=True).start()
         return stopping
 
     def _orphaned(self) -> bool:
-        from kbundle.kernel.launcher import parent_lost
-
-        return parent_lost(self.parent, os.getppid())
+        return lifecycle.parent_lost(self.parent, os.getppid())
 
     def _poll_parent(self) -> None:
         while self.proc is None or self.proc.poll() is None:
-            time.sleep(1.0)
+            time.sleep(lifecycle.PARENT_POLL_S)
             if self._orphaned():
-                signal.pthread_kill(self.main_ident, signal.SIGUSR2)
+                signal.pthread_kill(self.main_ident, lifecycle.PARENT_DEATH_SIGNAL)
                 return
 
     def _tell(self, line: bytes) -> None:
@@ -385,7 +384,15 @@ class SlurmLauncher:
 
 def launch(args: Any, info: dict[str, Any], *, parent: Optional[int]) -> int:
     """Run a Slurm kernel for the launcher's parsed `args` and connection `info`."""
-    from kbundle.kernel.launcher import LOOPBACK, PORT_KEYS, LaunchError, banner_environment, mount_dirs
+    from kbundle.kernel.launch_plan import (
+        LOOPBACK,
+        LaunchError,
+        banner_environment,
+        banner_notes,
+        folder_owner,
+        kernel_mounts,
+        kernel_user,
+    )
 
     ip = str(info.get("ip", "127.0.0.1"))
     if not (ip in LOOPBACK or ip.startswith("127.")):
@@ -402,10 +409,15 @@ def launch(args: Any, info: dict[str, Any], *, parent: Optional[int]) -> int:
         login_address=args.login_address or login_address(dict(os.environ)),
         engine=args.engine or "auto",
     )
+    environ = dict(os.environ)
     try:
-        mounts, working_dir = mount_dirs(args.workdir, os.getcwd())
+        mounts = kernel_mounts(args.workdir, os.getcwd(), environ, os.getuid())
     except LaunchError as exc:
         raise SlurmError(str(exc)) from None
+    # The step runs as this user on the node (a cluster shares uids and the notebook's file system),
+    # so image/policy.py's user rule is applied here, once, with the same answer as a local kernel's.
+    owner = folder_owner(mounts.working_dir) if mounts.writable else (0, 0)
+    user, group_add = kernel_user(os.getuid(), os.getgid(), os.getgroups(), owner)
     name = job_name(args.connection_file)
     request = node_request(
         args.image,
@@ -413,10 +425,13 @@ def launch(args: Any, info: dict[str, Any], *, parent: Optional[int]) -> int:
         info,
         options,
         name=name,
-        mounts=mounts,
-        working_dir=working_dir,
+        mounts=mounts.writable,
+        readonly=mounts.readonly,
+        working_dir=mounts.working_dir,
+        user=user,
+        group_add=group_add,
         labels=container_labels(args.kernel_name, os.getpid(), parent),
-        environment=banner_environment(args, dict(os.environ)),
+        environment={**banner_environment(args, environ), **banner_notes(mounts.notes, "node")},
     )
     launcher = SlurmLauncher(options, name, request, [int(info[k]) for k in PORT_KEYS], parent=parent)
     return launcher.run()
