@@ -416,3 +416,38 @@ def test_kernels_remove(built_run, run_env):
     listed = json.loads(kbundle(["kernels", "list", "--json"], run_env).stdout)
     assert data["kernel_name"] not in [k["name"] for k in listed]
     assert_clean_error(kbundle(["kernels", "remove", data["kernel_name"]], run_env), data["kernel_name"])
+
+
+def test_a_damaged_cached_pyc_is_compiled_again_not_linked(
+    built_run, world, run_env, tmp_path, monkeypatch, docker_client
+):
+    """A .pyc in the shared cache whose body was cut short (a crash, a full disk) would make
+    `import` fail in every image built from it; it is recognised by its digest, removed and
+    compiled again."""
+    from kbundle.bundle import open_bundle
+    from kbundle.image import bytecode
+    from kbundle.image import env as envmod
+
+    monkeypatch.setenv("KBUNDLE_CACHE_DIR", run_env["KBUNDLE_CACHE_DIR"])
+    base = world["base_image"]
+    b = open_bundle(built_run[2])
+    resolved = envmod.resolve(envmod.EnvSpec(tuple(b.channels), tuple(b.dependencies), b.lock_text))
+    cache = envmod.cache_root() / "pyc"
+    first = tmp_path / "first" / "env"
+    envmod.install(resolved, first)
+    bytecode.compile_env(first, cache, resolved.interpreter_id(), client=docker_client, image=base)
+    tag = bytecode._cache_tag(first)
+    numpy_init = next((first / "lib").glob("python3.*/site-packages/numpy/__init__.py"))
+    pyc = bytecode._pyc_path(numpy_init, tag)
+    whole = pyc.read_bytes()
+    assert pyc.stat().st_nlink > 1, "the env's .pyc is not the cache's file"
+    with open(pyc, "r+b") as fh:  # the same inode as the cached file: the cache is damaged too
+        fh.truncate(len(whole) // 2)
+
+    second = tmp_path / "second" / "env"
+    envmod.install(resolved, second)
+    stats = bytecode.compile_env(second, cache, resolved.interpreter_id(), client=docker_client, image=base)
+    rel = numpy_init.relative_to(first).as_posix()
+    assert stats.damaged == (rel,) and stats.compiled >= 1
+    healed = bytecode._pyc_path(second / rel, tag).read_bytes()
+    assert healed == whole

@@ -58,6 +58,7 @@ class CompileStats:
     compiled: int = 0
     seconds: float = 0.0
     skipped: Optional[str] = None  # why nothing was compiled
+    damaged: tuple[str, ...] = ()  # cached .pyc files that failed their digest: removed and compiled again
 
 
 def _cache_tag(target: Path) -> Optional[str]:
@@ -77,6 +78,30 @@ def _key(rel: str, data: bytes) -> str:
     return hashlib.sha256(rel.encode() + b"\0" + hashlib.sha256(data).digest()).hexdigest()[:40]
 
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _cached_files(store: Path) -> dict[str, Path]:
+    """The store's .pyc files by key. Each is named `<key>.<digest of its own bytes>.pyc`, so that
+    a damaged one (a truncated or altered body, which Python would only meet as a crash at
+    import) is recognised before it is linked into an env."""
+    found = {}
+    for name in os.listdir(store):
+        key, _, rest = name.partition(".")
+        if rest.endswith(".pyc") and len(rest) == len(".pyc") + 32:
+            found[key] = store / name
+    return found
+
+
+def _intact(cached: Path) -> bool:
+    try:
+        data = cached.read_bytes()
+    except OSError:
+        return False
+    return cached.name.split(".")[1] == _digest(data)
+
+
 def _link(src: Path, dest: Path) -> bool:
     """The cached .pyc at `dest`, in place of whatever was there (a .pyc the package shipped)."""
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
@@ -91,11 +116,15 @@ def _link(src: Path, dest: Path) -> bool:
         return False
 
 
-def _store(pyc: Path, cached: Path) -> None:
-    """Put a freshly compiled file into the cache without ever exposing a partial one."""
-    if cached.exists() or not pyc.exists():
+def _store(pyc: Path, store: Path, key: str) -> None:
+    """Put a freshly compiled file into the cache, named by its digest, never exposing a partial one."""
+    try:
+        cached = store / f"{key}.{_digest(pyc.read_bytes())}.pyc"
+    except OSError:
         return
-    tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+    if cached.exists():
+        return
+    tmp = store / f".{cached.name}.{os.getpid()}"
     try:
         os.link(pyc, tmp)
         os.replace(tmp, cached)
@@ -146,12 +175,18 @@ def compile_env(target: Path, cache: Path, interpreter_id: str, *, client=None, 
     store = cache / compiler_id(target, interpreter_id, image_id)
     store.mkdir(parents=True, exist_ok=True)
     sources = [p for p in (target / "lib").rglob("*.py") if p.is_file() and not p.is_symlink()]
-    keys: dict[Path, Path] = {}
-    linked, misses = 0, []
+    cached_files = _cached_files(store)
+    keys: dict[Path, str] = {}
+    linked, misses, damaged = 0, [], []
     for source in sources:
-        cached = store / f"{_key(source.relative_to(target).as_posix(), source.read_bytes())}.pyc"
-        keys[source] = cached
-        if cached.exists() and _link(cached, _pyc_path(source, tag)):
+        rel = source.relative_to(target).as_posix()
+        keys[source] = key = _key(rel, source.read_bytes())
+        cached = cached_files.get(key)
+        if cached is not None and not _intact(cached):
+            damaged.append(rel)
+            cached.unlink(missing_ok=True)
+            cached = None
+        if cached is not None and _link(cached, _pyc_path(source, tag)):
             linked += 1
         else:
             misses.append(source)
@@ -162,10 +197,10 @@ def compile_env(target: Path, cache: Path, interpreter_id: str, *, client=None, 
         error = _compile_in_container(client, image, target, Path(out), None if whole else misses)
         compiled = [s for s in misses if _take(Path(out), target, s, tag)]
     if not compiled and error:
-        return CompileStats(linked, 0, time.perf_counter() - t0, error)
+        return CompileStats(linked, 0, time.perf_counter() - t0, error, tuple(damaged))
     for source in compiled:
-        _store(_pyc_path(source, tag), keys[source])
-    return CompileStats(linked, len(compiled), time.perf_counter() - t0)
+        _store(_pyc_path(source, tag), store, keys[source])
+    return CompileStats(linked, len(compiled), time.perf_counter() - t0, damaged=tuple(damaged))
 
 
 def _in_image(target: Path, path: Path) -> str:
