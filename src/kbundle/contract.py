@@ -40,7 +40,10 @@ def layer_dir(index: int, group: str) -> str:
 
 LABEL_NS = "org.kbundle."
 LABEL_NAME = LABEL_NS + "name"
-LABEL_CONTENT_HASH = LABEL_NS + "content-hash"  # the bundle's content hash: identifies a bundle's images
+# The bundle's identity (flows/run.py `bundle_hash`, docs/format.md `bundle_hash`): its content
+# hash and the manifest fields that define what is built. The key keeps its name from when it held
+# the content hash alone; images labelled so by an older kbundle do not match any bundle now.
+LABEL_CONTENT_HASH = LABEL_NS + "content-hash"
 LABEL_ENV_HASH = LABEL_NS + "env-hash"
 LABEL_BASE_IMAGE = LABEL_NS + "base-image"
 LABEL_VERSION = LABEL_NS + "kbundle-version"
@@ -66,7 +69,8 @@ LEGACY_LABEL_LAUNCHER_HOST = "kbundle.launcher.host"
 
 
 def image_content_hash(labels: dict[str, str] | None) -> str | None:
-    """The bundle content hash an image carries, under today's label or the legacy one."""
+    """The bundle hash an image carries (its bundle's identity; kbundle 0.1's legacy label held a
+    content hash), under today's label or the legacy one."""
     labels = labels or {}
     return labels.get(LABEL_CONTENT_HASH) or labels.get(LEGACY_LABEL_CONTENT_HASH)
 

@@ -1,7 +1,11 @@
 """The one exception type the CLI turns into a calm `error: ...` line.
 
 Exit codes (docs/usage.md): 1 anything else, 2 usage or a missing file, 3 a damaged bundle
-(kbundle.bundle.BundleError), 4 this machine cannot run it, 130 interrupted.
+(BundleError), 4 this machine cannot run it, 130 interrupted.
+
+Every error type lives here, so that raising one never imports the module that raises it
+elsewhere (the bundle reader, signatures and trust all raise BundleError without importing
+each other).
 """
 
 
@@ -15,6 +19,14 @@ class UsageError(KbundleError):
     """Bad input: a wrong or missing file, an unknown option value."""
 
     exit_code = 2
+
+
+class BundleError(KbundleError):
+    """The bundle is damaged, tampered with, or from an unknown format version.
+
+    Also importable as `kbundle.bundle.BundleError` and `kbundle.bundle.reader.BundleError`."""
+
+    exit_code = 3
 
 
 class MachineError(KbundleError):

@@ -6,16 +6,19 @@ Public API (other stages use only these):
 ``open_bundle(path, *, max_extract=2 GiB) -> Bundle``
     Opens and fully verifies a bundle, streaming it in bounded memory (the zip's directory,
     safe member names, no links, the manifest's schema, every member's size and sha256, the
-    content hash, the notebook, the signature when there is one). Raises ``BundleError`` (a
-    ``KbundleError``, exit 3, so the CLI prints one ``error:`` line) when anything is off.
+    content hash, the notebook, the signature when there is one, the stated identity). Raises
+    ``BundleError`` (kbundle.errors; a ``KbundleError``, exit 3, so the CLI prints one ``error:``
+    line) when anything is off.
     ``Bundle`` is a frozen dataclass holding ``path``, ``manifest`` (a ``Manifest``),
     ``members`` (a read-only mapping name -> ``FileEntry``), ``signer`` (the verified
-    signature or None; ``signing.read_signature(bundle)`` says who and whether trusted) and
+    signature or None; ``kbundle.trust.read_signature(bundle)`` says who and whether trusted) and
     ``max_extract``, with read-only shortcuts for the manifest fields: ``name``, ``notebook``
     (member path, e.g. ``work/nb.ipynb``), ``python``, ``cuda``, ``cudnn``, ``base_image``,
     ``channels``, ``dependencies`` (normalised conda specs), ``pip`` (exact pins, in install
     order), ``dropped``, ``locked``, ``includes`` (member paths under ``work/``), ``files``,
-    ``content_hash``; and the texts ``lock_text`` (rattler lock file, or None),
+    ``content_hash`` (the members only), ``identity`` (the bundle's identity: the content hash and
+    the manifest fields that define what is built; what kbundle keys a bundle's images, caches and
+    kernels on; ``format.identity_of``); and the texts ``lock_text`` (rattler lock file, or None),
     ``dockerfile_text``, ``environment_text`` (normalised environment.yml), which stay in
     memory. ``bundle.read(member)`` and ``bundle.text(member)`` give any member (read again
     from the zip, with the hash check, when it is not one of those texts);
@@ -30,7 +33,7 @@ Public API (other stages use only these):
 ``write_bundle(target, manifest, members, sign=None, *, check=False) -> Manifest``
     Writes ``members`` (``dict[str, bytes]``) plus the sealed manifest, atomically and
     byte-for-byte reproducibly; with ``sign`` (``signing.signer_for(key)``) also the signature
-    member ``kbundle.sig``. Returns the manifest with its ``files`` filled in. With ``check``
+    member ``kbundle.sig``. Returns the manifest with its ``files`` and ``bundle_hash`` filled in. With ``check``
     (pack's way), ``writer.OverLimit`` before anything is written when a reader would refuse the
     bundle: the limits of ``kbundle.bundle.limits`` (shared with the reader), the schema, the notebook.
 
@@ -47,8 +50,9 @@ from kbundle.bundle.format import (
     Variant,
     content_hash,
 )
-from kbundle.bundle.reader import Bundle, BundleError, extract_bundle, open_bundle
+from kbundle.bundle.reader import Bundle, extract_bundle, open_bundle
 from kbundle.bundle.writer import write_bundle
+from kbundle.errors import BundleError  # defined there; kept here for older call sites
 
 __all__ = [
     "FORMAT_VERSION",

@@ -7,8 +7,9 @@ data; writer.py and reader.py move bytes.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -98,6 +99,9 @@ class Manifest:
     dockerfile: str = DOCKERFILE
     includes: list[str] = field(default_factory=list)
     content_hash: str = ""
+    # The bundle's identity (`identity_of`): the content hash and the fields that define what is
+    # built. Bundles written before it existed read without it: the reader works it out the same way.
+    bundle_hash: str = ""
     files: list[FileEntry] = field(default_factory=list)
     platform: str = "linux-64"
     kbundle_version: str = ""
@@ -161,3 +165,86 @@ def content_hash_of(digests: Mapping[str, str], *, legacy: bool = False) -> str:
     skipped = _NOT_CONTENT + ((DOCKERFILE,) if legacy else ())
     lines = "".join(f"{digest}  {path}\n" for path, digest in sorted(digests.items()) if path not in skipped)
     return sha256_hex(lines.encode())
+
+
+# ------------------------------------------------------------------ the bundle's identity
+
+# The manifest fields that decide what `run` builds and how the kernel runs: the conda side
+# (specs, channels, lock, the virtual packages an unlocked solve targets), the pip side (lines,
+# indexes, whether locked), the base image and CUDA (which also render the Dockerfile), the
+# Python version, and where the notebook and the environment are. Two bundles that differ in
+# any of them are two bundles, whatever their members.
+IDENTITY_FIELDS = (
+    "format_version",
+    "name",
+    "notebook",
+    "includes",
+    "python",
+    "cuda",
+    "cudnn",
+    "cuda_runtime_in_env",
+    "cuda_env_libs",
+    "require_cuda",
+    "base_image",
+    "channels",
+    "dependencies",
+    "channel_urls",
+    "pip",
+    "pip_indexes",
+    "pip_locked",
+    "locked",
+    "lock",
+    "virtual_packages",
+    "environment",
+    "dockerfile",
+    "platform",
+    "kbundle_version",
+)
+# Left out, and why: text and records shown to people only (why a base, what normalisation did,
+# where the environment came from, the original file's member path); `files`, which the content
+# hash covers; the two hashes themselves. A field added to Manifest must join one of the two lists
+# (tests/bundle/test_identity.py holds it).
+NOT_IDENTITY = (
+    "base_image_reason",
+    "dropped",
+    "added",
+    "changed",
+    "variants",
+    "lock_note",
+    "source",
+    "original_environment",
+    "files",
+    "content_hash",
+    "bundle_hash",
+)
+IDENTITY_VERSION = 1
+
+
+def identity_of(manifest: Manifest, content_hash: str) -> str:
+    """The bundle's identity: sha256 (hex) over its content hash and its IDENTITY_FIELDS.
+
+    Everything kbundle keys on a bundle (the image's label, the recorded pip resolution, the
+    kernel's record, the native prefix) uses it, so a copy with the same members and another
+    manifest (a stranger's pip section, say) shares nothing with the original. A field at its
+    default value is left out, so a field that joins IDENTITY_FIELDS later does not change the
+    identity of bundles that never set it. The JSON is canonical: sorted keys, ASCII only."""
+    defaults = _defaults()
+    chosen = {}
+    for name in IDENTITY_FIELDS:
+        value = getattr(manifest, name)
+        if name in defaults and value == defaults[name]:
+            continue
+        chosen[name] = value
+    doc = {"kbundle identity": IDENTITY_VERSION, "content_hash": content_hash, "fields": chosen}
+    return sha256_hex(json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+
+
+def _defaults() -> dict[str, Any]:
+    """Each Manifest field's default (fields without one are always part of the identity)."""
+    out = {}
+    for spec in fields(Manifest):
+        if spec.default is not MISSING:
+            out[spec.name] = spec.default
+        elif spec.default_factory is not MISSING:
+            out[spec.name] = spec.default_factory()
+    return out

@@ -18,6 +18,7 @@ Every limit lives in bundle/limits.py, where pack reads the same numbers before 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -40,6 +41,7 @@ from kbundle.bundle.format import (
     FileEntry,
     Manifest,
     content_hash_of,
+    identity_of,
 )
 from kbundle.bundle.limits import (
     DEFAULT_MAX_EXTRACT,
@@ -55,10 +57,12 @@ from kbundle.bundle.limits import (
 )
 from kbundle.bundle.schema import SchemaError, check_manifest
 from kbundle.display import safe
-from kbundle.errors import KbundleError
+from kbundle.errors import BundleError, KbundleError
 
 if TYPE_CHECKING:
-    from kbundle.bundle.signing import Signer
+    from kbundle.trust import Signer
+
+__all__ = ["Bundle", "BundleError", "MemberSource", "extract_bundle", "notebook_problem", "open_bundle"]
 
 _CHUNK = 1 << 20
 _COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # no bzip2/lzma: their decoders can take GBs
@@ -74,12 +78,6 @@ _ZIP_ERRORS = (
 )
 
 
-class BundleError(KbundleError):
-    """The bundle is damaged, tampered with, or from an unknown format version."""
-
-    exit_code = 3
-
-
 @dataclass(frozen=True)
 class Bundle:
     """A verified bundle: the manifest, each member's FileEntry, and the few texts kbundle reads."""
@@ -87,7 +85,7 @@ class Bundle:
     path: Path
     manifest: Manifest
     members: Mapping[str, FileEntry]  # every member but the manifest and the signature
-    signer: Signer | None = None  # the verified signature (bundle/signing.py), or None when unsigned
+    signer: Signer | None = None  # the verified signature (kbundle/trust.py), or None when unsigned
     max_extract: int = DEFAULT_MAX_EXTRACT
     cached: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
@@ -110,6 +108,13 @@ class Bundle:
     def content_hash(self) -> str:
         """The manifest's content hash (verified), or for a bundle sealed without one, computed."""
         return self.manifest.content_hash or content_hash_of({p: e.sha256 for p, e in self.members.items()})
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """The bundle's identity (bundle/format.py `identity_of`): the content hash and every manifest
+        field that defines what is built. What kbundle keys a bundle's images, caches and kernels on,
+        since two bundles with the same members may still say different things in their manifests."""
+        return identity_of(self.manifest, self.content_hash)
 
     @property
     def lock_text(self) -> str | None:
@@ -403,10 +408,11 @@ def _open(path: Path, zf: zipfile.ZipFile, max_extract: int) -> Bundle:
     _check_texts(manifest, cached)
     signer = None
     if signature_info is not None:
-        from kbundle.bundle.signing import check_member
+        from kbundle.trust import check_member  # late: trust.py's imports load this package
 
         raw = _read_capped(zf, signature_info, SIGNATURE_LIMIT, "kbundle.sig")
         signer = check_member(raw, manifest_raw, manifest.content_hash or computed)
+    _check_identity(manifest, manifest.content_hash or computed)
     return Bundle(path, manifest, MappingProxyType(expected), signer, max_extract, MappingProxyType(cached))
 
 
@@ -464,6 +470,13 @@ def _check_content_hash(manifest: Manifest, expected: Mapping[str, FileEntry], *
         if content_hash_of(digests, legacy=True) == manifest.content_hash:
             return
     raise BundleError("the manifest's content hash does not match its members")
+
+
+def _check_identity(manifest: Manifest, content_hash: str) -> None:
+    """A manifest that states its identity must state the one its fields and members make. (After
+    the signature check: a signed manifest edited by hand is told as a bad signature.)"""
+    if manifest.bundle_hash and manifest.bundle_hash != identity_of(manifest, content_hash):
+        raise BundleError("the manifest's bundle_hash does not match its fields and members (edited by hand?)")
 
 
 def _older_than_0_2(version: str) -> bool:

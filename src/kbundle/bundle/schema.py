@@ -182,6 +182,7 @@ MANIFEST_SCHEMA = record(
         "dockerfile": member_path,
         "includes": list_of(under_work(), MAX_MEMBERS),
         "content_hash": text(64, pattern=re.compile(r"([0-9a-f]{64})?")),
+        "bundle_hash": text(64, pattern=re.compile(r"([0-9a-f]{64})?")),
         "files": list_of(
             record(
                 {"path": member_path, "sha256": text(64, pattern=SHA256), "size": integer(0, 1 << 40)},

@@ -27,6 +27,7 @@ from kbundle.bundle.format import (
     Manifest,
     content_hash,
     content_hash_of,
+    identity_of,
     sha256_hex,
 )
 from kbundle.bundle.reader import notebook_problem
@@ -51,9 +52,12 @@ def manifest_bytes(manifest: Manifest) -> bytes:
 
 
 def seal(manifest: Manifest, members: dict[str, bytes]) -> Manifest:
-    """The manifest with one FileEntry per member (sorted by path)."""
+    """The manifest with one FileEntry per member (sorted by path) and its identity (`bundle_hash`),
+    made from the content hash it states (or, sealed without one, the members' own)."""
     files = [FileEntry(path, sha256_hex(data), len(data)) for path, data in sorted(members.items())]
-    return replace(manifest, files=files)
+    digests = {entry.path: entry.sha256 for entry in files}
+    identity = identity_of(manifest, manifest.content_hash or content_hash_of(digests))
+    return replace(manifest, files=files, bundle_hash=identity)
 
 
 def zip_bytes_to(fileobj, manifest: Manifest, members: dict[str, bytes], signature: bytes | None = None) -> None:

@@ -103,21 +103,33 @@ def registry_of(image: str) -> str:
 
 
 def pip_hosts(manifest) -> tuple[str, ...]:
-    """The pip index hosts the manifest names (another stage records them), else pip's defaults."""
-    found: list[str] = []
+    """Every host the pip: section contacts: its indexes (pip's defaults when it sets no
+    `--index-url`), and the host of each direct (`name @ https://…`) and git (`git+https://…`)
+    requirement. Offline, before consent: a line or index kbundle would refuse to fetch (an
+    option, a local path, a URL that is not http(s) or has `..` in its path) refuses the bundle
+    here, exit 3, before any request (`wheels.parse_pins`, `PipIndexes.from_dict`)."""
+    from kbundle.image.wheels import parse_pins
+    from kbundle.specs import PipIndexes
 
-    def walk(value) -> None:
-        if isinstance(value, str) and "://" in value:
-            found.append(url_host(value))
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item)
+    indexes = PipIndexes.from_dict(getattr(manifest, "pip_indexes", None))
+    found = [_pip_url_host(url) for url in indexes.urls()]
+    if not indexes.index_url:
+        found += DEFAULT_PIP_HOSTS
+    found += [_pip_url_host(pin.url) for pin in parse_pins(getattr(manifest, "pip", None) or ()) if pin.url]
+    return tuple(dict.fromkeys(found))
 
-    walk(getattr(manifest, "pip_indexes", None))
-    return tuple(dict.fromkeys(found)) or DEFAULT_PIP_HOSTS
+
+def _pip_url_host(url: str) -> str:
+    """`host[:port]` of a pip URL, its `git+` prefix and any `user:token@` left out."""
+    from urllib.parse import urlsplit
+
+    body = url.split("+", 1)[1] if "+" in url.split("://", 1)[0] else url
+    try:
+        parts = urlsplit(body)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return url_host(body)
+    return f"{host}:{port}" if port else host or url_host(body)
 
 
 def unpinned(specs) -> list[str]:
@@ -137,8 +149,9 @@ def conda_summary(records, specs) -> str:
 
 
 def read_sender(bundle):
-    """Who signed the bundle (kbundle/bundle/signing.py); a bad signature is a damaged bundle."""
-    from kbundle.bundle.signing import read_signature
+    """Who signed the bundle, and whether this recipient trusts them (kbundle/trust.py); a bad
+    signature already made the bundle damaged when it was opened."""
+    from kbundle.trust import read_signature
 
     return read_signature(bundle)
 
@@ -150,8 +163,19 @@ def trust(signature) -> None:
 
 
 def check_signature(signature, require: bool) -> None:
-    if require and signature.state == "unsigned":
+    """`--require-signature` means signed by someone this recipient trusts (allowed_signers), before
+    anything is placed, pulled or asked. A valid signature by an unknown key proves only that its
+    sender has a key (anyone can make one in a second), so it is refused too, `--yes` or not; the
+    line names the command that would trust that key, for a recipient who knows it is the sender's."""
+    if not require or signature.state == "trusted":
+        return
+    if signature.state == "unsigned":
         raise KbundleError("this bundle is not signed and --require-signature was given")
+    advice = signature.trust_command()
+    raise KbundleError(
+        f"this bundle is {signature.describe()}, and --require-signature accepts only signers you trust; "
+        + (f"if that key is the sender's, trust it with: {advice}" if advice else "the signer cannot be named")
+    )
 
 
 # ----------------------------------------------------------------- consent

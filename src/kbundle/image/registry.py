@@ -132,7 +132,9 @@ def digest_in(repo_digests: list[str], repository: str) -> Optional[str]:
 
 
 def check_labels(labels: Optional[dict[str, str]], bundle_hash: str, ref: str) -> None:
-    """The image must say it was built from this bundle (its content-hash label)."""
+    """The image must say it was built from this bundle: its `org.kbundle.content-hash` label must be
+    this bundle's identity (`bundle_hash`: members and environment-defining manifest fields), so an
+    image built from a copy with the same members but another manifest is refused too."""
     found = contract.image_content_hash(labels)
     if not found:
         raise KbundleError(
