@@ -17,6 +17,7 @@ from pathlib import Path
 from kbundle.errors import UsageError
 from kbundle.pack.pipenv import Hints
 from kbundle.pack.records import RawEnv
+from kbundle.pack.textfiles import read_text
 
 BESIDE = (
     "pixi.lock",
@@ -32,8 +33,6 @@ _LEVELS = 4  # folders above the notebook's that may hold its project's files
 
 
 def read_any(path: Path, python: str | None = None, hints: Hints | None = None) -> RawEnv:
-    from kbundle.pack.envfile import read_environment_yml
-
     if not path.exists():
         raise UsageError(f"environment file {path} does not exist")
     if not path.is_file():
@@ -43,6 +42,8 @@ def read_any(path: Path, python: str | None = None, hints: Hints | None = None) 
     if hints.extras and reader not in ("pyproject", "uv.lock"):
         raise UsageError(f"--extra applies to a pyproject.toml or uv.lock, not {path.name}")
     if reader == "environment.yml":
+        from kbundle.pack.envyml import read_environment_yml
+
         return read_environment_yml(path)
     try:
         return _read(path, reader, hints)
@@ -69,15 +70,17 @@ def _read(path: Path, reader: str, hints: Hints) -> RawEnv:
         from kbundle.pack.pixilock import read_pixi_manifest
 
         return read_pixi_manifest(path, hints)
-    from kbundle.pack.pyproject import read_pyproject
+    from kbundle.pack.pyproject import load_toml, read_pyproject
 
+    if "pixi" in (load_toml(path).get("tool") or {}):  # a pyproject.toml with [tool.pixi] is pixi's manifest
+        from kbundle.pack.pixilock import read_pixi_manifest
+
+        return read_pixi_manifest(path, hints)
     return read_pyproject(path, hints)
 
 
 def reader_for(path: Path) -> str:
     """requirements, uv.lock, lock (pixi.lock, conda-lock.yml), pixi.toml, pyproject, or environment.yml."""
-    from kbundle.pack.envfile import _read_text
-
     name = path.name.lower()
     if name.endswith((".txt", ".in")) or name.startswith("requirements"):
         return "requirements"
@@ -92,7 +95,7 @@ def reader_for(path: Path) -> str:
     if name.endswith((".yml", ".yaml", ".lock")):
         from kbundle.pack.pixilock import is_lock_yaml
 
-        if is_lock_yaml(_read_text(path)):
+        if is_lock_yaml(read_text(path)):
             return "lock"
     return "environment.yml"
 

@@ -13,9 +13,9 @@ from dataclasses import replace
 
 from kbundle.bundle.format import Added, Changed, Dropped, Variant
 from kbundle.facts import normalise_facts
-from kbundle.pack.envfile import write_environment_yml
 from kbundle.pack.platforms import Availability, verdict
 from kbundle.pack.records import NormalisedEnv, RawEnv
+from kbundle.pack.textfiles import write_environment_yml
 from kbundle.specs import CondaSpec, PipIndexes, PipPin, parse_conda_spec, parse_pip_line
 
 _WORDS = re.compile(r"[a-z]+")

@@ -14,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kbundle.errors import UsageError
-from kbundle.pack.envfile import write_environment_yml
 from kbundle.pack.pipenv import Hints, Reading, carried_url
 from kbundle.pack.prefix import channel_name
 from kbundle.pack.records import RawEnv
+from kbundle.pack.textfiles import read_text, write_environment_yml
 from kbundle.specs import CondaSpec, PipPin, parse_conda_spec, parse_pip_line
 
 PLATFORM = "linux-64"
@@ -152,10 +152,8 @@ def _indexes(path: Path, env_name: str, reading: Reading) -> None:
     """The environment's PyPI indexes and find-links, as pixi wrote them into the lock."""
     import yaml
 
-    from kbundle.pack.envfile import _read_text
-
     try:
-        data = yaml.safe_load(_read_text(path))
+        data = yaml.safe_load(read_text(path))
         env = (data.get("environments") or {}).get(env_name) or {}
     except (yaml.YAMLError, AttributeError):
         return

@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from kbundle.errors import UsageError
-from kbundle.pack.envfile import write_environment_yml
 from kbundle.pack.records import RawEnv
+from kbundle.pack.textfiles import write_environment_yml
 from kbundle.specs import PipPin, parse_conda_spec, parse_pip_line
 
 _SUBDIR_TAIL = re.compile(r"/(?:noarch|(?:linux|osx|win)-[a-z0-9_]+)/?$")

@@ -9,7 +9,7 @@
   workspace member is the sender's own code).
 
 The project's own code is not installed: its dependencies are. A pyproject.toml with
-`[tool.pixi]` is pixi's manifest (pack/pixilock.py).
+`[tool.pixi]` is pixi's manifest: pack/formats.py sends it to pack/pixilock.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from kbundle.errors import UsageError
 from kbundle.pack.pipenv import Hints, Reading, carried_url, choose_python, marker_holds, pip_env
 from kbundle.pack.records import RawEnv
+from kbundle.pack.textfiles import read_text
 from kbundle.specs import canonical, parse_pip_line
 
 
@@ -32,10 +33,8 @@ def toml():
 
 
 def load_toml(path: Path) -> dict:
-    from kbundle.pack.envfile import _read_text
-
     try:
-        return toml().loads(_read_text(path))
+        return toml().loads(read_text(path))
     except toml().TOMLDecodeError as exc:
         raise UsageError(f"{path.name} is not valid TOML ({exc})") from None
 
@@ -68,10 +67,6 @@ def python_pin(folder: Path) -> tuple[str, str] | None:
 
 def read_pyproject(path: Path, hints: Hints) -> RawEnv:
     data = load_toml(path)
-    if "pixi" in (data.get("tool") or {}):
-        from kbundle.pack.pixilock import read_pixi_manifest
-
-        return read_pixi_manifest(path, hints)
     project = data.get("project")
     if not isinstance(project, dict):
         raise UsageError(f"{path.name} has no [project] table to read dependencies from (PEP 621)")

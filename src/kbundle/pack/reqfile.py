@@ -25,6 +25,7 @@ from pathlib import Path
 
 from kbundle.errors import UsageError
 from kbundle.pack.pipenv import Reading, marker_holds
+from kbundle.pack.textfiles import read_text, write_environment_yml
 from kbundle.specs import PipPin, parse_pip_line
 
 _COMMENT = re.compile(r"(^|\s+)#.*$")
@@ -91,8 +92,6 @@ def expand_pip_section(env, lines: list[str], yml: Path):
     """An environment.yml whose pip: section names requirement or constraint files (`-r
     requirements.txt`), read as conda runs it: a requirements file beside the environment.yml, by
     pip's rules. When a named file is not there, the env is left as it was (normalisation says so)."""
-    from kbundle.pack.envfile import write_environment_yml
-
     named = [m.group(1) for m in (_NESTED.match(line) for line in lines) if m]
     if not named or not all(_beside(yml, name).is_file() for name in named):
         return env
@@ -178,9 +177,7 @@ def _read(
     if (path, constraint) in seen:
         return
     seen.add((path, constraint))
-    from kbundle.pack.envfile import _read_text
-
-    for number, line in logical_lines(_read_text(path) if text is None else text):
+    for number, line in logical_lines(read_text(path) if text is None else text):
         parsed = _parse_line(path, number, line)
         if parsed.requirement is not None:
             _requirement(parsed, parsed.requirement, constraint, pins, constraints)
