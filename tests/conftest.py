@@ -12,6 +12,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import world as world_module  # noqa: E402
 
+# The fixtures that stand for the offline world (tests/world/): a test that asks for one, even through
+# another fixture, needs the Docker engine and the world, and is marked `docker` for it, so that
+# `pytest -m "not docker"` runs without them and a new test cannot forget its marker.
+WORLD_FIXTURES = frozenset({"docker_client", "world", "env_image", "registry", "slurm"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if WORLD_FIXTURES.intersection(getattr(item, "fixturenames", ())) and not item.get_closest_marker("docker"):
+            item.add_marker(pytest.mark.docker)
+
 
 def _docker_available() -> bool:
     try:

@@ -24,6 +24,7 @@ def staged_env(world, tmp_path_factory) -> tuple[Path, list]:
     return staging, records
 
 
+@pytest.mark.docker
 def test_world_up_prints_json_last_and_is_fast_the_second_time(world):
     start = time.monotonic()
     proc = subprocess.run(
@@ -38,6 +39,7 @@ def test_world_up_prints_json_last_and_is_fast_the_second_time(world):
     assert elapsed < 5, f"a second `up` took {elapsed:.1f}s"
 
 
+@pytest.mark.docker
 def test_channel_is_indexed_and_served_over_http(world):
     import urllib.request
 
@@ -52,6 +54,7 @@ def test_channel_is_indexed_and_served_over_http(world):
     assert any(r.get("noarch") == "python" for r in noarch["packages"].values())
 
 
+@pytest.mark.docker
 def test_rattler_solves_and_installs_with_final_prefix(world, staged_env):
     staging, records = staged_env
     assert {"python", "ipykernel", "numpy"} <= {r.name.normalized for r in records}
@@ -69,6 +72,7 @@ def test_rattler_solves_and_installs_with_final_prefix(world, staged_env):
     assert world_module.PLACEHOLDER not in sysconfigdata
 
 
+@pytest.mark.docker
 def test_image_from_base_runs_the_envs_python(world, staged_env, docker_client, tmp_path):
     staging, records = staged_env
     tag = f"kbundle-test/smoke:{uuid.uuid4().hex[:8]}"
@@ -97,6 +101,7 @@ def test_image_from_base_runs_the_envs_python(world, staged_env, docker_client, 
         docker_client.images.remove(tag, force=True)
 
 
+@pytest.mark.docker
 async def test_kernel_in_container_answers_execute_request(env_image, docker_client, tmp_path):
     """A jupyter_client client talks to ipykernel in a container (host network, connection file mounted)."""
     from jupyter_client import AsyncKernelClient
@@ -166,6 +171,7 @@ def _file_in_image(docker_client, ref: str, path: str) -> bytes:
         container.remove(force=True)
 
 
+@pytest.mark.docker
 def test_registry_push_pull_round_trip(world, registry, docker_client):
     """An image pushed to the world's registry, removed here and pulled back, is the same image."""
     import io
@@ -210,6 +216,7 @@ def test_registry_push_pull_round_trip(world, registry, docker_client):
             pass
 
 
+@pytest.mark.docker
 def test_srun_runs_on_the_worlds_node(slurm):
     # No --gres, no account, no time limit: the default partition takes a bare srun.
     proc = subprocess.run(["srun", "-p", slurm["partition"], "hostname"], capture_output=True, text=True, timeout=60)
@@ -217,6 +224,7 @@ def test_srun_runs_on_the_worlds_node(slurm):
     assert proc.stdout.strip() == slurm["node"]
 
 
+@pytest.mark.docker
 def test_srun_forwards_stdin_and_its_eof(slurm):
     """What a kernel launched through srun relies on: the task reads srun's stdin, and sees it close."""
     import threading
@@ -262,6 +270,7 @@ def test_slurm_node_states_that_up_reuses(state, usable):
     assert world_module.slurm.node_usable(state) is usable
 
 
+@pytest.mark.docker
 def test_world_json_names_the_registry_and_the_cluster(world, registry, slurm):
     import re
     import socket
@@ -275,6 +284,7 @@ def test_world_json_names_the_registry_and_the_cluster(world, registry, slurm):
     assert slurm["cpus"] == os.cpu_count()
 
 
+@pytest.mark.docker
 def test_up_reuses_the_running_registry_and_cluster(world, registry, slurm):
     root = Path(world["world_dir"])
     before = json.loads((root / "slurm" / "slurm.json").read_text())["pids"]
@@ -291,6 +301,7 @@ def test_up_reuses_the_running_registry_and_cluster(world, registry, slurm):
 # ---------------------------------------------------------------- the world's Pythons (KBUNDLE_WORLD_PYTHONS)
 
 
+@pytest.mark.docker
 async def test_channel_solves_ipykernel_and_numpy_for_every_world_python(world, tmp_path):
     """Each CPython of `pythons` has its own `python` and the packages pip picked for it."""
     from kbundle import contract, solve

@@ -20,6 +20,8 @@ import pytest
 from kbundle.kernel import slurm as slurmmod
 from kbundle.kernel.spec import KernelRequest, build_spec, launcher_path
 
+pytestmark = pytest.mark.docker
+
 CONTENT_HASH = "5" * 64
 DEADLINE_S = 40
 

@@ -10,6 +10,8 @@ import time
 import urllib.request
 import zipfile
 
+import pytest
+
 from helpers import assert_one_error_line, kbundle, notebook
 
 
@@ -33,6 +35,7 @@ def manifest(bundle) -> dict:
         return json.loads(zf.read("kbundle.json"))
 
 
+@pytest.mark.docker
 def test_pack_locks_the_pip_section_with_hashes(world, tmp_path):
     nb = notebook(tmp_path)
     env = write_env(
@@ -73,6 +76,7 @@ def test_pack_locks_the_pip_section_with_hashes(world, tmp_path):
     assert f"--extra-index-url {world['pypi_extra_index']}" in envyml and "kbrange<2,>=1.2" in envyml
 
 
+@pytest.mark.docker
 def test_vcs_lines_are_carried_for_the_recipient(world, tmp_path):
     nb = notebook(tmp_path)
     vcs = f"git+{world['git_repo']}@{world['git_tag']}"
@@ -88,6 +92,7 @@ def test_vcs_lines_are_carried_for_the_recipient(world, tmp_path):
     assert "resolved and built by the recipient" in proc.stdout + proc.stderr
 
 
+@pytest.mark.docker
 def test_lock_never_does_not_call_pip_and_an_unreachable_index_is_fast(world, tmp_path):
     nb = notebook(tmp_path)
     # An index on a closed port: auto carries the lines as written and says so, in seconds.
