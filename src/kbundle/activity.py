@@ -22,20 +22,27 @@ def lock_path() -> Path:
     return cache_root() / "active.lock"
 
 
-def _open() -> int | None:
+def _open(create: bool = True) -> int | None:
     path = lock_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not path.parent.is_dir():
+            return None
         return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError:
         return None  # a read-only or full cache: nothing to hold, and gc keeps to its age rule
 
 
-def hold() -> None:
-    """Mark this process as working until it exits (once per process)."""
+def hold(create: bool = False) -> None:
+    """Mark this process as working until it exits (once per process).
+
+    The CLI marks every command at its start, but only in a cache that exists: a bundle refused
+    before any work must leave no file behind. A run marks itself again with `create` just
+    before it first writes to the cache (flows/checks.py `prechecks`)."""
     if _held:
         return
-    fd = _open()
+    fd = _open(create)
     if fd is None:
         return
     try:

@@ -226,7 +226,7 @@ def test_the_pulled_image_is_this_bundles_under_its_local_tag(pulled_run, pushed
     image = docker_client.images.get(run["image"])
     assert image.id == run["image_id"] == pushed[0]["image_id"]  # the very image that was pushed
     assert pushed[0]["reference"] in image.attrs["RepoDigests"]
-    assert image.labels["org.kbundle.content-hash"] == open_bundle(bundle).content_hash
+    assert image.labels["org.kbundle.content-hash"] == open_bundle(bundle).identity
 
 
 def test_the_kernel_records_the_reference_and_runs_in_the_pulled_image(pulled_run, recipient, monkeypatch):
@@ -273,7 +273,7 @@ def test_another_bundles_image_is_refused_and_nothing_is_left(pushed, other_bund
     env = run_env_for(tmp_path)
     _forget(docker_client, data["reference"])  # so this run pulls it, and must remove it again
     proc = kbundle("run", other_bundle, "--image", data["reference"], "--yes", env=env, cwd=tmp_path, timeout=600)
-    ours = open_bundle(other_bundle).content_hash
+    ours = open_bundle(other_bundle).identity
     _one_error(proc, f"the image {data['reference']} was built from another bundle", ours[:12])
     assert proc.returncode == 1
     assert f"kbundle-{other_bundle.stem}" not in _kernels(env), "a kernel was registered"

@@ -52,7 +52,7 @@ def test_four_runs_at_once_build_once(world, docker_client, tmp_path):
     env = run_env_for(tmp_path)
     name = f"kbt-conc-{uuid.uuid4().hex[:8]}"
     bundle = pack_world_bundle(world, env, tmp_path / "sender", name)
-    digest = open_bundle(bundle).manifest.content_hash
+    digest = open_bundle(bundle).identity
     folders = [tmp_path / f"r{i}" for i in range(RUNS)]
     for folder in folders:
         folder.mkdir()

@@ -147,7 +147,7 @@ def test_image_is_labelled_with_bundle_and_kbundle_version(built_run, docker_cli
     assert labels["org.kbundle.kbundle-version"] == __version__
     from kbundle.bundle import open_bundle
 
-    assert labels["org.kbundle.content-hash"] == open_bundle(bundle).manifest.content_hash
+    assert labels["org.kbundle.content-hash"] == open_bundle(bundle).identity
 
 
 def test_kernel_runs_inside_the_image_and_leaves_no_container(built_run, run_env, docker_client, monkeypatch):

@@ -76,7 +76,7 @@ def test_a_second_bundle_with_a_taken_name_is_refused_with_advice(world, docker_
     name = f"kbt-names-{uuid.uuid4().hex[:8]}"
     first = pack_world_bundle(world, env, tmp_path / "alice", name)
     second = pack_world_bundle(world, env, tmp_path / "bob", name, source="print('another analysis')")
-    hashes = [open_bundle(b).manifest.content_hash for b in (first, second)]
+    hashes = [open_bundle(b).identity for b in (first, second)]
     assert hashes[0] != hashes[1]
     kernel = f"kbundle-{name}"
     for folder in ("one", "two", "three", "four"):

@@ -79,7 +79,7 @@ def test_the_environment_goes_into_a_prefix_kbundle_owns(native_run):
 
     data, stderr, env, bundle, _ = native_run
     prefix = Path(data["native"]["prefix"])
-    digest = open_bundle(bundle).content_hash
+    digest = open_bundle(bundle).identity
     assert prefix == Path(env["KBUNDLE_CACHE_DIR"]) / "native" / digest[:16]
     assert data["built"] is True and data["native"]["reused"] is False and data["image"] == ""
     assert (prefix / ".kbundle-native.json").is_file() and (prefix / "conda-meta").is_dir()
@@ -199,7 +199,7 @@ def _assert_nothing_left(env: dict, cwd: Path, bundle: Path) -> None:
 
     assert not (cwd / bundle.stem).exists(), "the workdir was left behind"
     native = Path(env["KBUNDLE_CACHE_DIR"]) / "native"
-    assert not (native / open_bundle(bundle).content_hash[:16]).exists(), "a prefix was left behind"
+    assert not (native / open_bundle(bundle).identity[:16]).exists(), "a prefix was left behind"
     kernels = Path(env["JUPYTER_DATA_DIR"]) / "kernels"
     assert not (kernels.exists() and list(kernels.iterdir())), "a kernel was registered"
 

@@ -334,9 +334,9 @@ def _bundle_findings(opened, client, on_gpu: bool) -> list:
     from kbundle.display import size
     from kbundle.errors import KbundleError
     from kbundle.flows import checks
-    from kbundle.flows.run import declared_channels
     from kbundle.image import env as envmod
     from kbundle.image import preflight
+    from kbundle.image.make import declared_channels
 
     ok, warn, fail = preflight.OK, preflight.WARN, preflight.ERROR
     found = [preflight.Finding(ok, "bundle", f"{opened.name}: CUDA {opened.cuda or 'none'}, base {opened.base_image}")]

@@ -99,7 +99,10 @@ def places(workdir: Path) -> list[tuple[Path, str]]:
 def prechecks(needs: Optional[Needs], workdir: Path) -> None:
     """Before the first download: every place run writes is writable, and the cache has room."""
 
+    from kbundle import activity
+
     for path, what in places(workdir):
         check_writable(path, what)
+    activity.hold(create=True)  # from here on the run writes to the cache: gc must see it working
     if needs is not None:
         check_free(cache_root(), needs.cache, "kbundle's cache")

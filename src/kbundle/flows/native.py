@@ -4,9 +4,9 @@ The bundle's environment is installed on this machine, in a prefix kbundle owns 
 and its kernel is a plain ipykernel of that prefix. Nothing isolates it: the bundle's code runs as
 the recipient, outside any container, and the consent says so first (flows/review.py).
 
-1. open the bundle once, verifying every member; read its signature; refuse a kernel name another
-   bundle holds (the same rules as `run`)
-2. place its notebook and files in the working directory (image/workdir.py)
+1. refuse what --native cannot do, and a machine it does not run on, before any work (`check`)
+2. take the bundle as every run does (flows/arrive.py): open it once, verifying every member, check
+   its signature, refuse a kernel name another bundle holds, place its notebook and files
 3. preflight on this host (image/preflight.py `evaluate_native`): GPUs straight from NVML, the
    driver against the environment's CUDA, each GPU's architecture against the CUDA build
 4. the prefix, `<kbundle cache>/native/<content hash[:16]>` (or under `--prefix-root`): complete
@@ -15,7 +15,8 @@ the recipient, outside any container, and the consent says so first (flows/revie
    .pth files; the disk the prefix takes), then under the prefix's lock: conda from the bundle's
    lock (or solved against THIS machine's virtual packages), the pip: section's wheels fetched as
    for the image and installed by the env's own pip here, the same checks as the image's, the stamp
-6. register the kernel `kbundle-<name>`, "<name> (kbundle, native)" (kernel/spec.py)
+6. register the kernel `kbundle-<name>`, "<name> (kbundle, native)" (flows/register.py: the same
+   rules as every kernel's)
 
 A run that fails, is declined or is interrupted removes what it created (flows/undo.py): the
 workdir it made and a prefix it started.
@@ -32,6 +33,18 @@ from rich.markup import escape
 
 from kbundle.display import safe, size
 from kbundle.errors import UsageError
+from kbundle.flows.arrive import Arrival
+from kbundle.flows.notices import print_warnings, warn
+from kbundle.flows.options import RunOptions, RunResult
+from kbundle.flows.register import Registration, register
+
+
+@dataclass(frozen=True)
+class Ready:
+    """What `check` found before the bundle was opened."""
+
+    gpus: object  # image/preflight.py GpuRequest
+    root: Path  # where native prefixes live
 
 
 @dataclass(frozen=True)
@@ -69,47 +82,36 @@ def check_options(options) -> None:
         raise UsageError("--prefix-root goes with --native")
 
 
-def run_native(options, console, undo):
-    from kbundle.bundle import open_bundle
-    from kbundle.flows import run as runflow
-    from kbundle.flows.review import check_signature, read_sender
+def check(options: RunOptions) -> Ready:
+    """Step 1: --gpus parsed, the options --native refuses, a machine it cannot install on."""
     from kbundle.image import native, preflight
-    from kbundle.image import workdir as wd
-    from kbundle.kernel.spec import NATIVE_SUFFIX, kernel_name_for
 
-    t0 = time.perf_counter()
-    request = preflight.GpuRequest.parse(options.gpus)
+    gpus = preflight.GpuRequest.parse(options.gpus)
     check_options(options)
     native.check_platform()
-    root = native.native_root(options.prefix_root)
-    bundle = open_bundle(options.bundle, max_extract=options.max_extract)
-    signature = read_sender(bundle)
-    check_signature(signature, options.require_signature)
-    local_name = options.name or bundle.name
-    kernel_name = kernel_name_for(local_name)
-    runflow._claim(bundle, options, kernel_name)  # a name collision is refused before anything is written
-    display_name = f"{safe(local_name)}{NATIVE_SUFFIX}"
+    return Ready(gpus, native.native_root(options.prefix_root))
 
-    target = options.workdir or wd.default_workdir(local_name)
-    undo.created_folder(target)
-    placement = wd.place(bundle, target, kernel_name, display_name)
-    warnings = [
-        f"kept your {k.path} (it differs from the bundle's); the bundle's copy is at {k.fresh}" for k in placement.kept
-    ]
-    report = preflight.evaluate_native(preflight.probe_nvml(), bundle.cuda, request)
+
+def run_native(options: RunOptions, ready: Ready, arrival: Arrival, console, undo) -> RunResult:
+    """Steps 3-6, for a bundle `arrive` has opened and placed."""
+    from kbundle.image import native, preflight
+
+    bundle, signature, placement, root = arrival.bundle, arrival.signature, arrival.placement, ready.root
+    warnings = arrival.kept_warnings
+    report = preflight.evaluate_native(preflight.probe_nvml(), bundle.cuda, ready.gpus)
     report.raise_for_errors()
     warnings += [f.message for f in report.warnings]
 
-    prefix = native.prefix_for(runflow.bundle_hash(bundle), root)
+    prefix = native.prefix_for(arrival.content_hash, root)
     consented = False
     if not native.is_complete(prefix):  # nothing to install: no question (as an image already built)
         plan = plan_native(bundle, options, signature, prefix, placement.workdir)
         _prechecks(plan.needs, placement.workdir, root)
-        runflow._print_warnings(console, warnings)
+        print_warnings(console, warnings)
         _consent(console, options, plan, signature)
         consented = True
     else:
-        runflow._print_warnings(console, warnings)
+        print_warnings(console, warnings)
 
     installed = None
     waiting = f"another kbundle run is installing {prefix}; waiting for it"
@@ -122,26 +124,26 @@ def run_native(options, console, undo):
                 console.print(escape(f"removing the unfinished environment {prefix}"), soft_wrap=True)
                 native.remove(prefix)
             undo.created_folder(prefix)
-            installed = install_prefix(bundle, plan, prefix, options.yes, console, warnings)
+            installed = install_prefix(bundle, arrival.content_hash, plan, prefix, options.yes, console, warnings)
         stamp = native.stamp_of(prefix) or {}
-        spec_dir = _register(bundle, options, kernel_name, prefix, stamp, placement, report, warnings, console)
+        spec_dir = register(options, arrival, _registration(bundle, prefix, stamp, report), warnings, console)
     pip_resolved = [str(x) for x in stamp.get("pip_resolved") or []]
-    return runflow.RunResult(
+    return RunResult(
         name=bundle.name,
-        kernel_name=kernel_name,
-        display_name=display_name,
+        kernel_name=arrival.kernel_name,
+        display_name=arrival.display_name,
         image="",
         image_id="",
         workdir=placement.workdir,
         notebook=placement.notebook,
         built=installed is not None,
         gpus=list(report.plan.gpus),
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - arrival.started,
         packages=int(stamp.get("packages") or 0),
         pip=len(bundle.pip),
         base_image="",
         warnings=warnings,
-        kept=[{"path": str(k.path), "fresh": str(k.fresh)} for k in placement.kept],
+        kept=arrival.kept,
         kernelspec=spec_dir,
         pip_resolved=pip_resolved,
         native={
@@ -155,7 +157,6 @@ def run_native(options, console, undo):
 
 def plan_native(bundle, options, signature, prefix: Path, workdir: Path) -> NativePlan:
     """Everything the native review shows, found offline: the lock is read, not fetched."""
-    from kbundle.flows import run as runflow
     from kbundle.flows.checks import estimate
     from kbundle.flows.review import (
         NativeReview,
@@ -167,8 +168,9 @@ def plan_native(bundle, options, signature, prefix: Path, workdir: Path) -> Nati
     )
     from kbundle.image import env as envmod
     from kbundle.image import native, provenance
+    from kbundle.image.make import declared_channels
 
-    channels = runflow.declared_channels(bundle)
+    channels = declared_channels(bundle)
     target = native.host_virtual_packages()
     unusual = []
     records = None
@@ -215,11 +217,13 @@ def disk_words(needs) -> str:
 
 def _prechecks(needs, workdir: Path, root: Path) -> None:
     """Before the first download: every place run writes is writable, and the disks have room."""
+    from kbundle import activity
     from kbundle.cache import cache_root
     from kbundle.flows import checks
 
     for path, what in [*checks.places(workdir), (root, "the native prefixes' folder")]:
         checks.check_writable(path, what)
+    activity.hold(create=True)  # from here on the run writes to the cache: gc must see it working
     if needs.download is not None:
         checks.check_free(cache_root(), needs.download + needs.env, "kbundle's cache")
         checks.check_free(root, needs.env, "the native prefixes' folder")
@@ -257,13 +261,15 @@ def _fetch(bundle, plan: NativePlan, prefix: Path, python: str, indexes, key: st
     return fetched
 
 
-def install_prefix(bundle, plan: NativePlan, prefix: Path, yes: bool, console, warnings: list[str]) -> float:
+def install_prefix(
+    bundle, content_hash: str, plan: NativePlan, prefix: Path, yes: bool, console, warnings: list[str]
+) -> float:
     """The environment into `prefix`, its own final prefix: conda with rattler, the pip: section's
     wheels by the env's own pip here, the checks, and the stamp last. Returns the seconds it took."""
-    from kbundle.flows import run as runflow
     from kbundle.flows.review import consent_pth
     from kbundle.image import env as envmod
     from kbundle.image import native, pipinstall, wheels
+    from kbundle.image.make import declared_channels
     from kbundle.progress import Meter, finish
     from kbundle.specs import PipIndexes
 
@@ -271,10 +277,10 @@ def install_prefix(bundle, plan: NativePlan, prefix: Path, yes: bool, console, w
     if plan.records is not None:
         resolved = envmod.ResolvedEnv(tuple(plan.records), locked=True)
     else:
-        spec = envmod.EnvSpec(runflow.declared_channels(bundle), tuple(bundle.dependencies), None, plan.target)
+        spec = envmod.EnvSpec(declared_channels(bundle), tuple(bundle.dependencies), None, plan.target)
         resolved = envmod.resolve(spec)
     indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
-    key = "native-" + runflow.bundle_hash(bundle)
+    key = "native-" + content_hash
     # A locked pip section is fetched while conda installs: it needs nothing from the conda side.
     early = wheels.fetch_early(
         bundle.pip,
@@ -318,8 +324,7 @@ def install_prefix(bundle, plan: NativePlan, prefix: Path, yes: bool, console, w
         wheels.remember_resolution(key, fetched.resolution)
         console.print(f"pip: {len(lines)} wheel(s): " + ", ".join(r.split(" ")[0] for r in lines))
         for message in installed.warnings:
-            warnings.append(message)
-            console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+            warn(console, warnings, message)
     _check_kernel(prefix)
     scripts = native.activate_scripts(prefix)
     if scripts:
@@ -327,11 +332,10 @@ def install_prefix(bundle, plan: NativePlan, prefix: Path, yes: bool, console, w
             f"the environment's activation scripts (etc/conda/activate.d: {', '.join(scripts)}) do not run for "
             "a native kernel; an image's entrypoint runs them"
         )
-        warnings.append(message)
-        console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+        warn(console, warnings, message)
     native.write_stamp(
         prefix,
-        bundle_hash=runflow.bundle_hash(bundle),
+        bundle_hash=content_hash,
         name=bundle.name,
         packages=resolved.count,
         locked=resolved.locked,
@@ -352,52 +356,16 @@ def _check_kernel(prefix: Path) -> None:
         )
 
 
-def _register(bundle, options, kernel_name: str, prefix: Path, stamp: dict, placement, report, warnings, console):
-    """The native kernelspec, under the same name lock and collision rules as an image's kernel."""
-    from kbundle.flows import run as runflow
+def _registration(bundle, prefix: Path, stamp: dict, report) -> Registration:
+    """The native kernel: the prefix, its activation, the GPUs the preflight chose, the pip pins installed."""
     from kbundle.image import native, preflight
-    from kbundle.kernel.spec import KernelRequest, install_kernelspec
 
-    with runflow._lock(f"kernel-{kernel_name}", console, f"another kbundle run is registering {kernel_name}; waiting"):
-        previous, replaced = runflow._claim(bundle, options, kernel_name)
-        same = bool(previous) and previous.bundle_hash == runflow.bundle_hash(bundle)
-        moved = None
-        if same and previous.image and not previous.native:
-            moved = (
-                f"kernel {kernel_name} ran the image {previous.image}; it now runs natively "
-                "(`kbundle run` without --native takes it back to the image)"
-            )
-        metadata = {
-            "bundle": str(Path(options.bundle).resolve()),
-            "notebook": str(placement.notebook),
-            "cuda": bundle.cuda,
-            "pip_resolved": [str(x) for x in stamp.get("pip_resolved") or []],
-        }
-        old = previous.workdir if previous else None
-        workdir, kept = runflow.kernel_workdir(
-            str(placement.workdir), old, same, bool(old) and Path(old).is_dir(), options.replace
-        )
-        if kept:
-            metadata["notebook"] = str(previous.metadata.get("notebook") or metadata["notebook"])
-        for message in filter(None, (replaced, kept, moved)):
-            warnings.append(message)
-            console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
-        env = native.activation(prefix, bool(bundle.manifest.cuda_env_libs), native.nvidia_lib_dirs(prefix))
-        devices = preflight.visible_devices(report.request, report.plan)
-        if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices
-        request = KernelRequest(
-            kernel_name,
-            safe(options.name or bundle.name),
-            "",
-            workdir,
-            list(report.plan.gpus),
-            runflow.bundle_hash(bundle),
-            metadata,
-            native=str(prefix),
-            env=env,
-        )
-        return install_kernelspec(request)
+    env = native.activation(prefix, bool(bundle.manifest.cuda_env_libs), native.nvidia_lib_dirs(prefix))
+    devices = preflight.visible_devices(report.request, report.plan)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    pins = [str(x) for x in stamp.get("pip_resolved") or []]
+    return Registration("", list(report.plan.gpus), pip_resolved=pins, native=str(prefix), env=env)
 
 
 def summary_lines(result) -> list[str]:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kbundle.cache import cache_root
-from kbundle.flows.run import RunOptions, image_for
+from kbundle.flows.options import RunOptions
+from kbundle.flows.run import image_for
 
 
 @dataclass(frozen=True)

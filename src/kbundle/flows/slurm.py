@@ -3,84 +3,82 @@
 Nothing is built or pulled here: a login node often has no container engine, and the
 image is in a registry already (`kbundle push`). This flow
 
-1. opens and verifies the bundle, checks its signature, places the notebook (as `run` does:
-   the workdir is where the kernel's notebook lives, on a file system the nodes share);
-2. checks the image reference (a digest, never a tag) and, when this machine's engine
-   happens to have that digest, its labels against the bundle's content hash; otherwise the
-   node checks them at every kernel start (kernel/node_agent.py);
-3. asks for consent (the image is a stranger's code that will run on the cluster), unless --yes;
-4. registers `<name> (kbundle, Slurm)` as `kbundle-<name>-slurm`, beside the local kernel,
-   with the job's options and this machine's address as the nodes reach it.
+1. checks the image reference (a digest, never a tag) before any work (`check`);
+2. takes the bundle as every run does (flows/arrive.py): opened, verified, its signature checked,
+   the name claimed, the notebook placed (the workdir is where the kernel's notebook lives, on a
+   file system the nodes share);
+3. when this machine's engine happens to have that digest, checks its labels against the
+   bundle's content hash; otherwise the node checks them at every kernel start (kernel/node_agent.py);
+4. asks for consent (the image is a stranger's code that will run on the cluster), unless --yes;
+5. registers `<name> (kbundle, Slurm)` as `kbundle-<name>-slurm`, beside the local kernel, with the
+   job's options and this machine's address as the nodes reach it (flows/register.py: the same
+   rules as every kernel's).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
-
-from rich.markup import escape
 
 from kbundle.display import safe
 from kbundle.errors import KbundleError, UsageError
+from kbundle.flows.arrive import Arrival
+from kbundle.flows.options import RunOptions, RunResult
+from kbundle.flows.pulling import consent_to_pull
+from kbundle.flows.register import Registration, register
+
+SUFFIX = " (kbundle, Slurm)"  # after the bundle's name, in the kernel's display name
 
 
-def run_on_slurm(options, console, undo):
-    from kbundle.bundle import open_bundle
-    from kbundle.flows import run as runflow
-    from kbundle.flows.review import check_signature, read_sender
+def check(options: RunOptions):
+    """--slurm needs a pushed image, pinned by its digest: refused before any work. The reference."""
     from kbundle.image import registry
-    from kbundle.image import workdir as wd
-    from kbundle.kernel.slurm import login_address
-    from kbundle.kernel.spec import kernel_name_for, slurm_kernel_name
 
-    t0 = time.perf_counter()
     if not options.image:
         raise UsageError(
             "--slurm needs the image in a registry: push it first (`kbundle push BUNDLE --to REGISTRY/NAMESPACE`) "
             "and pass the reference it prints with --image NAME@sha256:…"
         )
-    ref = registry.parse_pinned(options.image)
-    bundle = open_bundle(options.bundle, max_extract=options.max_extract)
-    signature = read_sender(bundle)
-    check_signature(signature, options.require_signature)
-    local_name = options.name or bundle.name
-    kernel_name = slurm_kernel_name(kernel_name_for(local_name))
-    runflow._claim(bundle, options, kernel_name)
-    display_name = f"{safe(local_name)} (kbundle, Slurm)"
-    target = options.workdir or wd.default_workdir(local_name)
-    undo.created_folder(target)
-    placement = wd.place(bundle, target, kernel_name, display_name)
+    return registry.parse_pinned(options.image)
 
-    _check_labels_here(ref, runflow.bundle_hash(bundle))
-    warnings: list[str] = []
-    slurm = options.slurm
-    if not slurm.login_address:
-        slurm = replace(slurm, login_address=login_address(_environ()))
-    runflow.consent_to_pull(console, options.yes, review_lines(signature.describe(), ref, slurm))
-    image = runflow.Image(str(ref), "", runflow._locked_count(bundle), ref=str(ref))
-    spec_dir = _register(
-        runflow, bundle, replace(options, slurm=slurm), kernel_name, image, placement, warnings, console
-    )
-    return runflow.RunResult(
+
+def run_on_slurm(options: RunOptions, ref, arrival: Arrival, console, undo) -> RunResult:
+    from kbundle.image import make
+    from kbundle.kernel.slurm import login_address
+
+    bundle, placement = arrival.bundle, arrival.placement
+    _check_labels_here(ref, arrival.content_hash)
+    warnings = arrival.kept_warnings
+    job = options.slurm
+    if not job.login_address:
+        job = replace(job, login_address=login_address(_environ()))
+    consent_to_pull(console, options.yes, review_lines(arrival.signature.describe(), ref, job))
+    image = make.BuiltImage(str(ref), "", make.locked_count(bundle), ref=str(ref))
+    if not image.ref:
+        raise KbundleError("a Slurm kernel needs its image by digest")
+    pins = make.recorded_pins(bundle, arrival.content_hash)
+    kernel = Registration(image.ref, [], pip_resolved=pins, image_ref=image.ref, slurm=job)
+    spec_dir = register(options, arrival, kernel, warnings, console)
+    return RunResult(
         name=bundle.name,
-        kernel_name=kernel_name,
-        display_name=display_name,
+        kernel_name=arrival.kernel_name,
+        display_name=arrival.display_name,
         image=str(ref),
         image_id="",
         workdir=placement.workdir,
         notebook=placement.notebook,
         built=False,
-        gpus=[slurm.gres] if slurm.gres else [],
-        seconds=time.perf_counter() - t0,
+        gpus=[job.gres] if job.gres else [],
+        seconds=time.perf_counter() - arrival.started,
         packages=image.packages,
         pip=len(bundle.pip),
         base_image=bundle.base_image,
         warnings=warnings,
-        kept=[{"path": str(k.path), "fresh": str(k.fresh)} for k in placement.kept],
+        kept=arrival.kept,
         kernelspec=spec_dir,
+        pip_resolved=pins,
         image_ref=str(ref),
-        slurm=slurm,
+        slurm=job,
     )
 
 
@@ -95,6 +93,22 @@ def review_lines(sender: str, ref, slurm) -> list[str]:
         f"runs on     a Slurm compute node ({safe(job) or 'the cluster defaults'}), pulled there by its digest",
         "built       nothing: the node checks that the image's labels name this bundle's content hash",
     ]
+
+
+def summary_lines(result: RunResult) -> list[str]:
+    """The calm summary of a Slurm kernel's registration (pure)."""
+    job = result.slurm
+    asks = ", ".join(
+        f"--{k} {v}" for k, v in (("partition", job.partition), ("gres", job.gres), ("time", job.time)) if v
+    )
+    lines = [
+        f"image      {result.image} (pulled by each node that runs it)",
+        f"runs on    a Slurm node, through srun {asks or '(the cluster defaults)'}",
+        f'kernel     {result.kernel_name}  "{result.display_name}"',
+        f"workdir    {result.workdir}",
+        f'open it    jupyter lab {result.notebook}   (pick "{result.display_name}")',
+    ]
+    return [safe(line) for line in lines]
 
 
 def _check_labels_here(ref, bundle_hash: str) -> None:
@@ -115,33 +129,3 @@ def _environ() -> dict[str, str]:
     import os
 
     return dict(os.environ)
-
-
-def _register(runflow, bundle, options, kernel_name: str, image, placement, warnings, console) -> Path:
-    """The kernelspec, under the same name lock and collision rules as a local kernel's."""
-    from kbundle.kernel.spec import KernelRequest, install_kernelspec
-
-    with runflow._lock(f"kernel-{kernel_name}", console, f"another kbundle run is registering {kernel_name}; waiting"):
-        _previous, replaced = runflow._claim(bundle, options, kernel_name)
-        if replaced:
-            warnings.append(replaced)
-            console.print(f"[yellow]warning:[/] {escape(safe(replaced))}", soft_wrap=True)
-        metadata = {
-            "bundle": str(Path(options.bundle).resolve()),
-            "notebook": str(placement.notebook),
-            "cuda": bundle.cuda,
-            "image_ref": image.ref,
-        }
-        request = KernelRequest(
-            kernel_name,
-            safe(options.name or bundle.name),
-            image.ref,
-            str(placement.workdir),
-            [],
-            runflow.bundle_hash(bundle),
-            metadata,
-            slurm=options.slurm,
-        )
-        if not image.ref:
-            raise KbundleError("a Slurm kernel needs its image by digest")
-        return install_kernelspec(request)

@@ -7,6 +7,13 @@ The tag is a content hash of what goes into the image (the resolved environment,
 pins, the Dockerfile, the context layout version and the base image's id), so an existing
 tag means "already built": no build starts. The build itself runs untagged and the tag is
 applied only after it succeeded, so a failed or interrupted build leaves no tagged image.
+
+Nor does it leave containers. The legacy builder runs each step in an intermediate container
+and removes it (`forcerm`), but a build cancelled while a step's container is being created or
+committed leaves it behind, `Created` or `Exited`. Those containers carry no label, so each build
+marks its own: a unique `extra_hosts` name, the one build option that reaches every intermediate
+container's HostConfig without touching the image, its layers or the build cache. A failed or
+interrupted build removes every container that carries its mark, and no other.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import hashlib
 import json
 import re
 import time
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +32,9 @@ from typing import Optional
 from kbundle import __version__, contract
 from kbundle.errors import KbundleError
 from kbundle.names import slug
+
+BUILD_MARK = "kbundle-build-{}.invalid"  # this build's name in its intermediate containers' /etc/hosts
+SETTLE_S = 10.0  # how long a cancelled build's containers may take to stop before they are removed
 
 
 @dataclass(frozen=True)
@@ -157,9 +168,11 @@ def build(
     tail: deque[str] = deque(maxlen=15)
     image_id: Optional[str] = None
     step = ""
-    stream = send_context(client, context, labels(key, bundle_hash), console)
+    mark = BUILD_MARK.format(uuid.uuid4().hex)
+    stream = None
     progress = _BuildProgress(console, key.tag)
     try:
+        stream = send_context(client, context, labels(key, bundle_hash), console, mark=mark)
         with open(log_path, "a", encoding="utf-8") as log, progress:
             for event in stream:
                 if "stream" in event:
@@ -190,14 +203,11 @@ def build(
                         f"the image build failed at {step or 'the start'}: "
                         f"{detail.strip().splitlines()[-1]} (full log: {log_path})"
                     )
-    except KeyboardInterrupt:
-        _close(stream)
-        raise
-    except KbundleError:
-        _close(stream)
+    except (KeyboardInterrupt, KbundleError):
+        _abandon(client, stream, mark)
         raise
     except Exception as exc:
-        _close(stream)
+        _abandon(client, stream, mark)
         raise KbundleError(f"the image build failed: {exc} (full log: {log_path})") from None
     if not image_id:
         raise KbundleError(f"the image build ended without an image (full log: {log_path})")
@@ -208,9 +218,10 @@ def build(
     return BuildResult(key.tag, client.images.get(key.tag).id, True, time.perf_counter() - t0, log_path)
 
 
-def send_context(client, context: Path, image_labels: dict[str, str], console=None):
+def send_context(client, context: Path, image_labels: dict[str, str], console=None, mark: Optional[str] = None):
     """Start the build: the engine reads the whole context before the first step, and every
-    byte of it is counted on the way (bytes, rate, ETA). The engine's stream of events."""
+    byte of it is counted on the way (bytes, rate, ETA). The engine's stream of events.
+    `mark`: a host name this build's intermediate containers carry (`remove_build_containers`)."""
     from kbundle.display import size
     from kbundle.image import tarstream
     from kbundle.progress import Meter, finish
@@ -228,6 +239,7 @@ def send_context(client, context: Path, image_labels: dict[str, str], console=No
             decode=True,
             labels=image_labels,
             nocache=False,
+            extra_hosts={mark: "127.0.0.1"} if mark else None,
         )
         finish(status, f"sent the build context ({size(total)}) in {time.perf_counter() - t0:.1f} s")
     return stream
@@ -238,6 +250,68 @@ def _close(stream) -> None:
         stream.close()
     except Exception:
         pass
+
+
+def _abandon(client, stream, mark: str) -> None:
+    """A failed or interrupted build: close its stream (the engine cancels the build), then remove
+    the intermediate containers it left. A second Ctrl-C stops the cleanup, not the exit."""
+    if stream is not None:
+        _close(stream)
+    try:
+        remove_build_containers(client, mark)
+    except KeyboardInterrupt:
+        pass
+
+
+def remove_build_containers(client, mark: str, settle: float = SETTLE_S) -> list[str]:
+    """Remove every container that carries this build's `mark`; the ids removed.
+
+    The engine finishes a cancelled step on its own time (it kills the step's container, or
+    completes a create already begun), so this looks again until two looks in a row find none
+    of the build's containers, or `settle` seconds passed; a container still running then is
+    removed too."""
+    removed: list[str] = []
+    deadline = time.monotonic() + settle
+    quiet = 0
+    while quiet < 2:
+        found = _marked(client, mark)
+        last = time.monotonic() >= deadline
+        for container in found:
+            if container["State"] != "running" or last:
+                _remove(client, container["Id"], removed)
+        quiet = 0 if found else quiet + 1
+        if last:
+            break
+        time.sleep(0.25)
+    return removed
+
+
+def _marked(client, mark: str) -> list[dict]:
+    """This build's containers, in any state (the mark is in their HostConfig only: each is inspected)."""
+    import docker
+
+    out = []
+    for summary in client.api.containers(all=True):
+        try:
+            info = client.api.inspect_container(summary["Id"])
+        except docker.errors.NotFound:
+            continue  # removed meanwhile
+        hosts = (info.get("HostConfig") or {}).get("ExtraHosts") or []
+        if any(entry.split(":", 1)[0] == mark for entry in hosts):
+            out.append({"Id": info["Id"], "State": (info.get("State") or {}).get("Status", "")})
+    return out
+
+
+def _remove(client, container_id: str, removed: list[str]) -> None:
+    import docker
+
+    try:
+        client.api.remove_container(container_id, force=True, v=True)
+        removed.append(container_id)
+    except docker.errors.NotFound:
+        pass  # the engine removed it itself
+    except docker.errors.APIError:
+        pass  # being removed already; the next look sees it gone
 
 
 class _Null:

@@ -319,8 +319,10 @@ def _kernel_of_bundle(path: Path, records: dict[str, KernelRecord]) -> KernelRec
         raise UsageError(f"no bundle at {path}, and no kbundle kernel came from there")
     from kbundle.bundle.reader import open_bundle
 
-    digest = open_bundle(path).content_hash
-    found = [r for r in records.values() if r.bundle_hash == digest]
+    opened = open_bundle(path)
+    found = [r for r in records.values() if r.bundle_hash == opened.identity]
+    # Kernels registered before bundles had an identity recorded the content hash.
+    found = found or [r for r in records.values() if r.bundle_hash == opened.content_hash]
     if len(found) != 1:
         which = f"kernels {', '.join(r.name for r in found)}; name one" if found else "no kernel here"
         raise KbundleError(f"{path.name} has {which} (see `kbundle kernels list`)")

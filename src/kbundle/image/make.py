@@ -1,0 +1,359 @@
+"""The image stage as one step: the bundle's image on this engine, for `run` and `push` alike.
+
+`image_for` yields it, held under its lock for the block (run registers the kernel there, push
+pushes):
+
+- `--image NAME@sha256:…` (`ImageRequest.pinned`): pulled from its registry unless this engine has
+  that digest, refused unless its labels name this bundle's content hash, tagged here as the bundle's;
+- else reused under its content tag (image/build.py `ImageKey`) when the engine has it;
+- else, after the flow's consent, built: the environment resolved (image/env.py), installed into
+  a build context with the pip: section's wheels (image/wheels.py, image/pipinstall.py),
+  byte-compiled (image/bytecode.py), split into layers (image/layers.py), and built (image/build.py).
+
+What the flow shows before consent, the look (`look`), is found offline: the lock is read, not
+fetched. Consent itself is the flow's (flows/review.py): this stage only calls `ask` before the
+first byte is fetched, and never registers a kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.markup import escape
+
+from kbundle.bundle.format import WORK_DIR
+from kbundle.cache import cache_root
+from kbundle.display import safe, size
+from kbundle.errors import KbundleError, UsageError
+from kbundle.image.locks import held
+from kbundle.progress import Meter, finish
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """What the flow asks of the image stage for one bundle."""
+
+    content_hash: str  # the bundle's; the image's label, and the key of its recorded pip resolution
+    base: str  # the base image: the bundle's, or --base-image
+    base_override: Optional[str] = None  # --base-image, applied to the rendered and the shipped Dockerfile
+    use_bundled_dockerfile: bool = False
+    pinned: Optional[str] = None  # --image NAME@sha256:…: pull this image instead of building
+
+
+@dataclass(frozen=True)
+class Look:
+    """The image's part of what the review shows, found offline."""
+
+    dockerfile: str  # what is built: kbundle's rendering, or the shipped one (--use-bundled-dockerfile)
+    rendered: str  # kbundle's rendering of the manifest
+    shipped: str  # the bundle's Dockerfile (with --base-image applied)
+    records: Optional[tuple]  # the lock's records; None when unlocked (solved after consent)
+    base_local: bool
+    base_size: Optional[int]  # the base image's size, when it is on this engine
+
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """The bundle's image on this engine, as `image_for` got it."""
+
+    tag: str
+    image_id: str
+    packages: int
+    built: bool = False
+    pulled: bool = False
+    ref: Optional[str] = None  # the pinned reference it was pulled by (run --image)
+    build_log: Optional[Path] = None
+
+
+# ----------------------------------------------------------------- the step
+
+
+@contextmanager
+def image_for(
+    client,
+    bundle,
+    request: ImageRequest,
+    look: Optional[Look],
+    ask: Callable[[Any], None],
+    workdir: Path,
+    console,
+    undo,
+) -> Iterator[BuiltImage]:
+    """The bundle's image, held under its lock for the block. `ask(None)` before a build, or
+    `ask(ref)` before a pull, is the flow's consent; `look` is None for a pinned image."""
+    if request.pinned:
+        with _pulled(client, bundle, request, ask, console, undo) as image:
+            yield image
+        return
+    from kbundle.image import build as imagemod
+
+    image_id = None
+    if look.records is not None and look.base_local:  # everything known offline: maybe already built
+        resolved, key = identify(bundle, look, request.base, imagemod.base_image_id(client, request.base, console))
+        image_id = imagemod.existing_image(client, key.tag)
+    build_log = None
+    if image_id is None:
+        ask(None)
+        resolved, key = identify(bundle, look, request.base, imagemod.base_image_id(client, request.base, console))
+    # Concurrent runs of one image: the first builds, the others wait here, then reuse it.
+    with held(f"image-{key.tag}", console, f"another kbundle run is building {key.tag}; waiting for it"):
+        image_id = imagemod.existing_image(client, key.tag)
+        if image_id is None:
+            result = build(client, bundle, request, resolved, key, workdir, console, undo)
+            image_id, build_log = result.image_id, result.log
+        yield BuiltImage(key.tag, image_id, resolved.count, built=build_log is not None, build_log=build_log)
+
+
+@contextmanager
+def _pulled(client, bundle, request: ImageRequest, ask, console, undo) -> Iterator[BuiltImage]:
+    """`--image`: pull the pinned image (after consent, unless this engine has it), refuse it
+    unless its labels name this bundle's content hash, and tag it here as this bundle's."""
+    from kbundle.image import registry
+
+    ref = registry.parse_pinned(request.pinned)
+    tag = registry.pulled_tag(bundle.name, ref.digest)
+    if registry.local_by_digest(client, ref) is None:  # nothing is fetched before the answer
+        ask(ref)
+    with held(f"image-{tag}", console, f"another kbundle run is fetching {tag}; waiting for it"):
+        got = registry.pull(client, ref, console)
+        if got.pulled:
+            undo.image(got.image_id)  # refused below: an image only this run fetched goes again
+        registry.verify_and_tag(client, got.image_id, ref, request.content_hash, tag)
+        yield BuiltImage(tag, got.image_id, locked_count(bundle), pulled=got.pulled, ref=str(ref))
+
+
+# ----------------------------------------------------------------- offline
+
+
+def look(client, bundle, request: ImageRequest) -> Look:
+    """The Dockerfiles, the lock's records and the base image's presence: nothing is fetched."""
+    from kbundle.image import build as imagemod
+    from kbundle.image import preflight
+
+    rendered = rendered_dockerfile(bundle, request.base_override)
+    shipped = bundle.dockerfile_text
+    if request.base_override:
+        shipped = imagemod.with_base_image(shipped, request.base_override)
+    dockerfile = shipped if request.use_bundled_dockerfile else rendered
+    records = locked_records(bundle)
+    base_local = preflight.local_image(client, request.base)
+    base_size = preflight.image_size(client, request.base) if base_local else None
+    return Look(dockerfile, rendered, shipped, records, base_local, base_size)
+
+
+def rendered_dockerfile(bundle, base_image: Optional[str]) -> str:
+    """kbundle's own rendering of the manifest, with --base-image applied."""
+    from kbundle.bundle import BundleError
+    from kbundle.image import build as imagemod
+    from kbundle.pack.dockerfile import render_for
+
+    try:
+        text = render_for(bundle.manifest)
+    except UsageError as exc:
+        raise BundleError(f"the bundle's manifest cannot be rendered into a Dockerfile: {exc}") from None
+    return imagemod.with_base_image(text, base_image) if base_image else text
+
+
+def declared_channels(bundle) -> tuple[str, ...]:
+    """The channels the manifest declares: as the sender's conda resolved them, and as named."""
+    return tuple(dict.fromkeys([*bundle.manifest.channel_urls, *bundle.channels]))
+
+
+def locked_records(bundle) -> Optional[tuple]:
+    """The records of the bundle's lock, read offline; None for an unlocked bundle (solved to build)."""
+    from kbundle.image import env as envmod
+
+    if not bundle.lock_text:
+        return None
+    spec = envmod.EnvSpec(declared_channels(bundle), tuple(bundle.dependencies), bundle.lock_text)
+    return tuple(envmod.resolve(spec).records)
+
+
+def locked_count(bundle) -> int:
+    """The packages of the bundle's lock (read offline); 0 for an unlocked bundle, which is solved only to build."""
+    records = locked_records(bundle)
+    return 0 if records is None else len(records)
+
+
+def target_of(bundle) -> tuple[str, ...]:
+    """The image's virtual packages for an unlocked solve: as recorded, else from the base image's OS."""
+    from kbundle import contract
+    from kbundle.facts import glibc_for
+
+    recorded = bundle.manifest.virtual_packages
+    if recorded:
+        return tuple(recorded)
+    return tuple(contract.target_virtual_packages(glibc_for(bundle.base_image), bundle.cuda))
+
+
+def recorded_pins(bundle, content_hash: str) -> list[str]:
+    """The exact pip resolution of this bundle's last build here (image/wheels.py records it)."""
+    from kbundle.image import wheels
+
+    return (wheels.recorded_resolution(content_hash) or []) if bundle.pip else []
+
+
+def identify(bundle, look: Look, base: str, base_id: str):
+    """The resolved environment and the image key (its tag). An unlocked bundle is solved here."""
+    from kbundle.image import build as imagemod
+    from kbundle.image import env as envmod
+
+    if look.records is not None:
+        resolved = envmod.ResolvedEnv(tuple(look.records), locked=True)
+    else:
+        spec = envmod.EnvSpec(declared_channels(bundle), tuple(bundle.dependencies), None, target_of(bundle))
+        resolved = envmod.resolve(spec)
+    key = imagemod.ImageKey(bundle.name, resolved.content_hash, tuple(bundle.pip), look.dockerfile, base, base_id)
+    return resolved, key
+
+
+# ----------------------------------------------------------------- the build
+
+
+def build(client, bundle, request: ImageRequest, resolved, key, workdir: Path, console, undo=None):
+    """Assemble a temporary build context and build it.
+
+    The log is written in kbundle's cache (a failed run removes the workdir it made) and
+    copied to `<workdir>/.kbundle/build.log` once the image is built."""
+    import shutil
+
+    from kbundle.image import build as imagemod
+    from kbundle.image import context
+
+    log = cache_root() / "logs" / f"{key.tag.split('/')[-1].replace(':', '-')}.build.log"
+    with context.temporary_context(key.digest[:12]) as ctx:
+        done = assemble_context(
+            ctx, bundle, request.content_hash, resolved, key.dockerfile, console, base_image=request.base, client=client
+        )
+        result = imagemod.build(client, ctx, key, request.content_hash, log, console, undo=undo, preamble=done)
+    kept = workdir / ".kbundle" / "build.log"
+    shutil.copyfile(log, kept)
+    return dataclasses.replace(result, log=kept)
+
+
+def assemble_context(
+    ctx: Path,
+    bundle,
+    content_hash: str,
+    resolved,
+    dockerfile: str,
+    console=None,
+    *,
+    base_image: Optional[str] = None,
+    client=None,
+) -> list[str]:
+    """Fill `ctx` as the image contract says (image/context.py): the env installed on the host (conda
+    with rattler; then the pip: section's wheels, fetched here, installed by the env's pip in a
+    throwaway container: image/pipinstall.py), byte-compiled in another (image/bytecode.py), and
+    split into the Dockerfile's layers (image/layers.py). Returns what the build log starts with:
+    the exact pip resolution and the layers."""
+    from kbundle.image import context, engine
+
+    problem = context.layout_problem(dockerfile)
+    if problem:
+        raise KbundleError(problem)
+    console = console or _quiet_console()
+    client = client or engine.connect()
+    image = base_image or bundle.base_image
+    env_dir = context.env_dir(ctx)
+    context.write_static(ctx, dockerfile)
+    _install_conda(resolved, env_dir, console)
+    log = _install_pip(bundle, content_hash, resolved, env_dir, image, client, console) if bundle.pip else []
+    _compile(resolved, env_dir, image, client, console)
+    layers = context.stage_layers(ctx)
+    console.print("layers: " + ", ".join(layer.describe() for layer in layers))
+    log += ["# the environment's layers: " + ", ".join(layer.describe() for layer in layers)]
+    bundle.extract(ctx, bundle.members_under(WORK_DIR))
+    return log
+
+
+def _install_conda(resolved, env_dir: Path, console) -> None:
+    from kbundle import contract
+    from kbundle.image import env as envmod
+
+    t0 = time.perf_counter()
+    with console.status(f"installing {resolved.count} conda packages for {contract.PREFIX}") as status:
+        meter = Meter("installing conda packages", resolved.count, on_change=status.update)
+        envmod.install(resolved, env_dir, on_progress=lambda done, total: meter.items(done, total), meter=meter)
+        finish(
+            status,
+            f"installed {resolved.count} conda packages ({size(meter.bytes)} downloaded) "
+            f"in {time.perf_counter() - t0:.1f} s",
+        )
+
+
+def _install_pip(bundle, content_hash: str, resolved, env_dir: Path, image: str, client, console) -> list[str]:
+    """pip's part (image/wheels.py): pip's resolver chooses for the image (exact pins alone), kbundle
+    downloads the files together into the shared cache; VCS/sdist lines are built in a container.
+    Then the env's own pip installs exactly those wheels, without network. The build log's lines."""
+    from kbundle.image import pipinstall, sourcebuild, wheels
+    from kbundle.specs import PipIndexes
+
+    python = bundle.python or resolved.python_version()
+    if not python:
+        raise KbundleError("the bundle has pip: pins but no Python version to fetch wheels for")
+    indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
+    builder = sourcebuild.ContainerBuilder(client, image, env_dir)
+    recorded = wheels.recorded_resolution(content_hash)
+    t0 = time.perf_counter()
+    with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:
+        meter = Meter("downloading wheels", on_change=status.update)
+        glibc = wheels.glibc_of(target_of(bundle))
+        locked = bool(bundle.manifest.pip_locked)
+        fetched = wheels.fetch(
+            bundle.pip, python, indexes, glibc, builder, recorded, meter, locked=locked, conda_env=env_dir
+        )
+        finish(
+            status,
+            f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
+        )
+    lines = fetched.resolution or tuple(p.text for p in fetched.pins)
+    t0 = time.perf_counter()
+    with console.status(f"installing {len(lines)} wheel(s) into the environment, without network") as status:
+        installed = pipinstall.install(client, image, env_dir, fetched.files, lines)
+        finish(status, f"installed {len(lines)} wheel(s) with pip in {time.perf_counter() - t0:.1f} s")
+    wheels.remember_resolution(content_hash, fetched.resolution)
+    console.print(f"pip: {len(lines)} wheel(s): " + ", ".join(r.split(" ")[0] for r in lines))
+    for message in installed.warnings:
+        console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+    log = [f"# warning: {message}" for message in installed.warnings]
+    log += ["# pip: installed into the environment before the build, from exactly these wheels:", *lines]
+    return log + [f"#   {line}" for line in installed.log.splitlines() if line.strip()]
+
+
+def _compile(resolved, env_dir: Path, image: str, client, console) -> None:
+    from kbundle.image import bytecode
+
+    with console.status("byte-compiling the environment") as status:
+        compiled = bytecode.compile_env(
+            env_dir, cache_root() / "pyc", resolved.interpreter_id(), client=client, image=image
+        )
+        if not compiled.skipped:
+            finish(
+                status,
+                f"byte-compiled the environment ({compiled.compiled} compiled, {compiled.linked} from the cache) "
+                f"in {compiled.seconds:.1f} s",
+            )
+    if compiled.damaged:
+        console.print(
+            f"[yellow]warning:[/] {len(compiled.damaged)} cached .pyc file(s) were damaged "
+            f"(first: {escape(compiled.damaged[0])}): removed from kbundle's cache and compiled again",
+            soft_wrap=True,
+        )
+    if compiled.skipped:
+        console.print(
+            f"[yellow]warning:[/] not byte-compiled ({escape(compiled.skipped)}): kernels will start slower",
+            soft_wrap=True,
+        )
+
+
+def _quiet_console():
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=True)
