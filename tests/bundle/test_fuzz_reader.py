@@ -19,8 +19,8 @@ from bundlekit import good_bundle, members, rewrite
 
 from kbundle.bundle import BundleError, open_bundle
 from kbundle.bundle.format import MANIFEST
-from kbundle.bundle.signing import read_signature
 from kbundle.commands.bundle import inspect_lines
+from kbundle.trust import read_signature
 
 MUTANTS = 300
 SEED = int(os.environ.get("KBUNDLE_FUZZ_SEED", "20240611"))

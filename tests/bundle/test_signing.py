@@ -15,9 +15,9 @@ from bundlekit import edit_manifest, good_bundle, make_key, members, rewrite, se
 from helpers import assert_one_error_line, kbundle, notebook
 from kbundle.bundle import BundleError, open_bundle
 from kbundle.bundle.format import MANIFEST, SIGNATURE
-from kbundle.bundle.signing import Signature, read_signature, signed_message, signer_for
+from kbundle.bundle.signing import signed_message, signer_for
 from kbundle.errors import UsageError
-from kbundle.trust import allowed_signers_path, list_signers, trust_signer
+from kbundle.trust import Signature, allowed_signers_path, list_signers, read_signature, trust_signer
 
 
 @pytest.fixture(autouse=True)

@@ -32,21 +32,15 @@ from kbundle.bundle.sshsig import (
 )
 from kbundle.display import safe
 from kbundle.errors import UsageError, first_line
-from kbundle.trust import Signature, Signer, check_member, read_signature, verify_with
 
 __all__ = [
     "IDENTITY",
     "MEMBER_LIMIT",
     "NAMESPACE",
-    "Signature",
-    "Signer",
-    "check_member",
     "fingerprint_of",
     "parse_public_key",
-    "read_signature",
     "signed_message",
     "signer_for",
-    "verify_with",
 ]
 
 

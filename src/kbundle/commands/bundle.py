@@ -22,7 +22,7 @@ def inspect(
 ) -> None:
     """Show what a bundle carries, and who signed it."""
     from kbundle.bundle import open_bundle
-    from kbundle.bundle.signing import read_signature
+    from kbundle.trust import read_signature
 
     opened = open_bundle(bundle)
     signature = read_signature(opened)
@@ -68,7 +68,7 @@ def verify(
 ) -> None:
     """Check a bundle: format, schema, every member against its sha256, the content hash and the signature."""
     from kbundle.bundle import open_bundle
-    from kbundle.bundle.signing import read_signature
+    from kbundle.trust import read_signature
 
     opened = open_bundle(bundle)
     signature = read_signature(opened)

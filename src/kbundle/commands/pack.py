@@ -122,7 +122,7 @@ def pack(
 def _signature(path: Path):
     """The written bundle's signature, as a recipient will see it (read back and verified)."""
     from kbundle.bundle import open_bundle
-    from kbundle.bundle.signing import read_signature
+    from kbundle.trust import read_signature
 
     return read_signature(open_bundle(path))
 
