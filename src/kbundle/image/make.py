@@ -31,6 +31,7 @@ from kbundle.bundle.format import WORK_DIR
 from kbundle.cache import cache_root
 from kbundle.display import safe, size
 from kbundle.errors import KbundleError, UsageError
+from kbundle.image import ledger
 from kbundle.image.locks import held
 from kbundle.progress import Meter, finish
 
@@ -107,6 +108,7 @@ def image_for(
         if image_id is None:
             result = build(client, bundle, request, resolved, key, workdir, console, undo)
             image_id, build_log = result.image_id, result.log
+            ledger.record_quietly(image_id, ledger.BUILT, bundle.name, key.tag)  # gc may remove what we made
         yield BuiltImage(key.tag, image_id, resolved.count, built=build_log is not None, build_log=build_log)
 
 
@@ -125,6 +127,8 @@ def _pulled(client, bundle, request: ImageRequest, ask, console, undo) -> Iterat
         if got.pulled:
             undo.image(got.image_id)  # refused below: an image only this run fetched goes again
         registry.verify_and_tag(client, got.image_id, ref, request.content_hash, tag)
+        if got.pulled:
+            ledger.record_quietly(got.image_id, ledger.PULLED, bundle.name, tag)
         yield BuiltImage(tag, got.image_id, locked_count(bundle), pulled=got.pulled, ref=str(ref))
 
 
