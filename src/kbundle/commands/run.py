@@ -42,7 +42,11 @@ def run(
         "--use-bundled-dockerfile",
         help="Build the bundle's own Dockerfile instead of kbundle's rendering of its manifest (review the diff first).",
     ),
-    require_signature: bool = typer.Option(False, "--require-signature", help="Refuse bundles that are not signed."),
+    require_signature: bool = typer.Option(
+        False,
+        "--require-signature",
+        help="Refuse bundles not signed by a key you trust (see `kbundle trust add`), even with --yes.",
+    ),
     network: str = typer.Option(
         "bridge", "--network", help="The kernel's network: bridge (ports on 127.0.0.1 only) or host."
     ),

@@ -63,7 +63,8 @@ def arrive(
     content_hash = hash_of(bundle)
     local_name = options.name or bundle.name
     kernel_name = kernel_name_of(local_name)
-    claim(options, content_hash, kernel_name)  # a name collision is refused before anything is written
+    # A name collision is refused before anything is written.
+    claim(options, content_hash, kernel_name, getattr(bundle, "content_hash", ""))
     display_name = f"{safe(local_name)}{suffix}"
     target = options.workdir or wd.default_workdir(local_name)
     undo.created_folder(target)

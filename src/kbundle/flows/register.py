@@ -34,15 +34,20 @@ class Registration:
     env: dict[str, str] = field(default_factory=dict)  # a native kernel's activation
 
 
-def claim(options: RunOptions, content_hash: str, kernel_name: str):
+def claim(options: RunOptions, content_hash: str, kernel_name: str, legacy_hash: str = ""):
     """(the kernel registered under `kernel_name` now, or None; a warning when --replace takes
-    over another bundle's). Another bundle's kernel of that name is refused (kernel/spec.py)."""
+    over another bundle's). Another bundle's kernel of that name is refused (kernel/spec.py).
+
+    `legacy_hash`: the bundle's member-only content hash, which kernels registered before the
+    bundle identity existed recorded; such a kernel of this very bundle is the same bundle."""
     from kbundle.kernel.spec import claim_name, list_kernelspecs
 
     if options.name is not None and not any(c.isalnum() for c in options.name):
         raise UsageError(f"--name {options.name!r}: give a name with letters or digits")
     kernels = list_kernelspecs()
     previous = next((k for k in kernels if k.name == kernel_name), None)
+    if previous is not None and legacy_hash and previous.bundle_hash == legacy_hash:
+        content_hash = legacy_hash
     message = claim_name(kernel_name, content_hash, previous, options.replace, {k.name for k in kernels})
     return previous, message
 
@@ -68,8 +73,9 @@ def register(options: RunOptions, arrival, kernel: Registration, warnings: list[
 
     name, bundle, placement = arrival.kernel_name, arrival.bundle, arrival.placement
     with held(f"kernel-{name}", console, f"another kbundle run is registering {name}; waiting"):
-        previous, replaced = claim(options, arrival.content_hash, name)
-        same = bool(previous) and previous.bundle_hash == arrival.content_hash
+        legacy = getattr(bundle, "content_hash", "")
+        previous, replaced = claim(options, arrival.content_hash, name, legacy)
+        same = bool(previous) and previous.bundle_hash in (arrival.content_hash, legacy)
         metadata: dict[str, Any] = {"bundle": str(Path(options.bundle).resolve()), "notebook": str(placement.notebook)}
         metadata["cuda"] = bundle.cuda
         metadata["pip_resolved"] = list(kernel.pip_resolved)
