@@ -58,6 +58,9 @@ LABEL_LAUNCHER_PPID = LABEL_NS + "launcher-ppid"  # who started the launcher: gc
 LABEL_PROBE = LABEL_NS + "probe"  # preflight's throwaway GPU probe
 LABEL_BYTECODE = LABEL_NS + "bytecode"  # the throwaway container that byte-compiles an env
 LABEL_PIP_INSTALL = LABEL_NS + "pip-install"  # the throwaway container that installs the pip: section
+LABEL_WHEEL_BUILD = LABEL_NS + "wheel-build"  # the throwaway container that builds a VCS/sdist line's wheel
+# Every throwaway container kbundle starts: `kbundle gc` removes those a killed run left behind.
+THROWAWAY_LABELS = (LABEL_PROBE, LABEL_BYTECODE, LABEL_PIP_INSTALL, LABEL_WHEEL_BUILD)
 
 # Images and containers made before kbundle 0.2 used a `kbundle.` namespace; gc still reads them.
 LEGACY_LABEL_CONTENT_HASH = "kbundle.bundle_hash"

@@ -87,7 +87,7 @@ def mine(tmp_path, monkeypatch):
 @contextlib.contextmanager
 def kbundle_working(env: dict[str, str]):
     """Another kbundle process of the same user, busy (it holds activity.py's mark) for the block."""
-    code = "from kbundle import activity; activity.hold(); print('held', flush=True); import time; time.sleep(120)"
+    code = "from kbundle import activity; activity.hold(create=True); print('held', flush=True); import time; time.sleep(120)"
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -287,3 +287,24 @@ def test_temporary_folders_of_killed_runs_go_once_no_run_is_active(tmp_path, min
     assert str(temp / "someone-elses") not in refs
     G.apply_gc(G.GcPlan([i for i in idle.items if i.ref.startswith(str(tmp_path))]), None)
     assert not (temp / "kbundle-resolve-abc").exists() and (temp / "someone-elses").exists()
+
+
+def test_throwaway_containers_a_killed_run_left_are_planned_and_working_ones_are_not(
+    docker_client, world, made, tmp_path
+):
+    def throwaway(command: list[str]) -> str:
+        cid = docker_client.api.create_container(
+            world["base_image"], command=command, labels={contract.LABEL_BYTECODE: "1", "kbundle.test": "1"}
+        )["Id"]
+        made["containers"].append(cid)
+        return cid
+
+    stopped = throwaway(["true"])  # a killed run's byte-compile container, never started or long done
+    working = throwaway(["sleep", "120"])
+    docker_client.api.start(working)
+    plan = G.plan_gc(docker_client, kernels=[], temp_dir=tmp_path / "none")
+    reasons = {i.ref: i.reason for i in plan.items}
+    assert "bytecode container a killed run left" in reasons.get(stopped, "")
+    assert working not in reasons
+    later = G.plan_gc(docker_client, kernels=[], now=time.time() + G.STALE_AFTER_S + 60, temp_dir=tmp_path / "none")
+    assert working in {i.ref for i in later.items}

@@ -22,7 +22,6 @@ from kbundle.pipplatform import target_args
 from kbundle.specs import PipIndexes, PipPin
 
 BUILD_ROOT = "/kbundle"  # in the build container: src/ (the project), deps/ (its build requirements), out/
-LABEL_BUILD = "org.kbundle.wheel-build"  # the throwaway container that builds a wheel
 
 
 class Builder:
@@ -153,7 +152,7 @@ class ContainerBuilder(Builder):
                         str(work / "out"): (f"{BUILD_ROOT}/out", "rw"),
                     },
                     environment={"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1", "PIP_CONFIG_FILE": "/dev/null"},
-                    label=LABEL_BUILD,
+                    label=contract.LABEL_WHEEL_BUILD,
                     run_as=run_as,
                     timeout=self.timeout,
                     lockdown=policy.BUILD,

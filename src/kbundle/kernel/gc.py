@@ -118,6 +118,7 @@ def plan_gc(
         images, plan.kept = _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)}, pushed)
         plan.items += images
         plan.items += _orphaned_step_images(client, {i.ref for i in plan.of(CONTAINER)}, now)
+        plan.items += _leftover_throwaways(client, {i.ref for i in plan.of(CONTAINER)}, now)
     plan.items += _unused_native(kernels, native_dir if native_dir is not None else native.native_root())
     from kbundle import activity
 
@@ -299,6 +300,32 @@ def _orphaned_step_images(client, leaving: set[str], now: float) -> list[GcItem]
                 IMAGE, image["Id"], image["Id"][:19], "step image of an interrupted kbundle build", image.get("Size")
             )
         )
+    return items
+
+
+def _leftover_throwaways(client, leaving: set[str], now: float) -> list[GcItem]:
+    """Throwaway containers (byte-compile, pip install, wheel build, GPU probe) a killed run left:
+    stopped ones, and running ones older than STALE_AFTER_S (each is given minutes at most)."""
+    found: dict[str, dict] = {}
+    for label in contract.THROWAWAY_LABELS:
+        for c in client.api.containers(all=True, filters={"label": label}):
+            if c["Id"] not in leaving:
+                found.setdefault(c["Id"], c)
+    items = []
+    for c in found.values():
+        running = c.get("State") in ("running", "restarting", "paused")
+        if running and now - float(c.get("Created") or now) < STALE_AFTER_S:
+            continue
+        role = next(
+            (
+                label.removeprefix(contract.LABEL_NS)
+                for label in contract.THROWAWAY_LABELS
+                if label in (c.get("Labels") or {})
+            ),
+            "?",
+        )
+        name = (c.get("Names") or ["?"])[0].lstrip("/")
+        items.append(GcItem(CONTAINER, c["Id"], name, f"kbundle {role} container a killed run left; {c.get('State')}"))
     return items
 
 
