@@ -45,6 +45,7 @@ LABEL_NAME = LABEL_NS + "name"
 # the content hash alone; images labelled so by an older kbundle do not match any bundle now.
 LABEL_CONTENT_HASH = LABEL_NS + "content-hash"
 LABEL_ENV_HASH = LABEL_NS + "env-hash"
+LABEL_ENV_FILES = LABEL_NS + "env-files"  # digest of the prefix's file list (image/integrity.py)
 LABEL_BASE_IMAGE = LABEL_NS + "base-image"
 LABEL_VERSION = LABEL_NS + "kbundle-version"
 LABEL_FORMAT = LABEL_NS + "format"

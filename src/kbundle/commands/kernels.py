@@ -70,9 +70,19 @@ def kernel_health(record, client) -> str:
     image = _image_present(client, record.image)
     if image is False:
         problems.insert(0, "image missing")
+    elif image and _damaged(client, record.image):
+        problems.insert(0, "image damaged (kbundle run BUNDLE --rebuild)")
     if problems:
         return ", ".join(problems)
     return "ok" if image else "unknown"
+
+
+def _damaged(client, image: str) -> bool:
+    """Whether the image's environment no longer matches the file list recorded at its build
+    (image/integrity.py; checked once per image, then remembered)."""
+    from kbundle.image import integrity
+
+    return integrity.check(client, image).state == integrity.DAMAGED
 
 
 def _image_present(client, image: str):

@@ -97,6 +97,11 @@ def run(
     prefix_root: Optional[Path] = typer.Option(
         None, "--prefix-root", help="With --native: where its environment goes (default: kbundle's cache)."
     ),
+    rebuild: bool = typer.Option(
+        False,
+        "--rebuild",
+        help="Build the image again from scratch even when it exists (`kernels list` or `doctor` says it is damaged).",
+    ),
 ) -> None:
     """Rebuild a bundle's image on this machine and register a Jupyter kernel that runs inside it
     (--native: install its environment on this machine instead, without a container)."""
@@ -130,6 +135,7 @@ def run(
         ),
         native=native,
         prefix_root=prefix_root,
+        rebuild=rebuild,
     )
     result = run_bundle(options, console)
     data = result.to_dict()
@@ -329,6 +335,25 @@ def _open_for_doctor(bundle: Optional[Path]):
     return open_bundle(bundle)
 
 
+def _image_findings(opened, client) -> list:
+    """Whether this engine's images of the bundle still hold what was built into them."""
+    from kbundle import contract
+    from kbundle.image import integrity, preflight
+
+    if client is None:
+        return []
+    found = []
+    for image in client.api.images(filters={"label": f"{contract.LABEL_CONTENT_HASH}={opened.identity}"}):
+        ref = next((t for t in image.get("RepoTags") or [] if t != "<none>:<none>"), image["Id"][:19])
+        verdict = integrity.check(client, image["Id"])
+        if verdict.state == integrity.DAMAGED:
+            advice = f"{verdict.detail}; rebuild it with `kbundle run BUNDLE --rebuild`"
+            found.append(preflight.Finding(preflight.ERROR, "image", f"{ref} is damaged: {advice}"))
+        elif verdict.state == integrity.OK:
+            found.append(preflight.Finding(preflight.OK, "image", f"{ref} holds the environment it was built with"))
+    return found
+
+
 def _bundle_findings(opened, client, on_gpu: bool) -> list:
     """This bundle's needs against this machine: the disk its image and build take (CUDA against
     the driver and the GPUs' architecture are the preflight's, given the bundle's CUDA)."""
@@ -344,6 +369,7 @@ def _bundle_findings(opened, client, on_gpu: bool) -> list:
 
     ok, warn, fail = preflight.OK, preflight.WARN, preflight.ERROR
     found = [preflight.Finding(ok, "bundle", f"{opened.name}: CUDA {opened.cuda or 'none'}, base {opened.base_image}")]
+    found += _image_findings(opened, client)
     if opened.cuda and not on_gpu:
         found.append(
             preflight.Finding(warn, "gpu", f"it uses CUDA {opened.cuda}, and gets no GPU here: it runs on CPU")

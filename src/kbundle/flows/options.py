@@ -31,6 +31,7 @@ class RunOptions:
     slurm: Any = None  # --slurm: kernel/slurm.py's SlurmOptions; the kernel runs on a compute node (flows/slurm.py)
     native: bool = False  # --native: no container; the env installed on this machine (flows/native.py)
     prefix_root: Optional[Path] = None  # --prefix-root: where --native puts its prefix (default: kbundle's cache)
+    rebuild: bool = False  # --rebuild: build the image again, reusing no cached step (a damaged image)
 
 
 @dataclass

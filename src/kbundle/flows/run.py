@@ -181,7 +181,7 @@ def image_for(
     block (run registers the kernel there, push pushes), after the review and the consent.
     Prints `warnings` (with the plan's) before anything is fetched."""
     request = make.ImageRequest(
-        bundle_hash(bundle), base, options.base_image, options.use_bundled_dockerfile, options.image
+        bundle_hash(bundle), base, options.base_image, options.use_bundled_dockerfile, options.image, options.rebuild
     )
     if options.image:
         prechecks(None, workdir)
@@ -212,8 +212,10 @@ def _check_image_option(options: RunOptions) -> None:
     from kbundle.image import registry
 
     registry.parse_pinned(options.image)
-    if options.base_image or options.use_bundled_dockerfile:
-        raise UsageError("--image runs an image built elsewhere: --base-image and --use-bundled-dockerfile build one")
+    if options.base_image or options.use_bundled_dockerfile or options.rebuild:
+        raise UsageError(
+            "--image runs an image built elsewhere: --base-image, --use-bundled-dockerfile and --rebuild build one"
+        )
 
 
 def plan_image(client, bundle, options: RunOptions, request: make.ImageRequest, signature, workdir: Path) -> Plan:

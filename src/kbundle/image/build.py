@@ -87,8 +87,9 @@ def with_base_image(dockerfile: str, base_image: str) -> str:
     return first_from.sub(lambda m: m.group(1) + base_image + m.group(3), dockerfile, count=1)
 
 
-def labels(key: ImageKey, bundle_hash: str) -> dict[str, str]:
-    return {
+def labels(key: ImageKey, bundle_hash: str, env_files: str = "") -> dict[str, str]:
+    found = {contract.LABEL_ENV_FILES: env_files} if env_files else {}
+    return found | {
         contract.LABEL_CONTENT_HASH: bundle_hash,
         contract.LABEL_VERSION: __version__,
         contract.LABEL_NAME: key.name,
@@ -154,6 +155,8 @@ def build(
     console=None,
     undo=None,
     preamble: Sequence[str] = (),
+    env_files: str = "",
+    fresh: bool = False,
 ) -> BuildResult:
     """Build `context` untagged, stream its steps to a live progress line, then tag it.
 
@@ -172,7 +175,7 @@ def build(
     stream = None
     progress = _BuildProgress(console, key.tag)
     try:
-        stream = send_context(client, context, labels(key, bundle_hash), console, mark=mark)
+        stream = send_context(client, context, labels(key, bundle_hash, env_files), console, mark=mark, fresh=fresh)
         with open(log_path, "a", encoding="utf-8") as log, progress:
             for event in stream:
                 if "stream" in event:
@@ -218,10 +221,13 @@ def build(
     return BuildResult(key.tag, client.images.get(key.tag).id, True, time.perf_counter() - t0, log_path)
 
 
-def send_context(client, context: Path, image_labels: dict[str, str], console=None, mark: Optional[str] = None):
+def send_context(
+    client, context: Path, image_labels: dict[str, str], console=None, mark: Optional[str] = None, fresh: bool = False
+):
     """Start the build: the engine reads the whole context before the first step, and every
     byte of it is counted on the way (bytes, rate, ETA). The engine's stream of events.
-    `mark`: a host name this build's intermediate containers carry (`remove_build_containers`)."""
+    `mark`: a host name this build's intermediate containers carry (`remove_build_containers`).
+    `fresh`: reuse no cached step (`run --rebuild`: a damaged layer must not be reused)."""
     from kbundle.display import size
     from kbundle.image import tarstream
     from kbundle.progress import Meter, finish
@@ -238,7 +244,7 @@ def send_context(client, context: Path, image_labels: dict[str, str], console=No
             pull=False,
             decode=True,
             labels=image_labels,
-            nocache=False,
+            nocache=fresh,
             extra_hosts={mark: "127.0.0.1"} if mark else None,
         )
         finish(status, f"sent the build context ({size(total)}) in {time.perf_counter() - t0:.1f} s")

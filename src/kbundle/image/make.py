@@ -45,6 +45,7 @@ class ImageRequest:
     base_override: Optional[str] = None  # --base-image, applied to the rendered and the shipped Dockerfile
     use_bundled_dockerfile: bool = False
     pinned: Optional[str] = None  # --image NAME@sha256:…: pull this image instead of building
+    rebuild: bool = False  # --rebuild: build again, reusing no cached step, even when the image exists
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def image_for(
     from kbundle.image import build as imagemod
 
     image_id = None
-    if look.records is not None and look.base_local:  # everything known offline: maybe already built
+    if look.records is not None and look.base_local and not request.rebuild:  # known offline: maybe built
         resolved, key = identify(bundle, look, request.base, imagemod.base_image_id(client, request.base, console))
         image_id = imagemod.existing_image(client, key.tag)
     build_log = None
@@ -105,10 +106,13 @@ def image_for(
     # Concurrent runs of one image: the first builds, the others wait here, then reuse it.
     with held(f"image-{key.tag}", console, f"another kbundle run is building {key.tag}; waiting for it"):
         image_id = imagemod.existing_image(client, key.tag)
+        replaced, image_id = (image_id, None) if request.rebuild else (None, image_id)
         if image_id is None:
             result = build(client, bundle, request, resolved, key, workdir, console, undo)
             image_id, build_log = result.image_id, result.log
             ledger.record_quietly(image_id, ledger.BUILT, bundle.name, key.tag)  # gc may remove what we made
+            if replaced and replaced != image_id:
+                _drop(client, replaced)
         yield BuiltImage(key.tag, image_id, resolved.count, built=build_log is not None, build_log=build_log)
 
 
@@ -130,6 +134,14 @@ def _pulled(client, bundle, request: ImageRequest, ask, console, undo) -> Iterat
         if got.pulled:
             ledger.record_quietly(got.image_id, ledger.PULLED, bundle.name, tag)
         yield BuiltImage(tag, got.image_id, locked_count(bundle), pulled=got.pulled, ref=str(ref))
+
+
+def _drop(client, image_id: str) -> None:
+    """The image `--rebuild` replaced, unless a container still uses it (gc removes it later)."""
+    try:
+        client.api.remove_image(image_id)
+    except Exception:
+        pass
 
 
 # ----------------------------------------------------------------- offline
@@ -235,7 +247,22 @@ def build(client, bundle, request: ImageRequest, resolved, key, workdir: Path, c
         done = assemble_context(
             ctx, bundle, request.content_hash, resolved, key.dockerfile, console, base_image=request.base, client=client
         )
-        result = imagemod.build(client, ctx, key, request.content_hash, log, console, undo=undo, preamble=done)
+        from kbundle import contract
+        from kbundle.image import integrity
+
+        files = integrity.of_layers(ctx / contract.CONTEXT_LAYERS)  # what a later check compares (run --rebuild)
+        result = imagemod.build(
+            client,
+            ctx,
+            key,
+            request.content_hash,
+            log,
+            console,
+            undo=undo,
+            preamble=done,
+            env_files=files,
+            fresh=request.rebuild,
+        )
     kept = workdir / ".kbundle" / "build.log"
     shutil.copyfile(log, kept)
     return dataclasses.replace(result, log=kept)

@@ -1,0 +1,75 @@
+"""A damaged image is recognised by the file list recorded at its build, reported by
+`kernels list` and `doctor BUNDLE`, and `run --rebuild` builds it again from scratch."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import uuid
+
+import pytest
+
+from helpers import pack_world_bundle, printed_by_kernel, run_env_for, run_kbundle
+from kbundle import contract
+
+pytestmark = pytest.mark.docker
+
+
+def damage(client, image: str) -> None:
+    """Cut numpy/__init__.py short inside the image and put the result under the image's own tag
+    (labels are inherited, so the recorded file list is the original's)."""
+    dockerfile = (
+        f"FROM {image}\nUSER root\n"
+        f"RUN f=$(ls {contract.PREFIX}/lib/python3.*/site-packages/numpy/__init__.py) && head -c 100 $f > /tmp/x "
+        f"&& cat /tmp/x > $f\nUSER {contract.USER}\n"
+    )
+    client.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=image, rm=True)
+
+
+def health(env: dict, kernel: str) -> str:
+    proc = run_kbundle(["kernels", "list", "--json"], env)
+    assert proc.returncode == 0, proc.stderr
+    return next(k["health"] for k in json.loads(proc.stdout) if k["name"] == kernel)
+
+
+def test_a_damaged_image_is_reported_and_rebuild_heals_it(world, tmp_path, docker_client, monkeypatch):
+    env = run_env_for(tmp_path)
+    monkeypatch.setenv("JUPYTER_DATA_DIR", env["JUPYTER_DATA_DIR"])  # printed_by_kernel finds the kernel there
+    name = f"kbt-rebuild-{uuid.uuid4().hex[:8]}"
+    kernel = f"kbundle-{name}"
+    bundle = pack_world_bundle(world, env, tmp_path / "sender", name)
+    (tmp_path / "here").mkdir()
+    proc = run_kbundle(["run", str(bundle), "--yes", "--json"], env, cwd=tmp_path / "here", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    image = json.loads(proc.stdout)["image"]
+    images = {image}
+    try:
+        assert health(env, kernel) == "ok"
+        first_id = docker_client.api.inspect_image(image)["Id"]
+        damage(docker_client, image)
+        images.add(docker_client.api.inspect_image(image)["Id"])
+
+        assert health(env, kernel).startswith("image damaged")
+        doctor = run_kbundle(["doctor", str(bundle), "--json"], env)
+        findings = json.loads(doctor.stdout)["findings"]
+        assert any(
+            f["topic"] == "image" and "damaged" in f["message"] and "--rebuild" in f["message"] for f in findings
+        )
+
+        rerun = run_kbundle(["run", str(bundle), "--yes", "--json"], env, cwd=tmp_path / "here", timeout=900)
+        assert rerun.returncode == 0 and json.loads(rerun.stdout)["built"] is False  # a plain rerun reuses it
+
+        rebuilt = run_kbundle(
+            ["run", str(bundle), "--yes", "--json", "--rebuild"], env, cwd=tmp_path / "here", timeout=900
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        assert json.loads(rebuilt.stdout)["built"] is True
+        new_id = docker_client.api.inspect_image(image)["Id"]
+        images.add(new_id)
+        assert new_id != first_id  # built anew: no cached step was reused
+        assert health(env, kernel) == "ok"
+        assert printed_by_kernel(kernel, "import numpy; print(numpy.__name__)").strip() == "numpy"
+    finally:
+        for ref in images:
+            subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
