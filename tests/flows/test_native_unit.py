@@ -353,7 +353,7 @@ def test_what_native_refuses(changes, words):
     check_options(_Options())  # plain --native is fine
 
 
-def test_the_prefix_is_keyed_by_the_content_hash_and_complete_only_with_its_stamp(tmp_path, monkeypatch):
+def test_the_prefix_is_keyed_by_the_bundle_identity_and_complete_only_with_its_stamp(tmp_path, monkeypatch):
     monkeypatch.setenv("KBUNDLE_CACHE_DIR", str(tmp_path / "cache"))
     root = native.native_root()
     assert root == tmp_path / "cache" / "native"

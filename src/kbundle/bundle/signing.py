@@ -7,8 +7,8 @@ the manifest does not list (it signs the manifest). The signed message (bundle/s
 exact bytes.
 
 This module is the sender's side only. Reading a signature and deciding whether the recipient
-trusts it is kbundle/trust.py (`check_member`, `read_signature`); both share bundle/sshsig.py.
-The names below that come from trust.py stay importable from here for older call sites.
+trusts it is kbundle/trust.py (`check_member`, `read_signature`); both share bundle/sshsig.py,
+whose names are importable from here too.
 """
 
 from __future__ import annotations

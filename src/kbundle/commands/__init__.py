@@ -4,6 +4,8 @@
 - bundle.py   `inspect`, `verify` (reading a bundle)
 - run.py      `run`, `doctor`     (the recipient)
 - kernels.py  `kernels list|remove`, `gc`
+- push.py     `push`              (an image for a registry, e.g. for Slurm nodes)
+- trust.py    `trust add|list`    (the senders a recipient trusts)
 
 Commands stay thin: parse, call one flow or module, print. Heavy imports (docker, rattler,
 jupyter_client) stay inside the functions, so `kbundle pack` starts about as fast as typer.

@@ -2,7 +2,7 @@
 
 1. parse `--to REGISTRY/NAMESPACE` before any work (image/registry.py)
 2. open and verify the bundle once (bundle/reader.py); read its signature
-3. connect to the engine (image/preflight.py); no GPU is needed to push
+3. connect to the engine (image/engine.py); no GPU is needed to push
 4. the image, exactly as `run` gets it (flows/run.py `image_for`): reused under its content
    tag, or built after the same consent (it runs the sender's build), `--yes` skips it
 5. tag it `REGISTRY/NAMESPACE/<name>:<content tag>` and push it with progress; the answer is the

@@ -5,7 +5,7 @@ final prefix (image/env.py), the pip: side by the environment's own pip from exa
 and hashes the image would get (image/wheels.py, image/pipinstall.py `install_on_host`), then
 checked as the image is (image/envcheck.py).
 
-- Where: `<kbundle cache>/native/<first 16 hex of the bundle's content hash>`, or under
+- Where: `<kbundle cache>/native/<first 16 hex of the bundle's identity>`, or under
   `--prefix-root PATH` (a shared file system). One prefix per bundle, as one image per bundle.
 - Complete: a stamp file (`STAMP`, JSON) is written last; a prefix without it is a run that
   died half-way, removed and installed again. A complete prefix is reused as it is.
@@ -51,10 +51,10 @@ def native_root(given: Optional[Path] = None) -> Path:
 
 
 def key_of(bundle_hash: str) -> str:
-    """The prefix's folder name: the content hash's first hex digits, as image tags use them."""
+    """The prefix's folder name: the bundle identity's first hex digits, as image tags use them."""
     digest = bundle_hash.split(":", 1)[-1].lower()
     if len(digest) < KEY_LENGTH or any(c not in "0123456789abcdef" for c in digest):
-        raise KbundleError(f"the bundle's content hash {bundle_hash[:80]!r} is not a hex digest")
+        raise KbundleError(f"the bundle's identity {bundle_hash[:80]!r} is not a hex digest")
     return digest[:KEY_LENGTH]
 
 
@@ -85,7 +85,7 @@ def write_stamp(prefix: Path, **facts) -> None:
 
 def is_ours(prefix: Path) -> bool:
     """Whether `prefix` is a native prefix kbundle may remove: complete (stamped), or half-made
-    in a native root (a folder named by a content hash's first hex digits)."""
+    in a native root (a folder named by a bundle identity's first hex digits)."""
     if (prefix / STAMP).is_file():
         return True
     name = prefix.name

@@ -10,8 +10,11 @@ One foreground process per kernel, talking to the Docker engine through the SDK 
   init process and auto-removes. It runs as the invoking uid:gid (plus supplementary
   groups), never as root: a root invoker gets the owner of the notebook's folder, or the
   image's unprivileged user when that is root too. No capabilities, no new privileges
-  (setuid binaries do not raise it), so a notebook cannot sniff traffic or become root. The notebook's directory (the cwd Jupyter gives the kernel) and the kernelspec's
-  workdir are mounted at the same paths, and the notebook's directory is the working one.
+  (setuid binaries do not raise it), so a notebook cannot sniff traffic or become root; the
+  rest of the lockdown is image/policy.py's. The notebook's own folder and the kernelspec's
+  workdir are mounted at the same paths, unless kernel/launch_mounts.py leaves one out (a
+  home, a folder with dotfiles, Jupyter's or kbundle's own folders; `.git` goes read-only),
+  and the banner says what was mounted.
   Its command is `python -c SHIM`; the image's ENTRYPOINT activates the environment.
 - The connection info, with its HMAC key, goes through the container's stdin: never in
   argv, environment, labels or mounts that `docker inspect` shows. The shim writes it to
@@ -107,7 +110,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kbundle-kernel", description="Run a Jupyter kernel inside a kbundle image.")
     p.add_argument("-f", "--connection-file", required=True)
     p.add_argument("--image", required=True)
-    p.add_argument("--workdir", default="", help="directory mounted into the kernel (default: the current one)")
+    p.add_argument(
+        "--workdir",
+        default="",
+        help="the bundle's working folder, mounted into the kernel when safe (kernel/launch_mounts.py)",
+    )
     p.add_argument("--gpus", default="none", help="none, all, or comma-separated device ids")
     p.add_argument("--kernel-name", default="")
     p.add_argument("--network", choices=("auto", "host", "bridge"), default="auto")
