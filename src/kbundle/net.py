@@ -1,8 +1,9 @@
-"""Network configuration for every download kbundle makes: rattler (channels) and pip (wheels).
+"""Network configuration for every download kbundle makes: rattler (channels' repodata, for a
+solve), kbundle's own downloader (conda packages, wheels, sdists: image/download.py) and pip.
 
 Downloads happen on the host, where the user's proxy variables and CA trust live (an
 intercepting corporate CA is trusted there and nowhere else). This module turns those into
-rattler's settings, and gives pip the environment it reads them from.
+rattler's settings and the downloader's CA rule, and gives pip the environment it reads them from.
 """
 
 from __future__ import annotations
@@ -36,6 +37,23 @@ def ca_for_requests(environ: Optional[Mapping[str, str]] = None) -> str | bool:
     if cert and Path(cert).is_file():
         return cert
     return host_ca_bundle(env) or True
+
+
+def ca_for_channels(environ: Optional[Mapping[str, str]] = None) -> str | bool:
+    """What conda package downloads (image/env.py, through image/download.py) verify TLS against:
+    the CA bundle the usual variables name, else the system's own store, as rattler's
+    `tls-root-certs: system` did (an intercepting corporate CA is installed there), else
+    requests' default store."""
+    import ssl
+
+    found = host_ca_bundle(environ)
+    if found:
+        return found
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return True
 
 
 def proxies(environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:

@@ -43,8 +43,16 @@ def seconds(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min"
 
 
+QUIET = 3.0  # seconds without a byte after which a progress line names what it waits for, and where
+
+
 class Meter:
-    """Items and bytes done for one step, with rate and ETA; thread-safe (downloads run in a pool)."""
+    """Items and bytes done for one step, with rate and ETA; thread-safe (downloads run in a pool).
+
+    A download says what it waits for (`waiting`), each chunk that it is alive (`heard`), and
+    when it is over (`over`): while one has had no byte for QUIET seconds, the line names it and
+    its host, so that a stalled server shows as such rather than as silence. A `Heartbeat`
+    re-sends the line while nothing else does."""
 
     def __init__(self, what: str, total: int = 0, total_bytes: int = 0, on_change=None, clock=time.monotonic):
         self.what, self.total, self.total_bytes = what, total, total_bytes
@@ -54,6 +62,7 @@ class Meter:
         self.started = clock()
         self.on_change = on_change or (lambda line: None)
         self._lock = threading.Lock()
+        self._waits: dict[object, list] = {}  # key -> [what, host, since the last byte, note]
 
     def items(self, done: int, total: Optional[int] = None) -> None:
         with self._lock:
@@ -75,6 +84,41 @@ class Meter:
             self.bytes += n
         self.on_change(self.line())
 
+    def waiting(self, key, what: str, host: str, note: str = "") -> None:
+        """A request for `what` went to `host`: no byte of it has come yet (`note`: a retry, say)."""
+        with self._lock:
+            self._waits[key] = [what, host, self.clock(), note]
+
+    def heard(self, key) -> None:
+        """A byte of `key` came: it is not stalled."""
+        with self._lock:
+            if key in self._waits:
+                self._waits[key][2] = self.clock()
+
+    def over(self, key) -> None:
+        with self._lock:
+            self._waits.pop(key, None)
+
+    def tell(self, text: str) -> None:
+        """A line of its own for this step (pip resolving: no items or bytes to count)."""
+        self.on_change(text)
+
+    def pulse(self) -> None:
+        """The line again, with how long the quietest download has waited (the heartbeat's tick)."""
+        self.on_change(self.line())
+
+    def stalled(self) -> Optional[str]:
+        """`waiting for WHAT from HOST (N s without a byte)`, for the longest-silent download, or None."""
+        with self._lock:
+            now = self.clock()
+            quiet = [(now - since, what, host, note) for what, host, since, note in self._waits.values()]
+        if not quiet:
+            return None
+        silent, what, host, note = max(quiet, key=lambda q: q[0])
+        if silent < QUIET:
+            return None
+        return f"waiting for {what} from {host} ({silent:.0f} s without a byte{', ' + note if note else ''})"
+
     def rate(self) -> float:
         elapsed = self.clock() - self.started
         return self.bytes / elapsed if elapsed > 0 else 0.0
@@ -88,7 +132,39 @@ class Meter:
             rate = self.rate()
             if rate > 0 and self.bytes < self.total_bytes:
                 parts.append(f"{size(rate)}/s, ETA {seconds((self.total_bytes - self.bytes) / rate)}")
-        return f"{self.what}: " + ", ".join(parts)
+        if not self.total and not self.done and not self.total_bytes:
+            parts = []  # nothing counted yet (an index is asked first): no lone "0"
+        stalled = self.stalled()
+        if not parts:
+            return f"{self.what}: {stalled}" if stalled else self.what
+        return f"{self.what}: " + ", ".join(parts) + (f"; {stalled}" if stalled else "")
+
+
+class Heartbeat:
+    """A thread that calls `tick()` every `every` seconds while its `with` block runs: a plain
+    console prints at most one line per INTERVAL, so a tick every second gives a line every ~5 s
+    even while no byte arrives and nothing else would print."""
+
+    def __init__(self, tick, every: float = 1.0):
+        self.tick, self.every = tick, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kbundle-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        self._thread.join()
+        return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.tick()
+            except Exception:  # a progress line must never break the work it reports on
+                pass
 
 
 class PlainConsole:

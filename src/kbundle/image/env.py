@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,10 @@ from kbundle.errors import KbundleError, first_line
 from kbundle.image import provenance
 
 FETCH_WORKERS = 8  # parallel package downloads
+# Mode bits no file of a package keeps: write for group and others (a package is nobody's to
+# change after it is checked; the cache is shared by every bundle, and files are hard-linked from
+# it into envs), and setuid/setgid (nothing in an env is meant to run with its owner's rights).
+_STRIPPED_BITS = stat.S_IWGRP | stat.S_IWOTH | stat.S_ISUID | stat.S_ISGID
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,9 @@ def install(
     except Exception as exc:
         raise KbundleError(_install_failure(exc, target)) from None
     check_prefix(target, final_prefix or str(target))
+    # Packages unpacked before kbundle closed their modes (or files rattler wrote anew, with a
+    # prefix patched in) are closed here; a file linked from the cache is closed there too.
+    close_modes(target)
     return InstallStats(env.count, time.perf_counter() - t0)
 
 
@@ -209,7 +217,8 @@ def vet_packages(records, meter=None) -> list:
     downloaded and unpacked once, by rattler, straight into that cache (`_unpack_into_cache`),
     checked against the lock's sha256 as it streams; its paths.json is then read from the
     unpacked folder. rattler's install finds it there and links what was checked: nothing is
-    unpacked twice."""
+    unpacked twice. Every package in the cache, new or found there, has its modes closed
+    (`close_modes`: no group or other write, no setuid/setgid) before anything links it."""
     todo = []
     for record in records:
         cached = _cached_paths(record)
@@ -217,6 +226,7 @@ def vet_packages(records, meter=None) -> list:
             todo.append(record)
         else:
             _check_paths(record, cached)
+            close_modes(package_cache_dir() / _stem(record))  # unpacked by an older kbundle, maybe
     if meter is not None:
         meter.plan_bytes(sum(r.size or 0 for r in todo))
         meter.items(len(records) - len(todo), len(records))
@@ -235,33 +245,100 @@ def vet_packages(records, meter=None) -> list:
 
 
 async def _unpack_all(records, meter=None) -> None:
+    """Each package fetched by kbundle's one downloader (image/download.py), then unpacked once
+    by rattler from that local archive into its cache (`_unpack`).
+
+    rattler's own `download_and_extract` streams a package in one request: a channel that stops
+    sending gave a minute of silence and then failed, without retry or resume. The downloader
+    breaks a connection that sends no byte for 20 s, continues its `.part` with Range, names the
+    stalled host on the progress line every few seconds, and checks the lock's sha256 and size."""
+    await asyncio.to_thread(_fetch_and_unpack, list(records), meter)
+
+
+def archive_dir() -> Path:
+    """Where conda archives wait (as `.part` files while they download) until rattler unpacks them."""
+    path = cache_root() / "conda-archives"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _fetch_and_unpack(records, meter=None) -> None:
+    from kbundle.image import download
+
+    folder = archive_dir()
+    by_dest = {}
+    for record in records:
+        item = _archive_wanted(record, folder)
+        by_dest[item.dest] = (item, record)
+    http = download.session(net.ca_for_channels(), FETCH_WORKERS)
+    download.fetch_all(
+        [item for item, _ in by_dest.values()],
+        meter,
+        http=http,
+        workers=FETCH_WORKERS,
+        plan=False,  # vet_packages planned the bytes from the lock's sizes
+        after=lambda item, path: _unpack(by_dest[item.dest][1], path),
+    )
+
+
+def _archive_wanted(record, folder: Path):
+    """The download of one package's archive: its URL, the lock's sha256 and size, a place in `folder`."""
+    from kbundle.image import download
+    from kbundle.specs import safe_filename
+
+    if not record.sha256:
+        raise KbundleError(f"package {safe(record.file_name)} has no sha256 to verify it against")
+    url, auth = download.split_auth(str(record.url))
+    name = safe_filename(str(record.file_name), "a conda package's name")
+    size = int(record.size) if record.size else None
+    return download.Wanted(url, folder / name, bytes(record.sha256).hex(), auth, folder, size)
+
+
+def _unpack(record, archive: Path) -> None:
+    """One downloaded (and checked) archive unpacked by rattler into its cache, its modes closed,
+    then stamped as rattler stamps what it unpacked; the archive itself is not kept."""
     import rattler.package_streaming as streaming
 
-    client = net.rattler_client()
-    limit = asyncio.Semaphore(FETCH_WORKERS)
+    expected = bytes(record.sha256)
+    folder = package_cache_dir() / _stem(record)
+    _forget(record)
+    try:
+        sha, md5 = streaming.extract(archive, folder)
+    except Exception as exc:
+        _forget(record)
+        raise KbundleError(_unpack_failure(record, exc, folder)) from None
+    if sha != expected or (record.md5 and md5 != bytes(record.md5)):
+        _forget(record)  # the downloader checked it; the cache is only stamped for what matched
+        archive.unlink(missing_ok=True)
+        raise KbundleError(f"{safe(record.url)} does not match the checksum the bundle records")
+    close_modes(folder)  # before the stamp: the cache only ever holds closed packages
+    # rattler's own cache stamp: a big-endian revision, then the sha256 it was unpacked from.
+    (package_cache_dir() / f"{_stem(record)}.lock").write_bytes((1).to_bytes(8, "big") + sha)
+    archive.unlink(missing_ok=True)
 
-    async def one(record) -> None:
-        expected = bytes(record.sha256 or b"")
-        if not expected:
-            raise KbundleError(f"package {safe(record.file_name)} has no sha256 to verify it against")
-        folder = package_cache_dir() / _stem(record)
-        async with limit:
-            _forget(record)
-            try:
-                sha, _md5 = await streaming.download_and_extract(client, str(record.url), folder, expected)
-            except Exception as exc:
-                _forget(record)
-                raise KbundleError(_unpack_failure(record, exc, folder)) from None
-        if sha != expected:  # rattler checks it too; the cache is only stamped for what matched
-            _forget(record)
-            raise KbundleError(f"{safe(record.url)} does not match the checksum the bundle records")
-        # rattler's own cache stamp: a big-endian revision, then the sha256 it was unpacked from.
-        (package_cache_dir() / f"{_stem(record)}.lock").write_bytes((1).to_bytes(8, "big") + sha)
-        if meter is not None:
-            meter.add_bytes(record.size or 0)
-            meter.item_done()
 
-    await asyncio.gather(*(one(r) for r in records))
+def close_modes(root: Path) -> int:
+    """Take `_STRIPPED_BITS` off every file and folder below `root` (and `root` itself); return how
+    many changed. A package's tarball carries modes, and rattler unpacks them as they are: a 0666
+    file in the shared cache would let any local user change what the next env links, and
+    the image would carry it world-writable. Links are skipped (their own mode means nothing, and
+    chmod would follow them)."""
+    changed = 0
+    for folder, dirs, files in os.walk(root):
+        for name in (*dirs, *files):
+            changed += _close_mode(Path(folder, name))
+    return changed + _close_mode(Path(root))
+
+
+def _close_mode(path: Path) -> int:
+    try:
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode) or not mode & _STRIPPED_BITS:
+            return 0
+        os.chmod(path, stat.S_IMODE(mode) & ~_STRIPPED_BITS)
+    except OSError as exc:
+        raise _disk_error(exc, path) from None
+    return 1
 
 
 def _unpack_failure(record, exc: BaseException, folder: Path) -> str:

@@ -241,12 +241,23 @@ def _run_pip(
     what: str,
     target: tuple[str, str | None] | None = None,
     interpreter: Path | None = None,
+    *,
+    meter=None,
+    doing: str = "resolving",
+    keep: Path | None = None,
 ) -> None:
     """`pip ARGS -r FILE` with the host's pip settings and the bundle's indexes; one error line.
 
     `target` (python, glibc): when pip finds no file of a requirement, ask which wheels it has, so
     that a glibc too old for them is said as such rather than in pip's words. `interpreter`: a
-    pydists stand-in to run pip in (the conda side installed), instead of kbundle's own."""
+    pydists stand-in to run pip in (the conda side installed), instead of kbundle's own.
+
+    pip runs as a child that dies with kbundle (`_die_with_kbundle`), with kbundle's short read
+    timeout (a stalled index fails in a minute, not in six), and while it runs `meter` is told
+    every second "still DOING with pip (N s): what pip is at, from which host" (a plain console
+    prints one such line every 5 s). `keep`: pip's temporary folder, where the wheels pip
+    downloads to read their metadata (an index without PEP 658) stay for kbundle (`_adopt_from_pip`)."""
+    from kbundle.image.download import ATTEMPTS, READ_TIMEOUT
     from kbundle.net import pip_environment
     from kbundle.pydists import pip_command
 
@@ -255,19 +266,201 @@ def _run_pip(
         # A file, not argv: a bundle's line can never become an option of this command.
         reqs.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
         pip = pip_command(interpreter) if interpreter else [sys.executable, "-m", "pip"]
+        pip = [pip[0], "-c", _PIP_KEEPING_DOWNLOADS] if pip[1:] == ["-m", "pip"] else pip
         command = [*pip, *args, "--disable-pip-version-check", "--no-input"]
+        command += ["--timeout", str(READ_TIMEOUT), "--retries", str(ATTEMPTS - 1)]
+        command += ["-vv"]  # on stdout, which page or file pip waits for, and a page it gave up on
         command += ["--progress-bar", "off", "-r", str(reqs)]
         env = indexes.environment(pip_environment())
-        result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
-    if result.returncode != 0:
-        detail = error_line(result.stderr, result.returncode)
-        cause = failure_cause(result.stderr, detail)
-        refusal = cause or (explain_no_wheel(detail, *target, indexes) if target else None)
+        env["PYTHONUNBUFFERED"] = "1"  # its lines as they come: they say what it is at
+        if keep is not None:
+            env["TMPDIR"] = str(keep)
+        for attempt in range(1, ATTEMPTS + 1):
+            code, stderr, watch = _watch_pip(command, env, meter, doing)
+            stalled = _pip_stall(stderr, watch) if code != 0 else None
+            if not stalled or attempt == ATTEMPTS:
+                break
+            # pip skips a page that sent nothing in time, and finds no version: a stalled index,
+            # not a missing package. Run it again, as a download is tried again.
+            if meter is not None:
+                meter.tell(f"pip: {stalled}; trying again (attempt {attempt + 1} of {ATTEMPTS})")
+    if code != 0:
+        if stalled:
+            # exit 1, not 4: this machine is fine, and the index may answer later
+            raise KbundleError(f"pip: {stalled}, {ATTEMPTS} times (the index stalls; run again later, or use another)")
+        detail = error_line(stderr, code)
+        cause = failure_cause(stderr, detail)
+        refusal = cause or (_explain(detail, target, indexes, meter) if target else None)
         if refusal:
             raise KbundleError(f"pip: {refusal}")
         raise KbundleError(
             f"cannot fetch the pip: wheels for {what}: {detail} (kbundle installs pip packages from wheels only)"
         )
+
+
+def _explain(detail: str, target: tuple[str, str | None], indexes: PipIndexes, meter) -> str | None:
+    """pipplatform.explain_no_wheel (it asks the index again, with `pip index`), with a line every few seconds."""
+    import time
+
+    from kbundle.progress import Heartbeat
+
+    started = time.monotonic()
+
+    def tick() -> None:
+        if meter is not None:
+            meter.tell(f"still asking the index which wheels it has ({time.monotonic() - started:.0f} s)")
+
+    with Heartbeat(tick):
+        return explain_no_wheel(detail, *target, indexes)
+
+
+# pip, with the folders it downloads wheels into to read their metadata kept (pip deletes them at
+# exit): kbundle stores those files rather than download them again. pip's internals: when they
+# change, nothing is kept and kbundle downloads the files itself, as before.
+_PIP_KEEPING_DOWNLOADS = (
+    "import runpy, sys\n"
+    "try:\n"
+    "    from pip._internal.utils import temp_dir as _t\n"
+    "    _get = _t.TempDirectoryTypeRegistry.get_delete\n"
+    "    _t.TempDirectoryTypeRegistry.get_delete = lambda self, kind: kind != 'unpack' and _get(self, kind)\n"
+    "except Exception:\n"
+    "    pass\n"
+    "runpy.run_module('pip', run_name='__main__', alter_sys=True)\n"
+)
+
+
+class _PipWatch:
+    """What pip says it is at (its `Collecting`, `Downloading` and `Looking in` lines), for the
+    progress line and for the error when a host stalls."""
+
+    def __init__(self, env: dict[str, str]):
+        from kbundle.image.download import host_of
+
+        urls = [u for k in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS") for u in env.get(k, "").split()]
+        self.hosts = sorted({host_of(u) for u in urls if u.startswith(("http://", "https://"))})
+        self.at = ""
+        self.host = ""
+        self.stalls: list[tuple[str, str]] = []  # (host, page) pip gave up on: it sent nothing in time
+
+    def read(self, line: str) -> None:
+        from kbundle.display import safe
+        from kbundle.image.download import host_of
+
+        text = line.strip()
+        if text.startswith(("Looking in indexes:", "Looking in links:")):
+            urls = [u.strip() for u in text.split(":", 1)[1].split(",")]
+            self.hosts = sorted({*self.hosts, *(host_of(u) for u in urls if u.startswith(("http://", "https://")))})
+        elif text.startswith("Collecting "):
+            self.at, self.host = safe(text[len("Collecting ") :][:120]), ""
+        elif text.startswith(("Downloading ", "Getting page ")):
+            url = text.split()[-1] if text.startswith("Getting page ") else (text.split()[1:] or [""])[0]
+            kind = "the page " if text.startswith("Getting page ") else ""
+            self.at, self.host = kind + safe(_bare(url)[:160]), host_of(url)
+        elif text.startswith("Could not fetch URL ") and ("didn't respond" in text or "timed out" in text):
+            url = text[len("Could not fetch URL ") :].split(": ", 1)[0]
+            self.stalls.append((host_of(url), safe(_bare(url)[:160])))
+
+    def where(self) -> str:
+        if self.host:
+            return self.host
+        return ", ".join(self.hosts[:3]) if self.hosts else "pip's configured index"
+
+    def line(self, doing: str, seconds: float) -> str:
+        at = f"{self.at} from {self.where()}" if self.at else f"waiting for {self.where()}"
+        return f"still {doing} with pip ({seconds:.0f} s): {at}"
+
+
+def _watch_pip(command: list[str], env: dict[str, str], meter, doing: str) -> tuple[int, str, _PipWatch]:
+    """pip run to its end (exit code, stderr), its output read as it comes; killed if kbundle stops first."""
+    import threading
+    import time
+
+    from kbundle.progress import Heartbeat
+
+    watch = _PipWatch(env)
+    errors: list[str] = []
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        env=env,
+        preexec_fn=_die_with_kbundle(),
+    )
+
+    def drain(stream, keep: list[str] | None) -> None:
+        for line in stream:
+            watch.read(line)
+            if keep is not None:
+                keep.append(line)
+
+    readers = [
+        threading.Thread(target=drain, args=(proc.stdout, None), daemon=True),
+        threading.Thread(target=drain, args=(proc.stderr, errors), daemon=True),
+    ]
+    for reader in readers:
+        reader.start()
+    started = time.monotonic()
+    tick = (lambda: meter.tell(watch.line(doing, time.monotonic() - started))) if meter is not None else (lambda: None)
+    try:
+        with Heartbeat(tick):
+            code = proc.wait()
+    finally:
+        if proc.poll() is None:  # kbundle stops (Ctrl-C, an error): pip stops with it
+            proc.kill()
+            proc.wait()
+    for reader in readers:
+        reader.join(timeout=5)
+    return code, "".join(errors), watch
+
+
+def _die_with_kbundle():
+    """A preexec_fn that has Linux SIGKILL the child when kbundle dies, even by SIGKILL (prctl
+    PR_SET_PDEATHSIG): a pip left behind would go on loading an index, holding files in the
+    cache. None where prctl is not there (the child is still killed when kbundle stops in order)."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:  # in the child, between fork and exec: nothing here may take a lock
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # kbundle died before the line above: die now
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
+
+
+def _pip_stall(stderr: str, watch: _PipWatch) -> str | None:
+    """A pip failure that is a stalled host, in one line naming it and what pip waited for; else None.
+    pip skips a page that times out and then finds no version: that is said as the stall it is."""
+    import re
+
+    from kbundle.image.download import READ_TIMEOUT
+
+    if watch.stalls:
+        host, page = watch.stalls[0]
+        what = f"of {page}"
+    elif "timed out" in stderr.lower():
+        found = re.search(r"host='([^']+)', port=(\d+)\): Read timed out", stderr)
+        host = f"{found.group(1)}:{found.group(2)}" if found else watch.where()
+        what = f"while pip was at {watch.at}" if watch.at else "to pip"
+    else:
+        return None
+    return f"{host} sent nothing {what} for {READ_TIMEOUT} s"
+
+
+def _bare(url: str) -> str:
+    """A URL as a message shows it: without credentials."""
+    from kbundle.specs import strip_credentials
+
+    return strip_credentials(url)[0]
 
 
 def _pip_download(
@@ -417,13 +610,15 @@ def _fetch_pins(parsed: list[PipPin], python: str, indexes: PipIndexes, glibc: s
     index = index_key(indexes)
     missing = [p for p in parsed if _cached_pin(p, directory, wanted, index) is None]
     if missing:
-        # Hashed lines go together (pip checks every hash), unhashed ones apart.
-        with tempfile.TemporaryDirectory(prefix="kbundle-resolve-") as tmp:
-            chosen = []
-            for i, group in enumerate(([p for p in missing if p.hashes], [p for p in missing if not p.hashes])):
+        # A hashed line's file is found on its index's page by its hash: no pip at all. Only the
+        # rest goes to pip (`--no-deps`): hashed lines together (pip checks every hash), unhashed apart.
+        chosen, left = _locate(missing, python, indexes, glibc, meter)
+        with tempfile.TemporaryDirectory(prefix=".resolve-", dir=directory) as tmp:
+            for i, group in enumerate(([p for p in left if p.hashes], [p for p in left if not p.hashes])):
                 if group:
-                    chosen += _resolve([p.text for p in group], python, indexes, glibc, Path(tmp) / str(i), True)
-        _fetch_chosen(chosen, directory, python, indexes, glibc, meter)
+                    lines = [p.text for p in group]
+                    chosen += _resolve(lines, python, indexes, glibc, Path(tmp) / str(i), True, meter=meter)
+            _fetch_chosen(chosen, directory, python, indexes, glibc, meter, Path(tmp))
     files = []
     for pin in parsed:
         found = _cached_pin(pin, directory, wanted, index)
@@ -472,21 +667,28 @@ def _resolve(
     tmp: Path,
     no_deps: bool,
     conda_env: Path | None = None,
+    meter=None,
 ) -> list:
     """What pip's resolver chooses for `lines` on the image (pipreport.Chosen), fetching only metadata
     where the index serves it apart from the wheel. `conda_env`: the installed conda side, whose
-    distributions pip takes as installed, as it did on the sender's machine."""
+    distributions pip takes as installed, as it did on the sender's machine.
+
+    A wheel pip had to download whole to read its metadata (an index without PEP 658) stays in
+    `tmp/pip-tmp` (`_run_pip`'s `keep`), where `_fetch_chosen` takes it rather than download it again."""
     from kbundle import pydists
     from kbundle.image import pipreport
 
     tmp.mkdir(parents=True, exist_ok=True)
+    keep = tmp / "pip-tmp"
+    keep.mkdir(exist_ok=True)
     report = tmp / "report.json"
     provided = pydists.from_site_packages(conda_env) if conda_env else ()
     installed = pydists.installed_site(provided, tmp) if conda_env else None
     args = pipreport.report_args(report, no_deps, installed is not None) + target_args(python, glibc)
     lines = list(lines)
     for _ in range(GAP_ROUNDS):
-        _run_pip(args, lines, indexes, target_words(python, glibc), (python, glibc), installed)
+        words = target_words(python, glibc)
+        _run_pip(args, lines, indexes, words, (python, glibc), installed, meter=meter, keep=keep)
         try:
             data = json.loads(report.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -503,11 +705,18 @@ def _resolve(
 
 
 def _fetch_chosen(
-    chosen: Sequence, directory: Path, python: str, indexes: PipIndexes, glibc: str | None, meter=None
+    chosen: Sequence,
+    directory: Path,
+    python: str,
+    indexes: PipIndexes,
+    glibc: str | None,
+    meter=None,
+    pip_tmp: Path | None = None,
 ) -> tuple[dict[str, Path], int]:
     """Every chosen file into the cache (image/download.py), stored by its content: {file name: path},
-    and how many were downloaded. A file whose index gave no hash is fetched into its indexes'
-    own folder, then stored by the sha256 it turned out to have."""
+    and how many came from the network this run. A file whose index gave no hash is fetched into
+    its indexes' own folder, then stored by the sha256 it turned out to have. A file pip already
+    downloaded while it resolved (below `pip_tmp`) is taken from there: never downloaded twice."""
     from kbundle.image import download, pipreport
 
     index = index_key(indexes)
@@ -516,6 +725,8 @@ def _fetch_chosen(
         path = stored(directory, item.sha256, item.filename) if item.sha256 else None
         if path is not None and intact(path, item.sha256):
             places[item.filename] = path
+    adopted = _adopt_from_pip([c for c in chosen if c.filename not in places], pip_tmp, directory, meter)
+    places.update(adopted)
     todo = [c for c in chosen if c.filename not in places]
     unhashed = directory / f"index-{index}" / "downloads"
 
@@ -536,7 +747,194 @@ def _fetch_chosen(
                 places[item.filename] = _keep(directory, arrived.get(item.filename) or place(item), item)
     for item in chosen:
         _remember_served(directory, index, item.filename, sha256_file(places[item.filename]))
-    return places, len(todo)
+    return places, len(todo) + len(adopted)
+
+
+def _adopt_from_pip(chosen: Sequence, pip_tmp: Path | None, directory: Path, meter=None) -> dict[str, Path]:
+    """The chosen files pip downloaded whole while it resolved (its `pip-unpack-*` folders, kept
+    by `_PIP_KEEPING_DOWNLOADS`), moved into the store by their content: {file name: path}. A file
+    whose content is not the hash its index gave is left there (kbundle downloads that one)."""
+    if pip_tmp is None or not chosen:
+        return {}
+    arrived: dict[str, Path] = {}
+    for folder in sorted(pip_tmp.rglob("pip-unpack-*")):
+        for path in folder.glob("*.whl"):
+            if not path.is_symlink() and path.is_file():
+                arrived.setdefault(path.name, path)
+    adopted = {}
+    for item in chosen:
+        path = arrived.get(item.filename)
+        if path is None:
+            continue
+        sha = sha256_file(path)
+        if item.sha256 and sha != item.sha256:
+            continue
+        dest = stored(directory, sha, item.filename)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        adopted[item.filename] = dest
+        if meter is not None:
+            meter.add_bytes(dest.stat().st_size)
+    return adopted
+
+
+def _locate(pins: Sequence[PipPin], python: str, indexes: PipIndexes, glibc: str | None, meter=None):
+    """(pipreport.Chosen for each pin whose file is known without pip, the pins left for pip).
+
+    A hashed wheel URL names its file. A hashed exact pin (`name==version --hash=sha256:…`, as
+    pack locks them) names its content: its file is the one of its project's page, on one of the
+    indexes pip would read, that carries that sha256 and fits the image. No resolver runs, and
+    no wheel is downloaded to read metadata that a lock already settled."""
+    from kbundle.image.pipreport import Chosen
+    from kbundle.progress import Heartbeat
+
+    found, left, todo = [], [], []
+    for pin in pins:
+        if pin.url and pin.wheel_url and pin.hashes:
+            found.append(Chosen(pin.name, _url_version(pin), pin.url, _sha256s(pin.hashes)[0]))
+        elif pin.exact and _sha256s(pin.hashes) and not pin.url:
+            todo.append(pin)
+        else:
+            left.append(pin)
+    if not todo:
+        return found, left
+    places = _lookup_places(indexes)
+    if not places:
+        return found, left + todo
+    from kbundle.image import download
+
+    http, pages = download.session(), {}
+    with Heartbeat(meter.pulse) if meter is not None else _nothing():
+        for pin in todo:
+            chosen = _locate_one(http, pin, places, target_tags(python, glibc), pages, meter)
+            (found if chosen else left).append(chosen or pin)
+    return found, left
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _url_version(pin: PipPin) -> str:
+    from packaging.utils import parse_wheel_filename
+
+    from kbundle.specs import url_filename
+
+    return str(parse_wheel_filename(url_filename(pin.url))[1])
+
+
+def _locate_one(http, pin: PipPin, places: list[tuple[str, bool]], wanted_tags: set, pages: dict, meter):
+    """The Chosen file of one hashed exact pin on the first index page that lists it, or None."""
+    from packaging.utils import canonicalize_name
+
+    from kbundle.image import download
+    from kbundle.image.pipreport import Chosen
+
+    matches = _wheel_matcher(pin, wanted_tags)
+    hashes = set(_sha256s(pin.hashes))
+    if matches is None:
+        return None
+    for base, is_index in places:
+        bare, auth = download.split_auth(base)
+        url = f"{bare.rstrip('/')}/{canonicalize_name(pin.name)}/" if is_index else bare
+        host = download.host_of(url)
+        if url not in pages and host not in pages:
+            try:
+                text = download.fetch_text(http, url, f"the list of {pin.name}'s files", auth, meter)
+            except download.Refused:
+                text = None  # pip, with the user's own credentials, may be let in
+            except KbundleError:
+                pages[host] = []  # a host that does not answer is asked no more: pip has the last word
+                text = None
+            pages[url] = _page_links(text, url) if text else []
+        for link, sha in pages.get(url, []):
+            filename = _link_filename(link)
+            if sha in hashes and filename and matches(filename):
+                return Chosen(pin.name, pin.version, link, sha)
+    return None
+
+
+def _link_filename(link: str) -> str | None:
+    from kbundle.specs import url_filename
+
+    try:
+        return url_filename(link)
+    except KbundleError:
+        return None
+
+
+def _page_links(text: str, page: str) -> list[tuple[str, str]]:
+    """(file URL, sha256) for each link of a PEP 503 page (or a find-links page) with a sha256 fragment."""
+    from html.parser import HTMLParser
+    from urllib.parse import urljoin, urlsplit
+
+    found: list[tuple[str, str]] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            href = dict(attrs).get("href") if tag == "a" else None
+            if not href:
+                return
+            url, _, fragment = urljoin(page, href).partition("#")
+            if fragment.startswith("sha256=") and urlsplit(url).scheme in ("http", "https"):
+                found.append((url, fragment[len("sha256=") :].lower()))
+
+    Links().feed(text)
+    return found
+
+
+def _lookup_places(indexes: PipIndexes) -> list[tuple[str, bool]]:
+    """The http(s) pages pip would read, as (URL, is a simple index) in pip's order: the bundle's
+    indexes, then the user's (PIP_* variables and pip's configuration, read by `pip config list`);
+    PyPI when nothing names a main index. A pin not found on any is left to pip."""
+    from kbundle.net import pip_environment
+
+    config = _pip_config(indexes.environment(pip_environment()))
+    main = indexes.index_url or _first(config.get("index-url")) or "https://pypi.org/simple"
+    extras = [*indexes.extra_index_urls, *config.get("extra-index-url", [])]
+    links = [*indexes.find_links, *config.get("find-links", [])]
+    places = [(u, True) for u in [main, *extras]] + [(u, False) for u in links]
+    seen, kept = set(), []
+    for url, is_index in places:
+        if url.startswith(("http://", "https://")) and url not in seen:
+            seen.add(url)
+            kept.append((url, is_index))
+    return kept
+
+
+def _first(values) -> str | None:
+    return values[0] if values else None
+
+
+def _pip_config(env: dict[str, str]) -> dict[str, list[str]]:
+    """index-url, extra-index-url and find-links as pip's configuration gives them (its files and
+    PIP_* variables; the variables first), from `pip config list`: no network."""
+    import re
+
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"],
+            capture_output=True,
+            text=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+            preexec_fn=_die_with_kbundle(),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found: dict[str, list[str]] = {}
+    rows = []
+    for line in result.stdout.splitlines():
+        match = re.match(r"^([^.]*)\.(index-url|extra-index-url|find-links)='(.*)'$", line.strip())
+        if match:
+            rows.append(match.groups())
+    rows.sort(key=lambda row: row[0] != ":env:")  # the variables win over the files, as in pip
+    for _section, key, value in rows:
+        found.setdefault(key, []).extend(value.split())
+    return found
 
 
 def _keep(directory: Path, path: Path, item) -> Path:
@@ -589,11 +987,11 @@ def _resolve_and_fetch(
             lines.append(str(wheel))
         else:
             lines.append(pin.spec or pin.text)  # hashes are checked below: pip would want one for every line
-    with tempfile.TemporaryDirectory(prefix="kbundle-resolve-") as tmp:
-        chosen = _resolve(lines, python, indexes, glibc, Path(tmp), False, conda_env)
-    places, fetched = _fetch_chosen(
-        [c for c in chosen if c.filename not in built], directory, python, indexes, glibc, meter
-    )
+    with tempfile.TemporaryDirectory(prefix=".resolve-", dir=directory) as tmp:
+        chosen = _resolve(lines, python, indexes, glibc, Path(tmp), False, conda_env, meter)
+        places, fetched = _fetch_chosen(
+            [c for c in chosen if c.filename not in built], directory, python, indexes, glibc, meter, Path(tmp)
+        )
     files, resolution, kept = [], [], []
     for item in chosen:
         if item.filename in built:
