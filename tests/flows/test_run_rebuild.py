@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,41 @@ def test_a_damaged_image_is_reported_and_rebuild_heals_it(world, tmp_path, docke
         assert new_id != first_id  # built anew: no cached step was reused
         assert health(env, kernel) == "ok"
         assert printed_by_kernel(kernel, "import numpy; print(numpy.__name__)").strip() == "numpy"
+    finally:
+        for ref in images:
+            subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)
+
+
+def test_damaged_cache_entries_are_replaced_with_a_warning_and_never_built_in(world, tmp_path, monkeypatch):
+    """A conda package's file and a wheel, each cut short in kbundle's cache after a run: the
+    next build removes and fetches them again, says so, and its kernel imports both."""
+    env = run_env_for(tmp_path)
+    monkeypatch.setenv("JUPYTER_DATA_DIR", env["JUPYTER_DATA_DIR"])
+    name = f"kbt-heal-{uuid.uuid4().hex[:8]}"
+    kernel = f"kbundle-{name}"
+    bundle = pack_world_bundle(world, env, tmp_path / "sender", name)
+    (tmp_path / "here").mkdir()
+    proc = run_kbundle(["run", str(bundle), "--yes", "--json"], env, cwd=tmp_path / "here", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    images = {json.loads(proc.stdout)["image"]}
+    try:
+        cache = Path(env["KBUNDLE_CACHE_DIR"])
+        numpy_init = next(cache.glob("pkgs/numpy-*/lib/python3.*/site-packages/numpy/__init__.py"))
+        wheel = next(cache.glob("wheels/**/tabulate-*.whl"))
+        for path in (numpy_init, wheel):
+            with open(path, "r+b") as fh:  # what a crash or a full disk leaves
+                fh.truncate(path.stat().st_size // 2)
+
+        rebuilt = run_kbundle(
+            ["run", str(bundle), "--yes", "--json", "--rebuild"], env, cwd=tmp_path / "here", timeout=900
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        images.add(json.loads(rebuilt.stdout)["image"])
+        warnings = [line for line in rebuilt.stderr.splitlines() if line.startswith("warning:")]
+        assert any("conda package numpy" in w and "damaged" in w and "__init__.py" in w for w in warnings), warnings
+        assert any("wheel tabulate" in w and "sha256" in w for w in warnings), warnings
+        code = "import numpy, tabulate; print(numpy.__name__, tabulate.__name__)"
+        assert printed_by_kernel(kernel, code).strip() == "numpy tabulate"
     finally:
         for ref in images:
             subprocess.run(["docker", "rmi", "-f", ref], capture_output=True)

@@ -325,6 +325,10 @@ def install_prefix(
         console.print(f"pip: {len(lines)} wheel(s): " + ", ".join(r.split(" ")[0] for r in lines))
         for message in installed.warnings:
             warn(console, warnings, message)
+    from kbundle.image import healing
+
+    for found in healing.drain():  # damaged cache entries, removed and replaced (never used)
+        warn(console, warnings, found)
     _check_kernel(prefix)
     scripts = native.activate_scripts(prefix)
     if scripts:

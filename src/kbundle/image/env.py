@@ -213,20 +213,32 @@ def check_prefix(target: Path, final_prefix: str = contract.PREFIX) -> None:
 def vet_packages(records, meter=None) -> list:
     """The records, each package's paths.json checked before rattler links anything.
 
-    A package already in rattler's cache under the same sha256 is read there. Any other is
-    downloaded and unpacked once, by rattler, straight into that cache (`_unpack_into_cache`),
-    checked against the lock's sha256 as it streams; its paths.json is then read from the
-    unpacked folder. rattler's install finds it there and links what was checked: nothing is
-    unpacked twice. Every package in the cache, new or found there, has its modes closed
-    (`close_modes`: no group or other write, no setuid/setgid) before anything links it."""
+    A package already in rattler's cache under the same sha256 is read there, once its files
+    pass their check (image/pkgcheck.py: sizes and sha256 against paths.json; a damaged one is
+    removed, noted for a warning, and fetched again). Any other is downloaded by kbundle's
+    downloader (`_unpack_all`, checked against the lock's sha256) and unpacked once, by
+    rattler, into that cache; its paths.json is then read from the unpacked folder. rattler's
+    install finds it there and links what was checked: nothing is unpacked twice. Every
+    package in the cache, new or found there, has its modes closed (`close_modes`: no group or
+    other write, no setuid/setgid) before anything links it."""
+    from kbundle.image import healing, pkgcheck
+
     todo = []
     for record in records:
         cached = _cached_paths(record)
+        folder = package_cache_dir() / _stem(record)
+        damage = pkgcheck.damaged(folder) if cached is not None else None
+        if damage:
+            healing.note(
+                f"conda package {safe(record.file_name)} in kbundle's cache was damaged ({safe(damage)}): fetched again"
+            )
+            _forget(record)
+            cached = None
         if cached is None:
             todo.append(record)
         else:
             _check_paths(record, cached)
-            close_modes(package_cache_dir() / _stem(record))  # unpacked by an older kbundle, maybe
+            close_modes(folder)  # unpacked by an older kbundle, maybe
     if meter is not None:
         meter.plan_bytes(sum(r.size or 0 for r in todo))
         meter.items(len(records) - len(todo), len(records))
@@ -299,6 +311,8 @@ def _unpack(record, archive: Path) -> None:
     then stamped as rattler stamps what it unpacked; the archive itself is not kept."""
     import rattler.package_streaming as streaming
 
+    from kbundle.image import pkgcheck
+
     expected = bytes(record.sha256)
     folder = package_cache_dir() / _stem(record)
     _forget(record)
@@ -312,6 +326,7 @@ def _unpack(record, archive: Path) -> None:
         archive.unlink(missing_ok=True)
         raise KbundleError(f"{safe(record.url)} does not match the checksum the bundle records")
     close_modes(folder)  # before the stamp: the cache only ever holds closed packages
+    pkgcheck.record(folder)  # what a later use compares (image/pkgcheck.py)
     # rattler's own cache stamp: a big-endian revision, then the sha256 it was unpacked from.
     (package_cache_dir() / f"{_stem(record)}.lock").write_bytes((1).to_bytes(8, "big") + sha)
     archive.unlink(missing_ok=True)
@@ -351,9 +366,12 @@ def _unpack_failure(record, exc: BaseException, folder: Path) -> str:
 
 
 def _forget(record) -> None:
-    """Remove a package's cache entry (its folder and stamp), so that only checked packages stay."""
+    """Remove a package's cache entry (its folder, stamp and file record), so that only checked packages stay."""
+    from kbundle.image import pkgcheck
+
     cache = package_cache_dir()
     (cache / f"{_stem(record)}.lock").unlink(missing_ok=True)
+    pkgcheck.record_path(cache / _stem(record)).unlink(missing_ok=True)
     shutil.rmtree(cache / _stem(record), ignore_errors=True)
 
 

@@ -131,6 +131,9 @@ def intact(path: Path, *sha256: str) -> bool:
         return False
     if sha256_file(path) in {h.lower() for h in sha256}:
         return True
+    from kbundle.image import healing
+
+    healing.note(f"wheel {path.name} in kbundle's cache failed its sha256: removed, fetched or built again")
     path.unlink(missing_ok=True)
     return False
 
