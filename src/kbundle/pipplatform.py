@@ -158,9 +158,12 @@ def explain_no_wheel(detail: str, python: str, glibc: str | None, indexes: PipIn
 def _skipped_wheels(name: str, python: str, glibc: str | None, indexes: PipIndexes) -> list[str]:
     """The wheel files of `name` pip saw on the indexes and skipped for the image: `pip index`
     downloads nothing, and says at -vv why it skipped each file."""
+    from kbundle.children import die_with_kbundle
+    from kbundle.image.download import READ_TIMEOUT
     from kbundle.net import pip_environment
 
     command = [sys.executable, "-m", "pip", "index", "versions", "-vv", *target_args(python, glibc)]
+    command += ["--timeout", str(READ_TIMEOUT), "--retries", "2"]  # a stalled index: kbundle's own rule
     command += ["--disable-pip-version-check", "--no-input", "--", name]  # `name` is a parsed name: no option
     try:
         result = subprocess.run(
@@ -170,6 +173,7 @@ def _skipped_wheels(name: str, python: str, glibc: str | None, indexes: PipIndex
             env=indexes.environment(pip_environment()),
             stdin=subprocess.DEVNULL,
             timeout=120,
+            preexec_fn=die_with_kbundle(),
         )
     except (OSError, subprocess.TimeoutExpired):
         return []

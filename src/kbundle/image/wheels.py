@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol
 
+from kbundle import children
 from kbundle.errors import KbundleError
 from kbundle.pipplatform import (
     PLATFORM,
@@ -255,7 +256,7 @@ def _run_pip(
     that a glibc too old for them is said as such rather than in pip's words. `interpreter`: a
     pydists stand-in to run pip in (the conda side installed), instead of kbundle's own.
 
-    pip runs as a child that dies with kbundle (`_die_with_kbundle`), with kbundle's short read
+    pip runs as a child that dies with kbundle (children.py), with kbundle's short read
     timeout (a stalled index fails in a minute, not in six), and while it runs `meter` is told
     every second "still DOING with pip (N s): what pip is at, from which host" (a plain console
     prints one such line every 5 s). `keep`: pip's temporary folder, where the wheels pip
@@ -390,7 +391,7 @@ def _watch_pip(command: list[str], env: dict[str, str], meter, doing: str) -> tu
         text=True,
         errors="replace",
         env=env,
-        preexec_fn=_die_with_kbundle(),
+        preexec_fn=children.die_with_kbundle(),
     )
 
     def drain(stream, keep: list[str] | None) -> None:
@@ -417,27 +418,6 @@ def _watch_pip(command: list[str], env: dict[str, str], meter, doing: str) -> tu
     for reader in readers:
         reader.join(timeout=5)
     return code, "".join(errors), watch
-
-
-def _die_with_kbundle():
-    """A preexec_fn that has Linux SIGKILL the child when kbundle dies, even by SIGKILL (prctl
-    PR_SET_PDEATHSIG): a pip left behind would go on loading an index, holding files in the
-    cache. None where prctl is not there (the child is still killed when kbundle stops in order)."""
-    import ctypes
-    import signal
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def arm() -> None:  # in the child, between fork and exec: nothing here may take a lock
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # kbundle died before the line above: die now
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return arm
 
 
 def _pip_stall(stderr: str, watch: _PipWatch) -> str | None:
@@ -924,7 +904,7 @@ def _pip_config(env: dict[str, str]) -> dict[str, list[str]]:
             env=env,
             stdin=subprocess.DEVNULL,
             timeout=60,
-            preexec_fn=_die_with_kbundle(),
+            preexec_fn=children.die_with_kbundle(),
         )
     except (OSError, subprocess.SubprocessError):
         return {}
