@@ -77,8 +77,9 @@ def test_a_damaged_image_is_reported_and_rebuild_heals_it(world, tmp_path, docke
 
 
 def test_damaged_cache_entries_are_replaced_with_a_warning_and_never_built_in(world, tmp_path, monkeypatch):
-    """A conda package's file and a wheel, each cut short in kbundle's cache after a run: the
-    next build removes and fetches them again, says so, and its kernel imports both."""
+    """A conda package's file, a wheel and a .pyc, each cut short in kbundle's cache after a run:
+    the next build removes them, fetches or compiles them again, says so, and its kernel imports
+    what they hold."""
     env = run_env_for(tmp_path)
     monkeypatch.setenv("JUPYTER_DATA_DIR", env["JUPYTER_DATA_DIR"])
     name = f"kbt-heal-{uuid.uuid4().hex[:8]}"
@@ -92,7 +93,8 @@ def test_damaged_cache_entries_are_replaced_with_a_warning_and_never_built_in(wo
         cache = Path(env["KBUNDLE_CACHE_DIR"])
         numpy_init = next(cache.glob("pkgs/numpy-*/lib/python3.*/site-packages/numpy/__init__.py"))
         wheel = next(cache.glob("wheels/**/tabulate-*.whl"))
-        for path in (numpy_init, wheel):
+        pyc = max(cache.glob("pyc/*/*.pyc"), key=lambda p: p.stat().st_size)  # some module's bytecode
+        for path in (numpy_init, wheel, pyc):
             with open(path, "r+b") as fh:  # what a crash or a full disk leaves
                 fh.truncate(path.stat().st_size // 2)
 
@@ -104,6 +106,7 @@ def test_damaged_cache_entries_are_replaced_with_a_warning_and_never_built_in(wo
         warnings = [line for line in rebuilt.stderr.splitlines() if line.startswith("warning:")]
         assert any("conda package numpy" in w and "damaged" in w and "__init__.py" in w for w in warnings), warnings
         assert any("wheel tabulate" in w and "sha256" in w for w in warnings), warnings
+        assert any(".pyc file(s) were damaged" in w for w in warnings), warnings
         code = "import numpy, tabulate; print(numpy.__name__, tabulate.__name__)"
         assert printed_by_kernel(kernel, code).strip() == "numpy tabulate"
     finally:
