@@ -117,3 +117,28 @@ def printed_by_kernel(kernel_name: str, code: str, ready_timeout: float = 120, t
             kc.stop_channels()
     finally:
         km.shutdown_kernel(now=True)
+
+
+def answer_on_a_terminal(args: list, env: dict, cwd, answer: bytes = b"n\n", timeout: float = 120):
+    """Run `kbundle ARGS` with stdin a terminal (a pty), as a person at a shell: kbundle shows its
+    review and asks, and `answer` is typed. The finished process (stdout, stderr as text)."""
+    import pty
+
+    kbundle_exe = str(Path(sys.executable).parent / "kbundle")
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [kbundle_exe, *map(str, args)],
+            env=env,
+            cwd=cwd,
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        os.write(master, answer)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        os.close(master)
+        os.close(slave)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

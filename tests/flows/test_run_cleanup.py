@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from test_run_docker import KBUNDLE, _step_running, assert_clean_error, kbundle, pack, rewrite_dockerfile
 
+from helpers import answer_on_a_terminal
+
 pytestmark = pytest.mark.docker
 
 
@@ -82,24 +84,8 @@ def test_declined_without_a_terminal_leaves_nothing(source_bundle, env, tmp_path
 def test_a_no_on_the_terminal_leaves_nothing_and_the_question_keeps_its_brackets(
     source_bundle, env, tmp_path, docker_client
 ):
-    import pty
-
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [KBUNDLE, "run", str(source_bundle)],
-            env=env,
-            cwd=tmp_path,
-            stdin=slave,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        os.write(master, b"n\n")
-        _, err = proc.communicate(timeout=120)
-    finally:
-        os.close(master)
-        os.close(slave)
+    proc = answer_on_a_terminal(["run", str(source_bundle)], env, tmp_path)
+    err = proc.stderr
     assert proc.returncode == 1 and "declined" in err, err
     assert "register the kernel? [y/N]" in err, err
     assert re.search(r"disk +about [\d.]+ (?:[KMG]iB|B) for the image", err), err

@@ -19,7 +19,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from helpers import KBUNDLE, run_kbundle
+from helpers import KBUNDLE, answer_on_a_terminal, run_kbundle
 
 pytestmark = pytest.mark.docker
 
@@ -274,25 +274,10 @@ def test_without_yes_and_no_terminal_it_asks_for_yes(world, run_env, tmp_path, s
 
 
 def test_on_a_terminal_it_asks_and_a_no_builds_nothing(world, run_env, tmp_path, session_tag):
-    import pty
 
     bundle = pack(world, run_env, tmp_path / "s", f"kbt-tty-{session_tag}")
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [KBUNDLE, "run", str(bundle), "--base-image", world["base_image"]],
-            env=run_env,
-            cwd=tmp_path,
-            stdin=slave,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        os.write(master, b"n\n")
-        out, err = proc.communicate(timeout=120)
-    finally:
-        os.close(master)
-        os.close(slave)
+    proc = answer_on_a_terminal(["run", str(bundle), "--base-image", world["base_image"]], run_env, tmp_path)
+    err = proc.stderr
     assert proc.returncode == 1 and "declined" in err, err
     assert "Build it and register the kernel?" in err and world["base_image"] in err and "Dockerfile" in err
     assert "unsigned" in err and "127.0.0.1:18765" in err and "package(s), locked" in err

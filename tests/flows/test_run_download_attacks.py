@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import json
 import os
-import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -18,7 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
-from helpers import KBUNDLE, run_kbundle
+from helpers import answer_on_a_terminal, run_kbundle
 
 pytestmark = pytest.mark.docker
 
@@ -151,7 +150,6 @@ def test_a_file_index_or_url_in_a_bundle_is_refused(world, env, tmp_path, indexe
 
 
 def test_the_review_names_direct_url_and_git_hosts(world, env, serve, tmp_path):
-    import pty
 
     served = tmp_path / "served"
     served.mkdir()
@@ -159,22 +157,8 @@ def test_the_review_names_direct_url_and_git_hosts(world, env, serve, tmp_path):
     direct = f"kbfile @ http://files.direct.example:8080/f/kbfile-1.0-py3-none-any.whl --hash=sha256:{'a' * 64}"
     git = "kbgit @ git+https://git.example.org/kb/kbgit.git@v0.1"
     bundle = craft(tmp_path / "hosts.kbundle", world, pip=["kbdemo==1.0", direct, git], indexes={"index_url": url})
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [KBUNDLE, "run", str(bundle)],
-            env=env,
-            cwd=tmp_path,
-            stdin=slave,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        os.write(master, b"n\n")
-        _, err = proc.communicate(timeout=120)
-    finally:
-        os.close(master)
-        os.close(slave)
+    proc = answer_on_a_terminal(["run", str(bundle)], env, tmp_path)
+    err = proc.stderr
     assert proc.returncode == 1 and "declined" in err, err
     contacts = next(line for line in err.splitlines() if line.startswith("contacts"))
     for host in ("files.direct.example:8080", "git.example.org", url.split("/")[2]):

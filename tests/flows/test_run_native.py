@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import KBUNDLE, printed_by_kernel, run_kbundle
+from helpers import answer_on_a_terminal, printed_by_kernel, run_kbundle
 
 pytestmark = pytest.mark.docker
 
@@ -215,26 +215,11 @@ def test_without_yes_and_no_terminal_it_asks_for_yes_and_leaves_nothing(vcs_bund
 
 
 def test_the_review_names_the_host_side_build_and_a_no_leaves_nothing(vcs_bundle, tmp_path):
-    import pty
 
     bundle, vcs, _ = vcs_bundle
     env = _env(tmp_path / "cache", tmp_path / "jupyter")
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [KBUNDLE, "run", str(bundle), "--native"],
-            env=env,
-            cwd=tmp_path,
-            stdin=slave,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        os.write(master, b"n\n")
-        _, err = proc.communicate(timeout=120)
-    finally:
-        os.close(master)
-        os.close(slave)
+    proc = answer_on_a_terminal(["run", str(bundle), "--native"], env, tmp_path)
+    err = proc.stderr
     assert proc.returncode == 1 and "declined" in err, err
     review = err[: err.index("Install it on this machine and register the kernel? [y/N]")]
     assert "ON THIS MACHINE, AS YOU, OUTSIDE ANY CONTAINER" in review

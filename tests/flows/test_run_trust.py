@@ -13,14 +13,13 @@ import functools
 import http.server
 import json
 import os
-import subprocess
 import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
-from helpers import KBUNDLE, run_kbundle
+from helpers import answer_on_a_terminal, run_kbundle
 from kbundle.bundle.format import DOCKERFILE, LOCK
 
 pytestmark = pytest.mark.docker
@@ -290,7 +289,6 @@ TAMPERED = "FROM evil/backdoor\nRUN cp /bin/sh /opt/rootsh && chmod 4755 /opt/ro
 
 def test_a_tampered_dockerfile_is_shown_and_not_built(world, env, tmp_path, docker_client):
     """kbundle builds its own rendering of the manifest; the review shows the diff."""
-    import pty
 
     name = f"trust-df-{uuid.uuid4().hex[:6]}"
     channels = [world["channel"]]
@@ -304,22 +302,8 @@ def test_a_tampered_dockerfile_is_shown_and_not_built(world, env, tmp_path, dock
         dockerfile=TAMPERED,
     )
     # The review, on a terminal: the diff, escaped, and a "no" builds nothing.
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            [KBUNDLE, "run", str(bundle)],
-            env=env,
-            cwd=tmp_path,
-            stdin=slave,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        os.write(master, b"n\n")
-        _, err = proc.communicate(timeout=120)
-    finally:
-        os.close(master)
-        os.close(slave)
+    proc = answer_on_a_terminal(["run", str(bundle)], env, tmp_path)
+    err = proc.stderr
     assert proc.returncode == 1 and "declined" in err, err
     assert "-FROM evil/backdoor" in err and "+FROM " + world["base_image"] in err and "differs" in err
     # --yes alone builds kbundle's rendering: no backdoor base, no setuid shell.
@@ -340,7 +324,6 @@ def test_a_tampered_dockerfile_is_shown_and_not_built(world, env, tmp_path, dock
 @pytest.mark.parametrize("how", ["pty-no", "not-a-terminal"])
 def test_nothing_touches_the_network_before_consent(world, env, tmp_path, how):
     """An unlocked bundle whose channel is a server that counts requests: none arrive before the answer."""
-    import pty
 
     url, requests, stop = serve(Path(world["channel_path"]))
     try:
@@ -353,22 +336,8 @@ def test_nothing_touches_the_network_before_consent(world, env, tmp_path, how):
             lock=None,
         )
         if how == "pty-no":
-            master, slave = pty.openpty()
-            try:
-                proc = subprocess.Popen(
-                    [KBUNDLE, "run", str(bundle)],
-                    env=env,
-                    cwd=tmp_path,
-                    stdin=slave,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                os.write(master, b"n\n")
-                _, err = proc.communicate(timeout=120)
-            finally:
-                os.close(master)
-                os.close(slave)
+            proc = answer_on_a_terminal(["run", str(bundle)], env, tmp_path)
+            err = proc.stderr
             assert proc.returncode == 1 and "declined" in err, err
             host = url.split("/")[2]
             assert host in err and "not locked" in err and "unsigned" in err, err
