@@ -3,7 +3,7 @@
 1. open the bundle once, verifying every member (bundle/reader.py); read and check its signature
 2. refuse a kernel name another bundle holds, before anything is written (flows/register.py)
 3. place its notebook and files in the working directory (image/workdir.py), which the run's
-   undo removes again when it made it and the run fails (flows/undo.py)
+   undo removes again when it made it, the run fails, and no other run uses it (flows/undo.py)
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def arrive(
     claim(options, content_hash, kernel_name, getattr(bundle, "content_hash", ""))
     display_name = f"{safe(local_name)}{suffix}"
     target = options.workdir or wd.default_workdir(local_name)
-    undo.created_folder(target)
-    placement = wd.place(bundle, target, kernel_name, display_name)
+    with wd.claim(target) as held:  # runs in one folder place one at a time; the folder is theirs together
+        undo.claimed(held)
+        placement = wd.place(bundle, target, kernel_name, display_name)
     return Arrival(bundle, signature, content_hash, kernel_name, display_name, placement, started)

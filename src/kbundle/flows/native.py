@@ -190,7 +190,7 @@ def plan_native(bundle, options, signature, prefix: Path, workdir: Path) -> Nati
             unusual.append("unpinned conda specs: " + ", ".join(safe(s) for s in loose))
     if bundle.pip:
         hosts += list(pip_hosts(bundle.manifest))
-    needs = estimate(records)
+    needs = estimate(records, pip=tuple(bundle.pip))
     review = NativeReview(
         sender=safe(signature.describe()),
         prefix=str(prefix),

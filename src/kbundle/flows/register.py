@@ -4,8 +4,9 @@ engine, on a Slurm node, or native in a prefix on this machine.
 The same rules hold for all three: a name another bundle's kernel holds is refused (kernel/spec.py
 `claim_name`; --name, --replace), the collision check and the write are one step under a lock on
 the name, runs of one bundle in several folders keep the workdir registered first while it exists
-(`kernel_workdir`), and the kernelspec records the bundle, its notebook, its CUDA and the exact pip
-resolution it runs."""
+(`kernel_workdir`), a kernel whose workdir is gone is never registered (and the folder of one
+that is stays, whichever concurrent run fails later), and the kernelspec records the bundle, its
+notebook, its CUDA and the exact pip resolution it runs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kbundle.display import safe
-from kbundle.errors import UsageError
+from kbundle.errors import KbundleError, UsageError
 from kbundle.flows.notices import warn
 from kbundle.flows.options import RunOptions
 from kbundle.image.locks import held
@@ -89,6 +90,7 @@ def register(options: RunOptions, arrival, kernel: Registration, warnings: list[
             metadata["notebook"] = str(previous.metadata.get("notebook") or metadata["notebook"])
         for message in filter(None, (replaced, kept, _moved(name, previous, same, kernel))):
             warn(console, warnings, message)
+        _check_workdir(Path(workdir), placement.workdir, name)
         request = KernelRequest(
             name,
             safe(options.name or bundle.name),
@@ -103,6 +105,18 @@ def register(options: RunOptions, arrival, kernel: Registration, warnings: list[
             env=dict(kernel.env),
         )
         return install_kernelspec(request)
+
+
+def _check_workdir(workdir: Path, placed: Path, name: str) -> None:
+    """The kernel starts in `workdir`: refuse to register it when that folder is gone, and keep
+    the folder this run placed from any other run's undo from now on (image/workdir.py)."""
+    from kbundle.image import workdir as wd
+
+    if not workdir.is_dir():
+        raise KbundleError(
+            f"kernel {name} would start in {workdir}, which is gone (removed while this run worked): run again"
+        )
+    wd.mark_relied_on(placed, name)
 
 
 def _moved(name: str, previous, same: bool, kernel: Registration) -> Optional[str]:

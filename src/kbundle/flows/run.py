@@ -19,8 +19,9 @@
 `--native` (flows/native.py) and `--slurm` (flows/slurm.py) share steps 1-2 and 7 and take their
 own way between: no engine and no image natively, an image already in a registry for Slurm.
 
-Nothing is registered unless the image exists under its content tag, so a failed or
-interrupted build leaves no kernel behind. kbundle builds the Dockerfile it renders
+Nothing is registered unless the image exists under its content tag and the kernel's workdir
+exists, so a failed or interrupted build leaves no kernel behind, and no run exits 0 with a
+kernel that cannot start. kbundle builds the Dockerfile it renders
 from the manifest, never the shipped one unless --use-bundled-dockerfile says so.
 """
 
@@ -37,7 +38,7 @@ from kbundle.display import safe
 from kbundle.errors import UsageError
 from kbundle.flows import native, slurm
 from kbundle.flows.arrive import Arrival, arrive
-from kbundle.flows.checks import Needs, estimate, prechecks
+from kbundle.flows.checks import Needs, disk_truth, engine_root, estimate, places, prechecks
 from kbundle.flows.notices import print_warnings
 from kbundle.flows.options import RunOptions, RunResult
 from kbundle.flows.pulling import consent_to_pull, pull_review_lines
@@ -87,7 +88,7 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     from kbundle.flows.undo import Undo
     from kbundle.kernel.spec import NATIVE_SUFFIX, kernel_name_for, slurm_kernel_name
 
-    with Undo() as undo:
+    with Undo() as undo, disk_truth(lambda: _disk_places(options, undo)):
         if options.native or options.prefix_root is not None:
             ready = native.check(options)
             arrival = arrive(options, undo, bundle_hash, kernel_name_for, NATIVE_SUFFIX)
@@ -99,6 +100,17 @@ def run_bundle(options: RunOptions, console) -> RunResult:
         gpus = _check(options)
         arrival = arrive(options, undo, bundle_hash, kernel_name_for, " (kbundle)")
         return _run_image(options, gpus, arrival, console, undo)
+
+
+def _disk_places(options: RunOptions, undo) -> list[tuple[Path, str]]:
+    """Every place a run writes, for naming the one that filled (flows/checks.py `disk_truth`)."""
+    found = places(options.workdir or Path.cwd())
+    root = engine_root(undo.client) if undo.client is not None else None
+    if root is not None:
+        found.append((root, "the engine's storage"))
+    if options.prefix_root is not None:
+        found.append((options.prefix_root, "the native prefixes' folder"))
+    return found
 
 
 def _check(options: RunOptions):
@@ -129,6 +141,7 @@ def _run_image(options: RunOptions, gpus, arrival: Arrival, console, undo) -> Ru
     with image_for(
         client, bundle, options, base, arrival.signature, placement.workdir, warnings, console, undo
     ) as image:
+        _check_image(client, image.tag)
         kernel = Registration(
             image.tag,
             list(report.plan.gpus),
@@ -159,6 +172,16 @@ def _run_image(options: RunOptions, gpus, arrival: Arrival, console, undo) -> Ru
         pulled=image.pulled,
         image_ref=image.ref,
     )
+
+
+def _check_image(client, tag: str) -> None:
+    """The kernel runs `tag`: refuse to register it when the engine lost that image (removed by
+    another process since it was built or found), rather than leave a kernel that cannot start."""
+    from kbundle.errors import KbundleError
+    from kbundle.image import build as imagemod
+
+    if imagemod.existing_image(client, tag) is None:
+        raise KbundleError(f"the image {tag} is gone from the engine (removed while this run worked): run again")
 
 
 def connect_or_hint(timeout: float):
@@ -195,7 +218,7 @@ def image_for(
         return
     plan = plan_image(client, bundle, options, request, signature, workdir)
     warnings += plan.warnings
-    prechecks(plan.needs, workdir)
+    prechecks(plan.needs, workdir, engine_root(client))
     print_warnings(console, warnings)
 
     def ask(_ref) -> None:  # only when the image must be built
@@ -244,7 +267,7 @@ def plan_image(client, bundle, options: RunOptions, request: make.ImageRequest, 
         hosts.append(registry_of(request.base))
     if options.network == "host":
         unusual.append("--network host: the kernel shares this machine's network (and its loopback services)")
-    needs = estimate(look.records, look.base_size)
+    needs = estimate(look.records, look.base_size, tuple(bundle.pip))
     review = Review(
         sender=safe(signature.describe()),
         base_image=request.base,

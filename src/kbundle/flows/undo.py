@@ -2,8 +2,13 @@
 
 `Undo` records what the run creates (the working directory it made, the images a build
 committed) and, when the run leaves with an exception (KeyboardInterrupt and SIGTERM
-included), removes them: the folder, and every one of those images that has no tag. The
+included), removes them: every one of those images that has no tag, and the folders. The
 build context removes itself (image/context.py). Cleanup ignores further Ctrl-C.
+
+Only what this run alone created goes: the working directory is shared by every run placed in
+it at the same time, so it is removed only by the run that made it, and only when no other run
+is still present there and no kernel was registered from it (image/workdir.py `release`, under
+the lock its placement holds). A run that succeeds leaves it as well.
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ class Undo:
         self.folders: list[Path] = []
         self.images: list[str] = []
         self.client = None
+        self.workdir = None  # image/workdir.py's Claim: the working directory, shared with concurrent runs
 
     def created_folder(self, path: Path) -> None:
         """`path` is about to be made by this run (when it does not exist yet)."""
         if not os.path.lexists(path):
             self.folders.append(Path(path))
+
+    def claimed(self, claim) -> None:
+        """The working directory this run placed its files in (image/workdir.py `claim`)."""
+        self.workdir = claim
 
     def image(self, image_id: str) -> None:
         """An image this run's build committed (a step's layer, or the result)."""
@@ -38,12 +48,25 @@ class Undo:
         if exc_type is not None:
             with _uninterrupted():
                 self.undo()
+        elif self.workdir is not None:
+            self._leave(failed=False)
         return False
 
     def undo(self) -> None:
         self._remove_images()
         for folder in reversed(self.folders):
             shutil.rmtree(folder, ignore_errors=True)
+        if self.workdir is not None:
+            self._leave(failed=True)
+
+    def _leave(self, failed: bool) -> None:
+        from kbundle.image import workdir
+
+        try:
+            workdir.release(self.workdir, failed)
+        except OSError:
+            pass  # the cache's lock folder cannot be written: the folder stays, which harms no one
+        self.workdir = None
 
     def _remove_images(self) -> None:
         if self.client is None:

@@ -18,6 +18,7 @@ first byte is fetched, and never registers a kernel.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from kbundle.cache import cache_root
 from kbundle.display import safe, size
 from kbundle.errors import KbundleError, UsageError
 from kbundle.image import ledger
-from kbundle.image.locks import held
+from kbundle.image.locks import deferred_signals, held
 from kbundle.progress import Meter, finish
 
 
@@ -237,13 +238,10 @@ def build(client, bundle, request: ImageRequest, resolved, key, workdir: Path, c
 
     The log is written in kbundle's cache (a failed run removes the workdir it made) and
     copied to `<workdir>/.kbundle/build.log` once the image is built."""
-    import shutil
-
     from kbundle.image import build as imagemod
-    from kbundle.image import context
 
     log = cache_root() / "logs" / f"{key.tag.split('/')[-1].replace(':', '-')}.build.log"
-    with context.temporary_context(key.digest[:12]) as ctx:
+    with _context(key.digest[:12]) as ctx:
         done = assemble_context(
             ctx, bundle, request.content_hash, resolved, key.dockerfile, console, base_image=request.base, client=client
         )
@@ -263,9 +261,47 @@ def build(client, bundle, request: ImageRequest, resolved, key, workdir: Path, c
             env_files=files,
             fresh=request.rebuild,
         )
-    kept = workdir / ".kbundle" / "build.log"
+    return dataclasses.replace(result, log=_keep_log(log, workdir))
+
+
+@contextmanager
+def _context(prefix: str) -> Iterator[Path]:
+    """A temporary build context (image/context.py), made after those a killed run of this image
+    left are swept, and removed with Ctrl-C and SIGTERM deferred until it is gone: an interrupted
+    removal leaves half a context and can turn the interruption into an EBADF (image/locks.py
+    `deferred_signals`)."""
+    from kbundle.image import context
+
+    _sweep_contexts(prefix)
+    with context.temporary_context(prefix) as ctx:
+        try:
+            yield ctx
+        finally:
+            with deferred_signals():
+                shutil.rmtree(ctx, ignore_errors=True)
+
+
+def _sweep_contexts(prefix: str) -> None:
+    """Remove the contexts a killed build of this very image left (`<prefix>-*`, hundreds of MiB
+    each). Safe: the caller holds the image's lock, so no live run assembles one of them."""
+    from kbundle.cache import contexts_dir
+
+    root = contexts_dir()
+    for stale in root.glob(f"{prefix}-*") if root.is_dir() else ():
+        with deferred_signals():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _keep_log(log: Path, workdir: Path) -> Path:
+    """The build log, copied beside the notebook. A workdir removed meanwhile (by hand: runs that
+    share it keep it while any is present) is said as such, not as a bare ENOENT."""
+    from kbundle.image.workdir import STATE_DIR
+
+    if not (workdir / STATE_DIR).is_dir():
+        raise KbundleError(f"the working directory {workdir} is gone (removed while the image was built; log: {log})")
+    kept = workdir / STATE_DIR / "build.log"
     shutil.copyfile(log, kept)
-    return dataclasses.replace(result, log=kept)
+    return kept
 
 
 def assemble_context(
@@ -297,6 +333,10 @@ def assemble_context(
     _install_conda(resolved, env_dir, console)
     log = _install_pip(bundle, content_hash, resolved, env_dir, image, client, console) if bundle.pip else []
     _compile(resolved, env_dir, image, client, console)
+    from kbundle.image import healing
+
+    for found in healing.drain():  # damaged cache entries, removed and replaced (never used)
+        console.print(f"[yellow]warning:[/] {escape(found)}", soft_wrap=True)
     layers = context.stage_layers(ctx)
     console.print("layers: " + ", ".join(layer.describe() for layer in layers))
     log += ["# the environment's layers: " + ", ".join(layer.describe() for layer in layers)]

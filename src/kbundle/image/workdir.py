@@ -6,13 +6,23 @@ hash of every file it wrote (`.kbundle/state.json`); a file whose hash differs f
 is the user's, and the fresh copy goes beside it as `<stem>.kbundle-new<suffix>`.
 Every path is opened relative to the workdir without following links (bundle/safefs.py):
 a link planted in the workdir is refused, never written through.
+
+Several runs may place one bundle in one folder at once: the folder, its notebook and its
+`.kbundle/` scratch are then shared. Each run claims the folder (`claim`) under a lock on it
+and stays present there while it works (image/locks.py `Presence`); the run that found no
+folder made it, and when it fails it removes the folder only if no other run is present, none
+registered a kernel from it (`RELIED_ON`), under that same lock (`release`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -23,6 +33,7 @@ from kbundle.errors import KbundleError
 
 STATE_DIR = ".kbundle"
 STATE_FILE = "state.json"
+RELIED_ON = "kernel"  # in STATE_DIR: a run registered a kernel from this folder; no failed run removes it
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,68 @@ class Placement:
     notebook: Path
     written: list[Path] = field(default_factory=list)
     kept: list[KeptFile] = field(default_factory=list)
+
+
+@dataclass
+class Claim:
+    """A run's hold on its workdir: whether this run made the folder, and its presence there."""
+
+    path: Path  # the folder, absolute, as the user named it
+    created: bool
+    presence: Optional[object]  # image/locks.py's Presence; None where the cache cannot be written
+
+
+def _lock_name(path: Path) -> str:
+    """One lock per folder, whatever path names it (relative, through a link)."""
+    return "workdir-" + hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:24]
+
+
+@contextmanager
+def claim(target: Path) -> Iterator[Claim]:
+    """Claim `target` for this run and hold its placement lock for the block (placing happens
+    inside it). Whether this run makes the folder is decided under the lock, so that of runs
+    started together exactly one is its maker."""
+    from kbundle.image.locks import Presence, held
+
+    path = Path(os.path.abspath(target))
+    name = _lock_name(path)
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(held(name, None))
+            presence = Presence(name)
+        except OSError:  # kbundle's cache cannot be written: the run is refused before any download (flows/checks.py)
+            presence = None
+        yield Claim(path, not os.path.lexists(path), presence)
+
+
+def release(claim: Claim, failed: bool) -> None:
+    """This run leaves the folder. A failed run that made it removes it, unless another run is
+    still present or a kernel was registered from it (the check and the removal are one step
+    under the placement lock, so no run places files in a folder being removed)."""
+    from kbundle.image.locks import held, others_present
+
+    name = _lock_name(claim.path)
+    with ExitStack() as stack:
+        if claim.presence is not None:
+            stack.enter_context(held(name, None))
+            claim.presence.leave()
+            if others_present(name):
+                return
+        if failed and claim.created and not relied_on(claim.path):
+            shutil.rmtree(claim.path, ignore_errors=True)
+
+
+def relied_on(workdir: Path) -> bool:
+    return os.path.lexists(Path(workdir) / STATE_DIR / RELIED_ON)
+
+
+def mark_relied_on(workdir: Path, kernel_name: str) -> None:
+    """A kernel is registered from `workdir` now: it stays, whichever run fails later.
+    Missing, it is refused: a kernel whose workdir is gone cannot start."""
+    if not Path(workdir).is_dir():
+        raise KbundleError(f"the working directory {workdir} is gone (removed while this run worked): run again")
+    with safefs.root(Path(workdir)) as root:
+        safefs.write_bytes(root, f"{STATE_DIR}/{RELIED_ON}", f"{kernel_name}\n".encode())
 
 
 def _sha(data: bytes) -> str:
