@@ -84,3 +84,24 @@ def slurm(world):
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = before
+
+
+@pytest.fixture
+def mount_tmpfs():
+    """Mount a small tmpfs (root only; skips where mounting is refused): yields mount(path,
+    options). Each is unmounted afterwards, lazily, whatever the test left open on it."""
+    import subprocess
+
+    mounted: list = []
+
+    def mount(path, options: str = "size=20m"):
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)

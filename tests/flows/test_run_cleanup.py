@@ -102,24 +102,6 @@ def test_an_existing_workdir_is_kept(source_bundle, env, tmp_path, docker_client
     assert (mine / "notes.txt").read_text() == "mine"
 
 
-@pytest.fixture
-def mount_tmpfs(tmp_path):
-    """Mount a small tmpfs (root only): yields mount(path, options)."""
-    mounted: list[Path] = []
-
-    def mount(path: Path, options: str) -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-        mounted.append(path)
-        return path
-
-    yield mount
-    for path in reversed(mounted):
-        subprocess.run(["umount", str(path)], check=False)
-
-
 def test_a_read_only_jupyter_dir_is_named_before_any_download(source_bundle, env, tmp_path, docker_client, mount_tmpfs):
     ro = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
     env["JUPYTER_DATA_DIR"] = str(ro / "jupyter")
@@ -138,6 +120,21 @@ def test_a_full_cache_disk_is_named_before_any_download(source_bundle, env, tmp_
     line = assert_clean_error(proc, "ENOSPC", str(small / "cache"))
     assert proc.returncode == 4, line
     assert not (tmp_path / source_bundle.stem).exists()
+
+
+def test_an_unlocked_bundle_too_big_for_the_disk_is_named_once_solved(world, env, tmp_path, docker_client, mount_tmpfs):
+    """Its sizes are unknown before consent; once solved (the channel's index fits in 16 MiB),
+    the estimate is checked before the first package is fetched."""
+    name = f"kbc-unlocked-{uuid.uuid4().hex[:6]}"
+    bundle = pack(world, dict(env), tmp_path / "sender", name, "--lock", "never")
+    small = mount_tmpfs(tmp_path / "small", "size=16m")
+    env["KBUNDLE_CACHE_DIR"] = str(small / "cache")
+    proc = kbundle(["run", bundle, "--yes"], env, cwd=tmp_path)
+    line = assert_clean_error(proc, "ENOSPC ahead", str(small / "cache"), "needs about")
+    assert proc.returncode == 4, line
+    pkgs = Path(env["KBUNDLE_CACHE_DIR"]) / "pkgs"
+    assert not (pkgs.exists() and list(pkgs.glob("*.conda"))), "packages were downloaded before the check"
+    assert not (tmp_path / name).exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -64,7 +64,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> str:
     return errors[0]
 
 
-def pack(world, env, folder: Path, name: str) -> Path:
+def pack(world, env, folder: Path, name: str, *extra: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{name}.ipynb").write_text(json.dumps(NOTEBOOK))
     (folder / "environment.yml").write_text(
@@ -84,6 +84,7 @@ def pack(world, env, folder: Path, name: str) -> Path:
             world["base_image"],
             "-o",
             out,
+            *extra,
         ],
         env,
         cwd=folder,

@@ -410,17 +410,9 @@ def test_sigkill_during_the_image_build_then_rerun(world, world_bundle, docker_c
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
+def small_tmpfs(tmp_path, mount_tmpfs):
     """A 20 MiB tmpfs (root only), unmounted afterwards whatever happens."""
-    path = tmp_path / "small"
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
+    return mount_tmpfs(tmp_path / "small", "size=20m")
 
 
 def test_a_cache_that_fills_mid_run_is_exit_4_naming_it(world, world_bundle, docker_client, tmp_path, small_tmpfs):

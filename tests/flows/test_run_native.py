@@ -204,6 +204,20 @@ def _assert_nothing_left(env: dict, cwd: Path, bundle: Path) -> None:
     assert not (kernels.exists() and list(kernels.iterdir())), "a kernel was registered"
 
 
+def test_an_unlocked_bundle_too_big_for_the_disk_is_named_once_solved(vcs_bundle, tmp_path, mount_tmpfs):
+    """Unlocked, its sizes are known only once solved: checked then, before a package is fetched."""
+    bundle, _, _ = vcs_bundle
+    small = mount_tmpfs(tmp_path / "small", "size=16m")
+    env = _env(small / "cache", tmp_path / "jupyter")
+    proc = _kbundle(["run", bundle, "--native", "--yes"], env, tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert "ENOSPC ahead" in line and str(small / "cache") in line, line
+    pkgs = small / "cache" / "pkgs"
+    assert not (pkgs.exists() and list(pkgs.glob("*.conda"))), "packages were downloaded before the check"
+    _assert_nothing_left(env, tmp_path, bundle)
+
+
 def test_without_yes_and_no_terminal_it_asks_for_yes_and_leaves_nothing(vcs_bundle, tmp_path):
     bundle, _, _ = vcs_bundle
     env = _env(tmp_path / "cache", tmp_path / "jupyter")

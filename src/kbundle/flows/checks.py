@@ -164,6 +164,17 @@ def prechecks(needs: Optional[Needs], workdir: Path, engine_root: Optional[Path]
             check_free(engine_root, needs.engine, "the engine's storage")
 
 
+def check_solved(records, pip: tuple, engine_root: Optional[Path] = None, base_size: Optional[int] = None) -> None:
+    """An unlocked bundle's sizes are known once it is solved, before the first package is
+    fetched: the same free-space check a lock gets before consent."""
+    needs = estimate(records, base_size, pip)
+    if needs.download is None:
+        return
+    check_free(cache_root(), needs.cache, "kbundle's cache")
+    if engine_root is not None:
+        check_free(engine_root, needs.engine, "the engine's storage")
+
+
 def engine_root(client) -> Optional[Path]:
     """The engine's storage (`docker info` DockerRootDir) when it is a folder on this machine."""
     try:

@@ -218,12 +218,19 @@ def disk_words(needs) -> str:
 def _prechecks(needs, workdir: Path, root: Path) -> None:
     """Before the first download: every place run writes is writable, and the disks have room."""
     from kbundle import activity
-    from kbundle.cache import cache_root
     from kbundle.flows import checks
 
     for path, what in [*checks.places(workdir), (root, "the native prefixes' folder")]:
         checks.check_writable(path, what)
     activity.hold(create=True)  # from here on the run writes to the cache: gc must see it working
+    _check_room(needs, root)
+
+
+def _check_room(needs, root: Path) -> None:
+    """The cache and the prefixes' folder have room; an unlocked bundle is checked once solved."""
+    from kbundle.cache import cache_root
+    from kbundle.flows import checks
+
     if needs.download is not None:
         checks.check_free(cache_root(), needs.download + needs.env, "kbundle's cache")
         checks.check_free(root, needs.env, "the native prefixes' folder")
@@ -266,6 +273,7 @@ def install_prefix(
 ) -> float:
     """The environment into `prefix`, its own final prefix: conda with rattler, the pip: section's
     wheels by the env's own pip here, the checks, and the stamp last. Returns the seconds it took."""
+    from kbundle.flows import checks
     from kbundle.flows.review import consent_pth
     from kbundle.image import env as envmod
     from kbundle.image import native, pipinstall, wheels
@@ -279,6 +287,7 @@ def install_prefix(
     else:
         spec = envmod.EnvSpec(declared_channels(bundle), tuple(bundle.dependencies), None, plan.target)
         resolved = envmod.resolve(spec)
+        _check_room(checks.estimate(tuple(resolved.records), pip=tuple(bundle.pip)), prefix.parent)
     indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
     key = "native-" + content_hash
     # A locked pip section is fetched while conda installs: it needs nothing from the conda side.

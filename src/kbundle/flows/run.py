@@ -38,7 +38,7 @@ from kbundle.display import safe
 from kbundle.errors import UsageError
 from kbundle.flows import native, slurm
 from kbundle.flows.arrive import Arrival, arrive
-from kbundle.flows.checks import Needs, disk_truth, engine_root, estimate, places, prechecks
+from kbundle.flows.checks import Needs, check_solved, disk_truth, engine_root, estimate, places, prechecks
 from kbundle.flows.notices import print_warnings
 from kbundle.flows.options import RunOptions, RunResult
 from kbundle.flows.pulling import consent_to_pull, pull_review_lines
@@ -218,13 +218,17 @@ def image_for(
         return
     plan = plan_image(client, bundle, options, request, signature, workdir)
     warnings += plan.warnings
-    prechecks(plan.needs, workdir, engine_root(client))
+    engine_disk = engine_root(client)
+    prechecks(plan.needs, workdir, engine_disk)
     print_warnings(console, warnings)
 
     def ask(_ref) -> None:  # only when the image must be built
         consent(console, yes=options.yes, review=plan.review, signature=signature)
 
-    with make.image_for(client, bundle, request, plan.look, ask, workdir, console, undo) as image:
+    def solved(records) -> None:  # an unlocked bundle: its sizes are known now
+        check_solved(records, tuple(bundle.pip), engine_disk, plan.look.base_size)
+
+    with make.image_for(client, bundle, request, plan.look, ask, workdir, console, undo, solved) as image:
         yield image
 
 

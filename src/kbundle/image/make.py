@@ -87,9 +87,12 @@ def image_for(
     workdir: Path,
     console,
     undo,
+    solved: Optional[Callable[[tuple], None]] = None,
 ) -> Iterator[BuiltImage]:
     """The bundle's image, held under its lock for the block. `ask(None)` before a build, or
-    `ask(ref)` before a pull, is the flow's consent; `look` is None for a pinned image."""
+    `ask(ref)` before a pull, is the flow's consent; `look` is None for a pinned image.
+    `solved(records)` sees an unlocked bundle's solution before anything is fetched (the flow's
+    disk check)."""
     if request.pinned:
         with _pulled(client, bundle, request, ask, console, undo) as image:
             yield image
@@ -104,6 +107,8 @@ def image_for(
     if image_id is None:
         ask(None)
         resolved, key = identify(bundle, look, request.base, imagemod.base_image_id(client, request.base, console))
+        if look.records is None and solved is not None:
+            solved(tuple(resolved.records))
     # Concurrent runs of one image: the first builds, the others wait here, then reuse it.
     with held(f"image-{key.tag}", console, f"another kbundle run is building {key.tag}; waiting for it"):
         image_id = imagemod.existing_image(client, key.tag)
