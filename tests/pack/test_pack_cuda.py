@@ -374,3 +374,26 @@ def test_the_metal_plugin_says_tensorflow_ran_on_a_gpu(tmp_path, pip, cuda):
     choice, env = _choose(tmp_path, pip=pip)
     assert choice.cuda == cuda
     assert [p.name for p in env.pip] == ["tensorflow"]
+
+
+# What people write under `pip:` without a pin: pip installs the newest release the range allows,
+# so the image gets the CUDA of the newest tested release (a CPU image only where that is CPU).
+UNPINNED_PIP_CASES = [
+    ("tensorflow[and-cuda]", "12.5", True),  # the extra pulls nvidia-* wheels: runtime in the env
+    ("tensorflow[and-cuda]>=2.15", "12.5", True),
+    ("tensorflow", None, False),  # says nothing of a GPU (a Mac's tensorflow-macos becomes this)
+    ("tensorflow>=2.15", "12.5", False),  # a range: its newest tested release, GPU-capable
+    ("tensorflow<2.1", None, False),  # 1.x: the CPU package
+    ("torch", "12.8", True),  # PyPI's Linux torch is a CUDA build
+    ("torch>=2.1", "12.8", True),
+    ("torch<2.0", "11.7", True),
+    ("torch==2.1.2+cpu", None, False),
+    ("tensorflow-cpu", None, False),
+]
+
+
+@pytest.mark.parametrize("line, cuda, in_env", UNPINNED_PIP_CASES)
+def test_unpinned_pip_frameworks_get_the_newest_tested_cuda(tmp_path, line, cuda, in_env):
+    choice, _ = _choose(tmp_path, pip=f"    - {line}\n")
+    assert choice.cuda == cuda
+    assert choice.runtime_in_env is in_env

@@ -84,7 +84,9 @@ def _highest_in(constraint: str | None, candidates) -> Version | None:
 def _tf_gpu(w: Wanted, parsed: Version | None) -> bool:
     table = frameworks().tensorflow
     marker = variant_of(w.build)
-    if w.name == "tensorflow-gpu" or w.gpu_intent or (marker is not None and marker[0] in ("gpu", "cuda")):
+    if w.name == "tensorflow-gpu" or w.gpu_intent or w.extras & table.carrying_extras:
+        return True
+    if marker is not None and marker[0] in ("gpu", "cuda"):
         return True
     if w.source == "conda" and w.build and "*" not in w.build:
         return False  # an export's build string is decisive: no gpu/cuda word, a CPU build
@@ -98,8 +100,11 @@ def _tf(w: Wanted) -> Evidence | None:
     marker = variant_of(w.build)
     if marker and marker[0] in ("cpu", "mkl", "eigen"):
         return None
-    # An unpinned TensorFlow beside the Metal plug-in was the newest one: read it as the newest tested build.
-    parsed = w.pick_any(table.builds) if w.gpu_intent else w.pick(table.builds)
+    # An unpinned TensorFlow beside the Metal plug-in, or asked for with `[and-cuda]`, was meant
+    # for a GPU and is the newest one pip finds: read it as the newest tested build. A bare
+    # unpinned `tensorflow` says nothing of a GPU (a Mac's tensorflow-macos becomes one).
+    intent = w.gpu_intent or bool(w.extras & table.carrying_extras)
+    parsed = w.pick_any(table.builds) if intent else w.pick(table.builds)
     tested = table.build_for(parsed)
     if not _tf_gpu(w, parsed) or not tested:
         return None
@@ -138,8 +143,13 @@ def _torch(w: Wanted) -> Evidence | None:
     version = w.version or ""
     base, _, local = version.partition("+")
     if w.source == "pip":
-        if local == "cpu" or not version:
+        if local == "cpu":
             return None
+        if not version:
+            # `torch` or `torch>=2.1`: pip installs the newest release the range allows, and
+            # PyPI's Linux torch is a CUDA build; read it as the newest tested release.
+            cudas = table.cudas_for(w.pick_any(table.builds))
+            return Evidence(w.spec or w.name, "pip", cudas[0], carries=table.carries_runtime) if cudas else None
         match = re.fullmatch(r"cu(\d+)(\d)", local)
         label = f"{w.name}=={version}"
         if match:
