@@ -9,9 +9,9 @@ orphan, whatever its age. When it does not, gc falls back to an age rule.
 
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
+
+from kbundle import marks
 
 _held: list[int] = []  # the open lock, kept for the life of the process
 
@@ -22,46 +22,20 @@ def lock_path() -> Path:
     return cache_root() / "active.lock"
 
 
-def _open(create: bool = True) -> int | None:
-    path = lock_path()
-    try:
-        if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        elif not path.parent.is_dir():
-            return None
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return None  # a read-only or full cache: nothing to hold, and gc keeps to its age rule
-
-
 def hold(create: bool = False) -> None:
     """Mark this process as working until it exits (once per process).
 
     The CLI marks every command at its start, but only in a cache that exists: a bundle refused
     before any work must leave no file behind. A run marks itself again with `create` just
-    before it first writes to the cache (flows/checks.py `prechecks`)."""
+    before it first writes to the cache (flows/checks.py `prechecks`). A mark that cannot be
+    taken (gc sweeping this instant, a read-only cache) only costs gc its shortcut."""
     if _held:
         return
-    fd = _open(create)
-    if fd is None:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:  # gc is sweeping this instant; working without the mark only costs gc its shortcut
-        os.close(fd)
-        return
-    _held.append(fd)
+    fd = marks.take(lock_path(), wait=False, create_folder=create)
+    if fd is not None:
+        _held.append(fd)
 
 
 def nobody_working() -> bool:
     """True when no other kbundle process of this user holds the mark now."""
-    fd = _open()
-    if fd is None:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing releases the lock at once: a run may start again
-    return True
+    return marks.anyone_holds(lock_path(), create_folder=False) is False

@@ -24,6 +24,7 @@ from typing import Optional
 
 from rich.markup import escape
 
+from kbundle import marks
 from kbundle.cache import cache_root
 
 
@@ -53,8 +54,9 @@ class Presence:
 
     def __init__(self, name: str):
         self.name = name
-        self.fd: Optional[int] = os.open(lock_path(name, ".users"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
+        self.fd: Optional[int] = marks.take(lock_path(name, ".users"))
+        if self.fd is None:
+            raise OSError(f"cannot hold {lock_path(name, '.users')}")
 
     def leave(self) -> None:
         if self.fd is not None:
@@ -64,15 +66,9 @@ class Presence:
 
 def others_present(name: str) -> bool:
     """Whether a live process other than this one holds `name`'s Presence (this one must have
-    left it first: its own shared lock would count)."""
-    fd = os.open(lock_path(name, ".users"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    left it first: its own shared lock would count). A mark that cannot be opened counts as
+    present: a failed run then removes nothing."""
+    return marks.anyone_holds(lock_path(name, ".users")) is not False
 
 
 class deferred_signals:

@@ -144,9 +144,13 @@ def _pulled(client, bundle, request: ImageRequest, ask, console, undo) -> Iterat
 
 def _drop(client, image_id: str) -> None:
     """The image `--rebuild` replaced, unless a container still uses it (gc removes it later)."""
+    import docker
+
     try:
         client.api.remove_image(image_id)
-    except Exception:
+    except docker.errors.APIError:
+        # In use by a container (409), or gone already (404): the new image is built and tagged,
+        # and the old one is gc's to remove (the ledger records it). Nothing else is caught.
         pass
 
 

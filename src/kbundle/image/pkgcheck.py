@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from kbundle.atomic import write_atomic
+
 RECORD_SUFFIX = ".kbundle-files.json"
 
 
@@ -74,9 +76,7 @@ def record(folder: Path) -> None:
         except OSError:
             continue
         files[entry["_path"]] = [info.st_size, info.st_mtime_ns]
-    tmp = record_path(folder).with_suffix(".tmp")
-    tmp.write_text(json.dumps(files), encoding="utf-8")
-    os.replace(tmp, record_path(folder))
+    write_atomic(record_path(folder), json.dumps(files))
 
 
 def damaged(folder: Path) -> Optional[str]:
