@@ -12,6 +12,10 @@ the floor, in the same run.
 3. a second bundle (another notebook, plus one small pip package): what Docker adds on disk
    for it (`docker system df -v`: its unique size), against the first env's bytes. Goal ≤ 0.1.
 4. a warm run of the first bundle (its image exists). Goal ≤ 1 s.
+5. downloads: every HTTPS byte of the cold runs goes through a counting loopback proxy
+   (bench/netcount.py). The locked bundle, and the same bundle packed unlocked (`--lock never`,
+   so pip's resolver runs at `kbundle run`, each from an empty cache), against the floor's pip,
+   which downloads each wheel once. Goal: each wheel downloaded once, ≤ 1.02× the floor's bytes.
 
 Both sides download from PyPI with pip's configuration of this machine set aside (a plain
 recipient's pip). It takes about 15 minutes on two cores and needs ~25 GB of free disk.
@@ -32,6 +36,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE))
+from netcount import CountingProxy, downloaded  # noqa: E402
+
 KBUNDLE = str(Path(sys.executable).parent / "kbundle")
 
 
@@ -48,7 +55,7 @@ def notebook(path: Path, source: str) -> None:
     path.write_text(json.dumps({"cells": [cell], "metadata": meta, "nbformat": 4, "nbformat_minor": 4}))
 
 
-def pack(world: dict, folder: Path, name: str, pins: list[str], env: dict) -> Path:
+def pack(world: dict, folder: Path, name: str, pins: list[str], env: dict, lock: str = "auto") -> Path:
     folder.mkdir(parents=True)
     notebook(folder / f"{name}.ipynb", f"import torch\nprint('{name}', torch.__version__)")
     pip = "".join(f"    - {p}\n" for p in pins)
@@ -58,7 +65,11 @@ def pack(world: dict, folder: Path, name: str, pins: list[str], env: dict) -> Pa
     )
     out = folder / f"{name}.kbundle"
     base = ["--base-image", world["base_image"], "--channel", world["channel"]]
-    sh([KBUNDLE, "pack", f"{name}.ipynb", "-e", "environment.yml", *base, "-o", out], env=env, cwd=folder)
+    sh(
+        [KBUNDLE, "pack", f"{name}.ipynb", "-e", "environment.yml", *base, "--lock", lock, "-o", out],
+        env=env,
+        cwd=folder,
+    )
     return out
 
 
@@ -97,6 +108,17 @@ def _parse_size(text: str) -> int:
     return int(float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])
 
 
+def files_bytes(counts: dict) -> int:
+    """What PyPI's file host sent (index pages come from pypi.org and are not wheels)."""
+    return downloaded(counts, "files.pythonhosted.org")
+
+
+def wheel_bytes(cache: Path) -> int:
+    """The bytes of the distinct wheel files kbundle keeps: what "downloaded once" downloads."""
+    sizes = {path.name: path.stat().st_size for path in cache.rglob("*.whl") if path.is_file()}
+    return sum(sizes.values())
+
+
 def floor(world: dict, pins: list[str], work: Path, env: dict) -> tuple[float, float]:
     """pip install of the exact pins into a fresh host venv, then FROM base + COPY of it."""
     venv = work / "floor" / "venv"
@@ -124,12 +146,20 @@ def main() -> int:
     env.update(PIP_CONFIG_FILE=os.devnull, KBUNDLE_CACHE_DIR=str(work / "cache"), JUPYTER_DATA_DIR=str(work / "jp"))
     first = pack(world, work / "a", "benchtorch-a", [f"torch=={args.torch}"], env)
     second = pack(world, work / "b", "benchtorch-b", [f"torch=={args.torch}", "tabulate==0.9.0"], env)
+    loose = pack(world, work / "u", "benchtorch-u", [f"torch=={args.torch}"], env, lock="never")
     images = []
     try:
-        cold_s, data, stderr = run(first, env, work / "a")
-        images.append(data["image"])
-        pins = [line.split("  #")[0] for line in data["pip_resolved"]]
-        pip_s, build_s = floor(world, pins, work, env)
+        with CountingProxy() as proxy:
+            cold_s, data, stderr = run(first, proxy.environ(env), work / "a")
+            got_locked, wheels_locked = files_bytes(proxy.take()), wheel_bytes(work / "cache")
+            images.append(data["image"])
+            pins = [line.split("  #")[0] for line in data["pip_resolved"]]
+            pip_s, build_s = floor(world, pins, work, proxy.environ(env))
+            got_floor = files_bytes(proxy.take())
+            loose_env = dict(env, KBUNDLE_CACHE_DIR=str(work / "cache-u"))
+            _, data_u, _ = run(loose, proxy.environ(loose_env), work / "u")
+            got_loose, wheels_loose = files_bytes(proxy.take()), wheel_bytes(work / "cache-u")
+            images.append(data_u["image"])
         images.append("kbundle-bench/torch-floor:1")
         base = image_bytes(world["base_image"])
         added, installed = image_bytes(data["image"]) - base, env_bytes(data["image"])
@@ -159,6 +189,15 @@ def main() -> int:
         f"{extra / installed:.3f} of the first env (goal <= 0.10)"
     )
     print(f"warm run                {warm:7.2f} s (best of 3; goal <= 1 s)")
+    gib = 2**30
+    print(
+        f"downloads: bytes from files.pythonhosted.org, through the counting proxy; floor pip {got_floor / gib:.3f} GiB"
+    )
+    for label, got, wheels in (("locked", got_locked, wheels_locked), ("unlocked", got_loose, wheels_loose)):
+        print(
+            f"  {label:9} kbundle run  {got / gib:7.3f} GiB for {wheels / gib:.3f} GiB of wheels: "
+            f"{got / got_floor:.3f}x the floor (goal <= 1.02x: each wheel once)"
+        )
     return 0
 
 
