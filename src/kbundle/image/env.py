@@ -339,20 +339,19 @@ def close_modes(root: Path) -> int:
     the image would carry it world-writable. Links are skipped (their own mode means nothing, and
     chmod would follow them)."""
     changed = 0
-    for folder, dirs, files in os.walk(root):
-        for name in (*dirs, *files):
-            changed += _close_mode(Path(folder, name))
-    return changed + _close_mode(Path(root))
-
-
-def _close_mode(path: Path) -> int:
     try:
-        mode = path.lstat().st_mode
-        if stat.S_ISLNK(mode) or not mode & _STRIPPED_BITS:
-            return 0
-        os.chmod(path, stat.S_IMODE(mode) & ~_STRIPPED_BITS)
+        for entry in provenance.entries_below(os.fspath(root)):
+            changed += _close_mode(entry.path, entry.stat(follow_symlinks=False).st_mode)
+        changed += _close_mode(os.fspath(root), os.lstat(root).st_mode)
     except OSError as exc:
-        raise _disk_error(exc, path) from None
+        raise _disk_error(exc, Path(exc.filename or root)) from None
+    return changed
+
+
+def _close_mode(path: str, mode: int) -> int:
+    if stat.S_ISLNK(mode) or not mode & _STRIPPED_BITS:
+        return 0
+    os.chmod(path, stat.S_IMODE(mode) & ~_STRIPPED_BITS)
     return 1
 
 
