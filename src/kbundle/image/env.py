@@ -23,6 +23,7 @@ from kbundle.cache import cache_root
 from kbundle.display import safe
 from kbundle.errors import KbundleError, first_line
 from kbundle.image import provenance
+from kbundle.image.unpackers import Unpackers
 
 FETCH_WORKERS = 8  # parallel package downloads
 # Mode bits no file of a package keeps: write for group and others (a package is nobody's to
@@ -283,14 +284,15 @@ def _fetch_and_unpack(records, meter=None) -> None:
         item = _archive_wanted(record, folder)
         by_dest[item.dest] = (item, record)
     http = download.session(net.ca_for_channels(), FETCH_WORKERS)
-    download.fetch_all(
-        [item for item, _ in by_dest.values()],
-        meter,
-        http=http,
-        workers=FETCH_WORKERS,
-        plan=False,  # vet_packages planned the bytes from the lock's sizes
-        after=lambda item, path: _unpack(by_dest[item.dest][1], path),
-    )
+    with Unpackers(len(by_dest)) as unpack:  # rattler's extract holds the GIL: unpack elsewhere
+        download.fetch_all(
+            [item for item, _ in by_dest.values()],
+            meter,
+            http=http,
+            workers=FETCH_WORKERS,
+            plan=False,  # vet_packages planned the bytes from the lock's sizes
+            after=lambda item, path: _unpack(by_dest[item.dest][1], path, unpack),
+        )
 
 
 def _archive_wanted(record, folder: Path):
@@ -306,18 +308,17 @@ def _archive_wanted(record, folder: Path):
     return download.Wanted(url, folder / name, bytes(record.sha256).hex(), auth, folder, size)
 
 
-def _unpack(record, archive: Path) -> None:
-    """One downloaded (and checked) archive unpacked by rattler into its cache, its modes closed,
-    then stamped as rattler stamps what it unpacked; the archive itself is not kept."""
-    import rattler.package_streaming as streaming
-
+def _unpack(record, archive: Path, unpack) -> None:
+    """One downloaded (and checked) archive unpacked by rattler into its cache (`unpack`: an
+    image/unpackers.Unpackers), its modes closed, then stamped as rattler stamps what it
+    unpacked; the archive itself is not kept."""
     from kbundle.image import pkgcheck
 
     expected = bytes(record.sha256)
     folder = package_cache_dir() / _stem(record)
     _forget(record)
     try:
-        sha, md5 = streaming.extract(archive, folder)
+        sha, md5 = unpack(archive, folder)
     except Exception as exc:
         _forget(record)
         raise KbundleError(_unpack_failure(record, exc, folder)) from None
