@@ -17,6 +17,14 @@ tests build their own:
   without daemon settings.
 * ``slurm``: a one-node Slurm cluster (munged, slurmctld, slurmd as root, kept running between
   calls) whose node is this machine, partition ``debug``; Slurm's tools find it through ``SLURM_CONF``.
+* ``gpu_box``: a STAND-IN GPU machine: a second Docker engine (its own socket, data root and
+  bridge ``kbgpu0``) whose PATH holds a stand-in ``nvidia-container-runtime-hook``, so that
+  ``--gpus`` requests take the engine's real NVIDIA path and land on two stand-in GPUs
+  (``/dev/nvidia0``, ``/dev/nvidia1``: nodes nothing can open), each logged; it proves the
+  requests and plumbing, not CUDA. ``up`` prints its socket as ``gpu_docker_host``.
+* ``podman_box``: rootful Podman's Docker-compatible socket (``podman_host``, storage of its own)
+  with a STAND-IN NVIDIA CDI spec in /var/run/cdi (``nvidia.com/gpu`` = ``0``, ``1``, ``all``),
+  when podman is installed.
 * ``env_image``: an image of kbundle's own making (its Dockerfile, installer and build
   context) with python, ipykernel and numpy, for the kernel tests.
 
@@ -54,6 +62,8 @@ from .env_image import (
     render_dockerfile,
     write_env_context,
 )
+from .gpu_box import ensure_gpu_box, hook_log, stop_gpu_box
+from .podman_box import copy_image, ensure_podman, stop_podman
 from .pypi import ensure_pypi, stop_pypi
 from .registry import ensure_registry, stop_registry
 from .server import DEFAULT_PORT, ensure_server, stop_server
@@ -69,22 +79,28 @@ __all__ = [
     "TOP_LEVEL",
     "build_channel",
     "build_image",
+    "copy_image",
     "docker_client",
     "down",
     "ensure_base_image",
     "ensure_channel",
     "ensure_env_image",
+    "ensure_gpu_box",
+    "ensure_podman",
     "ensure_pypi",
     "ensure_registry",
     "ensure_server",
     "ensure_slurm",
     "fingerprint",
+    "hook_log",
     "linux_virtual_packages",
     "log",
     "platform_full",
     "python_version",
     "render_dockerfile",
     "solve_and_install",
+    "stop_gpu_box",
+    "stop_podman",
     "stop_registry",
     "stop_slurm",
     "up",
@@ -111,6 +127,8 @@ def up() -> dict:
         **ensure_pypi(root),
         **ensure_registry(root),
         **ensure_slurm(root),
+        **ensure_gpu_box(root),
+        **ensure_podman(root),
     }
 
 
@@ -121,6 +139,8 @@ def down() -> None:
     stop_pypi(root)
     stop_slurm(root)
     stop_registry(root)
+    stop_gpu_box(root)
+    stop_podman(root)
     try:
         client = docker_client()
         label = ",".join(f"{k}={v}" for k, v in LABELS.items())
