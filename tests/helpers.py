@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -100,6 +101,12 @@ def printed_by_kernel(kernel_name: str, code: str, ready_timeout: float = 120, t
     """Start the registered kernel `kernel_name` as Jupyter does (jupyter_client's KernelManager,
     the caller's JUPYTER_DATA_DIR), run `code`, and return what it printed; the kernel is shut
     down whatever happens."""
+    return banner_and_printed(kernel_name, code, ready_timeout=ready_timeout, timeout=timeout)[1]
+
+
+def banner_and_printed(kernel_name: str, code: str, on_ready=None, ready_timeout: float = 120, timeout: float = 60):
+    """(the kernel's banner, what `code` printed), for the registered kernel `kernel_name`
+    started as Jupyter does; `on_ready()` runs once it answers (to look at its container)."""
     from jupyter_client.manager import KernelManager
 
     km = KernelManager(kernel_name=kernel_name)
@@ -109,14 +116,41 @@ def printed_by_kernel(kernel_name: str, code: str, ready_timeout: float = 120, t
         kc.start_channels()
         try:
             kc.wait_for_ready(timeout=ready_timeout)
+            if on_ready is not None:
+                on_ready()
+            kc.kernel_info()
+            info = kc.get_shell_msg(timeout=timeout)
+            while info["msg_type"] != "kernel_info_reply":
+                info = kc.get_shell_msg(timeout=timeout)
             out: list = []
             reply = kc.execute_interactive(code, timeout=timeout, output_hook=out.append)
             assert reply["content"]["status"] == "ok", reply["content"]
-            return "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+            printed = "".join(m["content"]["text"] for m in out if m["msg_type"] == "stream")
+            return info["content"]["banner"], printed
         finally:
             kc.stop_channels()
     finally:
         km.shutdown_kernel(now=True)
+
+
+@contextmanager
+def environ(**values):
+    """os.environ with `values` for the block (None removes a variable), restored afterwards:
+    this process as a Jupyter started elsewhere (a desktop launcher without DOCKER_HOST, say)."""
+    saved = {k: os.environ.get(k) for k in values}
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def answer_on_a_terminal(args: list, env: dict, cwd, answer: bytes = b"n\n", timeout: float = 120):

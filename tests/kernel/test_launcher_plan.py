@@ -198,7 +198,8 @@ def test_refuses_connections_it_cannot_keep_local(tmp_path, info, message):
 def test_device_requests():
     assert L.device_requests("none") == []
     (all_gpus,) = L.device_requests("all")
-    assert all_gpus["Count"] == -1 and all_gpus["Capabilities"] == [["gpu"]]
+    # compute and utility too: Docker's nvidia driver makes them NVIDIA_DRIVER_CAPABILITIES
+    assert all_gpus["Count"] == -1 and all_gpus["Capabilities"] == [["gpu", "compute", "utility"]]
     (some,) = L.device_requests("device=0,2")
     assert some["DeviceIDs"] == ["0", "2"]
 

@@ -25,8 +25,9 @@ def kernels_list(as_json: bool = typer.Option(False, "--json", help="Print a JSO
     from kbundle.kernel.spec import list_kernelspecs
 
     records = list_kernelspecs()
-    client = _engine_or_none() if any(not r.native for r in records) else None
-    health = {r.name: kernel_health(r, client) for r in records}
+    # Each kernel's image is looked for on the engine it was registered against (DOCKER_HOST then).
+    engines = {r.docker_host: _engine_or_none(r.docker_host) for r in records if not r.native}
+    health = {r.name: kernel_health(r, engines.get(r.docker_host)) for r in records}
     if as_json:
         _print_json([dict(r.to_dict(), health=health[r.name]) for r in records])
         return
@@ -45,11 +46,11 @@ def _runs(record) -> str:
     return f"native {record.native}" if record.native else record.image
 
 
-def _engine_or_none():
-    """The Docker engine, or None when none answers (list still shows what it knows)."""
+def _engine_or_none(host: str = ""):
+    """The Docker engine (DOCKER_HOST's, or `host`), or None when none answers (list still shows what it knows)."""
     from kbundle.image.engine import connect_or_none
 
-    return connect_or_none()
+    return connect_or_none(host=host)
 
 
 def kernel_health(record, client) -> str:

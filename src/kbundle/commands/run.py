@@ -274,7 +274,8 @@ def doctor(
         engine = preflight.EngineFacts(False, docker_host(), error=f"{exc}; {preflight.NATIVE_HINT}")
         report = preflight.evaluate(engine, preflight.probe_nvml(), cuda, preflight.GpuRequest.parse("auto"))
     else:
-        report = preflight.run_preflight(client, cuda, preflight.GpuRequest.parse("auto"))
+        base = opened.base_image if opened else None  # a local base lets the engine itself say if it passes GPUs
+        report = preflight.run_preflight(client, cuda, preflight.GpuRequest.parse("auto"), base, ask_engine=True)
     if opened is not None:
         report.findings.extend(_bundle_findings(opened, client, report.plan.on_gpu))
     kernels = _kernel_networks()

@@ -31,6 +31,7 @@ from typing import Optional
 
 from kbundle import __version__, contract
 from kbundle.errors import KbundleError
+from kbundle.image import engine
 from kbundle.names import slug
 
 BUILD_MARK = "kbundle-build-{}.invalid"  # this build's name in its intermediate containers' /etc/hosts
@@ -171,7 +172,7 @@ def build(
     tail: deque[str] = deque(maxlen=15)
     image_id: Optional[str] = None
     step = ""
-    mark = BUILD_MARK.format(uuid.uuid4().hex)
+    mark = None if engine.is_podman(client) else BUILD_MARK.format(uuid.uuid4().hex)  # Podman refuses extra hosts
     stream = None
     progress = _BuildProgress(console, key.tag)
     try:
@@ -263,6 +264,8 @@ def _abandon(client, stream, mark: str) -> None:
     the intermediate containers it left. A second Ctrl-C stops the cleanup, not the exit."""
     if stream is not None:
         _close(stream)
+    if mark is None:  # Podman: its builds leave no intermediate containers of the legacy builder's kind
+        return
     try:
         remove_build_containers(client, mark)
     except KeyboardInterrupt:

@@ -48,16 +48,18 @@ def describe_docker_error(exc: BaseException, host: str) -> str:
     return f"cannot use the Docker daemon at {host}: {first}"
 
 
-def connect(timeout: float = ENGINE_TIMEOUT):
+def connect(timeout: float = ENGINE_TIMEOUT, host: str = ""):
     """A docker client for a reachable daemon, or a one-line MachineError saying what to do.
 
     The engine must answer within `timeout` seconds: one that accepts connections and never
-    answers is named as such, not waited on for minutes."""
+    answers is named as such, not waited on for minutes. `host`: another engine than DOCKER_HOST's
+    (the one a kernelspec recorded, kernel/spec.py), with the environment's other DOCKER_* settings."""
     import docker
 
-    host = docker_host()
+    environment = dict(os.environ, DOCKER_HOST=host) if host else None
+    host = host or docker_host()
     try:
-        client = docker.from_env(timeout=timeout)
+        client = docker.from_env(timeout=timeout, environment=environment)
         client.ping()
     except Exception as exc:  # docker wraps transport errors in several types
         if _timed_out(exc):
@@ -81,10 +83,10 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
-def connect_or_none(timeout: float = 5.0):
-    """A client for the engine when one answers within `timeout`, else None."""
+def connect_or_none(timeout: float = 5.0, host: str = ""):
+    """A client for the engine (DOCKER_HOST's, or `host`) when one answers within `timeout`, else None."""
     try:
-        return connect(timeout)
+        return connect(timeout, host)
     except MachineError:
         return None
 
@@ -94,3 +96,14 @@ def low_level(timeout: float = 60):
     import docker
 
     return docker.APIClient(version=API_VERSION, timeout=timeout, **docker.utils.kwargs_from_env())
+
+
+def is_podman(api) -> bool:
+    """Whether the engine behind a Docker client (high- or low-level) is Podman: its version names
+    the component. Podman speaks Docker's API but drops some of it without a word (GPU requests,
+    kernel/podman.py) or refuses it (a build's extra hosts, image/build.py)."""
+    try:
+        components = api.version().get("Components") or []
+    except Exception:  # an engine that does not say is taken for Docker
+        return False
+    return any("podman" in str(c.get("Name", "")).lower() for c in components)

@@ -86,6 +86,23 @@ class Lockdown:
         """Both, for docker-py's `containers.create`, which sorts them itself."""
         return {**self.host_options(), **self.create_options(extra)}
 
+    def libpod_options(self, extra: Mapping[str, str] = {}) -> dict[str, Any]:
+        """The policy in Podman's own API (libpod's SpecGenerator): for a GPU kernel on Podman,
+        whose Docker-compatible API drops GPU requests (kernel/podman.py)."""
+        tmpfs = [
+            {"type": "tmpfs", "source": "tmpfs", "destination": path, "options": opts.split(",")}
+            for path, opts in self.tmpfs
+        ]
+        return {
+            "cap_drop": list(self.capabilities_dropped),
+            "no_new_privileges": "no-new-privileges" in self.options,
+            "read_only_filesystem": True,
+            "resource_limits": {"pids": {"limit": self.pids}},
+            "netns": {"nsmode": self.network},
+            "mounts": tmpfs,
+            "env": self.environment(extra),
+        }
+
     def request(self, extra: Mapping[str, str] = {}) -> dict[str, Any]:
         """The policy as JSON for the Slurm node agent, which renders it as `docker run` flags."""
         host = self.host_options()

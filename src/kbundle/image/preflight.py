@@ -18,7 +18,7 @@ from typing import Any, Optional
 from kbundle import contract
 from kbundle.errors import MachineError, UsageError, first_line
 from kbundle.facts import CompatTables, Version, load_tables
-from kbundle.image.engine import docker_host
+from kbundle.image.engine import docker_host, is_podman
 
 OK, WARN, ERROR = "ok", "warn", "error"
 
@@ -29,10 +29,18 @@ NATIVE_HINT = (
 )
 NATIVE_ENGINE = "none: --native runs the kernel on this machine, outside any container"
 
-# Where NVIDIA's container toolkit writes CDI specs (nvidia-ctk cdi generate).
+# Where NVIDIA's container toolkit writes CDI specs (nvidia-ctk cdi generate), and Podman reads them.
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
+CDI_KIND = "nvidia.com/gpu"
+CDI_GENERATE = "sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml"
 # Docker (19.03+) offers `--gpus` when this hook is on the daemon's PATH.
 NVIDIA_HOOKS = ("nvidia-container-runtime-hook", "nvidia-container-toolkit")
+# The capabilities of every GPU request kbundle sends (the kernel's and the probe's). Docker's
+# nvidia driver turns those NVIDIA knows into NVIDIA_DRIVER_CAPABILITIES: with `gpu` alone the
+# container gets the driver's default, and a base without NVIDIA's ENV (not nvidia/cuda) may get
+# `utility` only, i.e. nvidia-smi without CUDA. compute (CUDA) and utility (NVML) are what a
+# notebook needs; graphics and video are not asked for.
+GPU_CAPABILITIES = ("gpu", "compute", "utility")
 
 
 @dataclass(frozen=True)
@@ -72,16 +80,35 @@ class EngineFacts:
     # A throwaway container started with GPUs: None when not tried; else whether it started.
     gpu_probe: Optional[bool] = None
     gpu_probe_error: Optional[str] = None
+    # Podman, through its Docker-compatible API: it drops Docker's GPU requests without a word and
+    # passes GPUs only by CDI name (kernel/podman.py), so only a CDI spec counts, never a probe.
+    podman: bool = False
 
     @property
     def static_gpu_support(self) -> bool:
+        if self.podman:
+            return self.cdi_nvidia
         return "nvidia" in self.runtimes or self.cdi_nvidia or self.nvidia_hook
+
+    @property
+    def advice(self) -> str:
+        """What makes this engine pass GPUs."""
+        if self.podman:
+            return f"make NVIDIA's CDI spec for Podman ({CDI_GENERATE})"
+        return "install the NVIDIA Container Toolkit"
 
     @property
     def gpu_capable(self) -> bool:
         return self.gpu_probe if self.gpu_probe is not None else self.static_gpu_support
 
     def describe_gpu_support(self) -> str:
+        if self.podman:
+            if self.cdi_nvidia:
+                return "Podman can pass GPUs through (NVIDIA CDI spec: nvidia.com/gpu)"
+            return (
+                f"Podman has no NVIDIA CDI spec in {' or '.join(CDI_DIRS)} (its Docker-compatible API "
+                "drops Docker's GPU requests)"
+            )
         if self.gpu_capable:
             how = [
                 n
@@ -239,7 +266,7 @@ def plan_gpus(request: GpuRequest, engine: EngineFacts, nvml: NvmlFacts) -> tupl
                     WARN,
                     "runtime",
                     f"GPUs found but {engine.describe_gpu_support()}: the kernel runs on CPU; "
-                    f"install the NVIDIA Container Toolkit to use them",
+                    f"{engine.advice} to use them",
                 )
             ]
         gpus = tuple(visible) or ("all",)
@@ -250,7 +277,7 @@ def plan_gpus(request: GpuRequest, engine: EngineFacts, nvml: NvmlFacts) -> tupl
                 ERROR,
                 "runtime",
                 f"--gpus {request} needs GPU passthrough but {engine.describe_gpu_support()}: "
-                f"install the NVIDIA Container Toolkit, or pass --gpus none to run on CPU",
+                f"{engine.advice}, or pass --gpus none to run on CPU",
             )
         ]
     if request.mode == "all":
@@ -288,6 +315,10 @@ def evaluate(
     if not engine.reachable:
         findings = [Finding(ERROR, "docker", engine.error or f"cannot reach the Docker daemon at {engine.host}")]
         findings += _nvml_findings(nvml)
+        # No engine, no passthrough: still say whether this machine's driver and GPUs fit the
+        # environment's CUDA (a GPU machine without Docker yet, `kbundle doctor BUNDLE`).
+        every = GpuPlan(tuple(str(g.index) for g in nvml.gpus))
+        findings += _cuda_findings(every, nvml, cuda, tables)
         return Report(engine, nvml, cuda, request, GpuPlan(), findings)
     findings = [Finding(OK, "docker", f"Docker engine {engine.version} at {engine.host}")]
     findings += _nvml_findings(nvml)
@@ -375,27 +406,44 @@ def _device_nodes() -> bool:
     return Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()
 
 
-def _has_nvidia_cdi() -> bool:
-    for d in CDI_DIRS:
+def _has_nvidia_cdi(dirs=CDI_DIRS) -> bool:
+    """Whether a CDI spec in `dirs` offers NVIDIA GPUs: named so (nvidia-ctk's nvidia.yaml), or of
+    kind nvidia.com/gpu whatever its name."""
+    for d in dirs:
         try:
-            if any("nvidia" in p.name for p in Path(d).iterdir()):
-                return True
+            for p in Path(d).iterdir():
+                if "nvidia" in p.name or _spec_kind_is_nvidia(p):
+                    return True
         except OSError:
             continue
     return False
+
+
+def _spec_kind_is_nvidia(path: Path) -> bool:
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return CDI_KIND in fh.read(1 << 20)
+    except OSError:
+        return False
 
 
 def probe_engine(client) -> EngineFacts:
     info = client.info()
     host = docker_host()
     local = host.startswith("unix://")
-    cdi_dirs = info.get("CDISpecDirs") or []
+    podman = is_podman(client)
+    # CDI counts only for an engine that reads it: Podman (from CDI_DIRS, on this machine when its
+    # socket is local), or a Docker that lists its CDISpecDirs (25+); Docker 20.10 ignores /etc/cdi.
+    cdi_dirs = (CDI_DIRS if podman else tuple(info.get("CDISpecDirs") or ())) if local else ()
     return EngineFacts(
         reachable=True,
         host=host,
         version=info.get("ServerVersion"),
         runtimes=tuple(sorted((info.get("Runtimes") or {}).keys())),
-        cdi_nvidia=_has_nvidia_cdi() if local or cdi_dirs else False,
+        podman=podman,
+        cdi_nvidia=_has_nvidia_cdi(cdi_dirs) if cdi_dirs else False,
         nvidia_hook=local
         and any(shutil.which(h, path=os.environ.get("PATH", "") + ":/usr/bin:/usr/local/bin") for h in NVIDIA_HOOKS),
         local=local,
@@ -447,7 +495,7 @@ def probe_gpu_run(client, image: str) -> Optional[str]:
 
     from kbundle.image import policy
 
-    request = docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])
+    request = docker.types.DeviceRequest(count=-1, capabilities=[list(GPU_CAPABILITIES)])
     try:  # the bundle's base image: locked down like every container kbundle starts (image/policy.py)
         container = client.containers.create(
             image,
@@ -473,8 +521,9 @@ def probe_gpu_run(client, image: str) -> Optional[str]:
 
 
 def should_probe(engine: EngineFacts, nvml: NvmlFacts, request: GpuRequest) -> bool:
-    """Ask the engine itself only when the host-side checks say no and GPUs may be wanted."""
-    if engine.static_gpu_support or request.mode == "none":
+    """Ask the engine itself only when the host-side checks say no and GPUs may be wanted. Never
+    Podman: its Docker-compatible API starts a GPU request's container without the GPUs."""
+    if engine.static_gpu_support or request.mode == "none" or engine.podman:
         return False
     return request.mode != "auto" or bool(nvml.gpus) or not engine.local
 
@@ -501,10 +550,17 @@ def image_size(client, image: str) -> Optional[int]:
         return None
 
 
-def run_preflight(client, cuda: Optional[str], request: GpuRequest, probe_image: Optional[str] = None) -> Report:
-    """The facts, plus the engine's own answer when the static checks cannot decide (needs a local image)."""
+def run_preflight(
+    client, cuda: Optional[str], request: GpuRequest, probe_image: Optional[str] = None, ask_engine: bool = False
+) -> Report:
+    """The facts, plus the engine's own answer when the static checks cannot decide (needs a local image).
+
+    `ask_engine` (doctor): ask it whenever the host-side checks say no, GPUs wanted or not. Those
+    checks read this machine (its PATH, /etc/cdi), while the engine named by DOCKER_HOST may be
+    another dockerd with its own PATH: only a container started with a GPU request can tell."""
     engine, nvml = probe_engine(client), probe_nvml()
-    if should_probe(engine, nvml, request) and local_image(client, probe_image):
+    wanted = should_probe(engine, nvml, request) or (ask_engine and not (engine.static_gpu_support or engine.podman))
+    if wanted and local_image(client, probe_image):
         error = probe_gpu_run(client, probe_image)
         engine = replace(engine, gpu_probe=error is None, gpu_probe_error=error)
     return evaluate(engine, nvml, cuda, request)

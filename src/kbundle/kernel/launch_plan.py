@@ -26,6 +26,7 @@ PYCACHE_IN_CONTAINER = "/tmp/kbundle-pycache"
 PYCACHE_IMAGE_FILE = "image.txt"
 PORT_KEYS = node_agent.PORT_KEYS  # the connection file's five ports, in the node agent's protocol order
 LOOPBACK = ("127.0.0.1", "localhost")
+GPUS_VARIABLE = "KBUNDLE_GPUS_ASKED"  # the launcher's --gpus, for the shim's banner (kernel/shim.py)
 
 
 class LaunchError(Exception):
@@ -214,6 +215,7 @@ def plan_launch(
         env["JPY_SESSION_NAME"] = environ["JPY_SESSION_NAME"]  # the notebook path, for __session__
     env.update(banner_environment(args, environ))
     env.update(banner_notes(mounts.notes, network))
+    env[GPUS_VARIABLE] = args.gpus or "none"  # what was asked: the banner says when none arrived
     labels = container_labels(args.kernel_name, pid, ppid)
     ports = [int(info[k]) for k in PORT_KEYS] if network == "bridge" else []
     # A local engine on Linux: the host reaches the container's bridge address, so the launcher
@@ -258,15 +260,20 @@ def kernel_connection(info: dict[str, Any], network: str) -> bytes:
 
 
 def device_requests(gpus: str) -> list[Any]:
+    """The engine's GPU request for the launcher's `--gpus`: all, or these device ids, with the
+    capabilities CUDA needs (image/preflight.py GPU_CAPABILITIES), in the form Docker's API takes."""
     from docker.types import DeviceRequest
 
+    from kbundle.image.preflight import GPU_CAPABILITIES
+
     gpus = (gpus or "none").strip()
+    capabilities = [list(GPU_CAPABILITIES)]
     if gpus == "none":
         return []
     if gpus == "all":
-        return [DeviceRequest(count=-1, capabilities=[["gpu"]])]
+        return [DeviceRequest(count=-1, capabilities=capabilities)]
     ids = [g for g in gpus.removeprefix("device=").split(",") if g]
-    return [DeviceRequest(device_ids=ids, capabilities=[["gpu"]])]
+    return [DeviceRequest(device_ids=ids, capabilities=capabilities)]
 
 
 def read_connection_file(path: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """`kbundle-kernel`: the process a kbundle kernelspec starts. It runs ipykernel in a container.
 
     kbundle-kernel --image IMAGE [--workdir DIR] [--gpus none|all|0,1] [--kernel-name NAME]
-                   [--network host|bridge] -f CONNECTION_FILE
+                   [--network host|bridge] [--docker-host URL] -f CONNECTION_FILE
 
 One foreground process per kernel, talking to the Docker engine through the SDK (no
 `docker` CLI child), so that Jupyter's signals land on a process that understands them:
@@ -42,6 +42,12 @@ One foreground process per kernel, talking to the Docker engine through the SDK 
   is stopped as on SIGTERM. SIGUSR2 alone proves nothing (Linux sends it when the *thread*
   that forked us ends, as a client's thread pool does), so only a changed parent counts.
   The parent is in the container's labels too, for `kbundle gc`.
+- The engine: the one the kernelspec names (`--docker-host`, DOCKER_HOST when `kbundle run`
+  registered the kernel), else DOCKER_HOST. A Jupyter started from a desktop launcher, without
+  the variable, still reaches the engine (Podman's socket, a rootless one) that holds the image.
+- GPUs: `--gpus` becomes the engine's device request, with the capabilities CUDA needs
+  (`device_requests`); the banner names the device nodes the container got, and says so when
+  GPUs were asked for and none arrived.
 - `JPY_PARENT_PID` is not forwarded: under tini the kernel's parent is PID 1, which
   ipykernel's parent poller reads as "orphaned" and exits.
 
@@ -118,6 +124,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--gpus", default="none", help="none, all, or comma-separated device ids")
     p.add_argument("--kernel-name", default="")
     p.add_argument("--network", choices=("auto", "host", "bridge"), default="auto")
+    p.add_argument(
+        "--docker-host",
+        default="",
+        help="the engine the kernel's image lives on (DOCKER_HOST when it was registered); default: DOCKER_HOST",
+    )
     slurm = p.add_argument_group("Slurm", "run the kernel on a compute node through srun (kernel/slurm.py)")
     slurm.add_argument("--slurm", action="store_true")
     slurm.add_argument("--partition", default="")
@@ -172,7 +183,10 @@ class Launcher:
                 self._discard()
                 raise
         except RequestsConnectionError as exc:
-            raise LaunchError(f"cannot reach the Docker engine ({exc.__class__.__name__}); is it running?") from None
+            where = engine.docker_host()  # the kernelspec's --docker-host, or Jupyter's DOCKER_HOST
+            raise LaunchError(
+                f"cannot reach the Docker engine at {where} ({exc.__class__.__name__}); is it running?"
+            ) from None
         except docker.errors.DockerException as exc:
             raise LaunchError(_docker_message(exc, self.plan)) from None
         pump = threading.Thread(target=self._pump, args=(sock,), daemon=True)
@@ -215,13 +229,16 @@ class Launcher:
             host_config=host_config,
             ports=plan.ports or None,
         )
+        # Podman's Docker-compatible API would drop the GPUs: its own API gets them (kernel/podman.py).
+        libpod = plan.gpus != "none" and engine.is_podman(api)  # one round trip, GPU kernels only
         deadline = time.monotonic() + REPLACE_WAIT_S
         while True:
             try:
-                self.cid = api.create_container(**kwargs)["Id"]
+                self.cid = self._create_on_podman() if libpod else api.create_container(**kwargs)["Id"]
                 return
             except docker.errors.APIError as exc:
-                if exc.status_code != 409 or time.monotonic() > deadline:
+                taken = exc.status_code == 409 or "already in use" in str(exc.explanation or "")
+                if not taken or time.monotonic() > deadline:
                     raise
             # The same kernel's container from before a restart is still there (or being
             # auto-removed): replace it.
@@ -233,6 +250,11 @@ class Launcher:
                 if exc.status_code != 409:  # 409: removal already in progress
                     raise
                 time.sleep(0.05)
+
+    def _create_on_podman(self) -> str:
+        from kbundle.kernel import podman
+
+        return podman.create(self.api, self.plan, _binds(self.plan), self.plan.environment)
 
     def _forward(self) -> None:
         """Hold the kernel's ports on 127.0.0.1 and join them to the container (kernel/forward.py)."""
@@ -343,6 +365,12 @@ def _docker_message(exc: Exception, plan: LaunchPlan) -> str:
     text = str(getattr(exc, "explanation", None) or exc)
     if isinstance(exc, docker.errors.ImageNotFound) or "No such image" in text:
         return f"the kernel's image {plan.image} is missing; run `kbundle run` on the bundle again to rebuild it"
+    if "unresolvable CDI devices" in text:
+        return (
+            f"this kernel asks for GPUs ({plan.gpus}) but Podman has no CDI spec for them: make NVIDIA's with "
+            "`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`, or re-register the kernel with "
+            "`kbundle run --gpus none`"
+        )
     if "could not select device driver" in text:
         return (
             "this kernel asks for GPUs but the Docker engine has no NVIDIA runtime; install the NVIDIA "
@@ -363,6 +391,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         info = read_connection_file(args.connection_file)
         if args.slurm:
             _exit(_launch_slurm(args, info, parent))
+        if args.docker_host:  # the kernelspec's engine wins over whatever Jupyter was started with
+            os.environ["DOCKER_HOST"] = args.docker_host
         plan = plan_launch(
             args,
             info,

@@ -53,11 +53,18 @@ except ImportError as exc:
     sys.stderr.write('kbundle-kernel: ipykernel is missing from the image environment: %s\\n' % exc)
     os._exit(4)
 def _banner():
-    # What the recipient wants to know first: which bundle, image and CUDA, and whether the
-    # container really sees a GPU (device nodes exist only when one was passed through).
+    # What the recipient wants to know first: which bundle, image and CUDA, and which GPUs the
+    # container really sees (device nodes exist only for those passed through, named by the
+    # host's index). A request the engine dropped is said, never left to look like CPU by choice.
     import glob
-    gpus = glob.glob('/dev/nvidia[0-9]*')
-    seen = ('GPU visible: %d' % len(gpus)) if gpus else 'no GPU visible (CPU only)'
+    gpus = sorted(glob.glob('/dev/nvidia[0-9]*'), key=lambda p: (len(p), p))
+    asked = os.environ.get('KBUNDLE_GPUS_ASKED', 'none')
+    if gpus:
+        seen = 'GPU visible: %d (%s)' % (len(gpus), ', '.join(os.path.basename(g) for g in gpus))
+    elif asked != 'none':
+        seen = 'no GPU visible (CPU only), though the kernel asked for GPUs %s' % asked
+    else:
+        seen = 'no GPU visible (CPU only)'
     notes = os.environ.get('KBUNDLE_NOTES', '')
     return (notes + '\\n' if notes else '') + 'kbundle: %s | image %s | CUDA %s | %s' % (
         os.environ.get('KBUNDLE_BANNER_BUNDLE', '?'), os.environ.get('KBUNDLE_BANNER_IMAGE', '?'),

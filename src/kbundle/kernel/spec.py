@@ -63,6 +63,7 @@ class KernelRecord:
     argv: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     native: str = ""  # the prefix a native kernel runs (`run --native`); "" for a container's
+    docker_host: str = ""  # the engine it was registered against (DOCKER_HOST then); "" for the default
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -119,6 +120,10 @@ class KernelRequest:
     slurm: Any = None  # kernel/slurm.py's SlurmOptions: the kernel runs on a compute node through srun
     native: Optional[str] = None  # `run --native`: the prefix on this machine the kernel runs (no image)
     env: dict[str, str] = field(default_factory=dict)  # native: the activation (image/native.py `activation`)
+    # The engine the image lives on: DOCKER_HOST at registration (None: read it then, in
+    # install_kernelspec). Recorded in the launcher's argv, so that a Jupyter started without the
+    # variable (a desktop launcher, VS Code) still reaches that engine; "" for the default engine.
+    docker_host: Optional[str] = None
 
 
 def slurm_kernel_name(name: str) -> str:
@@ -151,12 +156,16 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
         raise UsageError(f"invalid kernel network {request.network!r}: use bridge or host")
     if request.network == "host":
         argv += ["--network", "host"]
+    if request.docker_host and request.slurm is None:  # a Slurm kernel's engine is the node's
+        argv += ["--docker-host", request.docker_host]
     if request.slurm is not None:  # the GPUs are Slurm's to give (--gres): the launcher's --gpus is moot
         argv += [*request.slurm.argv(), "--content-hash", request.bundle_hash]
     argv += ["-f", "{connection_file}"]
     kb: dict[str, Any] = dict(request.extra_metadata)
     kb.update(image=image, bundle_hash=request.bundle_hash, gpus=list(gpus), workdir=workdir, network=request.network)
     suffix = DISPLAY_SUFFIX
+    if request.docker_host and request.slurm is None:
+        kb["docker_host"] = request.docker_host
     if request.slurm is not None:
         kb["slurm"] = dataclasses.asdict(request.slurm)
         suffix = SLURM_SUFFIX
@@ -259,6 +268,8 @@ def install_kernelspec(request: KernelRequest) -> Path:
     Replacing is allowed only for a spec kbundle installed: a user's own kernel of the same
     name is never overwritten.
     """
+    if request.docker_host is None and request.native is None and request.slurm is None:
+        request = dataclasses.replace(request, docker_host=os.environ.get("DOCKER_HOST", ""))
     spec = build_spec(request)
     name = request.name
     target = user_kernels_dir() / name
@@ -376,6 +387,7 @@ def _record(name: str, path: Path, data: dict[str, Any]) -> KernelRecord:
         argv=list(data.get("argv") or []),
         metadata=dict(kb),
         native=str(kb.get("native") or ""),
+        docker_host=str(kb.get("docker_host") or ""),
     )
 
 
