@@ -253,13 +253,20 @@ def check_name(name: str) -> None:
 
 def _manager():
     from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_core.paths import jupyter_path
 
-    return KernelSpecManager()
+    # Jupyter's kernel folders, where kbundle installs, without the interpreter's own native
+    # kernel or IPython's legacy folder: kbundle lists only its own, and looking for those
+    # imports ipykernel and IPython (about 40 ms of every run).
+    return KernelSpecManager(ensure_native_kernel=False, kernel_dirs=jupyter_path("kernels"))
 
 
 def user_kernels_dir() -> Path:
-    """`<jupyter data dir>/kernels`, the directory `jupyter kernelspec install --user` uses."""
-    return Path(_manager().user_kernel_dir)
+    """`<jupyter data dir>/kernels`, the directory `jupyter kernelspec install --user` uses
+    (KernelSpecManager's own default, read from jupyter_core without importing jupyter_client)."""
+    from jupyter_core.paths import jupyter_data_dir
+
+    return Path(jupyter_data_dir()) / "kernels"
 
 
 def install_kernelspec(request: KernelRequest) -> Path:
