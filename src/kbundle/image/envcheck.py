@@ -98,13 +98,15 @@ def judge(problems: Iterable[Problem], pip_names: set[str]) -> tuple[list[str], 
 def conda_records(prefix: Path, pip_names: set[str]) -> list[str]:
     """A warning for each conda package with files pip removed or replaced, naming both sides."""
     owners = _pip_owned_files(prefix, pip_names)
+    root = os.fspath(prefix)
     found = []
     for record_path in sorted((prefix / "conda-meta").glob("*.json")):
         record = _read(record_path)
         if record is None:
             continue
         files = [f for f in record.get("files") or [] if isinstance(f, str)]
-        hit = [f for f in files if f in owners or not os.path.lexists(prefix / f)]
+        # Plain strings: tens of thousands of files, and a Path per file costs more than its lstat.
+        hit = [f for f in files if f in owners or not os.path.lexists(os.path.join(root, f))]
         if hit:
             by = sorted({owners.get(f, "pip") for f in hit})
             found.append(

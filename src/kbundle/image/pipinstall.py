@@ -169,16 +169,25 @@ def install_on_host(prefix: Path, files: Sequence[Path], lines: Sequence[str]) -
         tail = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
         errors = [ln for ln in tail if ln.startswith("ERROR")] or tail[-1:] or [f"exit {done.returncode}"]
         raise KbundleError(f"installing the pip: section into the environment failed: {safe(errors[0])}")
-    envmod.check_prefix(prefix, str(prefix))  # the bundle's pip wrote there: no symlink may lead out of it
-    checked = subprocess.run(
+    # pip check reads only metadata: it runs while kbundle walks the prefix for links.
+    checking = subprocess.Popen(
         [python, "-I", *envcheck.PIP_CHECK],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env=environment,
         stdin=subprocess.DEVNULL,
-        timeout=TIMEOUT,
     )
-    warnings = envcheck.verdict(checked.stdout + checked.stderr, prefix, lines)
+    try:
+        envmod.check_prefix(prefix, str(prefix))  # the bundle's pip wrote there: no symlink may lead out of it
+        said, _ = checking.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise KbundleError(f"the environment's `pip check` did not finish in {TIMEOUT} s ({python})") from None
+    finally:
+        if checking.poll() is None:
+            checking.kill()
+            checking.wait()
+    warnings = envcheck.verdict(said, prefix, lines)
     return Installed(tuple(lines), done.stdout + done.stderr, warnings)
 
 

@@ -251,14 +251,24 @@ def check_name(name: str) -> None:
         raise UsageError(f"invalid kernel name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
 
 
-def _manager():
-    from jupyter_client.kernelspec import KernelSpecManager
+def _kernel_folders() -> dict[str, Path]:
+    """Every kernelspec in Jupyter's kernel folders (jupyter_core's search path, the user's first),
+    by name: the first found wins, as jupyter_client's KernelSpecManager finds them. Read here
+    rather than through jupyter_client, whose package imports zmq and its asyncio clients (about
+    50 ms of every run); kbundle only ever installs to and lists from these folders."""
     from jupyter_core.paths import jupyter_path
 
-    # Jupyter's kernel folders, where kbundle installs, without the interpreter's own native
-    # kernel or IPython's legacy folder: kbundle lists only its own, and looking for those
-    # imports ipykernel and IPython (about 40 ms of every run).
-    return KernelSpecManager(ensure_native_kernel=False, kernel_dirs=jupyter_path("kernels"))
+    found: dict[str, Path] = {}
+    for folder in jupyter_path("kernels"):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            name = entry.name.lower()
+            if name not in found and _NAME.match(name) and os.path.isfile(os.path.join(entry.path, "kernel.json")):
+                found[name] = Path(entry.path)
+    return found
 
 
 def user_kernels_dir() -> Path:
@@ -301,7 +311,7 @@ def _copy_logo(target: Path) -> None:
 def list_kernelspecs() -> list[KernelRecord]:
     """kbundle's kernels among all the kernelspecs Jupyter finds, sorted by name."""
     records = []
-    for name, path in sorted(_manager().find_kernel_specs().items()):
+    for name, path in sorted(_kernel_folders().items()):
         data = _read_json(Path(path) / "kernel.json")
         if _is_kbundle(data):
             records.append(_record(name, Path(path), data))
