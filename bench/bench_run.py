@@ -18,9 +18,10 @@ the world needs Docker only for its base image), on a bundle of python, numpy, i
 conda's kbdep and pip's kbrange==1.5 (world index):
 
 3. Cold native run (whole process, empty kbundle cache) against the same work done by the tools
-   themselves: py-rattler's own `rattler.install` of the same lock into a prefix (empty package
-   cache, link scripts off), then the prefix's own `pip install --no-index --no-deps` of the same
-   wheel files. Reported as a ratio; kbundle adds verifying the bundle, vetting every package's
+   themselves, as commands: a fresh interpreter that reads the same lock file and runs
+   py-rattler's own `rattler.install` into a prefix (empty package cache, link scripts off; in
+   place of `micromamba create`, which is not on this machine), then the prefix's own
+   `pip install --no-deps` of the same hashed lines from the same index. Reported as a ratio; kbundle adds verifying the bundle, vetting every package's
    paths, the pip resolution, `pip check` and conda's records, and the kernelspec.
 4. Warm native run (the prefix complete, whole process). Target: at most 1 s.
 
@@ -146,28 +147,37 @@ def baseline_context(bundle: Path, base_image: str, ctx: Path) -> None:
     assemble_context(ctx, b, resolved, dockerfile, base_image=base_image)
 
 
-def rattler_and_pip(bundle: Path, prefix: Path, pkgs: Path, resolved: list[str], index: str) -> float:
-    """The baseline, as a person would do it by hand with the tools themselves: py-rattler's own
-    install of the bundle's lock into an empty package cache (micromamba is not on this machine),
-    then the prefix's own `pip install` of the same exact, hashed pip lines from the same index."""
-    import asyncio
+# The baseline's conda half, as a command: a fresh interpreter reads the lock file and installs
+# it with rattler, as `micromamba create -f LOCK` would be a fresh process (micromamba is not on
+# this machine). Its start and the lock's parsing count, as kbundle's own do.
+RATTLER_CREATE = """
+import asyncio, sys
+import rattler
+lock = rattler.LockFile.from_path(sys.argv[1]).default_environment()
+(platform,) = [p for p in lock.platforms() if p.name == "linux-64"]
+records = lock.conda_repodata_records_for_platform(platform)
+asyncio.run(rattler.install(records, target_prefix=sys.argv[2], cache_dir=sys.argv[3],
+                            execute_link_scripts=False, show_progress=False))
+sys.stdout.flush()
+import os; os._exit(0)  # an interpreter that used rattler can crash at exit (kbundle's cli does the same)
+"""
 
-    import rattler
 
+def rattler_and_pip(bundle: Path, prefix: Path, pkgs: Path, resolved: list[str], index: str, env=None) -> float:
+    """The baseline, as a person would do it by hand with the tools themselves: rattler's own
+    install of the bundle's lock into an empty package cache, as a command (RATTLER_CREATE), then
+    the prefix's own `pip install` of the same exact, hashed pip lines from the same index."""
     from kbundle.bundle import open_bundle
-    from kbundle.solve import records_from_lock
 
-    t0 = time.perf_counter()
-    records = records_from_lock(open_bundle(bundle).lock_text)
-    asyncio.run(
-        rattler.install(
-            records, target_prefix=str(prefix), cache_dir=pkgs, execute_link_scripts=False, show_progress=False
-        )
-    )
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    lock = prefix.parent / "rattler.lock"
+    lock.write_text(open_bundle(bundle).lock_text, encoding="utf-8")
     requirements = prefix.parent / "requirements.txt"
     requirements.write_text("".join(f"{line.split('  #')[0]}\n" for line in resolved))
+    t0 = time.perf_counter()
+    sh([sys.executable, "-c", RATTLER_CREATE, lock, prefix, pkgs], env)
     pip = [str(prefix / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-compile", "--no-cache-dir"]
-    sh([*pip, "--disable-pip-version-check", "--index-url", index, "-r", requirements])
+    sh([*pip, "--disable-pip-version-check", "--index-url", index, "-r", requirements], env)
     return time.perf_counter() - t0
 
 
@@ -201,6 +211,7 @@ def native_main(world, runs: int, tmp: Path) -> int:
                 tmp / f"baseline-pkgs-{i}",
                 cold["pip_resolved"],
                 world["pypi_index"],
+                base_env,  # the same pip configuration (none) as kbundle's side
             )
         )
     samples, inside = [], []
