@@ -274,6 +274,18 @@ _PLAIN_VERSION = re.compile(r"^(?:==)?([A-Za-z0-9_.+!]+?)(?:\.\*)?$")
 _SPACED_EQUALS = re.compile(r"\s*(?<![<>!=~])=(?!=)\s*")
 
 
+# Operators written backwards, as in a real environment.yml's `ninja=>1.10.2`: conda reads no
+# `=>` or `=<`, so the file fails there too; the line says which operator was meant.
+_BACKWARDS = {"=>": ">=", "=<": "<="}
+
+
+def _operator_hint(text: str) -> str:
+    for wrong, right in _BACKWARDS.items():
+        if wrong in text:
+            return f": {wrong!r} is not a conda operator; did you mean {text.replace(wrong, right, 1)!r}?"
+    return ""
+
+
 def parse_conda_spec(raw: str) -> CondaSpec:
     """Read a conda dependency the way conda does (rattler's MatchSpec, lenient mode): export lines
     `numpy=1.19.2=py37hadc3359_0`, `numpy >=1.2`, `tensorflow ==2.7.0`, `cudatoolkit<10.2,>10.0`,
@@ -284,7 +296,7 @@ def parse_conda_spec(raw: str) -> CondaSpec:
     try:
         spec = MatchSpec(_BARE_BRACKET.sub(r"[build=*\1*]", _SPACED_EQUALS.sub("=", text)), strict=False)
     except Exception:  # rattler's InvalidMatchSpecError and friends: the sender's text, not our bug
-        raise UsageError(f"cannot read the conda dependency {text!r}") from None
+        raise UsageError(f"cannot read the conda dependency {text!r}{_operator_hint(text)}") from None
     if spec.name is None:
         raise UsageError(f"cannot read the conda dependency {text!r} (it names no package)")
     # The channel as the sender spelled it (`conda-forge::`, a URL): rattler keeps only its last part.

@@ -49,6 +49,20 @@ def test_conda_specs_parse_as_conda_does(raw, want):
     assert spec.raw == raw
 
 
+@pytest.mark.parametrize(
+    "raw, meant",
+    [
+        ("ninja=>1.10.2", "ninja>=1.10.2"),  # as a real environment.yml (a StyleGAN3 fork) has it
+        ("numpy =< 1.26", "numpy <= 1.26"),
+    ],
+)
+def test_a_backwards_operator_is_named_with_the_line_meant(raw, meant):
+    with pytest.raises(UsageError) as caught:
+        parse_conda_spec(raw)
+    assert "is not a conda operator" in str(caught.value) and repr(meant) in str(caught.value)
+    parse_conda_spec(meant)  # and the line it suggests is one conda reads
+
+
 @pytest.mark.parametrize("raw", ["numpy[", "=1.0", "numpy >=<1.0", "numpy[version=]"])
 def test_unreadable_conda_specs_are_one_usage_error(raw):
     with pytest.raises(UsageError, match="cannot read the conda dependency"):
