@@ -87,6 +87,27 @@ def test_the_summary_says_which_side_is_locked(manifest, start):
     assert lock_status(manifest).startswith(start), lock_status(manifest)
 
 
+UNREACHABLE = "channels unreachable (https://c did not answer): wrote an unlocked bundle; the recipient will resolve it"
+
+
+@pytest.mark.parametrize(
+    "note, last",
+    [
+        (
+            UNREACHABLE,
+            "unlocked: the recipient will resolve the whole environment: channels unreachable (https://c did not answer)",
+        ),
+        (
+            "not locked (--lock never); the recipient will resolve the environment",
+            "unlocked: the recipient will resolve the whole environment: not locked (--lock never)",
+        ),
+    ],
+)
+def test_the_last_line_gives_the_notes_cause_without_repeating_it(note, last):
+    """pack prints the note in full first; its last line keeps the cause only."""
+    assert lock_status(_m(False, [], False, note)) == last
+
+
 def _item(name: str, requires: list[str], extras: list[str] = ()) -> dict:
     return {"metadata": {"name": name, "version": "1", "requires_dist": requires}, "requested_extras": list(extras)}
 

@@ -7,6 +7,7 @@ inside the functions so `kbundle pack --lock never` starts fast.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -214,7 +215,9 @@ def lock_status(m) -> str:
     # Exact pins that pip could not lock are the sender's top level only: their dependencies
     # are still the recipient's pip's to resolve.
     loose = [] if pip_locked else list(m.pip)
-    why_conda = f": {m.lock_note}" if m.lock_note else ""
+    # The note was printed above in full; this line keeps its cause, not its "the recipient will
+    # resolve it", which the line itself says.
+    why_conda = f": {re.split(r': wrote |; the recipient ', m.lock_note, maxsplit=1)[0]}" if m.lock_note else ""
     if not m.locked:
         if pip_locked:
             return f"pip locked, conda unlocked{why_conda}"
