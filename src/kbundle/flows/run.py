@@ -86,12 +86,16 @@ def run_bundle(options: RunOptions, console) -> RunResult:
     """The flow; a run that fails, is declined or is interrupted removes what it created
     (the workdir it made, the build context, untagged images: flows/undo.py)."""
     from kbundle.flows.undo import Undo
-    from kbundle.kernel.spec import NATIVE_SUFFIX, kernel_name_for, slurm_kernel_name
+    from kbundle.kernel.spec import NATIVE_SLURM_SUFFIX, NATIVE_SUFFIX, kernel_name_for, slurm_kernel_name
 
     with Undo() as undo, disk_truth(lambda: _disk_places(options, undo)):
         if options.native or options.prefix_root is not None:
             ready = native.check(options)
-            arrival = arrive(options, undo, bundle_hash, kernel_name_for, NATIVE_SUFFIX)
+            if options.slurm is not None:  # beside the bundle's local kernel, as an image's Slurm kernel is
+                naming, suffix = (lambda n: slurm_kernel_name(kernel_name_for(n))), NATIVE_SLURM_SUFFIX
+            else:
+                naming, suffix = kernel_name_for, NATIVE_SUFFIX
+            arrival = arrive(options, undo, bundle_hash, naming, suffix)
             return native.run_native(options, ready, arrival, console, undo)
         if options.slurm is not None:
             ref = slurm.check(options)
@@ -178,9 +182,9 @@ def _check_image(client, tag: str) -> None:
     """The kernel runs `tag`: refuse to register it when the engine lost that image (removed by
     another process since it was built or found), rather than leave a kernel that cannot start."""
     from kbundle.errors import KbundleError
-    from kbundle.image import build as imagemod
+    from kbundle.image import engine
 
-    if imagemod.existing_image(client, tag) is None:
+    if engine.image_id(client, tag) is None:
         raise KbundleError(f"the image {tag} is gone from the engine (removed while this run worked): run again")
 
 

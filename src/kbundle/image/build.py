@@ -138,15 +138,6 @@ def _pull(client, image: str, console) -> None:
         ) from None
 
 
-def existing_image(client, tag: str) -> Optional[str]:
-    import docker
-
-    try:
-        return client.images.get(tag).id
-    except docker.errors.ImageNotFound:
-        return None
-
-
 def build(
     client,
     context: Path,

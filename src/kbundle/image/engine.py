@@ -107,3 +107,14 @@ def is_podman(api) -> bool:
     except Exception:  # an engine that does not say is taken for Docker
         return False
     return any("podman" in str(c.get("Name", "")).lower() for c in components)
+
+
+def image_id(client, ref: str):
+    """The engine's id of image `ref` (a tag, a digest or an id), or None when it has none: the one
+    way kbundle asks "is this image here" (build, kernels, gc, integrity)."""
+    import docker
+
+    try:
+        return client.api.inspect_image(ref)["Id"]
+    except docker.errors.NotFound:  # ImageNotFound too
+        return None

@@ -32,7 +32,7 @@ from kbundle.bundle.format import WORK_DIR
 from kbundle.cache import cache_root
 from kbundle.display import safe, size
 from kbundle.errors import KbundleError, UsageError
-from kbundle.image import ledger
+from kbundle.image import engine, ledger
 from kbundle.image.locks import deferred_signals, held
 from kbundle.progress import Meter, finish
 
@@ -102,7 +102,7 @@ def image_for(
     image_id = None
     if look.records is not None and look.base_local and not request.rebuild:  # known offline: maybe built
         resolved, key = identify(bundle, look, request.base, imagemod.base_image_id(client, request.base, console))
-        image_id = imagemod.existing_image(client, key.tag)
+        image_id = engine.image_id(client, key.tag)
     build_log = None
     if image_id is None:
         ask(None)
@@ -111,7 +111,7 @@ def image_for(
             solved(tuple(resolved.records))
     # Concurrent runs of one image: the first builds, the others wait here, then reuse it.
     with held(f"image-{key.tag}", console, f"another kbundle run is building {key.tag}; waiting for it"):
-        image_id = imagemod.existing_image(client, key.tag)
+        image_id = engine.image_id(client, key.tag)
         replaced, image_id = (image_id, None) if request.rebuild else (None, image_id)
         if image_id is None:
             result = build(client, bundle, request, resolved, key, workdir, console, undo)
