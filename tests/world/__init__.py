@@ -25,6 +25,8 @@ tests build their own:
 * ``podman_box``: rootful Podman's Docker-compatible socket (``podman_host``, storage of its own)
   with a STAND-IN NVIDIA CDI spec in /var/run/cdi (``nvidia.com/gpu`` = ``0``, ``1``, ``all``),
   when podman is installed.
+* ``podman_rootless``: a plain user's own ROOTLESS Podman service (``podman_rootless_host``, the
+  socket under ``/run/user/UID``), with the user's own storage and the same stand-in CDI spec.
 * ``env_image``: an image of kbundle's own making (its Dockerfile, installer and build
   context) with python, ipykernel and numpy, for the kernel tests.
 
@@ -64,6 +66,7 @@ from .env_image import (
 )
 from .gpu_box import ensure_gpu_box, hook_log, stop_gpu_box
 from .podman_box import copy_image, ensure_podman, stop_podman
+from .podman_rootless import copy_image_rootless, ensure_podman_rootless, stop_podman_rootless
 from .pypi import ensure_pypi, stop_pypi
 from .registry import ensure_registry, stop_registry
 from .server import DEFAULT_PORT, ensure_server, stop_server
@@ -80,6 +83,7 @@ __all__ = [
     "build_channel",
     "build_image",
     "copy_image",
+    "copy_image_rootless",
     "docker_client",
     "down",
     "ensure_base_image",
@@ -87,6 +91,7 @@ __all__ = [
     "ensure_env_image",
     "ensure_gpu_box",
     "ensure_podman",
+    "ensure_podman_rootless",
     "ensure_pypi",
     "ensure_registry",
     "ensure_server",
@@ -101,6 +106,7 @@ __all__ = [
     "solve_and_install",
     "stop_gpu_box",
     "stop_podman",
+    "stop_podman_rootless",
     "stop_registry",
     "stop_slurm",
     "up",
@@ -129,6 +135,7 @@ def up() -> dict:
         **ensure_slurm(root),
         **ensure_gpu_box(root),
         **ensure_podman(root),
+        **ensure_podman_rootless(root),
     }
 
 
@@ -141,6 +148,7 @@ def down() -> None:
     stop_registry(root)
     stop_gpu_box(root)
     stop_podman(root)
+    stop_podman_rootless(root)
     try:
         client = docker_client()
         label = ",".join(f"{k}={v}" for k, v in LABELS.items())

@@ -5,8 +5,9 @@ files in /etc/cdi or /var/run/cdi (Podman 4.3 reads no other place), which say w
 nodes and environment to inject. The world writes a stand-in spec there,
 ``/var/run/cdi/kbundle-world-standin.yaml``, of kind ``nvidia.com/gpu`` with devices ``0``,
 ``1`` and ``all``, whose edits inject stand-in nodes ``/dev/nvidia0``, ``/dev/nvidia1``
-(character devices 195:N made under ``<world>/podman/dev``, as the driver's are; nothing can
-open them) and ``NVIDIA_VISIBLE_DEVICES``, as NVIDIA's generated spec does. It proves the
+(character devices 195:N made under ``/run/kbundle-world-gpus``, as the driver's are; nothing
+can open them; world-readable like ``/dev``, so that a rootless Podman, ``podman_rootless.py``,
+can bind them too) and ``NVIDIA_VISIBLE_DEVICES``, as NVIDIA's generated spec does. It proves the
 requests and Podman's plumbing, not CUDA. Being in /var/run/cdi, every rootful Podman on
 this machine sees it (and it is gone at reboot; ``up`` writes it again).
 
@@ -33,6 +34,9 @@ from .common import docker_client, log
 from .daemons import locked, running, spawn, terminate
 
 CDI_SPEC = Path("/var/run/cdi/kbundle-world-standin.yaml")
+# The stand-in nodes: machine-wide like the spec, and where every user can reach them (a rootless
+# Podman stats each CDI host path as its user; the world's folder may sit in root's 0700 home).
+DEV = Path("/run/kbundle-world-gpus")
 RUN_ROOT = Path("/run/kbundle-podman")
 STATE_FILE = "podman.json"
 GPUS = 2
@@ -87,8 +91,9 @@ def _podman(folder: Path) -> list[str]:
 
 
 def _write_spec(folder: Path) -> None:
-    dev = folder / "dev"
+    dev = DEV
     dev.mkdir(parents=True, exist_ok=True)
+    dev.chmod(0o755)
     for name, minor in [*((f"nvidia{i}", i) for i in range(GPUS)), ("nvidiactl", 255)]:
         if not (dev / name).exists():
             os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(195, minor))
@@ -176,6 +181,7 @@ def stop_podman(root: Path) -> None:
     except (KeyError, ValueError):
         pass
     CDI_SPEC.unlink(missing_ok=True)
+    shutil.rmtree(DEV, ignore_errors=True)
     if folder.exists() and shutil.which("podman"):
         subprocess.run([*_podman(folder), "system", "reset", "--force"], capture_output=True, timeout=120)
     shutil.rmtree(folder, ignore_errors=True)

@@ -54,7 +54,8 @@ def run(
 
     `mounts`: host path -> (path in the container, "ro" or "rw"). Docker's own errors (no such
     image, the engine gone) are raised as docker's exceptions, for the caller to word."""
-    container = client.containers.create(
+    container = _create(
+        client,
         image,
         command,
         entrypoint=entrypoint,
@@ -81,6 +82,20 @@ def run(
             container.remove(force=True)
         except Exception:
             pass  # gone already, or the engine is; its label says what it was
+
+
+def _create(client, image: str, command: list[str], **kwargs):
+    """docker-py's `containers.create`; on the invoker's rootless Podman with keep-id (image/userns.py),
+    which docker-py's own keywords cannot say, so its create arguments get it added."""
+    from kbundle.image import engine, userns
+
+    if not userns.keep_id(client.api, engine.docker_host()):
+        return client.containers.create(image, command, **kwargs)
+    from docker.models.containers import _create_container_args
+
+    args = _create_container_args(dict(kwargs, image=image, command=command, version=client.api._version))
+    args["host_config"].update(userns.host_config())
+    return client.containers.get(client.api.create_container(**args)["Id"])
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from kbundle import contract
 from kbundle.cache import pycache_root
-from kbundle.image import policy
+from kbundle.image import policy, userns
 from kbundle.kernel import node_agent
 from kbundle.kernel.labels import container_labels
 from kbundle.kernel.launch_mounts import MountError, guard_for, notebook_folder, notes_text, plan_mounts
@@ -53,6 +53,7 @@ class LaunchPlan:
     readonly: list[str] = field(default_factory=list)  # mounted again read-only over a writable mount
     command: list[str] = field(default_factory=lambda: ["python", "-c", SHIM])
     forward: list[int] = field(default_factory=list)  # held on 127.0.0.1 by the launcher (kernel/forward.py)
+    rootless: bool = False  # the engine is the invoker's own (rootless): on Podman, `keep-id` (kernel/podman.py)
 
     def __getattr__(self, name: str) -> Any:
         """The lockdown's engine options read as the plan's own (`plan.<option>`): image/policy.py holds them."""
@@ -88,6 +89,11 @@ def engine_is_local(environ: dict[str, str], platform: str) -> bool:
     # Docker Desktop for Linux is a VM; rootless engines (/run/user/…) keep their bridge in a
     # namespace of their own: the host reaches neither's container addresses.
     return "/.docker/desktop/" not in host and "/run/user/" not in host
+
+
+def engine_owner(environ: dict[str, str]) -> Optional[int]:
+    """The uid that owns the engine's unix socket (image/userns.py), None for none."""
+    return userns.engine_owner(environ.get("DOCKER_HOST", ""))
 
 
 def kernel_user(uid: int, gid: int, groups: list[int], owner: tuple[int, int]) -> tuple[str, list[str]]:
@@ -196,6 +202,7 @@ def plan_launch(
     platform: str,
     owner: Callable[[str], tuple[int, int]] = folder_owner,
     ppid: Optional[int] = None,
+    socket_owner: Callable[[dict[str, str]], Optional[int]] = engine_owner,
 ) -> LaunchPlan:
     """Decide the container's settings (pure, apart from checking that the workdir exists and,
     for a root invoker, who owns the notebook's folder)."""
@@ -220,9 +227,14 @@ def plan_launch(
     ports = [int(info[k]) for k in PORT_KEYS] if network == "bridge" else []
     # A local engine on Linux: the host reaches the container's bridge address, so the launcher
     # forwards the ports itself (kernel/forward.py says why); elsewhere the engine publishes them.
-    forward, ports = (ports, []) if ports and engine_is_local(environ, platform) else ([], ports)
+    # A rootless engine keeps its bridge in a namespace of its own (slirp4netns): it publishes them.
+    rootless = platform == "linux" and userns.is_rootless(socket_owner(environ), uid)
+    local = engine_is_local(environ, platform) and not rootless
+    forward, ports = (ports, []) if ports and local else ([], ports)
     folder = working_dir if mounts.writable else ""
     user, group_add = kernel_user(uid, gid, groups, (owner(folder) if folder else (0, 0)) if uid == 0 else (uid, gid))
+    if rootless:
+        group_add = []  # the user's other host groups are not mapped into their own user namespace
     return LaunchPlan(
         name=container_name(args.connection_file),
         image=args.image,
@@ -239,6 +251,7 @@ def plan_launch(
         environment=env,
         labels=labels,
         gpus=args.gpus or "none",
+        rootless=rootless,
     )
 
 

@@ -8,6 +8,15 @@ API resolves them. So for a GPU kernel on Podman the launcher creates the contai
 the same plan (kernel/launch_plan.py) and lockdown (image/policy.py), and drives it through the
 Docker-compatible API from then on (attach, start, wait, stop): the container is the same.
 
+Rootless Podman (a user's own `podman system service`; the plan's `rootless`): the kernel gets
+`keep-id` (image/userns.py says why), in the Docker-compatible API's words from the launcher and
+as `userns` in libpod's here, so that it is the user inside and their notebook folder stays theirs.
+
+GPUs on rootless Podman: a user namespace cannot make device nodes, so the runtime bind-mounts
+each CDI node; runc binds it from its path *in the container* (`/dev/nvidia0`), which NVIDIA's
+generated spec makes the host's own. A spec whose nodes live elsewhere fails at start, and the
+launcher says so in one line (`device_node_message`), never running the kernel on CPU instead.
+
 `spec_generator` is pure (table-tested); `create` makes the one call.
 """
 
@@ -16,8 +25,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from kbundle.image import userns
+
 LIBPOD_VERSION = "v4.0.0"  # libpod's API of Podman 4 (and 5), under the same socket
 CDI_KIND = "nvidia.com/gpu"
+KEEP_ID = userns.KEEP_ID  # rootless Podman's user namespace in which the user stays themselves
+
+
+def device_node_message(gpus: str) -> str:
+    """The one line for a rootless start whose CDI device nodes could not be bound."""
+    return (
+        f"this kernel asks for GPUs ({gpus}) but rootless Podman could not bind the CDI spec's device nodes "
+        "(a user namespace can only bind a node from the same path on the host, as NVIDIA's generated spec "
+        "has it: `nvidia-ctk cdi generate`); run it on rootful Podman, or re-register it with "
+        "`kbundle run --gpus none`"
+    )
 
 
 def cdi_devices(gpus: str) -> list[str]:
@@ -52,6 +74,8 @@ def spec_generator(plan, binds: dict[str, dict[str, str]], environment: dict[str
         remove=True,
         devices=[{"path": name} for name in cdi_devices(plan.gpus)],
     )
+    if plan.rootless:
+        spec["userns"] = {"nsmode": KEEP_ID}
     if plan.ports:
         spec["portmappings"] = [
             {"host_ip": "127.0.0.1", "host_port": p, "container_port": p, "protocol": "tcp"} for p in plan.ports
