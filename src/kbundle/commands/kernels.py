@@ -120,7 +120,9 @@ def kernels_remove(
     if image:
         from kbundle.kernel import gc as gcmod
 
-        client = gcmod.connect()  # before anything is removed: no half-done removal without an engine
+        # On the engine the kernel was registered against (its kernelspec's), before anything is
+        # removed: no half-done removal without an engine.
+        client = gcmod.connect(record.docker_host)
         _refuse_while_running(client, record)
     path = remove_kernelspec(record.name)
     lines = [f"removed kernel {record.name} ({path})"]
@@ -229,7 +231,12 @@ def gc(
     except MachineError as exc:  # what needs no engine (native environments, folders) is still swept
         client = None
         typer.echo(f"warning: {exc}: kernel containers and images are not checked", err=True)
-    plan = gcmod.plan_gc(client, caches=caches, pushed=pushed)
+    from kbundle.kernel.spec import list_kernelspecs
+
+    kernels = list_kernelspecs()
+    # The kernels' own engines too (Podman's socket, a rootless one, a GPU box), as they recorded them.
+    others = {h: _engine_or_none(h) for h in gcmod.recorded_engines(kernels, os.environ.get("DOCKER_HOST", ""))}
+    plan = gcmod.plan_gc(client, kernels=kernels, caches=caches, pushed=pushed, others=others)
     if not as_json:
         _print_plan(plan, gcmod)
     if not plan.items or dry_run:
@@ -245,7 +252,7 @@ def gc(
         typer.echo(f"Remove these {len(plan.items)} item(s)? [y/N] ", err=True, nl=False)
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise KbundleError("nothing removed: you declined")
-    result = gcmod.apply_gc(plan, client)
+    result = gcmod.apply_gc(plan, client, others)
     if as_json:
         typer.echo(json.dumps(dict(plan.to_dict(), **result.to_dict(), dry_run=False), indent=2))
     else:
@@ -265,4 +272,5 @@ def _print_plan(plan, gcmod) -> None:
         return
     for item in plan.items:
         size = gcmod.human_size(item.size)
-        typer.echo(f"{item.kind:<9} {item.name}  ({item.reason}{', ' + size if size else ''})")
+        where = f", on {item.engine}" if item.engine else ""
+        typer.echo(f"{item.kind:<9} {item.name}  ({item.reason}{', ' + size if size else ''}{where})")

@@ -21,7 +21,13 @@
   A user's working directory is never a candidate: it holds their notebook and edits.
   With `caches=True` (`kbundle gc --cache`), kbundle's download caches too (cache.py's
   DOWNLOAD_CACHES: conda packages, wheels, byte-compiled environments).
-- `apply_gc(plan, client) -> GcResult` removes the listed items and says what failed.
+- Engines: the current one (DOCKER_HOST's) and each one a kernel was registered against
+  (`recorded_engines`: its kernelspec's `--docker-host`, kernel/spec.py), such as Podman's socket,
+  a user's rootless one or a GPU box; their containers and images are planned the same way, each
+  item naming its engine. On another engine, the images kept are those of the kernels registered
+  there and of kernels that recorded no engine (they may run anywhere).
+- `apply_gc(plan, client, others) -> GcResult` removes the listed items, each on its engine, and
+  says what failed.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ class GcItem:
     name: str  # what a person recognises
     reason: str
     size: Optional[int] = None  # bytes, where known
+    engine: str = ""  # the engine it is on: "" for the current one, else a kernel's recorded DOCKER_HOST
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,11 +91,18 @@ class GcResult:
         }
 
 
-def connect():
-    """The engine, as run and doctor reach it: a hung engine times out, an absent one is exit 4."""
+def connect(host: str = ""):
+    """The engine (DOCKER_HOST's, or `host`), as run and doctor reach it: a hung engine times out,
+    an absent one is exit 4."""
     from kbundle.image.engine import connect as engine
 
-    return engine()
+    return engine(host=host)
+
+
+def recorded_engines(kernels: list, current: str) -> list[str]:
+    """The engines kernels were registered against, other than `current` (DOCKER_HOST's, "" for the default)."""
+    found = {getattr(k, "docker_host", "") for k in kernels if not getattr(k, "native", "")}
+    return sorted(h for h in found if h and h != current)
 
 
 def plan_gc(
@@ -103,9 +117,11 @@ def plan_gc(
     native_dir: Optional[Path] = None,
     pushed: bool = False,
     temp_dir: Optional[Path] = None,
+    others: Optional[dict[str, Any]] = None,
 ) -> GcPlan:
     """What `kbundle gc` would remove (nothing is removed here); `caches`: kbundle's download caches too.
-    `client` None: no engine answers, so kernel containers and images are left out."""
+    `client` None: no engine answers, so kernel containers and images are left out. `others`: the
+    kernels' other engines (`recorded_engines`), host -> client, None where it does not answer."""
     from kbundle.image import native
     from kbundle.kernel.spec import list_kernelspecs
 
@@ -113,12 +129,20 @@ def plan_gc(
     host = host or socket.gethostname()
     now = time.time() if now is None else now
     plan = GcPlan()
+    present: set[str] = set()  # the image ids on the engines looked at
     if client is not None:
-        plan.items += _dead_kernel_containers(client, host)
-        images, plan.kept = _unused_images(client, kernels, {i.ref for i in plan.of(CONTAINER)}, pushed)
-        plan.items += images
-        plan.items += _orphaned_step_images(client, {i.ref for i in plan.of(CONTAINER)}, now)
-        plan.items += _leftover_throwaways(client, {i.ref for i in plan.of(CONTAINER)}, now)
+        present |= _plan_engine(plan, client, kernels, host, now, pushed)
+    for engine, other in (others or {}).items():
+        if other is None:
+            plan.kept.append(f"the engine {engine} (a kernel's recorded one) does not answer: not checked")
+            continue
+        theirs = [k for k in kernels if getattr(k, "docker_host", "") in ("", engine)]
+        present |= _plan_engine(plan, other, theirs, host, now, pushed, engine)
+    if client is not None and None not in (others or {}).values():
+        from kbundle.image import ledger
+
+        for image_id in set(ledger.entries()) - present:
+            ledger.forget(image_id)  # on no engine: removed by other means, the record goes too
     plan.items += _unused_native(kernels, native_dir if native_dir is not None else native.native_root())
     from kbundle import activity
 
@@ -130,6 +154,22 @@ def plan_gc(
     if caches:
         plan.items += _download_caches()
     return plan
+
+
+def _plan_engine(
+    plan: GcPlan, client, kernels: list, host: str, now: float, pushed: bool, engine: str = ""
+) -> set[str]:
+    """One engine's leftover kernel containers, unused images and step images, named by `engine`;
+    the ids of kbundle's images found there."""
+    from dataclasses import replace
+
+    items = _dead_kernel_containers(client, host)
+    leaving = {i.ref for i in items}
+    images, kept, present = _unused_images(client, kernels, leaving, pushed)
+    items += images + _orphaned_step_images(client, leaving, now) + _leftover_throwaways(client, leaving, now)
+    plan.items += [replace(i, engine=engine) for i in items]
+    plan.kept += [f"{line} ({engine})" if engine else line for line in kept]
+    return present
 
 
 def _download_caches() -> list[GcItem]:
@@ -218,8 +258,9 @@ def _leftover_reason(labels: dict, host: str) -> str:
     return ""
 
 
-def _unused_images(client, kernels: list, leaving: set[str], pushed: bool) -> tuple[list[GcItem], list[str]]:
-    """This user's unused kbundle images, and a line for each kind of image left alone."""
+def _unused_images(client, kernels: list, leaving: set[str], pushed: bool) -> tuple[list[GcItem], list[str], set[str]]:
+    """This user's unused kbundle images, a line for each kind of image left alone, and the ids of
+    every kbundle image on the engine (the ledger forgets those on no engine: `plan_gc`)."""
     from kbundle.image import ledger
 
     mine = ledger.entries()
@@ -244,14 +285,12 @@ def _unused_images(client, kernels: list, leaving: set[str], pushed: bool) -> tu
             items.append(
                 GcItem(IMAGE, ref, ref, f"bundle {digest[:19]}: no registered kernel uses it", image.get("Size"))
             )
-    for image_id in set(mine) - present:
-        ledger.forget(image_id)  # removed by other means: the record goes too
     kept = []
     if foreign:
         kept.append(f"{foreign} kbundle image(s) on this engine that kbundle did not make for this user")
     if published:
         kept.append(f"{published} unused image(s) with a registry tag (--pushed removes them too)")
-    return items, kept
+    return items, kept, present
 
 
 def _image_ids(client, refs: set[str]) -> set[str]:
@@ -421,17 +460,19 @@ def _du(path: Path) -> int:
     return total
 
 
-def apply_gc(plan: GcPlan, client) -> GcResult:
-    """Remove the plan's items: containers first (they hold images), then images, then directories."""
+def apply_gc(plan: GcPlan, client, others: Optional[dict[str, Any]] = None) -> GcResult:
+    """Remove the plan's items: containers first (they hold images), then images, then directories;
+    each container and image on its engine (`client`, or `others[item.engine]`)."""
     import docker
 
     result = GcResult()
     for item in plan.of(CONTAINER) + plan.of(IMAGE) + plan.of(DIRECTORY):
+        client_of = (others or {}).get(item.engine) if item.engine else client
         try:
             if item.kind == CONTAINER:
-                client.api.remove_container(item.ref, force=True)
+                client_of.api.remove_container(item.ref, force=True)
             elif item.kind == IMAGE:
-                _remove_image(client, item.ref)
+                _remove_image(client_of, item.ref)
             else:
                 Path(item.ref, native_stamp()).unlink(missing_ok=True)  # a half-removed prefix is never complete
                 shutil.rmtree(item.ref)
