@@ -337,7 +337,7 @@ class _Options:
 @pytest.mark.parametrize(
     "changes, words",
     [
-        ({"slurm": object()}, "not supported yet"),
+        ({"slurm": object()}, "--native with --slurm needs --prefix-root DIR"),
         ({"image": "r/x@sha256:" + "a" * 64}, "--image does not apply"),
         ({"base_image": "debian"}, "--base-image does not apply"),
         ({"use_bundled_dockerfile": True}, "--use-bundled-dockerfile"),
@@ -351,6 +351,7 @@ def test_what_native_refuses(changes, words):
     with pytest.raises(UsageError, match=words.replace("(", r"\(").replace("+", r"\+")):
         check_options(replace(_Options(), **changes))
     check_options(_Options())  # plain --native is fine
+    check_options(_Options(slurm=object(), prefix_root=Path("/shared")))  # and on a shared root, for Slurm
 
 
 def test_the_prefix_is_keyed_by_the_bundle_identity_and_complete_only_with_its_stamp(tmp_path, monkeypatch):

@@ -163,8 +163,8 @@ def test_free_ports_keeps_free_wanted_ports_and_moves_taken_ones():
     "engine, environ, expected",
     [
         ("/usr/bin/docker", {}, []),
-        ("/usr/bin/docker", {"SLURM_STEP_GPUS": "0,1"}, ["--gpus", "device=0,1"]),
-        ("/usr/bin/docker", {"SLURM_JOB_GPUS": "3"}, ["--gpus", "device=3"]),
+        ("/usr/bin/docker", {"SLURM_STEP_GPUS": "0,1"}, ["--gpus", '"device=0,1","capabilities=gpu,compute,utility"']),
+        ("/usr/bin/docker", {"SLURM_JOB_GPUS": "3"}, ["--gpus", '"device=3","capabilities=gpu,compute,utility"']),
         (
             "/usr/bin/podman",
             {"SLURM_STEP_GPUS": "0,1"},

@@ -95,7 +95,10 @@ def run(
         'container (see docs/usage.md, "No Docker?").',
     ),
     prefix_root: Optional[Path] = typer.Option(
-        None, "--prefix-root", help="With --native: where its environment goes (default: kbundle's cache)."
+        None,
+        "--prefix-root",
+        help="With --native: where its environment goes (default: kbundle's cache); with --slurm too, "
+        "required: a folder on a file system the compute nodes share.",
     ),
     rebuild: bool = typer.Option(
         False,

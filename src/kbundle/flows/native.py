@@ -20,6 +20,12 @@ the recipient, outside any container, and the consent says so first (flows/revie
 
 A run that fails, is declined or is interrupted removes what it created (flows/undo.py): the
 workdir it made and a prefix it started.
+
+With `--slurm` (a cluster without containers) the prefix goes under `--prefix-root`, which is
+required: the compute nodes cannot see kbundle's cache. Nothing is checked against this machine's
+GPUs (the node's are Slurm's to give), and the kernel registered is a Slurm kernel,
+`kbundle-<name>-slurm`, whose node agent runs the prefix's own python (kernel/node_agent.py
+`NativeAgent`), with the same activation a local native kernel gets.
 """
 
 from __future__ import annotations
@@ -59,10 +65,10 @@ class NativePlan:
 
 def check_options(options) -> None:
     """What --native cannot do, refused before any work (pure)."""
-    if options.slurm is not None:
+    if options.slurm is not None and options.prefix_root is None:
         raise UsageError(
-            "--native with --slurm is not supported yet: register a Slurm kernel from a pushed image "
-            "(--slurm --image REF@sha256:…), or run --native on the machine that runs the kernel"
+            "--native with --slurm needs --prefix-root DIR, a folder on a file system the compute nodes "
+            "share: they cannot see kbundle's cache on this machine"
         )
     refused = [
         flag
@@ -98,9 +104,11 @@ def run_native(options: RunOptions, ready: Ready, arrival: Arrival, console, und
 
     bundle, signature, placement, root = arrival.bundle, arrival.signature, arrival.placement, ready.root
     warnings = arrival.kept_warnings
-    report = preflight.evaluate_native(preflight.probe_nvml(), bundle.cuda, ready.gpus)
-    report.raise_for_errors()
-    warnings += [f.message for f in report.warnings]
+    report = None  # a Slurm kernel's GPUs are the node's, given by Slurm: this machine's say nothing
+    if options.slurm is None:
+        report = preflight.evaluate_native(preflight.probe_nvml(), bundle.cuda, ready.gpus)
+        report.raise_for_errors()
+        warnings += [f.message for f in report.warnings]
 
     prefix = native.prefix_for(arrival.content_hash, root)
     consented = False
@@ -126,7 +134,8 @@ def run_native(options: RunOptions, ready: Ready, arrival: Arrival, console, und
             undo.created_folder(prefix)
             installed = install_prefix(bundle, arrival.content_hash, plan, prefix, options.yes, console, warnings)
         stamp = native.stamp_of(prefix) or {}
-        spec_dir = register(options, arrival, _registration(bundle, prefix, stamp, report), warnings, console)
+        kernel = _registration(bundle, prefix, stamp, report, _job(options))
+        spec_dir = register(options, arrival, kernel, warnings, console)
     pip_resolved = [str(x) for x in stamp.get("pip_resolved") or []]
     return RunResult(
         name=bundle.name,
@@ -137,7 +146,7 @@ def run_native(options: RunOptions, ready: Ready, arrival: Arrival, console, und
         workdir=placement.workdir,
         notebook=placement.notebook,
         built=installed is not None,
-        gpus=list(report.plan.gpus),
+        gpus=list(kernel.gpus),
         seconds=time.perf_counter() - arrival.started,
         packages=int(stamp.get("packages") or 0),
         pip=len(bundle.pip),
@@ -152,7 +161,21 @@ def run_native(options: RunOptions, ready: Ready, arrival: Arrival, console, und
             "install_seconds": round(installed, 3) if installed is not None else 0.0,
             "virtual_packages": list(stamp.get("virtual_packages") or []),
         },
+        slurm=kernel.slurm,
     )
+
+
+def _job(options: RunOptions):
+    """The Slurm job's options with the login node's address filled in; None without --slurm."""
+    import os
+    from dataclasses import replace
+
+    from kbundle.kernel.slurm import login_address
+
+    job = options.slurm
+    if job is not None and not job.login_address:
+        job = replace(job, login_address=login_address(dict(os.environ)))
+    return job
 
 
 def plan_native(bundle, options, signature, prefix: Path, workdir: Path) -> NativePlan:
@@ -201,8 +224,17 @@ def plan_native(bundle, options, signature, prefix: Path, workdir: Path) -> Nati
         disk=disk_words(needs),
         unusual=tuple(unusual),
         workdir=str(workdir),
+        slurm=_slurm_words(options.slurm),
     )
     return NativePlan(tuple(records) if records is not None else None, target, review, needs)
+
+
+def _slurm_words(job) -> str:
+    """Where a native Slurm kernel runs, for the review (pure); "" without --slurm."""
+    if job is None:
+        return ""
+    asks = ", ".join(f"{k} {v}" for k, v in (("partition", job.partition), ("gres", job.gres), ("time", job.time)) if v)
+    return f"a Slurm compute node ({asks or 'the cluster defaults'}), straight from this prefix, as you"
 
 
 def disk_words(needs) -> str:
@@ -369,15 +401,19 @@ def _check_kernel(prefix: Path) -> None:
         )
 
 
-def _registration(bundle, prefix: Path, stamp: dict, report) -> Registration:
-    """The native kernel: the prefix, its activation, the GPUs the preflight chose, the pip pins installed."""
+def _registration(bundle, prefix: Path, stamp: dict, report, job=None) -> Registration:
+    """The native kernel: the prefix, its activation, the GPUs the preflight chose (Slurm's --gres
+    for a Slurm kernel, whose node sets CUDA_VISIBLE_DEVICES itself), the pip pins installed."""
     from kbundle.image import native, preflight
 
     env = native.activation(prefix, bool(bundle.manifest.cuda_env_libs), native.nvidia_lib_dirs(prefix))
+    pins = [str(x) for x in stamp.get("pip_resolved") or []]
+    if job is not None:
+        gpus = [job.gres] if job.gres else []
+        return Registration("", gpus, pip_resolved=pins, native=str(prefix), env=env, slurm=job)
     devices = preflight.visible_devices(report.request, report.plan)
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = devices
-    pins = [str(x) for x in stamp.get("pip_resolved") or []]
     return Registration("", list(report.plan.gpus), pip_resolved=pins, native=str(prefix), env=env)
 
 
@@ -385,13 +421,18 @@ def summary_lines(result) -> list[str]:
     """The calm summary of a native run (pure)."""
     info = result.native or {}
     where = "GPUs " + ", ".join(result.gpus) + " (straight from the driver)" if result.gpus else "CPU"
+    where += ", on this machine"
+    if result.slurm is not None:
+        job = result.slurm
+        asks = ", ".join(f"--{k} {v}" for k, v in (("partition", job.partition), ("gres", job.gres)) if v)
+        where = f"a Slurm node, through srun {asks or '(the cluster defaults)'}"
     if info.get("reused"):
         state = f"already installed: reused, {result.seconds:.1f}s"
     else:
         state = f"installed, {result.seconds:.1f}s"
     lines = [
         f"prefix     {info.get('prefix', '')} ({state})",
-        f"runs on    {where}, on this machine, as you, outside any container",
+        f"runs on    {where}, as you, outside any container",
         f'kernel     {result.kernel_name}  "{result.display_name}"',
         f"workdir    {result.workdir}",
         f'open it    jupyter lab {result.notebook}   (or pick "{result.display_name}" in VS Code)',

@@ -228,6 +228,7 @@ class NativeReview:
     disk: str = ""
     unusual: tuple[str, ...] = ()
     workdir: str = ""
+    slurm: str = ""  # `--slurm`: where the kernel runs (flows/native.py `_slurm_words`)
 
 
 def native_review_lines(review: NativeReview) -> list[str]:
@@ -254,6 +255,8 @@ def native_review_lines(review: NativeReview) -> list[str]:
             ".pth        a .pth file in a wheel runs at every start of the environment's Python: kbundle "
             "reads the wheels' file lists and names any before installing it"
         )
+    if review.slurm:  # the prefix is installed here; the kernel's code runs on the node
+        lines.append(f"kernel      runs on {safe(review.slurm)}: every node must see the prefix at this path")
     if review.disk:
         lines.append(f"disk        {review.disk}")
     lines += [f"unusual     {u}" for u in review.unusual]

@@ -115,7 +115,8 @@ REPLACE_WAIT_S = 10  # how long a restart waits for the previous container to go
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kbundle-kernel", description="Run a Jupyter kernel inside a kbundle image.")
     p.add_argument("-f", "--connection-file", required=True)
-    p.add_argument("--image", required=True)
+    # Every kernel runs an image, except a native Slurm kernel (--slurm --native PREFIX): checked below.
+    p.add_argument("--image", default="")
     p.add_argument(
         "--workdir",
         default="",
@@ -140,7 +141,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     slurm.add_argument("--login-address", default="", help="this machine's address as the nodes reach it")
     slurm.add_argument("--engine", choices=("auto", "docker", "podman"), default="auto")
     slurm.add_argument("--content-hash", default="", help="the bundle's content hash the image must carry")
-    return p.parse_args(argv)
+    slurm.add_argument("--native", default="", help="no image: the prefix on a shared file system the node runs")
+    slurm.add_argument(
+        "--activate", action="append", default=[], help="KEY=VALUE of the prefix's activation (repeatable)"
+    )
+    args = p.parse_args(argv)
+    if not args.image and not (args.slurm and args.native):
+        p.error("the following arguments are required: --image")
+    return args
 
 
 def _raw(sock: Any) -> Any:
@@ -230,7 +238,13 @@ class Launcher:
             ports=plan.ports or None,
         )
         # Podman's Docker-compatible API would drop the GPUs: its own API gets them (kernel/podman.py).
-        libpod = plan.gpus != "none" and engine.is_podman(api)  # one round trip, GPU kernels only
+        # A rootless Podman keeps the user themselves inside (keep-id). One round trip, those kernels only.
+        on_podman = (plan.gpus != "none" or plan.rootless) and engine.is_podman(api)
+        libpod = on_podman and plan.gpus != "none"
+        if on_podman and plan.rootless:
+            from kbundle.image import userns
+
+            host_config.update(userns.host_config())
         deadline = time.monotonic() + REPLACE_WAIT_S
         while True:
             try:
@@ -371,6 +385,10 @@ def _docker_message(exc: Exception, plan: LaunchPlan) -> str:
             "`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`, or re-register the kernel with "
             "`kbundle run --gpus none`"
         )
+    if plan.rootless and "error creating device nodes" in text:
+        from kbundle.kernel.podman import device_node_message
+
+        return device_node_message(plan.gpus)
     if "could not select device driver" in text:
         return (
             "this kernel asks for GPUs but the Docker engine has no NVIDIA runtime; install the NVIDIA "

@@ -25,6 +25,13 @@ kernel listens. Like a local kernel it runs locked down, as the request's `polic
 podman), as the request's `user` (the launcher applied kbundle's one user rule: never root),
 with an init that forwards SIGINT, removed when it ends. A request without a policy gets the
 strictest rendering (fail closed); a root user is refused.
+
+A request with `native` (`kbundle run --native --slurm`) names a conda prefix on a file system
+the nodes share instead of an image: `NativeAgent` runs the same shim with that prefix's own
+python, no container engine needed, after checking that the node sees the prefix. The kernel
+runs as the job's user, with the prefix's `activation` (PATH, CONDA_PREFIX, LD_LIBRARY_PATH),
+in its own session so that its leftover children are ended with it, and with a private TMPDIR
+(where the shim writes the key) removed when it ends, as a container's /tmp goes with it.
 """
 
 import json
@@ -32,8 +39,10 @@ import os
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
+import tempfile
 import threading
 
 READY = "KBUNDLE-NODE-READY "
@@ -110,15 +119,32 @@ def ensure_image(engine, image, label, content_hash):
         raise NodeError(f"the image {image} on this node is not the bundle's (its {label} label differs)")
 
 
+# image/preflight.py's GPU_CAPABILITIES (a test keeps them equal; this file imports nothing of kbundle's):
+# without compute and utility Docker's NVIDIA path gives the container neither CUDA nor nvidia-smi.
+GPU_CAPABILITIES = ("gpu", "compute", "utility")
+
+
+def is_podman(engine):
+    return os.path.basename(engine).startswith("podman")
+
+
 def gpu_arguments(engine, environ):
-    """The GPUs Slurm gave this step, passed to the container (none when it gave none)."""
+    """The GPUs Slurm gave this step, passed to the container (none when it gave none): Podman takes
+    them by CDI name (NVIDIA's spec, `nvidia-ctk cdi generate`), Docker as a device request with the
+    capabilities CUDA needs (`--gpus` is a CSV list: the quotes keep each comma-separated value whole)."""
     ids = environ.get("SLURM_STEP_GPUS") or environ.get("SLURM_JOB_GPUS") or ""
-    ids = [i for i in ids.split(",") if i.strip()]
+    ids = [i.strip() for i in ids.split(",") if i.strip()]
     if not ids:
         return []
-    if os.path.basename(engine).startswith("podman"):
+    if is_podman(engine):
         return [arg for i in ids for arg in ("--device", "nvidia.com/gpu=" + i)]
-    return ["--gpus", "device=" + ",".join(ids)]
+    return ["--gpus", '"device={}","capabilities={}"'.format(",".join(ids), ",".join(GPU_CAPABILITIES))]
+
+
+def userns_arguments(engine, uid):
+    """A rootless Podman (the job's user runs it) keeps that user themselves inside (`keep-id`), so
+    that the notebook's folder stays theirs; kbundle's image/userns.py says why."""
+    return ["--userns", "keep-id"] if is_podman(engine) and uid != 0 else []
 
 
 def kernel_user(request):
@@ -152,7 +178,7 @@ def container_command(engine, request, address, environ):
     policy = request.get("policy") or {}
     user, groups = kernel_user(request)
     cmd = [engine, "run", "--rm", "-i", "--init", "--name", request["name"]] + policy_flags(policy)
-    cmd += ["--user", user]
+    cmd += ["--user", user] + userns_arguments(engine, os.getuid())
     for group in groups:
         cmd += ["--group-add", group]
     environment = dict(policy.get("environment") or {"HOME": "/tmp"}, **request.get("environment", {}))
@@ -219,6 +245,107 @@ class Agent:
         except subprocess.TimeoutExpired:
             quiet([self.engine, "stop", "-t", str(STOP_GRACE_S), self.request["name"]], timeout=60)
 
+    def finish(self):
+        """After the kernel ended: the engine removed the container (--rm)."""
+
+
+def native_python(prefix):
+    """The prefix's own python, which must be visible on this node at the path it was installed at."""
+    python = os.path.join(prefix, "bin", "python")
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise NodeError(
+            f"the environment {prefix} is not visible on node {socket.gethostname()} (no {python}): "
+            "--prefix-root must be a file system every compute node mounts at the same path"
+        )
+    return python
+
+
+def native_environment(request, environ, tmpdir):
+    """The kernel's environment: the node's, the prefix's activation (`${VAR}` filled from the node's,
+    as Jupyter fills a kernelspec's env), the banner's variables, and the private TMPDIR."""
+    env = dict(environ)
+    for key, value in (request.get("activation") or {}).items():
+        env[key] = string.Template(str(value)).safe_substitute(environ)
+    env.update(request.get("environment") or {})
+    env["TMPDIR"] = tmpdir
+    return env
+
+
+def native_workdir(request, environ):
+    """The notebook's folder where the node shares it, else the home folder, else /."""
+    for folder in (request.get("working_dir"), environ.get("HOME")):
+        if folder and os.path.isdir(folder):
+            return folder
+    return "/"
+
+
+class NativeAgent(Agent):
+    """The kernel straight from a shared prefix: the shim run by the prefix's python, no container."""
+
+    def __init__(self, request):
+        self.request = request
+        self.python = native_python(request["native"])
+        self.proc = None
+        self.tmpdir = None
+        self.stopping = threading.Event()
+        self.cancelled = False
+
+    def start(self):
+        request = self.request
+        address = route_source(request["login"])
+        ports = free_ports(address, request["connection"])
+        self.tmpdir = tempfile.mkdtemp(prefix="kbundle-kernel-")  # 0700: the shim's key file goes here
+        connection = dict(request["connection"], ip=address, **ports)
+        self.proc = subprocess.Popen(
+            [self.python, "-c", request["shim"]],
+            stdin=subprocess.PIPE,
+            stdout=sys.stderr,
+            env=native_environment(request, os.environ, self.tmpdir),
+            cwd=native_workdir(request, os.environ),
+            start_new_session=True,  # its own group: ended whole by `finish`, apart from srun's signals
+        )
+        self.proc.stdin.write((json.dumps(connection) + "\n").encode())
+        self.proc.stdin.flush()
+        del connection
+        say(READY + json.dumps({"address": address, "ports": ports, "job": os.environ.get("SLURM_JOB_ID", "")}))
+
+    def listen(self, stdin):
+        """`INT` goes to the kernel process itself (ipykernel's interrupt); EOF stops it."""
+        for line in stdin:
+            if line.strip() == b"INT" and self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGINT)
+        self.stop()
+
+    def stop(self, cancelled=False):
+        self.cancelled = self.cancelled or cancelled
+        if self.stopping.is_set() or self.proc is None:
+            return
+        self.stopping.set()
+        try:
+            self.proc.stdin.close()  # the shim ends the kernel on EOF
+        except OSError:
+            pass
+        try:
+            self.proc.wait(STOP_GRACE_S * 2)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+
+    def finish(self):
+        """After the kernel ended: what it started goes too, and the folder with its key file."""
+        self._signal_group(signal.SIGKILL)
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def _signal_group(self, sig):
+        try:
+            os.killpg(self.proc.pid, sig)
+        except OSError:  # the group is gone already
+            pass
+
 
 def say(line):
     sys.stdout.write(line + "\n")
@@ -230,7 +357,7 @@ def main():
     first = stdin.readline()
     try:
         request = json.loads(first.decode())
-        agent = Agent(request)
+        agent = (NativeAgent if request.get("native") else Agent)(request)
     except (ValueError, KeyError, NodeError) as exc:
         say(ERROR + ("no request from the launcher" if not first else str(exc)))
         return 2
@@ -248,6 +375,7 @@ def main():
     while True:
         try:
             code = agent.proc.wait()
+            agent.finish()
             return 128 + signal.SIGTERM if agent.cancelled else code
         except KeyboardInterrupt:
             continue

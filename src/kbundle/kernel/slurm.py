@@ -3,6 +3,10 @@
     kbundle-kernel --slurm --image REF@sha256:… [--partition P] [--gres gpu:1] [--time T]
                    [--account A] [--slurm-arg ARG …] [--start-timeout S]
                    [--login-address ADDR] [--engine auto|docker|podman] -f CONNECTION_FILE
+    kbundle-kernel --slurm --native PREFIX [--activate KEY=VALUE …] [the same job options] -f …
+
+(`--native`: `run --native --slurm` put the environment in PREFIX, on a file system the nodes
+share; the agent runs its python and ipykernel directly, with no container engine on the node.)
 
 Jupyter starts this on the login node (or JupyterHub's single-user server) like any
 kernel. It:
@@ -397,7 +401,8 @@ def launch(args: Any, info: dict[str, Any], *, parent: Optional[int]) -> int:
     ip = str(info.get("ip", "127.0.0.1"))
     if not (ip in LOOPBACK or ip.startswith("127.")):
         raise SlurmError(f"the connection file asks for ip {ip}; kbundle kernels listen on 127.0.0.1 only")
-    if "@sha256:" not in args.image:
+    native = getattr(args, "native", "")
+    if not native and "@sha256:" not in args.image:
         raise SlurmError(f"a Slurm kernel needs its image by digest (REF@sha256:…), not {args.image}")
     options = SlurmOptions(
         partition=args.partition or "",
@@ -409,6 +414,10 @@ def launch(args: Any, info: dict[str, Any], *, parent: Optional[int]) -> int:
         login_address=args.login_address or login_address(dict(os.environ)),
         engine=args.engine or "auto",
     )
+    if native:  # no container, so no mounts and no user to choose: the prefix runs as the job's user
+        name = job_name(args.connection_file)
+        request = native_request(args, info, options, name)
+        return SlurmLauncher(options, name, request, [int(info[k]) for k in PORT_KEYS], parent=parent).run()
     environ = dict(os.environ)
     try:
         mounts = kernel_mounts(args.workdir, os.getcwd(), environ, os.getuid())
@@ -435,3 +444,37 @@ def launch(args: Any, info: dict[str, Any], *, parent: Optional[int]) -> int:
     )
     launcher = SlurmLauncher(options, name, request, [int(info[k]) for k in PORT_KEYS], parent=parent)
     return launcher.run()
+
+
+def parse_activation(pairs: list[str]) -> dict[str, str]:
+    """The kernelspec's `--activate KEY=VALUE` arguments as a dict (pure)."""
+    found = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise SlurmError(f"--activate {pair!r}: give KEY=VALUE")
+        found[key] = value
+    return found
+
+
+def native_request(args: Any, info: dict[str, Any], options: SlurmOptions, name: str) -> bytes:
+    """The agent's first stdin line for a native kernel (`run --native --slurm`): the prefix and its
+    activation instead of an image. It holds the key, as `node_request`'s does."""
+    from kbundle.kernel.launch_plan import banner_environment, banner_notes
+
+    if not os.path.isabs(args.native):
+        raise SlurmError(f"--native needs an absolute prefix, not {args.native}")
+    note = f"no container: the environment {args.native}, run on the node as you"
+    environment = {**banner_environment(args, dict(os.environ)), **banner_notes([note], "node")}
+    environment["KBUNDLE_BANNER_IMAGE"] = "native " + args.native  # the banner's "image": what runs
+    request = {
+        "native": args.native,
+        "activation": parse_activation(list(args.activate or ())),
+        "environment": environment,
+        "login": options.login_address,
+        "shim": SHIM,
+        "name": name,
+        "working_dir": os.path.abspath(args.workdir) if args.workdir else "",
+        "connection": {k: v for k, v in info.items() if k != "ip"},
+    }
+    return (json.dumps(request, separators=(",", ":")) + "\n").encode()

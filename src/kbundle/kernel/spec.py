@@ -18,6 +18,11 @@ A native kernel (`run --native`, `KernelRequest.native`) is a plain ipykernel of
 kbundle installed on this machine: `<prefix>/bin/python -m ipykernel_launcher -f {connection_file}`,
 with the environment's activation in the spec's `env` (image/native.py `activation`) and
 `metadata.kbundle.native` naming the prefix.
+
+A native Slurm kernel (`run --native --slurm`, both `native` and `slurm` set) starts the launcher
+as a Slurm kernel does, with `--native PREFIX` instead of an image: the prefix is on a file
+system the nodes share, and its activation travels as `--activate KEY=VALUE` arguments to the
+node (the spec's own `env` would activate the launcher on the login node, srun included).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ LAUNCHER_SCRIPT = "kbundle-kernel"
 DISPLAY_SUFFIX = " (kbundle)"
 SLURM_SUFFIX = " (kbundle, Slurm)"
 NATIVE_SUFFIX = " (kbundle, native)"
+NATIVE_SLURM_SUFFIX = " (kbundle, Slurm, native)"
 # Jupyter shows these from a kernelspec's directory (JupyterLab's launcher, Notebook's menu).
 LOGO_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
 NETWORKS = ("bridge", "host")
@@ -135,6 +141,8 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
     """The kernel.json content (pure: no file is touched)."""
     name, image, gpus, display_name = request.name, request.image, request.gpus, request.display_name
     check_name(name)
+    if request.native is not None and request.slurm is not None:
+        return _native_slurm_spec(request, launcher or launcher_path())
     if request.native is not None:
         return _native_spec(request)
     if not image:
@@ -199,6 +207,31 @@ def _native_spec(request: KernelRequest) -> dict[str, Any]:
         "language": "python",
         "interrupt_mode": "signal",
         "env": env,
+        "metadata": {"kbundle": kb},
+    }
+
+
+def _native_slurm_spec(request: KernelRequest, launcher: Path) -> dict[str, Any]:
+    """The launcher on the login node, running the prefix's ipykernel on a Slurm node (pure)."""
+    prefix = request.native or ""
+    if not os.path.isabs(prefix):
+        raise UsageError(f"a native kernel needs an absolute prefix, not {prefix!r}")
+    workdir = os.path.abspath(request.workdir)
+    argv = [str(launcher), "--kernel-name", request.name, "--native", prefix, "--workdir", workdir]
+    for key, value in sorted(request.env.items()):
+        argv.append(f"--activate={key}={value}")
+    argv += [*request.slurm.argv(), "--content-hash", request.bundle_hash, "-f", "{connection_file}"]
+    kb: dict[str, Any] = dict(request.extra_metadata)
+    kb.update(native=prefix, bundle_hash=request.bundle_hash, gpus=list(request.gpus), workdir=workdir)
+    kb["slurm"] = dataclasses.asdict(request.slurm)
+    shown = safe(request.display_name)
+    shown = shown if shown.endswith(NATIVE_SLURM_SUFFIX) else shown + NATIVE_SLURM_SUFFIX
+    return {
+        "argv": argv,
+        "display_name": shown,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "env": banner_env(shown.removesuffix(NATIVE_SLURM_SUFFIX), kb.get("cuda")),
         "metadata": {"kbundle": kb},
     }
 
