@@ -280,7 +280,9 @@ def _fetch_and_unpack(records, meter=None) -> None:
 
     folder = archive_dir()
     by_dest = {}
-    for record in records:
+    # Largest first: unpacking is the long pole (a bz2 python takes seconds on one core), and
+    # started first it overlaps the many small ones instead of running alone at the end.
+    for record in sorted(records, key=lambda r: -(r.size or 0)):
         item = _archive_wanted(record, folder)
         by_dest[item.dest] = (item, record)
     http = download.session(net.ca_for_channels(), FETCH_WORKERS)
