@@ -28,8 +28,10 @@ def data_dir(tmp_path, monkeypatch) -> Path:
     return tmp_path / "data"
 
 
-def test_install_writes_a_user_spec_jupyter_client_finds(data_dir, tmp_path):
+def test_install_writes_a_user_spec_jupyter_client_finds(data_dir, tmp_path, monkeypatch):
     from jupyter_client.kernelspec import KernelSpecManager
+
+    monkeypatch.delenv("DOCKER_HOST", raising=False)  # the engine is recorded only when it was named
 
     path = install_kernelspec(
         KernelRequest(
