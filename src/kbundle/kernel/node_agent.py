@@ -228,8 +228,11 @@ class Agent:
         """The launcher's commands; EOF (it is gone) stops the kernel."""
         for line in stdin:
             if line.strip() == b"INT":
-                quiet([self.engine, "kill", "--signal", "INT", self.request["name"]], timeout=30)
+                self.interrupt()
         self.stop()
+
+    def interrupt(self):
+        quiet([self.engine, "kill", "--signal", "INT", self.request["name"]], timeout=30)
 
     def stop(self, cancelled=False):
         self.cancelled = self.cancelled or cancelled
@@ -243,7 +246,11 @@ class Agent:
         try:
             self.proc.wait(STOP_GRACE_S * 2)
         except subprocess.TimeoutExpired:
-            quiet([self.engine, "stop", "-t", str(STOP_GRACE_S), self.request["name"]], timeout=60)
+            self.force_stop()
+
+    def force_stop(self):
+        """A kernel that outlived its EOF: the engine stops the container."""
+        quiet([self.engine, "stop", "-t", str(STOP_GRACE_S), self.request["name"]], timeout=60)
 
     def finish(self):
         """After the kernel ended: the engine removed the container (--rm)."""
@@ -309,30 +316,18 @@ class NativeAgent(Agent):
         del connection
         say(READY + json.dumps({"address": address, "ports": ports, "job": os.environ.get("SLURM_JOB_ID", "")}))
 
-    def listen(self, stdin):
-        """`INT` goes to the kernel process itself (ipykernel's interrupt); EOF stops it."""
-        for line in stdin:
-            if line.strip() == b"INT" and self.proc.poll() is None:
-                os.kill(self.proc.pid, signal.SIGINT)
-        self.stop()
+    def interrupt(self):
+        """`INT` goes to the kernel process itself (ipykernel's interrupt)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGINT)
 
-    def stop(self, cancelled=False):
-        self.cancelled = self.cancelled or cancelled
-        if self.stopping.is_set() or self.proc is None:
-            return
-        self.stopping.set()
+    def force_stop(self):
+        """A kernel that outlived its EOF: SIGTERM to its process group, then SIGKILL."""
+        self._signal_group(signal.SIGTERM)
         try:
-            self.proc.stdin.close()  # the shim ends the kernel on EOF
-        except OSError:
-            pass
-        try:
-            self.proc.wait(STOP_GRACE_S * 2)
+            self.proc.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
+            self._signal_group(signal.SIGKILL)
 
     def finish(self):
         """After the kernel ended: what it started goes too, and the folder with its key file."""
