@@ -177,61 +177,52 @@ def build_spec(request: KernelRequest, launcher: Optional[Path] = None) -> dict[
     if request.slurm is not None:
         kb["slurm"] = dataclasses.asdict(request.slurm)
         suffix = SLURM_SUFFIX
-    display_name = safe(display_name)  # a bundle's name: Jupyter and VS Code show it as is
-    shown = display_name if display_name.endswith(suffix) else display_name + suffix
-    return {
-        "argv": argv,
-        "display_name": shown,
-        "language": "python",
-        "interrupt_mode": "signal",
-        "env": banner_env(shown.removesuffix(suffix), kb.get("cuda")),
-        "metadata": {"kbundle": kb},
-    }
+    return _spec(argv, display_name, suffix, kb)
 
 
 def _native_spec(request: KernelRequest) -> dict[str, Any]:
     """A plain ipykernel of the native prefix, activated through the spec's `env` (pure)."""
-    prefix = request.native or ""
-    if not os.path.isabs(prefix):
-        raise UsageError(f"a native kernel needs an absolute prefix, not {prefix!r}")
-    workdir = os.path.abspath(request.workdir)
-    kb: dict[str, Any] = dict(request.extra_metadata)
-    kb.update(native=prefix, bundle_hash=request.bundle_hash, gpus=list(request.gpus), workdir=workdir)
-    shown = safe(request.display_name)
-    shown = shown if shown.endswith(NATIVE_SUFFIX) else shown + NATIVE_SUFFIX
-    env = banner_env(shown.removesuffix(NATIVE_SUFFIX), kb.get("cuda"))
-    env.update(request.env)
-    return {
-        "argv": [os.path.join(prefix, "bin", "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": shown,
-        "language": "python",
-        "interrupt_mode": "signal",
-        "env": env,
-        "metadata": {"kbundle": kb},
-    }
+    prefix, workdir, kb = _native_metadata(request)
+    argv = [os.path.join(prefix, "bin", "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    return _spec(argv, request.display_name, NATIVE_SUFFIX, kb, request.env)
 
 
 def _native_slurm_spec(request: KernelRequest, launcher: Path) -> dict[str, Any]:
-    """The launcher on the login node, running the prefix's ipykernel on a Slurm node (pure)."""
-    prefix = request.native or ""
-    if not os.path.isabs(prefix):
-        raise UsageError(f"a native kernel needs an absolute prefix, not {prefix!r}")
-    workdir = os.path.abspath(request.workdir)
+    """The launcher on the login node, running the prefix's ipykernel on a Slurm node (pure).
+    The activation travels in argv, not `env`: the launcher and srun here stay unactivated."""
+    prefix, workdir, kb = _native_metadata(request)
     argv = [str(launcher), "--kernel-name", request.name, "--native", prefix, "--workdir", workdir]
     for key, value in sorted(request.env.items()):
         argv.append(f"--activate={key}={value}")
     argv += [*request.slurm.argv(), "--content-hash", request.bundle_hash, "-f", "{connection_file}"]
+    kb["slurm"] = dataclasses.asdict(request.slurm)
+    return _spec(argv, request.display_name, NATIVE_SLURM_SUFFIX, kb)
+
+
+def _native_metadata(request: KernelRequest) -> tuple[str, str, dict[str, Any]]:
+    """(the absolute prefix, the absolute workdir, kbundle's metadata) of a native kernel."""
+    prefix = request.native or ""
+    if not os.path.isabs(prefix):
+        raise UsageError(f"a native kernel needs an absolute prefix, not {prefix!r}")
+    workdir = os.path.abspath(request.workdir)
     kb: dict[str, Any] = dict(request.extra_metadata)
     kb.update(native=prefix, bundle_hash=request.bundle_hash, gpus=list(request.gpus), workdir=workdir)
-    kb["slurm"] = dataclasses.asdict(request.slurm)
-    shown = safe(request.display_name)
-    shown = shown if shown.endswith(NATIVE_SLURM_SUFFIX) else shown + NATIVE_SLURM_SUFFIX
+    return prefix, workdir, kb
+
+
+def _spec(argv: list[str], display_name: str, suffix: str, kb: dict[str, Any], env=None) -> dict[str, Any]:
+    """kernel.json: the display name (made safe: a bundle's name, which Jupyter and VS Code show
+    as is) with its kind's suffix once, the banner's variables, then `env`."""
+    shown = safe(display_name)
+    shown = shown if shown.endswith(suffix) else shown + suffix
+    environment = banner_env(shown.removesuffix(suffix), kb.get("cuda"))
+    environment.update(env or {})
     return {
         "argv": argv,
         "display_name": shown,
         "language": "python",
         "interrupt_mode": "signal",
-        "env": banner_env(shown.removesuffix(NATIVE_SLURM_SUFFIX), kb.get("cuda")),
+        "env": environment,
         "metadata": {"kbundle": kb},
     }
 
