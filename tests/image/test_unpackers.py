@@ -72,3 +72,38 @@ def test_a_dead_worker_costs_no_archive(tmp_path):
             worker.wait()
         for path in archives:
             assert unpack(path, tmp_path / "out" / path.name) == _digests(path)
+
+
+def test_the_largest_waiting_archive_gets_the_next_worker(tmp_path):
+    """The long poles (a bzip2 python, numpy) must not queue behind small packages that finished
+    downloading a moment earlier: the install cannot end before they do."""
+    with Unpackers(2) as unpack:
+        if len(unpack._workers) < 2:
+            pytest.skip("this machine has one core: archives are unpacked in process")
+        busy = [unpack._take(1), unpack._take(1)]  # every worker is unpacking something
+        got: list[int] = []
+
+        def wait_for_a_worker(size: int) -> None:
+            unpack._take(size)
+            got.append(size)
+
+        threads = []
+        for size in (10, 1000, 5):  # arrival order: small, large, smaller
+            threads.append(threading.Thread(target=wait_for_a_worker, args=(size,)))
+            threads[-1].start()
+            _until(lambda n=len(threads): len(unpack._waiting) == n)
+        for handed, worker in enumerate(busy + busy[:1], start=1):
+            unpack._give(worker)
+            _until(lambda n=handed: len(got) == n)
+        for t in threads:
+            t.join(timeout=5)
+        assert got == [1000, 10, 5]
+
+
+def _until(condition, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
