@@ -87,8 +87,16 @@ def _damaged(client, image: str) -> bool:
 
 
 def _image_present(client, image: str):
-    """True or False from the engine; None without one."""
+    """True or False from the engine; None without one, or when it cannot say."""
     if client is None:
+        return None
+    import docker
+
+    from kbundle.image import engine
+
+    try:
+        return engine.image_id(client, image) is not None
+    except docker.errors.APIError:
         return None
     import docker
 
