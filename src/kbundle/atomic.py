@@ -15,7 +15,17 @@ from typing import BinaryIO
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask, read without changing it. os.umask can only set it, and setting it to
+    0 for a moment, even to put it back, gives every file another thread creates in that moment
+    (an unpacking worker's, a download's) mode 0666."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # no /proc (not Linux): the moment's mask is the private one
     os.umask(mask)
     return mask
 
