@@ -18,14 +18,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -207,40 +202,12 @@ def build_pypi(root: Path) -> Path:
     return root
 
 
-def _alive(state: dict) -> bool:
-    try:
-        os.kill(state["pid"], 0)
-        with urllib.request.urlopen(f"{state['url']}pypi/simple/", timeout=2) as resp:
-            return resp.status == 200
-    except Exception:
-        return False
-
-
 def ensure_pypi(world: Path) -> dict:
     """The indexes' and the repository's URLs, from the running server or a new one."""
-    from .server import _free_port
+    from .server import serve_folder
 
     root = build_pypi(world / "pypi-root")
-    state_file = world / STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.exists() else None
-    if not (state and _alive(state)):
-        port = _free_port(int(os.environ.get("KBUNDLE_WORLD_PYPI_PORT", DEFAULT_PORT)))
-        logf = open(world / "pypi-server.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root)],
-            stdout=logf,
-            stderr=logf,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        state = {"pid": proc.pid, "url": f"http://127.0.0.1:{port}/"}
-        deadline = time.monotonic() + 10
-        while not _alive(state):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("error: the index's HTTP server did not start; see " + str(world / "pypi-server.log"))
-            time.sleep(0.1)
-        state_file.write_text(json.dumps(state))
-    url = state["url"]
+    url = serve_folder(root, world / STATE_FILE, "pypi/simple/", "KBUNDLE_WORLD_PYPI_PORT", DEFAULT_PORT)
     return {
         "pypi_index": f"{url}pypi/simple",
         "pypi_extra_index": f"{url}extra/simple",
@@ -250,9 +217,6 @@ def ensure_pypi(world: Path) -> dict:
 
 
 def stop_pypi(world: Path) -> None:
-    state_file = world / STATE_FILE
-    if state_file.exists():
-        try:
-            os.kill(json.loads(state_file.read_text())["pid"], signal.SIGTERM)
-        except (ProcessLookupError, KeyError, ValueError, OSError):
-            pass
+    from .server import stop_folder_server
+
+    stop_folder_server(world / STATE_FILE)
