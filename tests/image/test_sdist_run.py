@@ -5,73 +5,28 @@ jupyter_client and the registered kernelspec."""
 
 from __future__ import annotations
 
-import functools
-import http.server
-import io
 import json
 import os
-import tarfile
-import threading
 import uuid
 
 import pytest
 
 from helpers import printed_by_kernel, run_kbundle
+from sdistkit import backend, pyproject, sdist_bytes, served_folder
 
 pytestmark = pytest.mark.docker
 
 
-def sdist_bytes(top: str, files: dict[str, str]) -> bytes:
-    """A .tar.gz as `python -m build --sdist` makes one: every file under one top folder."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size, info.mode = len(data), 0o644
-            tf.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-BACKEND = r'''
-"""kbsdist's in-tree PEP 517 backend (the standard library alone: the world has no setuptools)."""
-import base64, hashlib, os, zipfile
-
-NAME, VERSION = "kbsdist", "1.0"
-DIST = NAME + "-" + VERSION + ".dist-info"
-
-
-def get_requires_for_build_wheel(config_settings=None):
-    return []
-
-
-def _hash(data):
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-
-
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+# The project's own build code: its __init__.py is the one in the sdist.
+BACKEND = backend(
+    "kbsdist",
+    "1.0",
+    """
+def _init_source():
     with open(os.path.join(NAME, "__init__.py"), "rb") as fh:
-        files = {NAME + "/__init__.py": fh.read()}
-    files[DIST + "/METADATA"] = ("Metadata-Version: 2.1\nName: " + NAME + "\nVersion: " + VERSION + "\n").encode()
-    files[DIST + "/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: kbsdist\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    record = "".join(p + "," + _hash(d) + "," + str(len(d)) + "\n" for p, d in files.items())
-    files[DIST + "/RECORD"] = (record + DIST + "/RECORD,,\n").encode()
-    filename = NAME + "-" + VERSION + "-py3-none-any.whl"
-    with zipfile.ZipFile(os.path.join(wheel_directory, filename), "w") as zf:
-        for path, data in files.items():
-            zf.writestr(path, data)
-    return filename
-'''
-
-PYPROJECT = """[build-system]
-requires = []
-build-backend = "kbsdist_backend"
-backend-path = ["."]
-
-[project]
-name = "kbsdist"
-version = "1.0"
-"""
+        return fh.read()
+""",
+)
 
 
 @pytest.fixture
@@ -82,18 +37,14 @@ def sdist_server(tmp_path):
         "kbsdist-1.0",
         {
             "PKG-INFO": "Metadata-Version: 2.1\nName: kbsdist\nVersion: 1.0\n",
-            "pyproject.toml": PYPROJECT,
+            "pyproject.toml": pyproject("kbsdist", "1.0", "kbsdist_backend"),
             "kbsdist_backend.py": BACKEND,
             "kbsdist/__init__.py": '__version__ = "1.0"\nORIGIN = "sdist"\n',
         },
     )
     (folder / "kbsdist-1.0.tar.gz").write_bytes(data)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/kbsdist-1.0.tar.gz"
-    server.shutdown()
+    with served_folder(folder) as url:
+        yield f"{url}/kbsdist-1.0.tar.gz"
 
 
 def test_an_sdist_with_a_top_folder_builds_and_installs_through_run(world, sdist_server, tmp_path, docker_client):

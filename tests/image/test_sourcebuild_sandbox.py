@@ -7,14 +7,11 @@ could have), an sdist served over HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import shutil
 import socket
-import tarfile
 import threading
 import zipfile
 
@@ -23,21 +20,18 @@ import pytest
 import world as world_module
 from kbundle.image import sourcebuild
 from kbundle.specs import PipIndexes, parse_pip_line
+from sdistkit import backend, pyproject, sdist_bytes, served_folder
 
 pytestmark = pytest.mark.docker
 
 POISONED_BASE = "kbundle-test/poisoned-base:1"
 
-PROBE_BACKEND = r'''
-"""A hostile build backend: it records what its container lets it do, into the wheel it builds."""
-import base64, glob, hashlib, json, os, socket, zipfile
-
-NAME, VERSION = "kbprobe", "1.0"
-DIST = NAME + "-" + VERSION + ".dist-info"
-
-
-def get_requires_for_build_wheel(config_settings=None):
-    return []
+# A hostile build backend: it records what its container lets it do, into the wheel it builds.
+PROBE_BACKEND = backend(
+    "kbprobe",
+    "1.0",
+    r"""
+import glob, json, socket
 
 
 def _try(fn):
@@ -91,44 +85,12 @@ def _facts():
     }
 
 
-def _hash(data):
-    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+def _init_source():
+    return ("FACTS = " + json.dumps(_facts()) + "\n").encode()
+""",
+)
 
-
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    files = {NAME + "/__init__.py": ("FACTS = " + json.dumps(_facts()) + "\n").encode()}
-    files[DIST + "/METADATA"] = ("Metadata-Version: 2.1\nName: " + NAME + "\nVersion: " + VERSION + "\n").encode()
-    files[DIST + "/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: kbprobe\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    record = "".join(p + "," + _hash(d) + "," + str(len(d)) + "\n" for p, d in files.items())
-    files[DIST + "/RECORD"] = (record + DIST + "/RECORD,,\n").encode()
-    filename = NAME + "-" + VERSION + "-py3-none-any.whl"
-    with zipfile.ZipFile(os.path.join(wheel_directory, filename), "w") as zf:
-        for path, data in files.items():
-            zf.writestr(path, data)
-    return filename
-'''
-
-PYPROJECT = """[build-system]
-requires = []
-build-backend = "probe_backend"
-backend-path = ["."]
-
-[project]
-name = "kbprobe"
-version = "1.0"
-"""
-
-
-def sdist_bytes(top: str, files: dict[str, str]) -> bytes:
-    """A .tar.gz as `python -m build --sdist` makes one: every file under one top folder."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"{top}/{name}")
-            info.size, info.mode = len(data), 0o644
-            tf.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+PYPROJECT = pyproject("kbprobe", "1.0", "probe_backend")
 
 
 @pytest.fixture
@@ -136,12 +98,8 @@ def served(tmp_path):
     """An HTTP server on 127.0.0.1 over a folder: (folder, base URL)."""
     folder = tmp_path / "served"
     folder.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with served_folder(folder) as url:
+        yield folder, url
 
 
 @pytest.fixture
