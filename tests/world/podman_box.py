@@ -128,23 +128,31 @@ def _answers(host: str) -> bool:
 
 def _ensure(folder: Path) -> str:
     sock = folder / "podman.sock"
+    env = {**os.environ, "CONTAINERS_CONF": str(_conf(folder))}
+    env.pop("DOCKER_HOST", None)
+    command = [*_podman(folder), "system", "service", "--time=0", f"unix://{sock}"]
+    return ensure_service(
+        folder / STATE_FILE, sock, command, f"rootful Podman's service (stand-in CDI spec {CDI_SPEC})", env
+    )
+
+
+def ensure_service(state_file: Path, sock: Path, command: list[str], what: str, env=None) -> str:
+    """The Docker-API URL of the Podman service `state_file` records while it answers on `sock`;
+    else `command` starts a new one (logged beside the state file), waited for until it answers."""
     host = f"unix://{sock}"
-    state_file = folder / STATE_FILE
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
     if state and running(state.get("pid", -1), str(sock)) and _answers(host):
         return host
     if state:
         terminate(state.get("pid", -1), str(sock))
-    env = {**os.environ, "CONTAINERS_CONF": str(_conf(folder))}
-    env.pop("DOCKER_HOST", None)
-    log_path = folder / "podman.log"
-    log(f"starting rootful Podman's service on {host} (stand-in CDI spec {CDI_SPEC})")
-    proc = spawn([*_podman(folder), "system", "service", "--time=0", host], log_path, env=env)
+    log_path = state_file.parent / "podman.log"
+    log(f"starting {what} on {host}")
+    proc = spawn(command, log_path, env=env)
     deadline = time.monotonic() + START_TIMEOUT_S
     while not _answers(host):
         if time.monotonic() > deadline or proc.poll() is not None:
             terminate(proc.pid, str(sock))
-            raise SystemExit(f"error: Podman's service did not answer on {host}; see {log_path}")
+            raise SystemExit(f"error: {what} did not answer on {host}; see {log_path}")
         time.sleep(0.2)
     state_file.write_text(json.dumps({"pid": proc.pid, "host": host}))
     return host

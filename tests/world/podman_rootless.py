@@ -29,13 +29,12 @@ import pwd
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 from .base_image import BASE_IMAGE
 from .common import log
-from .daemons import locked, running, spawn, terminate
-from .podman_box import _answers, _ensure_image
+from .daemons import locked, terminate
+from .podman_box import _ensure_image, ensure_service
 
 USER = "kbworld-rootless"
 STATE_FILE = "podman-rootless.json"
@@ -152,24 +151,8 @@ def _ensure_tun() -> None:
 
 def _ensure_service(folder: Path, user: pwd.struct_passwd) -> str:
     sock = runtime_dir(user) / "podman" / "podman.sock"
-    host = f"unix://{sock}"
-    state_file = folder / STATE_FILE
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state and running(state.get("pid", -1), str(sock)) and _answers(host):
-        return host
-    if state:
-        terminate(state.get("pid", -1), str(sock))
-    log_path = folder / "podman.log"
-    log(f"starting {USER}'s rootless Podman service on {host}")
-    proc = spawn(as_user(user, ["podman", "system", "service", "--time=0", host]), log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not _answers(host):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            terminate(proc.pid, str(sock))
-            raise SystemExit(f"error: {USER}'s rootless Podman did not answer on {host}; see {log_path}")
-        time.sleep(0.2)
-    state_file.write_text(json.dumps({"pid": proc.pid, "host": host}))
-    return host
+    command = as_user(user, ["podman", "system", "service", "--time=0", f"unix://{sock}"])
+    return ensure_service(folder / STATE_FILE, sock, command, f"{USER}'s rootless Podman service")
 
 
 def copy_image_rootless(tag: str) -> None:
