@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -131,6 +132,22 @@ def banner_and_printed(kernel_name: str, code: str, on_ready=None, ready_timeout
             kc.stop_channels()
     finally:
         km.shutdown_kernel(now=True)
+
+
+def sleeping(kc) -> None:
+    """Start `time.sleep(60)` in the kernel behind client `kc` and return once it runs it (a loaded
+    machine may take a while), for a test that interrupts or stops a busy kernel."""
+    msg_id = kc.execute("import time; time.sleep(60)")
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
+            break
+    time.sleep(0.5)
+
+
+def squeue() -> str:
+    """The Slurm queue as `id name state` lines ("" when it is empty)."""
+    return subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.strip()
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_error_line, run_kbundle
+from helpers import assert_one_error_line, run_kbundle, sleeping, squeue
 from kbundle.kernel import node_agent, slurm
 from kbundle.kernel.spec import KernelRequest, build_spec, launcher_path
 
@@ -127,19 +127,6 @@ def registered(world, slurm, tmp_path_factory):
     return json.loads(proc.stdout), _env(root), root / "shared"
 
 
-def _squeue() -> str:
-    return subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.strip()
-
-
-def _sleeping(kc) -> None:
-    msg_id = kc.execute("import time; time.sleep(60)")
-    while True:
-        msg = kc.get_iopub_msg(timeout=30)
-        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
-            break
-    time.sleep(0.5)
-
-
 def test_the_prefix_goes_under_the_root_and_the_kernel_is_a_slurm_one(registered):
     data, _, shared = registered
     prefix = Path(data["native"]["prefix"])
@@ -171,7 +158,7 @@ def test_the_kernel_runs_the_prefix_on_the_node_and_interrupts_reach_it(register
         assert (seen["kbdep"], seen["kbrange"]) == ("0.4", "1.5")
         processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert km.session.key.decode() not in processes
-        _sleeping(kc)
+        sleeping(kc)
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=20)
         assert reply["content"]["ename"] == "KeyboardInterrupt"
@@ -179,8 +166,8 @@ def test_the_kernel_runs_the_prefix_on_the_node_and_interrupts_reach_it(register
         km.shutdown_kernel()
         kc.stop_channels()
     deadline = time.monotonic() + 40
-    while _squeue():  # EOF stopped the kernel and the step ended: nothing stays allocated
-        assert time.monotonic() < deadline, _squeue()
+    while squeue():  # EOF stopped the kernel and the step ended: nothing stays allocated
+        assert time.monotonic() < deadline, squeue()
         time.sleep(0.2)
 
 

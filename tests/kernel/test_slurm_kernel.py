@@ -17,6 +17,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from helpers import sleeping, squeue
 from kbundle.kernel import slurm as slurmmod
 from kbundle.kernel.spec import KernelRequest, build_spec, launcher_path
 
@@ -62,10 +63,6 @@ def _start(spec: dict, cwd: Path):
     return km, kc
 
 
-def _squeue() -> str:
-    return subprocess.run(["squeue", "-h", "-o", "%i %j %T"], capture_output=True, text=True).stdout.strip()
-
-
 def _containers() -> str:
     out = subprocess.run(
         ["docker", "ps", "-a", "--filter", "name=kbundle-", "--format", "{{.Names}}"], capture_output=True, text=True
@@ -75,20 +72,10 @@ def _containers() -> str:
 
 def _until_gone(what: str) -> float:
     started = time.monotonic()
-    while _squeue() or _containers():
-        assert time.monotonic() - started < DEADLINE_S, f"after {what}: left {_squeue()!r} {_containers()!r}"
+    while squeue() or _containers():
+        assert time.monotonic() - started < DEADLINE_S, f"after {what}: left {squeue()!r} {_containers()!r}"
         time.sleep(0.2)
     return time.monotonic() - started
-
-
-def _sleeping(kc) -> None:
-    """Start `time.sleep(60)` and return once the kernel runs it (a loaded machine may take a while)."""
-    msg_id = kc.execute("import time; time.sleep(60)")
-    while True:
-        msg = kc.get_iopub_msg(timeout=30)
-        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "execute_input":
-            break
-    time.sleep(0.5)
 
 
 def _output(kc, code: str) -> str:
@@ -132,7 +119,7 @@ def test_a_podman_node(slurm, digest_image, registry, tmp_path, monkeypatch):
     km, kc = _start(_spec(digest_image, tmp_path, engine="podman"), tmp_path)
     try:
         assert _output(kc, "import os; print(os.getuid() != 0)").strip() == "True"
-        _sleeping(kc)
+        sleeping(kc)
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=20)
         assert reply["content"]["ename"] == "KeyboardInterrupt"
@@ -151,8 +138,8 @@ def test_execute_interrupt_restart_shutdown(slurm, digest_image, tmp_path):
         out = _output(kc, "import os, socket; print(os.getuid(), socket.gethostname(), os.getcwd())")
         uid, host, cwd = out.split()
         assert uid != "0" and host == slurm["node"] and cwd == str(tmp_path)
-        assert _squeue().endswith("RUNNING")
-        _sleeping(kc)
+        assert squeue().endswith("RUNNING")
+        sleeping(kc)
         km.interrupt_kernel()
         reply = kc.get_shell_msg(timeout=20)
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
@@ -167,7 +154,7 @@ def test_execute_interrupt_restart_shutdown(slurm, digest_image, tmp_path):
 
 def test_a_killed_launcher_ends_the_step(slurm, digest_image, tmp_path):
     km, kc = _start(_spec(digest_image, tmp_path), tmp_path)
-    _sleeping(kc)
+    sleeping(kc)
     os.kill(km.provisioner.process.pid, signal.SIGKILL)
     _until_gone("SIGKILL of the launcher")
     kc.stop_channels()
@@ -176,8 +163,8 @@ def test_a_killed_launcher_ends_the_step(slurm, digest_image, tmp_path):
 
 def test_scancel_kills_the_kernel_and_the_client_sees_it(slurm, digest_image, tmp_path):
     km, kc = _start(_spec(digest_image, tmp_path), tmp_path)
-    _sleeping(kc)
-    job = _squeue().split()[0]
+    sleeping(kc)
+    job = squeue().split()[0]
     subprocess.run(["scancel", job], check=True)
     started = time.monotonic()
     while km.is_alive():
@@ -201,7 +188,7 @@ def test_the_key_stays_secret_and_the_kernel_binds_to_the_route(slurm, digest_im
     try:
         key = km.session.key.decode()
         assert len(key) > 16
-        job = _squeue().split()[0]
+        job = squeue().split()[0]
         shown = [
             subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout,
             subprocess.run(["scontrol", "show", "step", f"{job}.0"], capture_output=True, text=True).stdout,
