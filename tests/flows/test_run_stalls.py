@@ -172,18 +172,17 @@ def stalled_index(tmp_path):
         server.close()
 
 
+def _unlocked_run_against(server: StallingServer, world, tmp_path) -> Run:
+    """`kbundle run` started on a bundle whose unlocked pip line resolves against `server`'s index."""
+    env = _env(tmp_path)
+    pip = ["--index-url " + f"{server.url}/simple", "kbslow>=1"]
+    bundle = _pack(world, env, tmp_path / "sender", world["channel"], pip, "never")
+    return Run(bundle, env, tmp_path, world)
+
+
 def test_pip_resolving_against_a_stalled_index_says_so_and_heals(world, stalled_index, tmp_path, docker_client):
     server = stalled_index(times=1)  # the page stalls once: pip gives up on it, kbundle runs pip again
-    env = _env(tmp_path)
-    bundle = _pack(
-        world,
-        env,
-        tmp_path / "sender",
-        world["channel"],
-        ["--index-url " + f"{server.url}/simple", "kbslow>=1"],
-        "never",
-    )
-    run = Run(bundle, env, tmp_path, world)
+    run = _unlocked_run_against(server, world, tmp_path)
     code, out = run.finish()
     assert code == 0, run.text()
     data = json.loads(out)
@@ -218,16 +217,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_pip_child_dies_with_a_killed_kbundle(world, stalled_index, tmp_path):
     server = stalled_index()  # never resumes
-    env = _env(tmp_path)
-    bundle = _pack(
-        world,
-        env,
-        tmp_path / "sender",
-        world["channel"],
-        ["--index-url " + f"{server.url}/simple", "kbslow>=1"],
-        "never",
-    )
-    run = Run(bundle, env, tmp_path, world)
+    run = _unlocked_run_against(server, world, tmp_path)
     try:
         run.wait_for(r"^still resolving with pip", timeout=600)
         pips = [pid for pid in _children(run.proc.pid) if b"pip" in Path(f"/proc/{pid}/cmdline").read_bytes()]
