@@ -207,6 +207,8 @@ def test_activation_is_the_images(env_libs, nvidia, expected_libs):
     assert env["PATH"] == f"{PREFIX}/bin:${{PATH}}"  # Jupyter fills ${PATH} in when the kernel starts
     assert env["CONDA_PREFIX"] == PREFIX
     assert env.get("LD_LIBRARY_PATH") == expected_libs
+    # The starting process's PYTHONPATH/PYTHONHOME (emptied: read as unset) and the user's site do not leak in.
+    assert (env["PYTHONPATH"], env["PYTHONHOME"], env["PYTHONNOUSERSITE"]) == ("", "", "1")
 
 
 def test_nvidia_lib_dirs_are_found_like_the_activation_script(tmp_path):

@@ -94,9 +94,21 @@ def test_the_environment_goes_into_a_prefix_kbundle_owns(native_run):
     assert spec["metadata"]["kbundle"]["pip_resolved"] == data["pip_resolved"]
 
 
-def test_the_kernel_runs_in_the_prefix_with_the_locked_versions(native_run, monkeypatch):
+def test_the_kernel_runs_in_the_prefix_with_the_locked_versions(native_run, monkeypatch, tmp_path):
     data, _, env, _, _ = native_run
     monkeypatch.setenv("JUPYTER_DATA_DIR", env["JUPYTER_DATA_DIR"])
+    # A Jupyter started with another Python's path (an HPC module, another activated env) and a
+    # user site with its own copy: the kernel still imports the locked packages.
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "kbdep.py").write_text("__version__, ORIGIN = '9.9', 'PYTHONPATH'\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "elsewhere"))
+    user_site = tmp_path / "home" / ".local" / "lib"
+    for version in ("3.7", "3.11"):
+        (user_site / f"python{version}" / "site-packages").mkdir(parents=True)
+        (user_site / f"python{version}" / "site-packages" / "kbrange.py").write_text(
+            "__version__, ORIGIN = '9.9', 'user site'\n"
+        )
+    monkeypatch.setenv("PYTHONUSERBASE", str(tmp_path / "home" / ".local"))
     code = (
         "import json, os, subprocess, sys, kbdep, kbrange\n"
         "check = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True, text=True)\n"

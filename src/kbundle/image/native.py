@@ -205,8 +205,12 @@ def activation(prefix: Path, env_libs: bool, nvidia_libs: Sequence[Path] = ()) -
     (pure): PATH with the env's bin/ first (`${PATH}` is filled in by Jupyter when the kernel
     starts), CONDA_PREFIX, and LD_LIBRARY_PATH with the env's own CUDA libraries: the pip
     nvidia-* wheels' lib folders, and the env's lib/ when the bundle says it holds a conda CUDA
-    runtime (`cuda_env_libs`, KBUNDLE_ENV_LIBS=1 in the image). The user's own LD_LIBRARY_PATH is
-    not carried: the kernel sees the libraries its environment brings."""
+    runtime (`cuda_env_libs`, KBUNDLE_ENV_LIBS=1 in the image); then those libraries come first.
+
+    The interpreter sees the locked environment only, as in an image: the PYTHONPATH and
+    PYTHONHOME of the process that starts the kernel (a Jupyter started under an HPC module, a
+    shell with another env activated) are emptied (CPython reads an empty one as unset), and the
+    user's own site-packages (`pip install --user`, which Python puts before the env's) are off."""
     libs = [str(p) for p in nvidia_libs]
     if env_libs:
         libs.insert(0, str(prefix / "lib"))
@@ -214,6 +218,9 @@ def activation(prefix: Path, env_libs: bool, nvidia_libs: Sequence[Path] = ()) -
         "PATH": f"{prefix / 'bin'}{os.pathsep}${{PATH}}",
         "CONDA_PREFIX": str(prefix),
         "CONDA_DEFAULT_ENV": str(prefix),
+        "PYTHONPATH": "",
+        "PYTHONHOME": "",
+        "PYTHONNOUSERSITE": "1",
     }
     if libs:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
