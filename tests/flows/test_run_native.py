@@ -159,6 +159,31 @@ def test_without_an_engine_plain_run_names_native(native_run):
     assert "cannot reach the Docker daemon" in line and "--native" in line and "as you, outside any container" in line
 
 
+def test_doctor_native_checks_what_run_native_needs_without_an_engine(native_run, tmp_path, mount_tmpfs):
+    _, _, env, bundle, _ = native_run
+    proc = _kbundle(["doctor", bundle, "--native", "--json"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["ok"] is True and "docker" not in data  # no engine is asked
+    topics = {f["topic"]: f for f in data["findings"]}
+    assert topics["native"]["level"] == "ok" and topics["disk"]["level"] == "ok"
+    assert "for the environment" in topics["disk"]["message"], topics["disk"]
+    # The prefixes' folder on a disk too small for the environment: the run's own words, exit 4.
+    small = mount_tmpfs(tmp_path / "small", "size=1m")
+    proc = _kbundle(["doctor", bundle, "--native", "--prefix-root", small], env, tmp_path)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert "ENOSPC ahead" in line and str(small) in line, line
+    assert any(ln.startswith("fail") and "disk" in ln for ln in proc.stdout.splitlines()), proc.stdout
+
+
+def test_doctor_prefix_root_goes_with_native(native_run, tmp_path):
+    _, _, env, _, _ = native_run
+    proc = _kbundle(["doctor", "--prefix-root", tmp_path], env, tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --prefix-root goes with --native"
+
+
 def test_kernels_list_remove_and_gc_remove_the_prefix(native_run):
     data, _, env, bundle, recipient = native_run
     prefix = Path(data["native"]["prefix"])

@@ -259,14 +259,24 @@ def doctor(
     slurm: bool = typer.Option(False, "--slurm", help="Check this Slurm cluster instead: sinfo, GRES, a test step."),
     partition: str = typer.Option("", "--partition", help="With --slurm: the partition (default: the cluster's)."),
     gres: str = typer.Option("", "--gres", help="With --slurm: the GRES kernels will ask for, e.g. gpu:1."),
+    native: bool = typer.Option(
+        False, "--native", help="Check this machine for `run --native` instead: no engine; driver, GPUs, disk."
+    ),
+    prefix_root: Optional[Path] = typer.Option(
+        None, "--prefix-root", help="With --native: where the prefixes would go (default: kbundle's cache)."
+    ),
 ) -> None:
     """Check Docker, GPUs and the NVIDIA driver the way `kbundle run` does, without building."""
-    from kbundle.errors import KbundleError, MachineError
+    from kbundle.errors import KbundleError, MachineError, UsageError
     from kbundle.image import preflight
     from kbundle.image.engine import connect, docker_host
 
+    if prefix_root is not None and not native:
+        raise UsageError("--prefix-root goes with --native")
     if slurm:
         return _doctor_slurm(partition, gres, as_json)
+    if native:
+        return _doctor_native(_open_for_doctor(bundle), prefix_root, as_json)
 
     opened = _open_for_doctor(bundle)
     cuda = opened.cuda if opened else None
@@ -309,6 +319,64 @@ def _doctor_slurm(partition: str, gres: str, as_json: bool) -> None:
     data = {"findings": [{"level": f.level, "topic": f.topic, "message": f.message} for f in findings]}
     if not _findings_out(findings, data, failure, as_json) and failure:
         raise MachineError(failure)
+
+
+def _doctor_native(opened, prefix_root: Optional[Path], as_json: bool) -> None:
+    """`doctor --native`: what `run --native` checks before it installs, with no engine asked: the
+    platform, the driver and GPUs straight from NVML against the bundle's CUDA, and the disk."""
+    from kbundle.errors import KbundleError, MachineError
+    from kbundle.image import native, preflight
+
+    findings = []
+    try:
+        native.check_platform()
+        root = native.native_root(prefix_root)
+    except KbundleError as exc:
+        findings.append(preflight.Finding(preflight.ERROR, "native", str(exc)))
+        root = None
+    report = preflight.evaluate_native(
+        preflight.probe_nvml(), opened.cuda if opened else None, preflight.GpuRequest.parse("auto")
+    )
+    findings += report.findings
+    if opened is not None and root is not None:
+        findings += _native_bundle_findings(opened, root, report.plan.on_gpu)
+    failure = next((f.message for f in findings if f.level == preflight.ERROR), None)
+    data = {k: v for k, v in report.to_dict().items() if k != "docker"}  # no engine is asked
+    data["ok"] = failure is None
+    data["findings"] = [{"level": f.level, "topic": f.topic, "message": f.message} for f in findings]
+    if not _findings_out(findings, data, failure, as_json) and failure:
+        raise MachineError(failure)
+
+
+def _native_bundle_findings(opened, root: Path, on_gpu: bool) -> list:
+    """The bundle's needs for a native prefix under `root`: the download and the prefix's disk,
+    checked as `run --native` checks them before its first download."""
+    from kbundle.display import size
+    from kbundle.errors import KbundleError
+    from kbundle.flows import checks
+    from kbundle.flows.native import _check_room, disk_words
+    from kbundle.image import preflight
+    from kbundle.image.make import locked_records
+
+    ok, warn, fail = preflight.OK, preflight.WARN, preflight.ERROR
+    found = [
+        preflight.Finding(ok, "bundle", f"{opened.name}: CUDA {opened.cuda or 'none'}, {len(opened.pip)} pip line(s)")
+    ]
+    if opened.cuda and not on_gpu:
+        found.append(
+            preflight.Finding(warn, "gpu", f"it uses CUDA {opened.cuda}, and gets no GPU here: it runs on CPU")
+        )
+    needs = checks.estimate(locked_records(opened), pip=tuple(opened.pip))
+    if needs.download is None:
+        return [*found, preflight.Finding(warn, "disk", f"cannot estimate the disk it needs: {disk_words(needs)}")]
+    try:
+        _check_room(needs, root)
+    except KbundleError as exc:
+        return [*found, preflight.Finding(fail, "disk", str(exc))]
+    import shutil
+
+    free = shutil.disk_usage(checks.existing_ancestor(root)).free
+    return [*found, preflight.Finding(ok, "disk", f"{disk_words(needs)}; {size(free)} free under {root}")]
 
 
 def _findings_out(findings, data: dict, failure: Optional[str], as_json: bool) -> bool:
