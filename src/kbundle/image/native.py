@@ -205,7 +205,8 @@ def activation(prefix: Path, env_libs: bool, nvidia_libs: Sequence[Path] = ()) -
     (pure): PATH with the env's bin/ first (`${PATH}` is filled in by Jupyter when the kernel
     starts), CONDA_PREFIX, and LD_LIBRARY_PATH with the env's own CUDA libraries: the pip
     nvidia-* wheels' lib folders, and the env's lib/ when the bundle says it holds a conda CUDA
-    runtime (`cuda_env_libs`, KBUNDLE_ENV_LIBS=1 in the image); then those libraries come first.
+    runtime (`cuda_env_libs`, KBUNDLE_ENV_LIBS=1 in the image); where there are any, they replace
+    the user's own LD_LIBRARY_PATH: the kernel sees the libraries its environment brings.
 
     The interpreter sees the locked environment only, as in an image: the PYTHONPATH and
     PYTHONHOME of the process that starts the kernel (a Jupyter started under an HPC module, a
