@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from test_run_docker import NOTEBOOK, kbundle
 
+from kbundle import contract
+from kbundle.image.chain import LABEL_STEPS, STEP_REPO, tags_of
 from world.pypi import wheel_bytes
 
 pytestmark = pytest.mark.docker
@@ -145,8 +147,30 @@ def two_bundles(world, run_env, index, tmp_path_factory, docker_client):
     runs = [_run(world, run_env, bundle, root / f"run-{i}") for i, bundle in enumerate((first, second))]
     yield runs, (first, second), root
     for data, _ in runs:
+        remove_with_steps(docker_client, data["image"])
+
+
+def chain_of(docker_client, image: str) -> list[str]:
+    """The step images an image was built on (image/chain.py LABEL_STEPS), bottom first."""
+    labels = docker_client.api.inspect_image(image)["Config"].get("Labels") or {}
+    return tags_of(labels.get(LABEL_STEPS, ""))
+
+
+def step_tags(docker_client) -> set[str]:
+    """Every kbundle step image's tag on the engine."""
+    return {t for i in docker_client.api.images() for t in i.get("RepoTags") or [] if t.startswith(STEP_REPO + "/")}
+
+
+def remove_with_steps(docker_client, image: str) -> None:
+    """An image and the step tags under it, top first (a step another image builds on is only untagged)."""
+    try:
+        steps = chain_of(docker_client, image)
+        docker_client.images.remove(image, force=True)
+    except Exception:
+        return
+    for tag in reversed(steps):
         try:
-            docker_client.images.remove(data["image"], force=True)
+            docker_client.images.remove(tag)
         except Exception:
             pass
 
@@ -196,7 +220,14 @@ def test_a_second_run_after_rmi_downloads_nothing(two_bundles, world, run_env, i
             first, _ = _run(world, run_env, source, tmp_path / f"{source.stem}-1")
             docker_client.images.remove(first["image"], force=True)
             before = list(index.requests)
+            # Every step of its environment is still on the engine: nothing is installed, only the final image built.
             again, stderr = _run(world, run_env, source, tmp_path / f"{source.stem}-2")
+            assert again["built"] is True and again["pip_resolved"] == first["pip_resolved"]
+            assert "nothing to install" in stderr and not re.search(r"installed \d+ conda packages", stderr), stderr
+            assert index.requests == before, index.requests[len(before) :]
+            # Without its steps either: installed again, from the caches.
+            remove_with_steps(docker_client, again["image"])
+            again, stderr = _run(world, run_env, source, tmp_path / f"{source.stem}-3")
             made.append(again["image"])
             assert again["built"] is True and again["pip_resolved"] == first["pip_resolved"]
             assert index.requests == before, index.requests[len(before) :]  # not even an index page
@@ -204,4 +235,76 @@ def test_a_second_run_after_rmi_downloads_nothing(two_bundles, world, run_env, i
             assert re.search(r"fetched \d+ wheel\(s\) \(0 B downloaded\)", stderr), stderr
     finally:
         for image in made:
-            docker_client.images.remove(image, force=True)
+            remove_with_steps(docker_client, image)
+
+
+def test_a_bundle_differing_by_one_pip_package_builds_only_that_group_and_the_final_image(
+    world, run_env, index, docker_client, tmp_path
+):
+    """Of a second bundle with one small package more, only the pip packages' group and the final
+    image are built: the CUDA wheel, the conda side and the base are found on the engine, neither
+    sent nor built again."""
+    token = uuid.uuid4().hex[:6]
+    pins = [f"{FAKE_CUDA}==1.0", "kbsmall-a==1.1"]
+    first = _pack(world, run_env, index, tmp_path / "d", f"kbl-d-{token}", pins)
+    second = _pack(world, run_env, index, tmp_path / "e", f"kbl-e-{token}", [*pins, "kbsmall-b==1.0"])
+    made = []
+    try:
+        data, _ = _run(world, run_env, first, tmp_path / "run-d")
+        made.append(data["image"])
+        before = step_tags(docker_client)
+        data, stderr = _run(world, run_env, second, tmp_path / "run-e")
+        made.append(data["image"])
+        chain = chain_of(docker_client, data["image"])
+        new = (step_tags(docker_client) - before) & set(chain)  # others' tests may build steps meanwhile
+        assert [t.split("/")[1].split(":")[0] for t in chain] == ["base", "cuda", "framework", "python", "packages"]
+        assert new == {chain[-1]}, (new, chain)  # only the pip packages' group is new
+        assert chain[:-1] == chain_of(docker_client, made[0])[:-1]  # the rest: the first bundle's own steps
+        assert re.search(r"step packages: built ", stderr), stderr
+        assert re.search(r"step cuda: \S+ is on this engine already", stderr), stderr
+        log = (Path(data["workdir"]) / ".kbundle" / "build.log").read_text()
+        assert "# ---- step packages: " in log and "#   FROM kbundle-steps/python:" in log, log[-3000:]
+    finally:
+        for image in made:
+            remove_with_steps(docker_client, image)
+
+
+def test_a_notebook_only_change_builds_only_the_final_image_and_installs_nothing(
+    world, run_env, index, docker_client, tmp_path
+):
+    """The same bundle with an edited notebook: the final image's tag covers work/, so it is built
+    again, from work/ alone, on the same steps; nothing is installed, no step is built."""
+    name = f"kbl-nb-{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "nb"
+    bundle = _pack(world, run_env, index, folder, name, ["kbsmall-a==1.0"])
+    first, _ = _run(world, run_env, bundle, tmp_path / "first")
+    edited = None
+    try:
+        notebook = json.loads(json.dumps(NOTEBOOK))
+        notebook["cells"][0]["source"] = "print('edited and mailed back')"
+        (folder / f"{name}.ipynb").write_text(json.dumps(notebook))
+        out = tmp_path / f"{name}.kbundle"
+        args = ["pack", f"{name}.ipynb", "-e", "environment.yml", "--base-image", world["base_image"], "-o", out]
+        proc = kbundle(args, run_env, cwd=folder)
+        assert proc.returncode == 0, proc.stderr
+        before = step_tags(docker_client)
+        (tmp_path / "edited").mkdir()
+        args = ["run", out, "--base-image", world["base_image"], "--gpus", "none", "--json", "--yes", "--replace"]
+        proc = kbundle(args, run_env, cwd=tmp_path / "edited", timeout=900)
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        edited = data["image"]
+        assert edited != first["image"] and data["built"] is True, proc.stderr
+        assert "nothing to install" in proc.stderr, proc.stderr
+        assert not re.search(r"installed \d+ conda packages|byte-compil|step \w+: built", proc.stderr), proc.stderr
+        assert chain_of(docker_client, edited) == chain_of(docker_client, first["image"])
+        assert not set(chain_of(docker_client, edited)) - before
+        # The image holds the edited notebook: a kernel whose folder is left out sees this copy.
+        container = docker_client.containers.run(
+            edited, ["cat", f"{contract.WORK}/{name}.ipynb"], entrypoint=[], remove=True, network_disabled=True
+        )
+        assert b"edited and mailed back" in container
+    finally:
+        if edited is not None:
+            docker_client.images.remove(edited, force=True)
+        remove_with_steps(docker_client, first["image"])

@@ -86,7 +86,10 @@ def test_damaged_cache_entries_are_replaced_with_a_warning_and_never_built_in(wo
     kernel = f"kbundle-{name}"
     bundle = pack_world_bundle(world, env, tmp_path / "sender", name)
     (tmp_path / "here").mkdir()
-    proc = run_kbundle(["run", str(bundle), "--yes", "--json"], env, cwd=tmp_path / "here", timeout=900)
+    # --rebuild: installed even when the engine holds every step image of this environment (image/chain.py),
+    # so that the caches fill.
+    args = ["run", str(bundle), "--yes", "--json", "--rebuild"]
+    proc = run_kbundle(args, env, cwd=tmp_path / "here", timeout=900)
     assert proc.returncode == 0, proc.stderr
     images = {json.loads(proc.stdout)["image"]}
     try:

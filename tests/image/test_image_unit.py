@@ -282,7 +282,14 @@ def key(**changes) -> imagemod.ImageKey:
 def test_image_tag_follows_content_only():
     assert key().tag == key().tag
     assert key().tag.startswith("kbundle/my-notebook:")
-    for change in (dict(env_hash="f" * 64), dict(pip=()), dict(dockerfile="FROM y\n"), dict(base_id="sha256:2")):
+    changes = (
+        dict(env_hash="f" * 64),
+        dict(pip=()),
+        dict(dockerfile="FROM y\n"),
+        dict(base_id="sha256:2"),
+        dict(work="w"),
+    )
+    for change in changes:
         assert key(**change).tag != key().tag, change
 
 

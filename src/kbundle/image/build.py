@@ -14,6 +14,9 @@ committed leaves it behind, `Created` or `Exited`. Those containers carry no lab
 marks its own: a unique `extra_hosts` name, the one build option that reaches every intermediate
 container's HostConfig without touching the image, its layers or the build cache. A failed or
 interrupted build removes every container that carries its mark, and no other.
+
+`build_tagged` does the same for any tag and labels: each step image of a chain (image/chain.py,
+image/make.py) is one such build, with a mark of its own, tagged only once it is complete.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ class ImageKey:
     dockerfile: str
     base_image: str
     base_id: str
+    # The notebook and included files the image holds (work/): their paths and sha256s. Without
+    # it an image reused for an edited notebook of the same name held the first notebook.
+    work: str = ""
 
     @property
     def digest(self) -> str:
@@ -58,6 +64,7 @@ class ImageKey:
                 "pip": list(self.pip),
                 "dockerfile": self.dockerfile,
                 "base_id": self.base_id,
+                "work": self.work,
             },
             sort_keys=True,
         )
@@ -75,6 +82,8 @@ class BuildResult:
     built: bool
     seconds: float
     log: Optional[Path] = None
+    steps: tuple = ()  # image/chain.py StepOutcome, bottom first: a chain's steps, built or found
+    installed: bool = True  # whether the environment was installed on the host for this build
 
 
 def with_base_image(dockerfile: str, base_image: str) -> str:
@@ -149,25 +158,59 @@ def build(
     preamble: Sequence[str] = (),
     env_files: str = "",
     fresh: bool = False,
+    extra_labels: Optional[dict[str, str]] = None,
+    append: bool = False,
 ) -> BuildResult:
-    """Build `context` untagged, stream its steps to a live progress line, then tag it.
+    """Build `context` untagged, stream its steps to a live progress line, then tag it `key.tag`.
 
     `preamble`: lines the log starts with (what was done on the host before the build: the
-    exact pip resolution, the layers). On failure the error names the failing step and where
-    the full log is; on Ctrl-C the stream is closed (the engine cancels the build) and
-    nothing is tagged. Every image the build commits is told to `undo` (flows/undo.py), which
-    removes the untagged ones when the run fails."""
+    exact pip resolution, the layers); `append`: add to the log rather than start it. On failure
+    the error names the failing step and where the full log is; on Ctrl-C the stream is closed
+    (the engine cancels the build) and nothing is tagged. Every image the build commits is told
+    to `undo` (flows/undo.py), which removes the untagged ones when the run fails."""
     t0 = time.perf_counter()
+    image_labels = labels(key, bundle_hash, env_files) | (extra_labels or {})
+    image_id = build_tagged(
+        client, context, key.tag, image_labels, log_path, console, undo, preamble, fresh=fresh, append=append
+    )
+    if console is not None:
+        console.print(f"built {key.tag} in {time.perf_counter() - t0:.1f} s (log: {log_path})", soft_wrap=True)
+    return BuildResult(key.tag, image_id, True, time.perf_counter() - t0, log_path)
+
+
+def build_tagged(
+    client,
+    context: Path,
+    tag: str,
+    image_labels: dict[str, str],
+    log_path: Path,
+    console=None,
+    undo=None,
+    preamble: Sequence[str] = (),
+    fresh: bool = False,
+    append: bool = False,
+) -> str:
+    """Build `context` untagged with `image_labels`, then tag it `tag` (only a complete image is
+    ever tagged); the image's id. Its intermediate containers carry this build's own mark and go
+    when it fails or is interrupted."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text("".join(f"{line}\n" for line in preamble), encoding="utf-8")
+    with open(log_path, "a" if append else "w", encoding="utf-8") as start:
+        start.write("".join(f"{line}\n" for line in preamble))
+    image_id = _stream_build(client, context, tag, image_labels, log_path, console, undo, fresh)
+    repo, _, name = tag.rpartition(":")
+    client.api.tag(image_id, repo, name)
+    return client.images.get(tag).id
+
+
+def _stream_build(client, context: Path, tag: str, image_labels, log_path: Path, console, undo, fresh: bool) -> str:
     tail: deque[str] = deque(maxlen=15)
     image_id: Optional[str] = None
     step = ""
     mark = None if engine.is_podman(client) else BUILD_MARK.format(uuid.uuid4().hex)  # Podman refuses extra hosts
     stream = None
-    progress = _BuildProgress(console, key.tag)
+    progress = _BuildProgress(console, tag)
     try:
-        stream = send_context(client, context, labels(key, bundle_hash, env_files), console, mark=mark, fresh=fresh)
+        stream = send_context(client, context, image_labels, console, mark=mark, fresh=fresh)
         with open(log_path, "a", encoding="utf-8") as log, progress:
             for event in stream:
                 if "stream" in event:
@@ -206,11 +249,7 @@ def build(
         raise KbundleError(f"the image build failed: {exc} (full log: {log_path})") from None
     if not image_id:
         raise KbundleError(f"the image build ended without an image (full log: {log_path})")
-    repo, _, tag = key.tag.rpartition(":")
-    client.api.tag(image_id, repo, tag)
-    if console is not None:
-        console.print(f"built {key.tag} in {time.perf_counter() - t0:.1f} s (log: {log_path})", soft_wrap=True)
-    return BuildResult(key.tag, client.images.get(key.tag).id, True, time.perf_counter() - t0, log_path)
+    return image_id
 
 
 def send_context(

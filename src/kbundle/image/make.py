@@ -6,9 +6,24 @@ pushes):
 - `--image NAME@sha256:…` (`ImageRequest.pinned`): pulled from its registry unless this engine has
   that digest, refused unless its labels name this bundle's content hash, tagged here as the bundle's;
 - else reused under its content tag (image/build.py `ImageKey`) when the engine has it;
-- else, after the flow's consent, built: the environment resolved (image/env.py), installed into
-  a build context with the pip: section's wheels (image/wheels.py, image/pipinstall.py),
-  byte-compiled (image/bytecode.py), split into layers (image/layers.py), and built (image/build.py).
+- else, after the flow's consent, built as a chain of step images (image/chain.py): the first step
+  (base image, user, activation script), one image per layer group of the environment, each tagged
+  by a hash of its packages and of everything under it, then the bundle's own small image on the
+  last one, under its content tag. The steps' tags are worked out before anything is installed
+  when the pip resolution is known (locked, or recorded by this bundle's last build): when the
+  engine has every step, nothing is installed and only the final image is built. Otherwise the
+  environment is resolved (image/env.py), installed into a build context with the pip: section's
+  wheels (image/wheels.py, image/pipinstall.py), byte-compiled (image/bytecode.py), split into
+  layers (image/layers.py), and each step the engine lacks is built from its own small context
+  (its Dockerfile and its group's folder) under a lock of its own (two bundles may share it).
+  `--use-bundled-dockerfile` builds the shipped Dockerfile in one build of one context, as before.
+
+The notebook and the included files (work/) are the final image's last COPY, and its tag covers
+their content (`work_digest`): a notebook edited and mailed back builds only that small final image,
+on the same steps, and sends only work/. The kernel mounts the kernelspec's workdir and the
+notebook's folder where it can (kernel/launch_mounts.py), but a folder it leaves out (a home folder)
+and a Slurm node that cannot see it (docs/cluster.md) start in the image's copy: it must be there,
+and be the bundle's own.
 
 What the flow shows before consent, the look (`look`), is found offline: the lock is read, not
 fetched. Consent itself is the flow's (flows/review.py): this stage only calls `ask` before the
@@ -72,6 +87,8 @@ class BuiltImage:
     pulled: bool = False
     ref: Optional[str] = None  # the pinned reference it was pulled by (run --image)
     build_log: Optional[Path] = None
+    steps: tuple = ()  # image/chain.py StepOutcome: the environment's steps, built or found, bottom first
+    installed: bool = False  # whether this run installed the environment on the host
 
 
 # ----------------------------------------------------------------- the step
@@ -103,7 +120,7 @@ def image_for(
     if look.records is not None and look.base_local and not request.rebuild:  # known offline: maybe built
         resolved, key = identify(bundle, look, request.base, imagemod.base_image_id(client, request.base, console))
         image_id = engine.image_id(client, key.tag)
-    build_log = None
+    build_log, result = None, None
     if image_id is None:
         ask(None)
         resolved, key = identify(bundle, look, request.base, imagemod.base_image_id(client, request.base, console))
@@ -119,7 +136,15 @@ def image_for(
             ledger.record_quietly(image_id, ledger.BUILT, bundle.name, key.tag)  # gc may remove what we made
             if replaced and replaced != image_id:
                 _drop(client, replaced)
-        yield BuiltImage(key.tag, image_id, resolved.count, built=build_log is not None, build_log=build_log)
+        yield BuiltImage(
+            key.tag,
+            image_id,
+            resolved.count,
+            built=build_log is not None,
+            build_log=build_log,
+            steps=result.steps if result else (),
+            installed=result.installed if result else False,
+        )
 
 
 @contextmanager
@@ -235,30 +260,52 @@ def identify(bundle, look: Look, base: str, base_id: str):
     else:
         spec = envmod.EnvSpec(declared_channels(bundle), tuple(bundle.dependencies), None, target_of(bundle))
         resolved = envmod.resolve(spec)
-    key = imagemod.ImageKey(bundle.name, resolved.content_hash, tuple(bundle.pip), look.dockerfile, base, base_id)
+    key = imagemod.ImageKey(
+        bundle.name, resolved.content_hash, tuple(bundle.pip), look.dockerfile, base, base_id, work_digest(bundle)
+    )
     return resolved, key
+
+
+def work_digest(bundle) -> str:
+    """A hash of the files the image holds in work/ (the notebook and the included files): each
+    member's path and the sha256 the bundle's manifest checks it against."""
+    import hashlib
+
+    entries = [f"{m} {bundle.members[m].sha256}" for m in bundle.members_under(WORK_DIR)]
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------- the build
 
 
 def build(client, bundle, request: ImageRequest, resolved, key, workdir: Path, console, undo=None):
-    """Assemble a temporary build context and build it.
+    """Build the image: as a chain of step images (image/chain.py) from kbundle's rendering, or in
+    one build of the shipped Dockerfile (--use-bundled-dockerfile, or a Dockerfile not in kbundle's
+    layout).
 
     The log is written in kbundle's cache (a failed run removes the workdir it made) and
     copied to `<workdir>/.kbundle/build.log` once the image is built."""
-    from kbundle.image import build as imagemod
+    from kbundle.image import chain
 
     log = cache_root() / "logs" / f"{key.tag.split('/')[-1].replace(':', '-')}.build.log"
-    with _context(key.digest[:12]) as ctx:
-        done = assemble_context(
-            ctx, bundle, request.content_hash, resolved, key.dockerfile, console, base_image=request.base, client=client
-        )
-        from kbundle import contract
-        from kbundle.image import integrity
+    parts = None if request.use_bundled_dockerfile else chain.split(key.dockerfile)
+    if parts is None:
+        result = _build_whole(client, bundle, request, resolved, key, log, console, undo)
+    else:
+        result = _build_chain(client, bundle, request, resolved, key, parts, log, console, undo)
+    return dataclasses.replace(result, log=_keep_log(log, workdir))
 
+
+def _build_whole(client, bundle, request: ImageRequest, resolved, key, log: Path, console, undo):
+    """The Dockerfile in one build of one context holding the whole environment and work/."""
+    from kbundle import contract
+    from kbundle.image import build as imagemod
+    from kbundle.image import integrity
+
+    with _context(key.digest[:12]) as ctx:
+        done = _assemble(ctx, bundle, request.content_hash, resolved, key.dockerfile, console, request.base, client)
         files = integrity.of_layers(ctx / contract.CONTEXT_LAYERS)  # what a later check compares (run --rebuild)
-        result = imagemod.build(
+        return imagemod.build(
             client,
             ctx,
             key,
@@ -266,11 +313,198 @@ def build(client, bundle, request: ImageRequest, resolved, key, workdir: Path, c
             log,
             console,
             undo=undo,
-            preamble=done,
+            preamble=done.log,
             env_files=files,
             fresh=request.rebuild,
         )
-    return dataclasses.replace(result, log=_keep_log(log, workdir))
+
+
+def _build_chain(client, bundle, request: ImageRequest, resolved, key, parts, log: Path, console, undo):
+    """The environment's steps the engine lacks, then the bundle's own small image on them.
+
+    When the steps' tags are known before installing (a locked or recorded pip resolution) and the
+    engine has every one, nothing is installed: only the final image is built."""
+    from kbundle import contract
+    from kbundle.image import chain, integrity, wheels
+
+    known = None if request.rebuild else _known_pip(bundle, request.content_hash)
+    steps = _plan(resolved, chain.pip_wheels(known), key.base_id, parts) if known is not None else None
+    with _context(key.digest[:12]) as ctx:
+        if steps is not None and all(engine.image_id(client, s.tag) for s in steps):
+            if bundle.pip:
+                wheels.remember_resolution(request.content_hash, known)  # the kernelspec's record of it
+            console.print("environment: every step is on this engine already; nothing to install", soft_wrap=True)
+            _start_log(log, ["# the environment's steps are all on this engine already: nothing was installed"])
+            outcomes = _reuse_steps(steps, log)
+            env_files = _label_of(client, steps[-1].tag, contract.LABEL_ENV_FILES)
+            return _final(
+                client, bundle, request, key, parts, outcomes, ctx, env_files, log, console, undo, installed=False
+            )
+        done = _assemble(
+            ctx, bundle, request.content_hash, resolved, key.dockerfile, console, request.base, client, work=False
+        )
+        wheels_now = _chain_pip(done.pip_lines)
+        steps = _plan(resolved, wheels_now, key.base_id, parts)
+        env_files = integrity.of_layers(ctx / contract.CONTEXT_LAYERS)
+        _start_log(log, done.log)
+        outcomes = _build_steps(client, ctx, steps, env_files, log, console, undo, fresh=request.rebuild)
+        return _final(client, bundle, request, key, parts, outcomes, ctx, env_files, log, console, undo, installed=True)
+
+
+def _known_pip(bundle, content_hash: str) -> Optional[list[str]]:
+    """The exact pip resolution, when known before installing: this bundle's recorded one, or a
+    locked section whose every line names one wheel (written as pip's install records it); else None."""
+    from kbundle.image import chain, wheels
+
+    if not bundle.pip:
+        return []
+    recorded = wheels.recorded_resolution(content_hash)
+    if recorded and chain.pip_wheels(recorded) is not None:
+        return list(recorded)
+    found = chain.wheels_in_order(bundle.pip) if bundle.manifest.pip_locked else None
+    return None if found is None else [w.line() for w in found]
+
+
+def _chain_pip(lines):
+    from kbundle.image import chain
+
+    found = chain.pip_wheels(lines)
+    if found is None:  # pip's resolution names each wheel by its sha256 (image/wheels.py)
+        raise KbundleError("the pip resolution names a wheel without its sha256; cannot tag the environment's steps")
+    return found
+
+
+def _plan(resolved, pip, base_id: str, parts):
+    """The chain's steps (image/chain.py) for this environment."""
+    import hashlib
+
+    from kbundle import contract
+    from kbundle.facts import layer_groups
+    from kbundle.image import chain
+
+    inputs = chain.ChainInputs(
+        base_id=base_id,
+        activate_sha256=hashlib.sha256(contract.activate_script().read_bytes()).hexdigest(),
+        conda=chain.conda_packages(resolved.records),
+        pip=tuple(pip),
+        interpreter=resolved.interpreter_id(),
+        groups=layer_groups(),
+    )
+    if not chain.fits(inputs, parts):
+        raise KbundleError("kbundle's Dockerfile does not COPY the environment's layer groups in order")
+    return chain.plan(inputs, parts)
+
+
+def _start_log(log: Path, lines) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
+def _log_step(log: Path, step, what: str) -> None:
+    """A step's header in the build log, with its Dockerfile, so a person can read what was built."""
+    text = "".join(f"#   {line}\n" for line in step.dockerfile.splitlines())
+    with open(log, "a", encoding="utf-8") as fh:
+        fh.write(f"# ---- step {step.name}: {step.tag} ({what})\n# Dockerfile:\n{text}")
+
+
+def _reuse_steps(steps, log: Path):
+    from kbundle.image import chain
+
+    for step in steps:
+        _log_step(log, step, "on this engine already")
+    return tuple(chain.StepOutcome(s.name, s.tag, False) for s in steps)
+
+
+def _build_steps(client, ctx: Path, steps, env_files: str, log: Path, console, undo, fresh: bool):
+    """Each step the engine lacks, bottom first, under a lock of its own (two bundles may share it)."""
+    return tuple(
+        _build_step(client, ctx, step, env_files if step is steps[-1] else "", log, console, undo, fresh)
+        for step in steps
+    )
+
+
+def _build_step(client, ctx: Path, step, env_files: str, log: Path, console, undo, fresh: bool):
+    from kbundle import __version__, contract
+    from kbundle.image import build as imagemod
+    from kbundle.image import chain
+
+    with held(f"step-{step.tag}", console, f"another kbundle run is building {step.tag}; waiting for it"):
+        old = engine.image_id(client, step.tag)
+        if old is not None and not fresh:
+            _log_step(log, step, "on this engine already")
+            console.print(f"step {step.name}: {step.tag} is on this engine already", soft_wrap=True)
+            return chain.StepOutcome(step.name, step.tag, False)
+        _log_step(log, step, "built")
+        labels = {chain.LABEL_STEP: step.name, contract.LABEL_VERSION: __version__}
+        if env_files:
+            labels[contract.LABEL_ENV_FILES] = env_files  # the final image reads it when nothing is installed
+        t0 = time.perf_counter()
+        image_id = imagemod.build_tagged(
+            client, _step_context(ctx, step), step.tag, labels, log, console, undo, fresh=fresh, append=True
+        )
+        ledger.record_quietly(image_id, ledger.BUILT, f"step {step.name}", step.tag)  # gc may remove what we made
+        if old is not None and old != image_id:
+            _drop(client, old)
+        console.print(f"step {step.name}: built {step.tag} in {time.perf_counter() - t0:.1f} s", soft_wrap=True)
+        return chain.StepOutcome(step.name, step.tag, True)
+
+
+def _step_context(ctx: Path, step) -> Path:
+    """The step's own small context: its Dockerfile, and its group's folder (moved, not copied)
+    or, for the first step, the activation script."""
+    import os
+
+    from kbundle import contract
+
+    folder = ctx / "steps" / step.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / contract.CONTEXT_DOCKERFILE).write_text(step.dockerfile, encoding="utf-8")
+    if step.folder is None:
+        shutil.copyfile(contract.activate_script(), folder / contract.CONTEXT_ACTIVATE)
+        os.chmod(folder / contract.CONTEXT_ACTIVATE, 0o755)  # the legacy builder's COPY keeps the mode
+    elif (ctx / step.folder).exists():
+        (folder / step.folder).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(ctx / step.folder, folder / step.folder)
+    return folder
+
+
+def _final(
+    client, bundle, request: ImageRequest, key, parts, outcomes, ctx: Path, env_files, log, console, undo, installed
+):
+    """The bundle's image: FROM the last step, its ENV, user, entrypoint, work/ and labels; under
+    its content tag. Its context is the Dockerfile and work/ alone."""
+    from kbundle import contract
+    from kbundle.image import build as imagemod
+    from kbundle.image import chain
+
+    folder = ctx / "final"
+    folder.mkdir(parents=True, exist_ok=True)
+    bundle.extract(folder, bundle.members_under(WORK_DIR))
+    dockerfile = chain.final_dockerfile(outcomes[-1].tag, parts.tail)
+    (folder / contract.CONTEXT_DOCKERFILE).write_text(dockerfile, encoding="utf-8")
+    _log_step(log, chain.Step("final", None, dockerfile, key.tag), "built")
+    extra = {chain.LABEL_STEP: "", chain.LABEL_STEPS: chain.chain_label(outcomes)}
+    result = imagemod.build(
+        client,
+        folder,
+        key,
+        request.content_hash,
+        log,
+        console,
+        undo=undo,
+        env_files=env_files or "",
+        fresh=request.rebuild,
+        extra_labels=extra,
+        append=True,
+    )
+    return dataclasses.replace(result, steps=outcomes, installed=installed)
+
+
+def _label_of(client, tag: str, label: str) -> str:
+    try:
+        return (client.api.inspect_image(tag).get("Config") or {}).get("Labels", {}).get(label) or ""
+    except Exception:  # gone meanwhile: the final build then fails on its FROM and says so
+        return ""
 
 
 @contextmanager
@@ -313,6 +547,12 @@ def _keep_log(log: Path, workdir: Path) -> Path:
     return kept
 
 
+@dataclass(frozen=True)
+class Assembled:
+    log: list[str]  # what the build log starts with: the exact pip resolution and the layers
+    pip_lines: tuple[str, ...]  # the exact pip resolution installed (one wheel and its sha256 a line)
+
+
 def assemble_context(
     ctx: Path,
     bundle,
@@ -329,6 +569,13 @@ def assemble_context(
     throwaway container: image/pipinstall.py), byte-compiled in another (image/bytecode.py), and
     split into the Dockerfile's layers (image/layers.py). Returns what the build log starts with:
     the exact pip resolution and the layers."""
+    return _assemble(ctx, bundle, content_hash, resolved, dockerfile, console, base_image, client).log
+
+
+def _assemble(
+    ctx: Path, bundle, content_hash: str, resolved, dockerfile: str, console, base_image, client, work: bool = True
+) -> Assembled:
+    """`assemble_context`, with the pip resolution it installed; `work`: put the bundle's work/ in too."""
     from kbundle.image import context, engine
 
     problem = context.layout_problem(dockerfile)
@@ -340,7 +587,9 @@ def assemble_context(
     env_dir = context.env_dir(ctx)
     context.write_static(ctx, dockerfile)
     _install_conda(resolved, env_dir, console)
-    log = _install_pip(bundle, content_hash, resolved, env_dir, image, client, console) if bundle.pip else []
+    log, lines = (
+        _install_pip(bundle, content_hash, resolved, env_dir, image, client, console) if bundle.pip else ([], ())
+    )
     _compile(resolved, env_dir, image, client, console)
     from kbundle.image import healing
 
@@ -349,8 +598,9 @@ def assemble_context(
     layers = context.stage_layers(ctx)
     console.print("layers: " + ", ".join(layer.describe() for layer in layers))
     log += ["# the environment's layers: " + ", ".join(layer.describe() for layer in layers)]
-    bundle.extract(ctx, bundle.members_under(WORK_DIR))
-    return log
+    if work:
+        bundle.extract(ctx, bundle.members_under(WORK_DIR))
+    return Assembled(log, tuple(lines))
 
 
 def _install_conda(resolved, env_dir: Path, console) -> None:
@@ -368,10 +618,13 @@ def _install_conda(resolved, env_dir: Path, console) -> None:
         )
 
 
-def _install_pip(bundle, content_hash: str, resolved, env_dir: Path, image: str, client, console) -> list[str]:
+def _install_pip(
+    bundle, content_hash: str, resolved, env_dir: Path, image: str, client, console
+) -> tuple[list[str], tuple[str, ...]]:
     """pip's part (image/wheels.py): pip's resolver chooses for the image (exact pins alone), kbundle
     downloads the files together into the shared cache; VCS/sdist lines are built in a container.
-    Then the env's own pip installs exactly those wheels, without network. The build log's lines."""
+    Then the env's own pip installs exactly those wheels, without network. The build log's lines,
+    and the exact resolution installed."""
     from kbundle.image import pipinstall, sourcebuild, wheels
     from kbundle.specs import PipIndexes
 
@@ -404,7 +657,7 @@ def _install_pip(bundle, content_hash: str, resolved, env_dir: Path, image: str,
         console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
     log = [f"# warning: {message}" for message in installed.warnings]
     log += ["# pip: installed into the environment before the build, from exactly these wheels:", *lines]
-    return log + [f"#   {line}" for line in installed.log.splitlines() if line.strip()]
+    return log + [f"#   {line}" for line in installed.log.splitlines() if line.strip()], tuple(lines)
 
 
 def _compile(resolved, env_dir: Path, image: str, client, console) -> None:

@@ -8,6 +8,11 @@
     pulled for this user (image/ledger.py), that no registered kbundle kernel names and no
     container uses, whoever started it. On a shared engine the others' images are never
     candidates, and an image with a registry tag is kept unless `pushed` (`gc --pushed`);
+  - chain step images (image/chain.py, `kbundle-steps/<group>:<hash>`) this user's runs built that
+    no kbundle image left on the engine is built on (a final image names its chain in a label;
+    those this plan removes do not count) and no container uses: after the images, top step first.
+    A chain being built has no final image yet, so its steps wait until no kbundle process of this
+    user runs, or STALE_AFTER_S;
   - step images a killed build left (untagged, no child, built on kbundle's own steps) that no
     container uses: a running build's step container holds the newest one;
   - kbundle's temporary folders (resolve, lock, signature, staging) in the temp dir and in
@@ -130,23 +135,23 @@ def plan_gc(
     now = time.time() if now is None else now
     plan = GcPlan()
     present: set[str] = set()  # the image ids on the engines looked at
+    from kbundle import activity
+
+    idle = activity.nobody_working()  # no kbundle process of this user runs: what runs left is orphaned
     if client is not None:
-        present |= _plan_engine(plan, client, kernels, host, now, pushed)
+        present |= _plan_engine(plan, client, kernels, host, now, pushed, idle=idle)
     for engine, other in (others or {}).items():
         if other is None:
             plan.kept.append(f"the engine {engine} (a kernel's recorded one) does not answer: not checked")
             continue
         theirs = [k for k in kernels if getattr(k, "docker_host", "") in ("", engine)]
-        present |= _plan_engine(plan, other, theirs, host, now, pushed, engine)
+        present |= _plan_engine(plan, other, theirs, host, now, pushed, engine, idle)
     if client is not None and None not in (others or {}).values():
         from kbundle.image import ledger
 
         for image_id in set(ledger.entries()) - present:
             ledger.forget(image_id)  # on no engine: removed by other means, the record goes too
     plan.items += _unused_native(kernels, native_dir if native_dir is not None else native.native_root())
-    from kbundle import activity
-
-    idle = activity.nobody_working()  # no kbundle process of this user runs: what runs left is orphaned
     contexts = contexts_dir if contexts_dir is not None else cache.contexts_dir()
     plan.items += _stale_directories(kernels, contexts, now, idle)
     plan.items += _unused_pycaches(kernels, pycache_dir if pycache_dir is not None else cache.pycache_root())
@@ -157,7 +162,14 @@ def plan_gc(
 
 
 def _plan_engine(
-    plan: GcPlan, client, kernels: list, host: str, now: float, pushed: bool, engine: str = ""
+    plan: GcPlan,
+    client,
+    kernels: list,
+    host: str,
+    now: float,
+    pushed: bool,
+    engine: str = "",
+    idle: bool = False,
 ) -> set[str]:
     """One engine's leftover kernel containers, unused images and step images, named by `engine`;
     the ids of kbundle's images found there."""
@@ -166,7 +178,10 @@ def _plan_engine(
     items = _dead_kernel_containers(client, host)
     leaving = {i.ref for i in items}
     images, kept, present = _unused_images(client, kernels, leaving, pushed)
-    items += images + _orphaned_step_images(client, leaving, now) + _leftover_throwaways(client, leaving, now)
+    steps, present_steps = _unused_chain_steps(client, {i.ref for i in images}, leaving, now, idle)
+    present |= present_steps
+    items += images + steps
+    items += _orphaned_step_images(client, leaving, now) + _leftover_throwaways(client, leaving, now)
     plan.items += [replace(i, engine=engine) for i in items]
     plan.kept += [f"{line} ({engine})" if engine else line for line in kept]
     return present
@@ -291,6 +306,54 @@ def _unused_images(client, kernels: list, leaving: set[str], pushed: bool) -> tu
     if published:
         kept.append(f"{published} unused image(s) with a registry tag (--pushed removes them too)")
     return items, kept, present
+
+
+def _unused_chain_steps(
+    client, removing: set[str], leaving: set[str], now: float, idle: bool
+) -> tuple[list[GcItem], set[str]]:
+    """This user's chain step images (image/chain.py) that no kbundle image left on the engine is
+    built on, and no container uses; the ids of every step image of this user's found there.
+
+    A final image names its chain in a label; the ones this plan removes (`removing`, by tag or id)
+    no longer count. A run building a chain now has no final image yet: its steps are left alone
+    while any kbundle process of this user runs, unless they are older than STALE_AFTER_S. Top steps
+    come first, so each is removed before the step it is built on."""
+    from kbundle.image import chain, ledger
+
+    mine = ledger.entries()
+    used: set[str] = set()
+    steps = []
+    for image in client.api.images():  # every image: anyone's may be built on a step
+        labels = image.get("Labels") or {}
+        tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+        if labels.get(chain.LABEL_STEP) and not contract.image_content_hash(labels):
+            steps.append(image)
+        elif not (set(tags) | {image["Id"]}) & removing:
+            used.update(chain.tags_of(labels.get(chain.LABEL_STEPS, "")))
+    used_ids = {c.get("ImageID") for c in client.api.containers(all=True) if c["Id"] not in leaving}
+    items, present = [], set()
+    for image in sorted(steps, key=lambda i: -_depth(client, i["Id"])):
+        if image["Id"] not in mine:
+            continue
+        present.add(image["Id"])
+        tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+        young = now - float(image.get("Created") or now) < STALE_AFTER_S
+        if set(tags) & used or image["Id"] in used_ids or (young and not idle) or not tags:
+            continue
+        group = (image.get("Labels") or {}).get(chain.LABEL_STEP)
+        items += [
+            GcItem(IMAGE, t, t, f"step image ({group}) that no remaining kbundle image is built on", image.get("Size"))
+            for t in tags
+        ]
+    return items, present
+
+
+def _depth(client, image_id: str) -> int:
+    """How many build steps lie under an image (its history): a step is deeper than the one it is built on."""
+    try:
+        return len(client.api.history(image_id))
+    except Exception:  # gone meanwhile: its place in the order no longer matters
+        return 0
 
 
 def _image_ids(client, refs: set[str]) -> set[str]:
