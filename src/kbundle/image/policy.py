@@ -75,6 +75,18 @@ class Lockdown:
             "network_mode": self.network,
         }
 
+    def engine_api_options(self) -> dict[str, Any]:
+        """`host_options` as the Engine API's own HostConfig fields (what docker-py renders them
+        into): for the launcher's own client of a local socket (kernel/engine_http.py)."""
+        return {
+            "CapDrop": list(self.capabilities_dropped),
+            "SecurityOpt": list(self.options),
+            "ReadonlyRootfs": True,
+            "Tmpfs": dict(self.tmpfs),
+            "PidsLimit": self.pids,
+            "NetworkMode": self.network,
+        }
+
     def create_options(self, extra: Mapping[str, str] = {}) -> dict[str, Any]:
         """The container's own settings (docker-py `create_container` keywords)."""
         options: dict[str, Any] = {"environment": self.environment(extra)}

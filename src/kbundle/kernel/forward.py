@@ -5,7 +5,10 @@ before the kernel inside listens, then drops it when the kernel is not there yet
 message already written into that connection is lost, and jupyter_client waits a full
 second before asking again: a bridge kernel started about twice as slowly as a host one.
 Here a connection that arrives early is held open and joined to the kernel as soon as the
-kernel accepts, so nothing written early is lost and nothing waits on a timeout.
+kernel accepts, so nothing written early is lost and nothing waits on a timeout. The local
+launcher holds the ports before its first engine call (`target=None`, then `route` once the
+container has its bridge address): Jupyter's first connections land at once instead of being
+refused and retried on ZeroMQ's 100 ms reconnect interval.
 
 Used where the host can reach the container's bridge address (a local engine on Linux);
 elsewhere (Docker Desktop, remote engines) the launcher publishes the ports instead. A

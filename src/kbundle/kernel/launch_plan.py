@@ -16,7 +16,6 @@ from typing import Any, Optional
 from kbundle import contract
 from kbundle.cache import pycache_root
 from kbundle.image import policy, userns
-from kbundle.kernel import node_agent
 from kbundle.kernel.labels import container_labels
 from kbundle.kernel.launch_mounts import MountError, guard_for, notebook_folder, notes_text, plan_mounts
 from kbundle.kernel.shim import NOTES_VARIABLE, SHIM
@@ -24,7 +23,10 @@ from kbundle.kernel.shim import NOTES_VARIABLE, SHIM
 NAME_PREFIX = "kbundle-kernel-"
 PYCACHE_IN_CONTAINER = "/tmp/kbundle-pycache"
 PYCACHE_IMAGE_FILE = "image.txt"
-PORT_KEYS = node_agent.PORT_KEYS  # the connection file's five ports, in the node agent's protocol order
+# The connection file's five ports, in the node agent's protocol order (kernel/node_agent.py holds
+# the same tuple; a test keeps them equal). Not imported from there: the node agent's imports
+# (subprocess, tempfile, ...) would cost every local kernel's start.
+PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 LOOPBACK = ("127.0.0.1", "localhost")
 GPUS_VARIABLE = "KBUNDLE_GPUS_ASKED"  # the launcher's --gpus, for the shim's banner (kernel/shim.py)
 

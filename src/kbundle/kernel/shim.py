@@ -12,7 +12,28 @@ NOTES_VARIABLE = "KBUNDLE_NOTES"  # the banner's first lines: what is mounted an
 # (no f-strings), holds no secret, and keeps the kernel in this very process so that the
 # signal tini forwards reaches ipykernel itself.
 SHIM = """\
-import os, sys, tempfile, threading
+import os, sys
+if sys.path and sys.path[0] == '':
+    del sys.path[0]
+_pc = os.environ.get('KBUNDLE_PYCACHE')
+if _pc:
+    # An environment installed without .pyc files (rattler does not compile) would be
+    # compiled again at every start: keep the bytecode in kbundle's cache instead. Decided
+    # first, with os alone, so that the shim's own imports below are cached too.
+    for _d in sys.path:
+        _k = os.path.join(_d, 'ipykernel')
+        if os.path.isfile(os.path.join(_k, '__init__.py')):
+            if not os.path.isdir(os.path.join(_k, '__pycache__')):
+                sys.pycache_prefix = _pc
+            break
+import tempfile, threading
+# ipykernel is imported before the connection info is read: the import (the longest part of
+# a start) overlaps the launcher's last calls to the engine.
+try:
+    from ipykernel import kernelapp
+except ImportError as exc:
+    sys.stderr.write('kbundle-kernel: ipykernel is missing from the image environment: %s\\n' % exc)
+    os._exit(4)
 def _line():
     data = b''
     while not data.endswith(b'\\n'):
@@ -34,24 +55,6 @@ def _watch():
 _t = threading.Thread(target=_watch)
 _t.daemon = True
 _t.start()
-if sys.path and sys.path[0] == '':
-    del sys.path[0]
-_pc = os.environ.get('KBUNDLE_PYCACHE')
-if _pc:
-    # An environment installed without .pyc files (rattler does not compile) would be
-    # compiled again at every start: keep the bytecode in kbundle's cache instead.
-    try:
-        import importlib.util
-        _s = importlib.util.find_spec('ipykernel')
-        if _s and _s.origin and not os.path.isdir(os.path.join(os.path.dirname(_s.origin), '__pycache__')):
-            sys.pycache_prefix = _pc
-    except Exception:
-        pass
-try:
-    from ipykernel import kernelapp
-except ImportError as exc:
-    sys.stderr.write('kbundle-kernel: ipykernel is missing from the image environment: %s\\n' % exc)
-    os._exit(4)
 def _banner():
     # What the recipient wants to know first: which bundle, image and CUDA, and which GPUs the
     # container really sees (device nodes exist only for those passed through, named by the
