@@ -22,6 +22,7 @@ from kbundle.flows.review import (
     native_review_lines,
     pth_lines,
 )
+from kbundle.image import env as envmod
 from kbundle.image import native
 from kbundle.image.preflight import (
     ERROR,
@@ -417,3 +418,38 @@ def test_gc_plans_unused_native_prefixes_and_skips_used_busy_and_foreign(tmp_pat
     result = G.apply_gc(G.GcPlan(items), None)
     assert not result.failed and not unused.exists() and not half.exists() and used.exists() and busy.exists()
     assert os.path.isdir(root / "not-ours")
+
+
+class _Record:
+    """What dependency_closure reads of a rattler record: its normalised name and its depends."""
+
+    def __init__(self, name: str, *depends: str):
+        self.name = type("Name", (), {"normalized": name})()
+        self.depends = list(depends)
+
+
+@pytest.mark.parametrize(
+    "records, roots, expected",
+    [
+        (
+            [_Record("python", "openssl >=3", "__glibc >=2.17"), _Record("openssl"), _Record("numpy")],
+            ["python"],
+            {"python", "openssl"},
+        ),  # a virtual package is no record; numpy is not needed
+        (
+            [_Record("pip", "python >=3.8"), _Record("python", "libffi"), _Record("libffi")],
+            ["pip"],
+            {"pip", "python", "libffi"},
+        ),
+        ([_Record("python"), _Record("kbdep", "python")], ["python", "pip", "kbdep"], {"python", "kbdep"}),
+        ([_Record("a", "b"), _Record("b", "a")], ["a"], {"a", "b"}),  # a cycle ends
+        (
+            [_Record("typing-extensions"), _Record("x", "typing-extensions[version='>=4']")],
+            ["x"],
+            {"x", "typing-extensions"},
+        ),
+    ],
+)
+def test_what_the_early_link_needs_is_the_roots_and_their_dependencies(records, roots, expected):
+    """run --native links python, pip and what they need first, so that pip installs beside the rest."""
+    assert envmod.dependency_closure(records, roots) == expected

@@ -31,7 +31,7 @@ GPUs (the node's are Slurm's to give), and the kernel registered is a Slurm kern
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -306,7 +306,6 @@ def install_prefix(
     """The environment into `prefix`, its own final prefix: conda with rattler, the pip: section's
     wheels by the env's own pip here, the checks, and the stamp last. Returns the seconds it took."""
     from kbundle.flows import checks
-    from kbundle.flows.review import consent_pth
     from kbundle.image import env as envmod
     from kbundle.image import native, pipinstall, wheels
     from kbundle.image.make import declared_channels
@@ -331,11 +330,17 @@ def install_prefix(
         wheels.recorded_resolution(key),
         bool(bundle.manifest.pip_locked),
     )
+    beside = _pip_beside_conda(bundle, resolved, prefix, early) if bundle.pip and early is not None else None
     t0 = time.perf_counter()
     with console.status(f"installing {resolved.count} conda packages into {prefix}") as status:
         meter = Meter("installing conda packages", resolved.count, on_change=status.update)
-        envmod.install(
-            resolved, prefix, on_progress=lambda d, t: meter.items(d, t), meter=meter, final_prefix=str(prefix)
+        stats = envmod.install(
+            resolved,
+            prefix,
+            on_progress=lambda d, t: meter.items(d, t),
+            meter=meter,
+            final_prefix=str(prefix),
+            early=beside,
         )
         finish(
             status,
@@ -355,13 +360,12 @@ def install_prefix(
         else:
             fetched = _fetch(bundle, plan, prefix, python, indexes, key, console)
         lines = fetched.resolution or tuple(p.text for p in fetched.pins)
-        for message in consent_pth(console, yes=yes, found=wheels.pth_files(fetched.files)):
-            warnings.append(message)
-            console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
-        t0 = time.perf_counter()
-        with console.status(f"installing {len(lines)} wheel(s) into {prefix}, without network") as status:
-            installed = pipinstall.install_on_host(prefix, fetched.files, lines)
-            finish(status, f"installed {len(lines)} wheel(s) with pip in {time.perf_counter() - t0:.1f} s")
+        installed = stats.early  # installed beside conda's last packages; still to be checked
+        if installed is not None:
+            console.print(f"installed {len(lines)} wheel(s) with pip while conda's last packages were linked")
+            installed = replace(installed, warnings=pipinstall.check_on_host(prefix, lines))
+        else:
+            installed = _install_pip(console, yes, warnings, prefix, fetched, lines)
         wheels.remember_resolution(key, fetched.resolution)
         console.print(f"pip: {len(lines)} wheel(s): " + ", ".join(r.split(" ")[0] for r in lines))
         for message in installed.warnings:
@@ -388,6 +392,48 @@ def install_prefix(
         pip_resolved=list(lines),
     )
     return time.perf_counter() - t_start
+
+
+def _install_pip(console, yes: bool, warnings: list[str], prefix: Path, fetched, lines):
+    """The pip: section after conda, once any .pth file in its wheels has been consented to."""
+    from kbundle.flows.review import consent_pth
+    from kbundle.image import pipinstall, wheels
+    from kbundle.progress import finish
+
+    for message in consent_pth(console, yes=yes, found=wheels.pth_files(fetched.files)):
+        warnings.append(message)
+        console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
+    t0 = time.perf_counter()
+    with console.status(f"installing {len(lines)} wheel(s) into {prefix}, without network") as status:
+        installed = pipinstall.install_on_host(prefix, fetched.files, lines)
+        finish(status, f"installed {len(lines)} wheel(s) with pip in {time.perf_counter() - t0:.1f} s")
+    return installed
+
+
+def _pip_beside_conda(bundle, resolved, prefix: Path, early):
+    """An EarlyLink (image/env.py) for a locked pip: section: python, pip and what they need are
+    linked first, and the wheels fetched while conda installed go in while rattler links the rest.
+    A conda package that a pip line names goes in first too (pip then sees it, as after conda). A
+    wheel with a .pth file is left for afterwards: its question is asked on the main thread."""
+    from kbundle.image import env as envmod
+    from kbundle.image import pipinstall, wheels
+    from kbundle.specs import parse_pip_line
+
+    pip_names = []
+    for line in bundle.pip:
+        pin = parse_pip_line(line)
+        if pin is not None:
+            pip_names.append(pin.name)
+    names = envmod.dependency_closure(resolved.records, ["python", "pip", *pip_names])
+
+    def install_wheels():
+        fetched = early.result()
+        if wheels.pth_files(fetched.files):
+            return None
+        lines = fetched.resolution or tuple(p.text for p in fetched.pins)
+        return pipinstall.install_on_host(prefix, fetched.files, lines, check=False)
+
+    return envmod.EarlyLink(resolved.records, names, install_wheels)
 
 
 def _check_kernel(prefix: Path) -> None:

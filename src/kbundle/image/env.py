@@ -13,10 +13,12 @@ import json
 import os
 import shutil
 import stat
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from kbundle import contract, net
 from kbundle.cache import cache_root
@@ -116,9 +118,10 @@ def check_lock_text(text: str) -> None:
     import yaml
 
     from kbundle.bundle import BundleError
+    from kbundle.resources import yaml_loader
 
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=yaml_loader())  # libyaml's: a lock runs to thousands of lines
     except yaml.YAMLError:
         raise BundleError("the bundle's lock is not YAML") from None
     problem = provenance.lock_problem(raw)
@@ -143,26 +146,138 @@ def check_records(records, channels) -> None:
 class InstallStats:
     packages: int
     seconds: float
+    early: Any = None  # what the EarlyLink's work returned
+
+
+def dependency_closure(records, roots: Iterable[str]) -> frozenset[str]:
+    """The names of `roots` and of every record they depend on, within `records` (pure)."""
+    by_name = {str(r.name.normalized): r for r in records}
+    seen: set[str] = set()
+    todo = [name for name in roots if name in by_name]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for dep in by_name[name].depends:
+            wanted = dep.split()[0].split("[")[0].lower()  # a match spec starts with its package's name
+            if wanted in by_name and wanted not in seen:
+                todo.append(wanted)
+    return frozenset(seen)
+
+
+class EarlyLink:
+    """A part of the environment linked as soon as its packages are unpacked, and work that runs
+    while the rest unpack and link. `run --native`: python and pip (and what they need) first, so
+    that the pip: section installs beside conda's last packages instead of after them.
+
+    rattler's second install links only what the first left out: it keeps the first one's
+    packages, and any file pip wrote meanwhile."""
+
+    def __init__(self, records, names: frozenset[str], then: Callable[[], Any]):
+        self.records = [r for r in records if str(r.name.normalized) in names]
+        self._waiting = {str(r.name.normalized) for r in self.records}
+        self._then = then
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._where: Optional[tuple[Path, Optional[str]]] = None
+        self.linked = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.result: Any = None
+
+    def begin(self, target: Path, final_prefix: Optional[str]) -> None:
+        self._where = (target, final_prefix)
+
+    def ready(self, record) -> None:
+        """One package is in the cache, vetted or unpacked (from any thread)."""
+        with self._lock:
+            self._waiting.discard(str(record.name.normalized))
+            if self._waiting or self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="kbundle-early-link", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        target, final_prefix = self._where
+        try:
+            for record in self.records:  # vetted before anything links it, as vet_packages does
+                paths = _cached_paths(record)
+                if paths is None:
+                    raise KbundleError(f"cannot read the file list of {safe(record.file_name)} after unpacking it")
+                _check_paths(record, paths)
+            _link(self.records, target, final_prefix)
+        except BaseException as exc:
+            self.error = exc
+            return
+        finally:
+            self.linked.set()
+        try:
+            self.result = self._then()
+        except BaseException as exc:
+            self.error = exc
+
+    def wait_linked(self) -> None:
+        """Until the first part is linked (raising what stopped it)."""
+        if self._thread is None:
+            return
+        self.linked.wait()
+        if self.error is not None:
+            self.finish()
+
+    def finish(self) -> Any:
+        """Until the work is done; its result, or what it raised."""
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 def install(
-    env: ResolvedEnv, target: Path, on_progress=None, meter=None, final_prefix: Optional[str] = contract.PREFIX
+    env: ResolvedEnv,
+    target: Path,
+    on_progress=None,
+    meter=None,
+    final_prefix: Optional[str] = contract.PREFIX,
+    early: Optional[EarlyLink] = None,
 ) -> InstallStats:
     """Install the records into `target`, with `final_prefix` patched in as the final prefix: the
     image's by default; None for a prefix that stays where it is installed (`run --native`).
 
     `meter` (a progress.Meter) counts the packages fetched and their bytes; `on_progress(done,
-    total)` follows rattler's linking.
+    total)` follows rattler's linking. `early` (an EarlyLink): its packages are linked as soon as
+    they are unpacked, and its work runs meanwhile; InstallStats.early is what it returned.
 
     Every package's file list is checked before rattler links it (vet_packages), and the
     installed prefix is checked for symlinks that leave it (check_prefix). Link scripts
     stay off: they would run someone else's code on the host."""
-    import rattler
-
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
-    reporter = _reporter(on_progress) if on_progress else None
-    records = vet_packages(env.records, meter)
+    if early is not None:
+        early.begin(target, final_prefix)
+    try:
+        records = vet_packages(env.records, meter, early)
+        if early is not None:
+            early.wait_linked()
+        _link(records, target, final_prefix, _reporter(on_progress) if on_progress else None)
+        check_prefix(target, final_prefix or str(target))
+        # Packages unpacked before kbundle closed their modes (or files rattler wrote anew, with a
+        # prefix patched in) are closed here; a file linked from the cache is closed there too.
+        close_modes(target)
+    except BaseException:
+        if early is not None:  # its work writes into the prefix: it ends before the caller cleans up
+            try:
+                early.finish()
+            except BaseException:
+                pass
+        raise
+    done = early.finish() if early is not None else None
+    return InstallStats(env.count, time.perf_counter() - t0, done)
+
+
+def _link(records, target: Path, final_prefix: Optional[str], reporter=None) -> None:
+    """rattler links `records` from its package cache into `target` (no link scripts)."""
+    import rattler
 
     async def go():
         await rattler.install(
@@ -181,11 +296,6 @@ def install(
         asyncio.run(go())
     except Exception as exc:
         raise KbundleError(_install_failure(exc, target)) from None
-    check_prefix(target, final_prefix or str(target))
-    # Packages unpacked before kbundle closed their modes (or files rattler wrote anew, with a
-    # prefix patched in) are closed here; a file linked from the cache is closed there too.
-    close_modes(target)
-    return InstallStats(env.count, time.perf_counter() - t0)
 
 
 def _install_failure(exc: BaseException, target: Path) -> str:
@@ -211,7 +321,7 @@ def check_prefix(target: Path, final_prefix: str = contract.PREFIX) -> None:
 # ----------------------------------------------------------------- vetting packages
 
 
-def vet_packages(records, meter=None) -> list:
+def vet_packages(records, meter=None, early: Optional[EarlyLink] = None) -> list:
     """The records, each package's paths.json checked before rattler links anything.
 
     A package already in rattler's cache under the same sha256 is read there, once its files
@@ -240,11 +350,13 @@ def vet_packages(records, meter=None) -> list:
         else:
             _check_paths(record, cached)
             close_modes(folder)  # unpacked by an older kbundle, maybe
+            if early is not None:
+                early.ready(record)
     if meter is not None:
         meter.plan_bytes(sum(r.size or 0 for r in todo))
         meter.items(len(records) - len(todo), len(records))
     if todo:
-        asyncio.run(_unpack_all(todo, meter))
+        asyncio.run(_unpack_all(todo, meter, early))
     for record in todo:
         paths = _cached_paths(record)
         if paths is None:
@@ -257,7 +369,7 @@ def vet_packages(records, meter=None) -> list:
     return list(records)
 
 
-async def _unpack_all(records, meter=None) -> None:
+async def _unpack_all(records, meter=None, early: Optional[EarlyLink] = None) -> None:
     """Each package fetched by kbundle's one downloader (image/download.py), then unpacked once
     by rattler from that local archive into its cache (`_unpack`).
 
@@ -265,7 +377,7 @@ async def _unpack_all(records, meter=None) -> None:
     sending gave a minute of silence and then failed, without retry or resume. The downloader
     breaks a connection that sends no byte for 20 s, continues its `.part` with Range, names the
     stalled host on the progress line every few seconds, and checks the lock's sha256 and size."""
-    await asyncio.to_thread(_fetch_and_unpack, list(records), meter)
+    await asyncio.to_thread(_fetch_and_unpack, list(records), meter, early)
 
 
 def archive_dir() -> Path:
@@ -275,14 +387,16 @@ def archive_dir() -> Path:
     return path
 
 
-def _fetch_and_unpack(records, meter=None) -> None:
+def _fetch_and_unpack(records, meter=None, early: Optional[EarlyLink] = None) -> None:
     from kbundle.image import download
 
     folder = archive_dir()
     by_dest = {}
-    # Largest first: unpacking is the long pole (a bz2 python takes seconds on one core), and
-    # started first it overlaps the many small ones instead of running alone at the end.
-    for record in sorted(records, key=lambda r: -(r.size or 0)):
+    first = {str(r.name.normalized) for r in early.records} if early is not None else set()
+    # An early link's packages first, then the largest: unpacking is the long pole (a bz2 python
+    # takes seconds on one core), and started first it overlaps the many small ones instead of
+    # running alone at the end.
+    for record in sorted(records, key=lambda r: (str(r.name.normalized) not in first, -(r.size or 0))):
         item = _archive_wanted(record, folder)
         by_dest[item.dest] = (item, record)
     http = download.session(net.ca_for_channels(), FETCH_WORKERS)
@@ -293,8 +407,14 @@ def _fetch_and_unpack(records, meter=None) -> None:
             http=http,
             workers=FETCH_WORKERS,
             plan=False,  # vet_packages planned the bytes from the lock's sizes
-            after=lambda item, path: _unpack(by_dest[item.dest][1], path, unpack),
+            after=lambda item, path: _unpacked(by_dest[item.dest][1], path, unpack, early),
         )
+
+
+def _unpacked(record, archive: Path, unpack, early: Optional[EarlyLink]) -> None:
+    _unpack(record, archive, unpack)
+    if early is not None:
+        early.ready(record)
 
 
 def _archive_wanted(record, folder: Path):

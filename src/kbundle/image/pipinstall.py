@@ -133,16 +133,14 @@ def _check(client, image: str, prefix: Path, run_as: str, lines: Sequence[str]) 
     return envcheck.verdict(outcome.stdout + outcome.stderr, prefix, lines)
 
 
-def install_on_host(prefix: Path, files: Sequence[Path], lines: Sequence[str]) -> Installed:
+def install_on_host(prefix: Path, files: Sequence[Path], lines: Sequence[str], check: bool = True) -> Installed:
     """`run --native`: pip install `files` (the exact resolution `lines`) into the env at `prefix`
     by the env's own pip, here on the host, as the invoking user: the same wheels, hashes and
     options as in the image's sandbox (`--no-index --no-deps --no-compile`), then the same checks
     (image/envcheck.py). A wheel runs no code when it is installed; the env's own interpreter
-    does (the consent says so: flows/review.py)."""
+    does (the consent says so: flows/review.py). `check=False` leaves the checks to the caller
+    (`check_on_host`), for a pip that ran while conda's last packages were still being linked."""
     import subprocess
-
-    from kbundle.image import env as envmod
-    from kbundle.image import envcheck
 
     if not lines:
         return Installed((), "")
@@ -169,13 +167,26 @@ def install_on_host(prefix: Path, files: Sequence[Path], lines: Sequence[str]) -
         tail = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
         errors = [ln for ln in tail if ln.startswith("ERROR")] or tail[-1:] or [f"exit {done.returncode}"]
         raise KbundleError(f"installing the pip: section into the environment failed: {safe(errors[0])}")
+    warnings = check_on_host(prefix, lines) if check else ()
+    return Installed(tuple(lines), done.stdout + done.stderr, warnings)
+
+
+def check_on_host(prefix: Path, lines: Sequence[str]) -> tuple[str, ...]:
+    """The checks after the pip: section is in a native prefix: `pip check` (image/envcheck.py)
+    and no symlink leading out of the prefix. The warnings; an error raises."""
+    import subprocess
+
+    from kbundle.image import env as envmod
+    from kbundle.image import envcheck
+
+    python = str(prefix / "bin" / "python")
     # pip check reads only metadata: it runs while kbundle walks the prefix for links.
     checking = subprocess.Popen(
         [python, "-I", *envcheck.PIP_CHECK],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=environment,
+        env=host_environment(prefix),
         stdin=subprocess.DEVNULL,
     )
     try:
@@ -187,8 +198,7 @@ def install_on_host(prefix: Path, files: Sequence[Path], lines: Sequence[str]) -
         if checking.poll() is None:
             checking.kill()
             checking.wait()
-    warnings = envcheck.verdict(said, prefix, lines)
-    return Installed(tuple(lines), done.stdout + done.stderr, warnings)
+    return tuple(envcheck.verdict(said, prefix, lines))
 
 
 def host_environment(prefix: Path) -> dict[str, str]:

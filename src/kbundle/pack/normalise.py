@@ -309,8 +309,10 @@ def _pip_option_lines(raw: RawEnv) -> list[str]:
         return []
     import yaml
 
+    from kbundle.resources import yaml_loader
+
     try:
-        data = yaml.safe_load(raw.source_text)
+        data = yaml.load(raw.source_text, Loader=yaml_loader())
     except yaml.YAMLError:
         return []
     lines = []

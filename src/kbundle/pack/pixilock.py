@@ -152,8 +152,10 @@ def _indexes(path: Path, env_name: str, reading: Reading) -> None:
     """The environment's PyPI indexes and find-links, as pixi wrote them into the lock."""
     import yaml
 
+    from kbundle.resources import yaml_loader
+
     try:
-        data = yaml.safe_load(read_text(path))
+        data = yaml.load(read_text(path), Loader=yaml_loader())
         env = (data.get("environments") or {}).get(env_name) or {}
     except (yaml.YAMLError, AttributeError):
         return
