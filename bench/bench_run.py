@@ -197,6 +197,11 @@ def native_main(world, runs: int, tmp: Path) -> int:
         PIP_FIND_LINKS="",
         DOCKER_HOST="unix:///nonexistent/docker.sock",
     )
+    # Python's default on both sides: .pyc files are written. A shell that sets PYTHONDONTWRITEBYTECODE
+    # (this CI machine's does) made kbundle, installed editable, compile its own modules at every
+    # start (about 40 ms), which no installed kbundle does; and it spared the baseline's pip the
+    # .pyc writes that kbundle's pip makes.
+    base_env.pop("PYTHONDONTWRITEBYTECODE", None)
     tag = os.urandom(3).hex()
     deps = [f"python={world['python']}", "numpy", "ipykernel", "pip", "kbdep=0.4"]
     pack_env = dict(base_env, JUPYTER_DATA_DIR=str(tmp / "jupyter-pack"), KBUNDLE_CACHE_DIR=str(tmp / "cache-pack"))
