@@ -11,6 +11,7 @@ import json
 import re
 import socket
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -92,6 +93,27 @@ def _manifest_digest(registry: str, repository: str, tag: str) -> str:
         return resp.headers["Docker-Content-Digest"]
 
 
+def _manifest_layers(registry: str, repository: str, tag: str) -> list[tuple[str, int]]:
+    """(digest, size) of each layer the registry's manifest for `repository:tag` lists."""
+    name = repository.removeprefix(registry + "/")
+    request = urllib.request.Request(
+        f"http://{registry}/v2/{name}/manifests/{tag}",
+        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return [(layer["digest"], int(layer["size"])) for layer in json.loads(resp.read())["layers"]]
+
+
+def _has_blob(registry: str, repository: str, digest: str) -> bool:
+    name = repository.removeprefix(registry + "/")
+    request = urllib.request.Request(f"http://{registry}/v2/{name}/blobs/{digest}", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status == 200
+    except urllib.error.HTTPError:
+        return False
+
+
 def _tags(registry: str, repository: str) -> list[str]:
     name = repository.removeprefix(registry + "/")
     with urllib.request.urlopen(f"http://{registry}/v2/{name}/tags/list", timeout=10) as resp:
@@ -142,7 +164,12 @@ def test_push_prints_a_digest_reference_the_registry_has(pushed, bundle, registr
     assert data["repository"] == repository and data["built"] is True
     assert DIGEST.fullmatch(data["digest"]) and data["reference"] == f"{repository}@{data['digest']}"
     assert data["image"] == f"kbundle/{bundle.stem}:{data['tag']}"  # pushed under the local content tag
-    assert data["pushed_bytes"] > 10 * 1024 * 1024, data  # the env's layer went over the wire
+    # The env's layers are in the registry: sent now, or already there from an earlier push of the
+    # same step images (the registry then mounts them, and a few KiB go over the wire).
+    layers = _manifest_layers(registry, repository, data["tag"])
+    assert sum(size for _, size in layers) > 10 * 1024 * 1024, layers
+    assert all(_has_blob(registry, repository, digest) for digest, _ in layers), layers
+    assert data["pushed_bytes"] > 0, data
     assert data["tag"] in _tags(registry, repository)
     assert _manifest_digest(registry, repository, data["tag"]) == data["digest"]
     lines = stderr.splitlines()

@@ -351,7 +351,10 @@ def test_sigkill_during_the_conda_download_then_rerun(world, world_bundle, docke
         def downloading(run) -> bool:
             return pkgs.is_dir() and any(p.name.endswith(".part") and p.stat().st_size for p in pkgs.rglob("*"))
 
-        killed_then_rerun(["run", bundle, "--yes"], env, cwd, name, downloading, "during the conda download", slow.fast)
+        # --rebuild: the engine may hold this environment's step images from other tests (image/chain.py),
+        # and then nothing would be downloaded.
+        args = ["run", bundle, "--yes", "--rebuild"]
+        killed_then_rerun(args, env, cwd, name, downloading, "during the conda download", slow.fast)
     finally:
         slow.close()
         remove_images(docker_client, name)

@@ -28,7 +28,8 @@ def cold_run(world, tmp_path_factory, docker_client):
     bundle = pack(world, env, root / "sender", f"kbp-{uuid.uuid4().hex[:8]}")
     start = time.monotonic()
     proc = subprocess.Popen(
-        [KBUNDLE, "run", str(bundle), "--yes", "--json"],
+        # --rebuild: cold even when the engine holds this environment's step images from other tests.
+        [KBUNDLE, "run", str(bundle), "--yes", "--json", "--rebuild"],
         env=env,
         cwd=root,
         stdin=subprocess.DEVNULL,

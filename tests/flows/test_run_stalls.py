@@ -62,10 +62,13 @@ def _pack(world, env, folder: Path, channel: str, pip_lines: list[str], lock: st
 class Run:
     """`kbundle run --progress plain` in the background, its stderr lines with their times."""
 
-    def __init__(self, bundle: Path, env: dict, cwd: Path, world):
+    def __init__(self, bundle: Path, env: dict, cwd: Path, world, rebuild: bool = False):
         self.start = time.monotonic()
         self.lines: list[tuple[float, str]] = []
         args = [KBUNDLE, "run", str(bundle), "--yes", "--json", "--progress", "plain", "--gpus", "none"]
+        # --rebuild: the engine may hold every step image of this environment from other tests,
+        # and then nothing is installed, so nothing is downloaded (image/chain.py).
+        args += ["--rebuild"] if rebuild else []
         self.proc = subprocess.Popen(
             [*args, "--base-image", world["base_image"]],
             env=env,
@@ -132,7 +135,7 @@ def test_a_stalled_conda_channel_is_named_every_5_s_and_the_run_heals(world, cha
     server = channel_server(stall=r"\.(conda|tar\.bz2)$", stall_after=4096, times=1)  # each package stalls once
     env = _env(tmp_path)
     bundle = _pack(world, env, tmp_path / "sender", server.url, [])
-    run = Run(bundle, env, tmp_path, world)
+    run = Run(bundle, env, tmp_path, world, rebuild=True)
     code, out = run.finish()
     assert code == 0, run.text()
     docker_client.images.remove(json.loads(out)["image"], force=True)
@@ -147,7 +150,7 @@ def test_a_conda_channel_that_never_resumes_fails_in_one_line(world, channel_ser
     server = channel_server(stall=r"\.(conda|tar\.bz2)$", stall_after=4096)
     env = _env(tmp_path)
     bundle = _pack(world, env, tmp_path / "sender", server.url, [])
-    run = Run(bundle, env, tmp_path, world)
+    run = Run(bundle, env, tmp_path, world, rebuild=True)
     code, _ = run.finish(timeout=300)
     assert code == 1, run.text()
     errors = [line for _, line in run.lines if line.startswith("error:")]
