@@ -135,7 +135,10 @@ def test_world_writable_modes_do_not_reach_the_image(world, channel, tmp_path, d
     bundle = craft(
         tmp_path / "ww.kbundle", world, name=name, channels=channels, specs=specs, lock=lock_for(channels, specs)
     )
-    proc = run_kbundle(["run", bundle, "--yes", "--json", "--gpus", "none"], env, tmp_path, timeout=900)
+    # --rebuild: installed even when the engine holds this environment's step images (image/chain.py)
+    # from other tests, so that the package cache this test reads is filled.
+    args = ["run", bundle, "--yes", "--json", "--gpus", "none", "--rebuild"]
+    proc = run_kbundle(args, env, tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     try:
