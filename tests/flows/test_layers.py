@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import threading
+import time
 import uuid
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +25,9 @@ from pathlib import Path
 import pytest
 from test_run_docker import NOTEBOOK, kbundle
 
+from helpers import KBUNDLE
 from kbundle import contract
+from kbundle.image import integrity
 from kbundle.image.chain import LABEL_STEPS, STEP_REPO, tags_of
 from world.pypi import wheel_bytes
 
@@ -39,11 +43,13 @@ class _Index:
     def __init__(self, root: Path):
         self.root = root
         self.requests: list[str] = []
+        self.times: list[tuple[str, float]] = []  # (path, time.monotonic()) of each GET
         index = self
 
         class Handler(SimpleHTTPRequestHandler):
             def do_GET(self):
                 index.requests.append(self.path)
+                index.times.append((self.path, time.monotonic()))
                 super().do_GET()
 
             def do_HEAD(self):
@@ -90,6 +96,13 @@ def index(tmp_path_factory):
             FAKE_CUDA: [_wheel(FAKE_CUDA, "1.0", {"nvidia/kbfake/__init__.py": "", "nvidia/kbfake/lib.txt": blob})],
             "kbsmall-a": [_wheel("kbsmall-a", v, {"kbsmall_a/__init__.py": f"V = {v!r}\n"}) for v in ("1.0", "1.1")],
             "kbsmall-b": [_wheel("kbsmall-b", "1.0", {"kbsmall_b/__init__.py": "V = '1.0'\n"})],
+            # Needs the CUDA wheel: pip check must see it where only its step holds its files.
+            "kbsmall-c": [
+                (
+                    "kbsmall_c-1.0-py3-none-any.whl",
+                    wheel_bytes("kbsmall-c", "1.0", {"kbsmall_c/__init__.py": ""}, requires=[f"{FAKE_CUDA}==1.0"]),
+                )
+            ],
         },
     )
     served = _Index(root)
@@ -241,13 +254,14 @@ def test_a_second_run_after_rmi_downloads_nothing(two_bundles, world, run_env, i
 def test_a_bundle_differing_by_one_pip_package_builds_only_that_group_and_the_final_image(
     world, run_env, index, docker_client, tmp_path
 ):
-    """Of a second bundle with one small package more, only the pip packages' group and the final
+    """Of a second bundle with small packages more, only the pip packages' group and the final
     image are built: the CUDA wheel, the conda side and the base are found on the engine, neither
-    sent nor built again."""
+    sent nor built again, and the CUDA wheel is not even installed (image/partial.py): only its
+    metadata, so that pip check sees what kbsmall-c requires."""
     token = uuid.uuid4().hex[:6]
     pins = [f"{FAKE_CUDA}==1.0", "kbsmall-a==1.1"]
     first = _pack(world, run_env, index, tmp_path / "d", f"kbl-d-{token}", pins)
-    second = _pack(world, run_env, index, tmp_path / "e", f"kbl-e-{token}", [*pins, "kbsmall-b==1.0"])
+    second = _pack(world, run_env, index, tmp_path / "e", f"kbl-e-{token}", [*pins, "kbsmall-b==1.0", "kbsmall-c==1.0"])
     made = []
     try:
         data, _ = _run(world, run_env, first, tmp_path / "run-d")
@@ -264,6 +278,23 @@ def test_a_bundle_differing_by_one_pip_package_builds_only_that_group_and_the_fi
         assert re.search(r"step cuda: \S+ is on this engine already", stderr), stderr
         log = (Path(data["workdir"]) / ".kbundle" / "build.log").read_text()
         assert "# ---- step packages: " in log and "#   FROM kbundle-steps/python:" in log, log[-3000:]
+        assert "installing only the pip wheels of the others (3 of 4)" in stderr, stderr
+        assert "installed 3 wheel(s) with pip" in stderr, stderr
+        # The image is whole: the CUDA wheel's files (from its step) and its metadata, pip check
+        # content, and the file list recorded at build time is what the image holds.
+        probe = (
+            "import importlib.metadata as m, os, nvidia.kbfake, kbsmall_b, kbsmall_c;"
+            f"print(m.version('{FAKE_CUDA}'), os.path.getsize(os.path.join(nvidia.kbfake.__path__[0], 'lib.txt')))"
+        )
+        said = docker_client.containers.run(data["image"], ["python", "-c", probe], remove=True, network_disabled=True)
+        version, size = said.decode().split()
+        assert version == "1.0" and int(size) == FAKE_CUDA_BYTES, said
+        checked = docker_client.containers.run(
+            data["image"], ["python", "-m", "pip", "check"], remove=True, network_disabled=True
+        )
+        assert b"No broken requirements" in checked, checked
+        labels = docker_client.api.inspect_image(data["image"])["Config"]["Labels"]
+        assert integrity.in_image(docker_client, data["image"]) == labels[contract.LABEL_ENV_FILES]
     finally:
         for image in made:
             remove_with_steps(docker_client, image)
@@ -308,3 +339,33 @@ def test_a_notebook_only_change_builds_only_the_final_image_and_installs_nothing
         if edited is not None:
             docker_client.images.remove(edited, force=True)
         remove_with_steps(docker_client, first["image"])
+
+
+def test_a_locked_pip_section_downloads_while_conda_installs(world, run_env, index, tmp_path):
+    """The wheels of a locked pip: section need nothing of the conda side: their download starts
+    before conda's install ends (image/make.py `_early_wheels`), not after it. The index stamps the
+    wheel's GET; the run's own line saying conda is installed is stamped as it arrives."""
+    name = f"kbl-early-{uuid.uuid4().hex[:6]}"
+    bundle = _pack(world, run_env, index, tmp_path / "p", name, ["kbsmall-b==1.0"])
+    env = dict(run_env, KBUNDLE_CACHE_DIR=str(tmp_path / "cold-cache"))  # conda unpacks and links it all
+    args = [KBUNDLE, "run", bundle, "--base-image", world["base_image"], "--gpus", "none", "--yes", "--rebuild"]
+    (tmp_path / "run").mkdir()
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [str(a) for a in args],
+        env=env,
+        cwd=tmp_path / "run",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    conda_done, lines = None, []
+    for line in proc.stderr:
+        lines.append(line)
+        if conda_done is None and re.search(r"installed \d+ conda packages", line):
+            conda_done = time.monotonic()
+    assert proc.wait(timeout=600) == 0, "".join(lines)
+    got = [t for path, t in index.times if path.endswith("kbsmall_b-1.0-py3-none-any.whl") and t > started]
+    assert conda_done is not None and got, "".join(lines)
+    assert got[-1] < conda_done, (got[-1] - conda_done, "".join(lines))

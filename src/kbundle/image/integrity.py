@@ -55,19 +55,33 @@ def digest(lines: Iterable[str]) -> str:
 def of_layers(layers_root: Path) -> str:
     """The digest of the environment as the build context's layer folders hold it (their union is
     the prefix in the image)."""
+    return digest(layer_lines(layers_root))
+
+
+def layer_lines(layers_root: Path, only: Optional[Iterable[str]] = None) -> list[str]:
+    """The file list of the layer folders (those named in `only`, when given), one line a file."""
     lines = []
+    wanted = None if only is None else set(only)
     for group in sorted(p for p in layers_root.iterdir() if p.is_dir()):
+        if wanted is not None and group.name not in wanted:
+            continue
         for top, _dirs, files in os.walk(group):
             for name in files + [d for d in _dirs if os.path.islink(os.path.join(top, d))]:
                 path = os.path.join(top, name)
                 info = os.lstat(path)
                 kind = "l" if os.path.islink(path) else "f"
                 lines.append(f"{kind} {info.st_size} {os.path.relpath(path, group)}")
-    return digest(lines)
+    return lines
 
 
 def in_image(client, image: str) -> Optional[str]:
     """The digest of the prefix as the image holds it, or None when it cannot be listed."""
+    lines = listing(client, image)
+    return None if lines is None else digest(lines)
+
+
+def listing(client, image: str) -> Optional[list[str]]:
+    """The prefix's file list as the image holds it, or None when it cannot be listed."""
     import docker
 
     from kbundle.image import sandbox
@@ -80,7 +94,7 @@ def in_image(client, image: str) -> Optional[str]:
         return None
     if outcome.status != 0:
         return None
-    return digest(line for line in outcome.stdout.splitlines() if line.strip())
+    return [line for line in outcome.stdout.splitlines() if line.strip()]
 
 
 def check(client, image: str) -> Verdict:

@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from rich.markup import escape
@@ -340,15 +340,75 @@ def _build_chain(client, bundle, request: ImageRequest, resolved, key, parts, lo
             return _final(
                 client, bundle, request, key, parts, outcomes, ctx, env_files, log, console, undo, installed=False
             )
+        partial = _partial(client, bundle, resolved, known, steps, key.base_id, parts, console)
         done = _assemble(
-            ctx, bundle, request.content_hash, resolved, key.dockerfile, console, request.base, client, work=False
+            ctx,
+            bundle,
+            request.content_hash,
+            resolved,
+            key.dockerfile,
+            console,
+            request.base,
+            client,
+            work=False,
+            partial=partial,
         )
         wheels_now = _chain_pip(done.pip_lines)
         steps = _plan(resolved, wheels_now, key.base_id, parts)
-        env_files = integrity.of_layers(ctx / contract.CONTEXT_LAYERS)
+        if partial is None:
+            env_files = integrity.of_layers(ctx / contract.CONTEXT_LAYERS)
+        else:
+            env_files = _partial_env_files(client, ctx, steps, partial)
         _start_log(log, done.log)
-        outcomes = _build_steps(client, ctx, steps, env_files, log, console, undo, fresh=request.rebuild)
+        present = partial.present if partial else ()
+        outcomes = _build_steps(client, ctx, steps, env_files, log, console, undo, request.rebuild, present)
         return _final(client, bundle, request, key, parts, outcomes, ctx, env_files, log, console, undo, installed=True)
+
+
+def _partial(client, bundle, resolved, known, steps, base_id: str, parts, console):
+    """image/partial.py's plan, when the engine has the chain's bottom steps and the cache holds
+    the wheels of their groups (only their metadata is read); else None: install everything."""
+    from kbundle.facts import layer_groups
+    from kbundle.image import chain, wheels
+    from kbundle.image import partial as partialmod
+
+    if steps is None or not known or any("  # built from " in line for line in known):
+        return None
+    groups = layer_groups()
+    inputs = _inputs(resolved, chain.pip_wheels(known), base_id)
+    found = partialmod.decide(
+        steps,
+        lambda tag: engine.image_id(client, tag) is not None,
+        known,
+        lambda name: groups.group_of("pip", name),
+        chain.shadowed(inputs),
+    )
+    python = bundle.python or resolved.python_version()
+    if found is None or not python:
+        return None
+    if wheels.cached_unread(found.skipped, python, wheels.glibc_of(target_of(bundle))) is None:
+        return None
+    names = ", ".join(s.name for s in steps[: len(found.present)])
+    console.print(
+        f"environment: this engine has the steps {names}: installing only the pip wheels of the others "
+        f"({len(found.install)} of {len(found.lines)})",
+        soft_wrap=True,
+    )
+    return found
+
+
+def _partial_env_files(client, ctx: Path, steps, partial) -> str:
+    """The final image's file list: the top present step's prefix with the built groups' folders over it."""
+    from kbundle import contract
+    from kbundle.image import integrity
+    from kbundle.image import partial as partialmod
+
+    lower = integrity.listing(client, partial.present[-1])
+    if lower is None:
+        raise KbundleError(f"cannot list the environment in {partial.present[-1]} to record the image's files")
+    built = [PurePosixPath(s.folder).name for s in steps if s.tag not in partial.present and s.folder]
+    upper = integrity.layer_lines(ctx / contract.CONTEXT_LAYERS, only=built)
+    return integrity.digest(partialmod.overlaid(lower, upper))
 
 
 def _known_pip(bundle, content_hash: str) -> Optional[list[str]]:
@@ -374,15 +434,15 @@ def _chain_pip(lines):
     return found
 
 
-def _plan(resolved, pip, base_id: str, parts):
-    """The chain's steps (image/chain.py) for this environment."""
+def _inputs(resolved, pip, base_id: str):
+    """What the chain's tags depend on (image/chain.py ChainInputs)."""
     import hashlib
 
     from kbundle import contract
     from kbundle.facts import layer_groups
     from kbundle.image import chain
 
-    inputs = chain.ChainInputs(
+    return chain.ChainInputs(
         base_id=base_id,
         activate_sha256=hashlib.sha256(contract.activate_script().read_bytes()).hexdigest(),
         conda=chain.conda_packages(resolved.records),
@@ -390,6 +450,13 @@ def _plan(resolved, pip, base_id: str, parts):
         interpreter=resolved.interpreter_id(),
         groups=layer_groups(),
     )
+
+
+def _plan(resolved, pip, base_id: str, parts):
+    """The chain's steps (image/chain.py) for this environment."""
+    from kbundle.image import chain
+
+    inputs = _inputs(resolved, pip, base_id)
     if not chain.fits(inputs, parts):
         raise KbundleError("kbundle's Dockerfile does not COPY the environment's layer groups in order")
     return chain.plan(inputs, parts)
@@ -415,21 +482,24 @@ def _reuse_steps(steps, log: Path):
     return tuple(chain.StepOutcome(s.name, s.tag, False) for s in steps)
 
 
-def _build_steps(client, ctx: Path, steps, env_files: str, log: Path, console, undo, fresh: bool):
-    """Each step the engine lacks, bottom first, under a lock of its own (two bundles may share it)."""
+def _build_steps(client, ctx: Path, steps, env_files: str, log: Path, console, undo, fresh: bool, present=()):
+    """Each step the engine lacks, bottom first, under a lock of its own (two bundles may share it).
+    `present`: the tags that must be on the engine (their groups were not installed: image/partial.py)."""
     return tuple(
-        _build_step(client, ctx, step, env_files if step is steps[-1] else "", log, console, undo, fresh)
+        _build_step(client, ctx, step, env_files if step is steps[-1] else "", log, console, undo, fresh, present)
         for step in steps
     )
 
 
-def _build_step(client, ctx: Path, step, env_files: str, log: Path, console, undo, fresh: bool):
+def _build_step(client, ctx: Path, step, env_files: str, log: Path, console, undo, fresh: bool, present=()):
     from kbundle import __version__, contract
     from kbundle.image import build as imagemod
     from kbundle.image import chain
 
     with held(f"step-{step.tag}", console, f"another kbundle run is building {step.tag}; waiting for it"):
         old = engine.image_id(client, step.tag)
+        if old is None and step.tag in present:
+            raise KbundleError(f"the step image {step.tag} left this engine during the build (a gc?): run again")
         if old is not None and not fresh:
             _log_step(log, step, "on this engine already")
             console.print(f"step {step.name}: {step.tag} is on this engine already", soft_wrap=True)
@@ -573,9 +643,19 @@ def assemble_context(
 
 
 def _assemble(
-    ctx: Path, bundle, content_hash: str, resolved, dockerfile: str, console, base_image, client, work: bool = True
+    ctx: Path,
+    bundle,
+    content_hash: str,
+    resolved,
+    dockerfile: str,
+    console,
+    base_image,
+    client,
+    work: bool = True,
+    partial=None,
 ) -> Assembled:
-    """`assemble_context`, with the pip resolution it installed; `work`: put the bundle's work/ in too."""
+    """`assemble_context`, with the pip resolution it installed; `work`: put the bundle's work/ in too;
+    `partial` (image/partial.py): install only the pip wheels of the steps the engine lacks."""
     from kbundle.image import context, engine
 
     problem = context.layout_problem(dockerfile)
@@ -586,10 +666,16 @@ def _assemble(
     image = base_image or bundle.base_image
     env_dir = context.env_dir(ctx)
     context.write_static(ctx, dockerfile)
+    early = _early_wheels(bundle, content_hash, partial)
     _install_conda(resolved, env_dir, console)
-    log, lines = (
-        _install_pip(bundle, content_hash, resolved, env_dir, image, client, console) if bundle.pip else ([], ())
-    )
+    if partial is not None:
+        log, lines = _install_pip_partly(
+            bundle, content_hash, resolved, env_dir, image, client, console, partial, early
+        )
+    elif bundle.pip:
+        log, lines = _install_pip(bundle, content_hash, resolved, env_dir, image, client, console, early)
+    else:
+        log, lines = [], ()
     _compile(resolved, env_dir, image, client, console)
     from kbundle.image import healing
 
@@ -601,6 +687,45 @@ def _assemble(
     if work:
         bundle.extract(ctx, bundle.members_under(WORK_DIR))
     return Assembled(log, tuple(lines))
+
+
+@dataclass(frozen=True)
+class _Early:
+    """The pip wheels' fetch, started before conda installs (wheels.fetch_early)."""
+
+    future: Any  # of a wheels.WheelSet
+    meter: Meter
+    started: float
+
+
+def _early_wheels(bundle, content_hash: str, partial) -> Optional[_Early]:
+    """Start fetching the pip: section's wheels now, while conda installs, when that needs nothing
+    of the conda side (every line a locked pin, image/wheels.py); else None: fetched after conda."""
+    from kbundle.image import wheels
+    from kbundle.specs import PipIndexes
+
+    lines = partial.install if partial is not None else bundle.pip
+    if not bundle.pip or not lines:
+        return None
+    meter = Meter("downloading wheels")
+    started = time.perf_counter()
+    future = wheels.fetch_early(
+        lines,
+        bundle.python,
+        PipIndexes.from_dict(bundle.manifest.pip_indexes),
+        wheels.glibc_of(target_of(bundle)),
+        wheels.recorded_resolution(content_hash),
+        partial is not None or bool(bundle.manifest.pip_locked),
+        meter=meter,
+    )
+    return None if future is None else _Early(future, meter, started)
+
+
+def _fetched(early: _Early, status):
+    """The early fetch's WheelSet, its progress shown on `status` until it is done."""
+    early.meter.on_change = status.update
+    status.update(early.meter.line())
+    return early.future.result()
 
 
 def _install_conda(resolved, env_dir: Path, console) -> None:
@@ -619,7 +744,7 @@ def _install_conda(resolved, env_dir: Path, console) -> None:
 
 
 def _install_pip(
-    bundle, content_hash: str, resolved, env_dir: Path, image: str, client, console
+    bundle, content_hash: str, resolved, env_dir: Path, image: str, client, console, early=None
 ) -> tuple[list[str], tuple[str, ...]]:
     """pip's part (image/wheels.py): pip's resolver chooses for the image (exact pins alone), kbundle
     downloads the files together into the shared cache; VCS/sdist lines are built in a container.
@@ -634,14 +759,17 @@ def _install_pip(
     indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
     builder = sourcebuild.ContainerBuilder(client, image, env_dir)
     recorded = wheels.recorded_resolution(content_hash)
-    t0 = time.perf_counter()
+    t0 = early.started if early is not None else time.perf_counter()
     with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:
-        meter = Meter("downloading wheels", on_change=status.update)
-        glibc = wheels.glibc_of(target_of(bundle))
-        locked = bool(bundle.manifest.pip_locked)
-        fetched = wheels.fetch(
-            bundle.pip, python, indexes, glibc, builder, recorded, meter, locked=locked, conda_env=env_dir
-        )
+        if early is not None:
+            meter, fetched = early.meter, _fetched(early, status)
+        else:
+            meter = Meter("downloading wheels", on_change=status.update)
+            glibc = wheels.glibc_of(target_of(bundle))
+            locked = bool(bundle.manifest.pip_locked)
+            fetched = wheels.fetch(
+                bundle.pip, python, indexes, glibc, builder, recorded, meter, locked=locked, conda_env=env_dir
+            )
         finish(
             status,
             f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
@@ -658,6 +786,47 @@ def _install_pip(
     log = [f"# warning: {message}" for message in installed.warnings]
     log += ["# pip: installed into the environment before the build, from exactly these wheels:", *lines]
     return log + [f"#   {line}" for line in installed.log.splitlines() if line.strip()], tuple(lines)
+
+
+def _install_pip_partly(
+    bundle, content_hash: str, resolved, env_dir: Path, image: str, client, console, partial, early=None
+) -> tuple[list[str], tuple[str, ...]]:
+    """`_install_pip` for image/partial.py's plan: the wheels of the missing steps' groups are
+    fetched and installed; the others' metadata is placed, so that pip check sees them all."""
+    from kbundle.image import partial as partialmod
+    from kbundle.image import pipinstall, wheels
+    from kbundle.specs import PipIndexes
+
+    python = bundle.python or resolved.python_version()
+    glibc = wheels.glibc_of(target_of(bundle))
+    t0 = early.started if early is not None else time.perf_counter()
+    with console.status(f"fetching {len(partial.install)} pip wheel(s) for CPython {python}") as status:
+        if early is not None:
+            meter, fetched = early.meter, _fetched(early, status)
+        else:
+            meter = Meter("downloading wheels", on_change=status.update)
+            indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
+            fetched = wheels.fetch(partial.install, python, indexes, glibc, None, None, meter, locked=True)
+        finish(
+            status,
+            f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
+        )
+    site = env_dir / "lib" / f"python{resolved.python_version()}" / "site-packages"
+    for wheel in wheels.cached_unread(partial.skipped, python, glibc) or ():
+        partialmod.place_metadata(wheel, site)
+    t0 = time.perf_counter()
+    with console.status(f"installing {len(partial.install)} wheel(s) into the environment, without network") as status:
+        installed = pipinstall.install(client, image, env_dir, fetched.files, partial.install, judged=partial.lines)
+        finish(status, f"installed {len(partial.install)} wheel(s) with pip in {time.perf_counter() - t0:.1f} s")
+    wheels.remember_resolution(content_hash, partial.lines)
+    for message in installed.warnings:
+        console.print(f"[yellow]warning:[/] {escape(safe(message))}", soft_wrap=True)
+    log = [f"# warning: {message}" for message in installed.warnings]
+    log += [
+        "# pip: the environment's exact resolution (the wheels of steps on this engine already were not installed):",
+        *partial.lines,
+    ]
+    return log + [f"#   {line}" for line in installed.log.splitlines() if line.strip()], partial.lines
 
 
 def _compile(resolved, env_dir: Path, image: str, client, console) -> None:

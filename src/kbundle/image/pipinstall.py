@@ -64,18 +64,38 @@ def has_pip(prefix: Path) -> bool:
     return any(prefix.glob("lib/python3*/site-packages/pip/__init__.py"))
 
 
-def install(client, image: str, prefix: Path, files: Sequence[Path], lines: Sequence[str]) -> Installed:
-    """pip install `files` (the exact resolution `lines`) into the env at `prefix`, in a container of `image`."""
+def install(
+    client, image: str, prefix: Path, files: Sequence[Path], lines: Sequence[str], judged: Sequence[str] = ()
+) -> Installed:
+    """pip install `files` (the exact resolution `lines`) into the env at `prefix`, in a container of
+    `image`. `judged`: the whole resolution pip check judges, when `lines` is only part of it (the
+    rest already in place: image/partial.py)."""
     import docker
 
     from kbundle.image import env as envmod
     from kbundle.image import sandbox
 
-    if not lines:
+    if not lines and not judged:
         return Installed((), "")
     if not has_pip(prefix):
         raise KbundleError("the bundle has pip: requirements, but its environment has no pip to install them with")
     run_as = sandbox.user()
+    said = _run_install(client, image, prefix, files, lines, run_as) if lines else ""
+    envmod.check_prefix(prefix)  # the bundle's pip wrote there: no symlink may lead out of it
+    try:
+        warnings = _check(client, image, prefix, run_as, judged or lines)
+    except docker.errors.DockerException as exc:
+        detail = str(getattr(exc, "explanation", None) or exc).splitlines()[0]
+        raise KbundleError(f"cannot start the container that checks the environment: {detail}") from None
+    return Installed(tuple(lines), said, warnings)
+
+
+def _run_install(client, image: str, prefix: Path, files: Sequence[Path], lines: Sequence[str], run_as: str) -> str:
+    """The env's own pip installs the wheels, offline, in a throwaway container; what it said."""
+    import docker
+
+    from kbundle.image import sandbox
+
     with tempfile.TemporaryDirectory(prefix=".kbundle-wheels-", dir=prefix.parent) as tmp:
         folder = Path(tmp)
         _gather(files, folder, lines)
@@ -100,17 +120,11 @@ def install(client, image: str, prefix: Path, files: Sequence[Path], lines: Sequ
         except docker.errors.DockerException as exc:
             detail = str(getattr(exc, "explanation", None) or exc).splitlines()[0]
             raise KbundleError(f"cannot start the container that installs the pip: section: {detail}") from None
-        if outcome.status != 0:
-            tail = [ln.strip() for ln in outcome.stderr.splitlines() if ln.strip()]
-            errors = [ln for ln in tail if ln.startswith("ERROR")] or tail[-1:] or [f"exit {outcome.status}"]
-            raise KbundleError(f"installing the pip: section into the environment failed: {safe(errors[0])}")
-        envmod.check_prefix(prefix)  # the bundle's pip wrote there: no symlink may lead out of it
-        try:
-            warnings = _check(client, image, prefix, run_as, lines)
-        except docker.errors.DockerException as exc:
-            detail = str(getattr(exc, "explanation", None) or exc).splitlines()[0]
-            raise KbundleError(f"cannot start the container that checks the environment: {detail}") from None
-    return Installed(tuple(lines), outcome.stdout + outcome.stderr, warnings)
+    if outcome.status != 0:
+        tail = [ln.strip() for ln in outcome.stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in tail if ln.startswith("ERROR")] or tail[-1:] or [f"exit {outcome.status}"]
+        raise KbundleError(f"installing the pip: section into the environment failed: {safe(errors[0])}")
+    return outcome.stdout + outcome.stderr
 
 
 def _check(client, image: str, prefix: Path, run_as: str, lines: Sequence[str]) -> tuple[str, ...]:

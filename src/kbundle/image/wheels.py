@@ -538,10 +538,12 @@ def fetch_early(
     glibc: str | None,
     recorded: Sequence[str] | None,
     locked: bool,
+    meter=None,
 ):
     """`fetch` started now in a thread, while conda installs, when it needs nothing from the
     conda side: a locked section whose every line is fetched alone (no resolver, no build).
-    A Future of the WheelSet, or None when the section must wait for the installed env."""
+    A Future of the WheelSet, or None when the section must wait for the installed env.
+    `meter` counts its downloads (the caller shows it once conda is done)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if not pins or not python or not locked:
@@ -552,7 +554,7 @@ def fetch_early(
     except KbundleError:
         return None  # the caller's own fetch says what is wrong, in order
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kbundle-wheels")
-    future = pool.submit(fetch, pins, python, indexes, glibc, None, recorded, None, True)
+    future = pool.submit(fetch, pins, python, indexes, glibc, None, recorded, meter, True)
     pool.shutdown(wait=False)
     return future
 
@@ -578,6 +580,31 @@ def _reuse(recorded: Sequence[str], python: str, glibc: str | None) -> Optional[
         pins.append(pin)
         files.append(found)
     return WheelSet(tuple(pins), tuple(files), 0, tuple(recorded))
+
+
+def cached_unread(lines: Sequence[str], python: str, glibc: str | None) -> Optional[list[Path]]:
+    """The cached wheel of each hashed exact line, found in its hash's folder without reading it
+    through (image/partial.py reads only its metadata, whose zip CRCs it checks); None when any
+    line is not such a pin or its wheel is not in the cache."""
+    from kbundle.specs import parse_pip_line
+
+    wanted = target_tags(python, glibc)
+    directory = cache_dir(python)
+    found = []
+    for line in lines:
+        try:
+            pin = parse_pip_line(line)
+        except KbundleError:
+            return None
+        matches = _wheel_matcher(pin, wanted) if pin is not None and pin.exact else None
+        shas = _sha256s(pin.hashes) if pin is not None else []
+        if matches is None or len(shas) != 1:
+            return None
+        paths = [p for p in sorted((directory / "sha256" / shas[0]).glob("*.whl")) if matches(p.name)]
+        if not paths or paths[0].is_symlink() or not paths[0].is_file():
+            return None
+        found.append(paths[0])
+    return found
 
 
 def _built_wheel(pin: PipPin, wanted_tags: set) -> Optional[Path]:
