@@ -225,9 +225,15 @@ class TensorFlow:
     carrying_extras: frozenset[str]  # pip extras that pull the CUDA runtime as nvidia-* wheels
     gpu_intent: frozenset[str] = frozenset()  # pip names that say TensorFlow ran on a GPU
     conda_cudas: Mapping[Version, tuple[Version, ...]] = field(default_factory=dict)  # conda builds' other CUDAs
+    last_for_python: Mapping[Version, Version] = field(default_factory=dict)  # Python x.y -> last TF release
 
     def build_for(self, version: Optional[Version]) -> Optional[TfBuild]:
         return longest_prefix(self.builds, version)
+
+    def builds_for_python(self, python: Optional[str]) -> tuple[Version, ...]:
+        """The tested builds' versions a Python can install (all of them when it is not known or new)."""
+        last = longest_prefix(self.last_for_python, Version.lenient(python)) if python else None
+        return tuple(v for v in self.builds if last is None or v <= last)
 
     def conda_builds(self, version: Optional[Version]) -> tuple[Version, ...]:
         """Every CUDA conda's GPU TensorFlow of this version was built for: the tested one first."""
@@ -344,6 +350,7 @@ def _tensorflow(node: _Node) -> TensorFlow:
         frozenset(node["carrying_extras"].texts()),
         frozenset(node["gpu_intent"].texts()),
         _frozen(conda_cudas),
+        _frozen({v: n.version() for v, n in node["last_for_python"].version_items()}),
     )
 
 

@@ -28,6 +28,7 @@ class CondaSpec:
     version: str | None = None  # an exact version from `=ver` / `==ver`
     build: str | None = None
     constraint: str | None = None  # any other version constraint, kept verbatim (`>=1.2`)
+    exact: bool = False  # written `==ver`: that version alone (conda reads `=ver` as `ver.*`)
 
     @property
     def text(self) -> str:
@@ -39,7 +40,9 @@ class CondaSpec:
             return head + (self.constraint if self.constraint[0] in "<>=!~" else " " + self.constraint)
         if self.build:
             return f"{head}={self.version or '*'}={self.build}"
-        return f"{head}={self.version}" if self.version else head
+        if self.version:
+            return f"{head}{'==' if self.exact else '='}{self.version}"
+        return head
 
 
 @dataclass(frozen=True)
@@ -304,14 +307,31 @@ def parse_conda_spec(raw: str) -> CondaSpec:
     version = constraint = None
     version_text = str(spec.version) if spec.version is not None else ""
     plain = _PLAIN_VERSION.match(version_text) if version_text not in ("", "*") else None
+    exact = False
     if plain and not re.search(r"[<>!,|~ ]", version_text):
         version = plain.group(1)
+        exact = version_text.startswith("==") and not version_text.endswith("*") and "==" in text
     elif version_text not in ("", "*"):
         constraint = version_text
     build = str(spec.build) if spec.build is not None else None
+    from_file = _package_file(text)
+    if from_file is not None and version is None and constraint is None:
+        version, build = from_file  # `conda list --explicit`'s URL: the file's own version and build
     return CondaSpec(
-        raw=text, name=spec.name.normalized, channel=channel, version=version, build=build, constraint=constraint
+        raw=text,
+        name=spec.name.normalized,
+        channel=channel,
+        version=version,
+        build=build,
+        constraint=constraint,
+        exact=exact,
     )
+
+
+def _package_file(text: str) -> tuple[str, str] | None:
+    """(version, build) of a conda package's URL (`…/linux-64/xz-5.2.6-h166bdaf_0.tar.bz2`), else None."""
+    match = re.match(r"^[a-z][a-z0-9+.-]*://\S+/[^/]+-([^-/]+)-([^-/]+)\.(?:tar\.bz2|conda)$", text, re.IGNORECASE)
+    return (match.group(1), match.group(2)) if match else None
 
 
 def _is_local(text: str) -> bool:
@@ -323,7 +343,20 @@ def _is_local(text: str) -> bool:
         text.startswith(("-e ", "--editable", "/", ".", "\\", "~"))
         or "file:" in text.lower()
         or re.match(r"^[a-zA-Z]:[\\/]", text) is not None
+        or _relative_path(text)
     )
+
+
+_ARCHIVES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz", ".txz", ".tar")
+
+
+def _relative_path(text: str) -> bool:
+    """`ext/simple-knn`, `dist/x-1.0-py3-none-any.whl`: pip reads a requirement with a path
+    separator, or an archive's name, as a file on this machine (a project name has neither)."""
+    body = text.split(";", 1)[0].strip()
+    if "://" in body or " @ " in body or "@" in body.split("/", 1)[0]:
+        return False
+    return "/" in body or "\\" in body or body.lower().endswith(_ARCHIVES)
 
 
 def _local_pin(text: str) -> PipPin:

@@ -183,6 +183,46 @@ CORPUS = {
     "mac_sklearn_shim.yml": (None, {"pip: appnope", "pip: sklearn"}, set(), ["menpo", "defaults"], "osx-64", False),
     # torch==1.8.2+cu111 with no index: PyTorch's 1.8 LTS index serves it (PIP_INDEXES below).
     "win_torch_lts_cu111_no_index.yml": ("11.1", WIN | {"wincertstore"}, set(), ["defaults"], "win-64", False),
+    # The pytorch channel's Mac build names CUDA 0.0: a CPU build, not a GPU one (a CPU image).
+    "mac_pytorch_cuda00_cpu_build.yml": (
+        None,
+        {"libcxx"},
+        {"libgfortran"},
+        ["pytorch", "conda-forge", "defaults"],
+        "osx-64",
+        False,
+    ),
+    # Microsoft MPI and MinGW for Python exist only for Windows.
+    "win_msmpi_hdf5.yml": (None, {"msmpi"}, set(), ["conda-forge"], "win-64", False),
+    "win_rmg_mingwpy_spaced_specs.yml": (
+        None,
+        {"mingwpy"},
+        set(),
+        ["defaults", "rmg", "rdkit", "cantera", "anaconda", "omnia"],
+        "win-64",
+        False,
+    ),
+    # `ext/simple-knn`: pip reads a requirement with a slash as a folder on the sender's machine.
+    "win_pip_relative_paths_cuda118.yml": (
+        "11.8",
+        {
+            f"pip: ext/{p}"
+            for p in ("NeuralHaircut/npbgpp", "diff_gaussian_rasterization_hair", "kaolin", "pytorch3d", "simple-knn")
+        },
+        set(),
+        ["pytorch", "conda-forge", "defaults", "anaconda", "fvcore", "iopath", "bottler", "nvidia"],
+        None,
+        False,
+    ),
+    # Unpinned TensorFlow beside the Metal plug-in on Python 3.8: the newest it can have is 2.13 (CUDA 11.8).
+    "mac_arm64_tf_unpinned_py38.yml": (
+        "11.8",
+        {"apple::tensorflow-deps", "pip: tensorflow-metal"},
+        {"pip: tensorflow-macos"},
+        ["conda-forge", "defaults", "apple"],
+        "osx-arm64",
+        False,
+    ),
     # Files no rule should change.
     "linux_tf113_gpu_export.yml": ("10.0", set(), set(), ["conda-forge", "defaults"], "linux-64", False),
     "linux_plain_export.yml": (None, set(), set(), ["conda-forge"], "linux-64", False),
@@ -222,6 +262,11 @@ REAL = {
     "mac_sklearn_shim.yml",
     "win_torch_lts_cu111_no_index.yml",
     "linux_tf113_gpu_export.yml",
+    "mac_pytorch_cuda00_cpu_build.yml",
+    "win_msmpi_hdf5.yml",
+    "win_rmg_mingwpy_spaced_specs.yml",
+    "win_pip_relative_paths_cuda118.yml",
+    "mac_arm64_tf_unpinned_py38.yml",
 }
 
 

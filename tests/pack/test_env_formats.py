@@ -427,3 +427,41 @@ def test_nothing_beside_and_no_kernel_says_how(tmp_path, monkeypatch):
     monkeypatch.delenv("CONDA_PREFIX", raising=False)
     with pytest.raises(UsageError, match="-e"):
         _pack(tmp_path, None, _nb(tmp_path, kernel="no-such-kernel-here"))
+
+
+# ---------------------------------------------------------------- environment.yml, as people really write it
+
+ODD_YML = {
+    # An empty `pip:` (a section whose lines were all deleted): read as conda reads it, as nothing.
+    "empty_pip": ("dependencies:\n  - python=3.9\n  - pip:\n", None),
+    "string_dependencies": ("channels: [conda-forge]\ndependencies: numpy\n", "'dependencies' must be a list"),
+    "mapping_dependencies": ("dependencies:\n  numpy: 1.26\n", "'dependencies' must be a list"),
+    "number": ("dependencies:\n  - python=3.10\n  - 3.14\n", "the dependency 3.14 is a number, not a package"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_YML))
+def test_odd_environment_yml_read_or_refused_in_one_line(tmp_path, case):
+    text, refusal = ODD_YML[case]
+    path = _write(tmp_path, "environment.yml", text)
+    if refusal is None:
+        raw = read_env_file(path)
+        assert [s.name for s in raw.conda] == ["python"] and raw.pip == []
+        return
+    with pytest.raises(UsageError, match=re.escape(refusal)) as caught:
+        read_env_file(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_pip_pre_and_a_package_url_are_said_not_lost(tmp_path):
+    path = _write(
+        tmp_path,
+        "environment.yml",
+        "dependencies:\n  - python=3.9\n"
+        "  - https://conda.anaconda.org/conda-forge/linux-64/xz-5.2.6-h166bdaf_0.tar.bz2\n"
+        "  - h5py==2.10.0\n  - pip\n  - pip:\n    - --pre\n    - rich\n",
+    )
+    env = normalise(read_env_file(path))
+    assert [d.text for d in env.dependencies][:3] == ["python=3.9", "xz=5.2.6", "h5py==2.10.0"]
+    assert [(c.spec.split("/")[-1], c.to) for c in env.changed] == [("xz-5.2.6-h166bdaf_0.tar.bz2", "xz=5.2.6")]
+    assert [d.spec for d in env.dropped] == ["pip: --pre"]

@@ -24,7 +24,15 @@ from kbundle.specs import parse_conda_spec
 # raw -> (name, version, build, constraint, channel, text)
 SPECS = [
     ("numpy=1.19.2=py37hadc3359_0", ("numpy", "1.19.2", "py37hadc3359_0", None, None, "numpy=1.19.2=py37hadc3359_0")),
-    ("tensorflow ==2.7.0", ("tensorflow", "2.7.0", None, None, None, "tensorflow=2.7.0")),
+    # `==` is that version alone; conda reads `=2.10` as 2.10.* (2.10.1 too): the exactness stays.
+    ("tensorflow ==2.7.0", ("tensorflow", "2.7.0", None, None, None, "tensorflow==2.7.0")),
+    ("h5py==2.10", ("h5py", "2.10", None, None, None, "h5py==2.10")),
+    ("numpy==1.2.*", ("numpy", "1.2", None, None, None, "numpy=1.2")),
+    # `conda list --explicit`'s package URL: its file's version and build (the build hash is then dropped).
+    (
+        "https://conda.anaconda.org/conda-forge/linux-64/xz-5.2.6-h166bdaf_0.tar.bz2",
+        ("xz", "5.2.6", "h166bdaf_0", None, None, "xz=5.2.6=h166bdaf_0"),
+    ),
     ("python 3.8", ("python", "3.8", None, None, None, "python=3.8")),
     ("numpy 1.2 py_0", ("numpy", "1.2", "py_0", None, None, "numpy=1.2=py_0")),
     ("cudatoolkit<10.2,>10.0", ("cudatoolkit", None, None, "<10.2,>10.0", None, "cudatoolkit<10.2,>10.0")),

@@ -53,6 +53,7 @@ class Wanted:
     extras: frozenset[str] = frozenset()
     spec: str = ""
     gpu_intent: bool = False  # the environment says the sender ran it on a GPU (tensorflow-metal)
+    python: str | None = None  # the environment's Python, when it pins one: what a newest release may be
 
     def pick(self, candidates) -> Version | None:
         """The version to read tables at: the exact one, else the highest candidate the range allows."""
@@ -104,7 +105,8 @@ def _tf(w: Wanted) -> Evidence | None:
     # for a GPU and is the newest one pip finds: read it as the newest tested build. A bare
     # unpinned `tensorflow` says nothing of a GPU (a Mac's tensorflow-macos becomes one).
     intent = w.gpu_intent or bool(w.extras & table.carrying_extras)
-    parsed = w.pick_any(table.builds) if intent else w.pick(table.builds)
+    builds = table.builds_for_python(w.python)  # Python 3.8's newest TensorFlow is 2.13, not the newest
+    parsed = w.pick_any(builds) if intent else w.pick(builds)
     tested = table.build_for(parsed)
     if not _tf_gpu(w, parsed) or not tested:
         return None
@@ -120,8 +122,10 @@ def _tf(w: Wanted) -> Evidence | None:
 
 
 def _cuda(major: str, minor: str) -> Version | None:
-    # From package names and build strings the sender controls: an odd one ('cupy-cuda1') names no CUDA.
-    return Version.lenient(f"{major}.{minor}")
+    # From package names and build strings the sender controls: an odd one ('cupy-cuda1') names no
+    # CUDA, and neither does CUDA 0.0 (the pytorch channel's CPU-only builds).
+    found = Version.lenient(f"{major}.{minor}")
+    return found if found is not None and found.major > 0 else None
 
 
 def _cuda_in_build(build: str | None) -> Version | None:
@@ -272,15 +276,17 @@ def _one(w: Wanted) -> Evidence | None:
     return next((e for e in (read(w) for read in _READERS) if e is not None), None)
 
 
-def _conda_wanted(spec: CondaSpec) -> Wanted:
-    return Wanted(spec.name, spec.version, spec.build, "conda", spec.constraint, spec=spec.raw)
+def _conda_wanted(spec: CondaSpec, python: str | None = None) -> Wanted:
+    return Wanted(spec.name, spec.version, spec.build, "conda", spec.constraint, spec=spec.raw, python=python)
 
 
-def _pip_wanted(pin: PipPin, gpu_intent: bool = False) -> Wanted:
+def _pip_wanted(pin: PipPin, gpu_intent: bool = False, python: str | None = None) -> Wanted:
     req = pin.requirement
     extras = frozenset(e.lower() for e in req.extras) if req is not None else frozenset()
     constraint = str(req.specifier) if req is not None and req.specifier and not pin.version else None
-    return Wanted(pin.name, pin.version, None, "pip", constraint, extras, spec=pin.raw, gpu_intent=gpu_intent)
+    return Wanted(
+        pin.name, pin.version, None, "pip", constraint, extras, spec=pin.raw, gpu_intent=gpu_intent, python=python
+    )
 
 
 def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
@@ -294,11 +300,11 @@ def evidence(raw: RawEnv, env: NormalisedEnv) -> list[Evidence]:
     found: list[Evidence] = []
     for spec in raw.conda:
         if spec.name in kept:
-            item = _one(_conda_wanted(spec))
+            item = _one(_conda_wanted(spec, env.python))
             if item:
                 found.append(item)
     for pin in env.pip:
-        item = _one(_pip_wanted(pin, intent))
+        item = _one(_pip_wanted(pin, intent, env.python))
         if item:
             found.append(item)
     if not any(e.runtime and e.source == "conda" for e in found):

@@ -31,6 +31,8 @@ def read_environment_yml(path: Path) -> RawEnv:
     if not isinstance(data, dict):
         raise UsageError(f"{path.name} is not an environment file (expected a mapping with 'dependencies:')")
     deps = data.get("dependencies")
+    if isinstance(deps, (str, dict)) and deps:
+        raise UsageError(f"{path.name}: 'dependencies' must be a list, one package a line (`- numpy`)")
     if not isinstance(deps, list) or not deps:
         raise UsageError(f"{path.name} lists no dependencies")
     conda: list[CondaSpec] = []
@@ -39,12 +41,16 @@ def read_environment_yml(path: Path) -> RawEnv:
     for item in deps:
         if isinstance(item, dict):
             for key, value in item.items():
+                if key == "pip" and value is None:
+                    continue  # `- pip:` with nothing under it: an empty section, as conda reads it
                 if key != "pip" or not isinstance(value, list):
                     raise UsageError(f"{path.name}: unexpected entry {key!r} under dependencies")
                 pip.extend(p for p in (parse_pip_line(str(v)) for v in value) if p)
                 pip_lines += [str(v) for v in value]
-        elif isinstance(item, (str, int, float)):
-            conda.append(parse_conda_spec(str(item)))
+        elif isinstance(item, str):
+            conda.append(parse_conda_spec(item))
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            raise UsageError(f"{path.name}: the dependency {item!r} is a number, not a package (`python={item}`?)")
         else:
             raise UsageError(f"{path.name}: cannot read dependency {item!r}")
     channels = data.get("channels") or []

@@ -19,6 +19,7 @@ from kbundle.pack.textfiles import write_environment_yml
 from kbundle.specs import CondaSpec, PipIndexes, PipPin, parse_conda_spec, parse_pip_line
 
 _WORDS = re.compile(r"[a-z]+")
+_NO_CUDA = re.compile(r"(?:cuda|cudnn)0(?:\.0)*(?![\d.])")
 
 
 def guess_platform(env: RawEnv) -> str | None:
@@ -31,7 +32,8 @@ def variant_of(build: str | None) -> tuple[str, str] | None:
     """The marker a build string carries and its intent: 'py3.9_cuda11.8_0' -> ('cuda', ...)."""
     if not build:
         return None
-    words = set(_WORDS.findall(build.lower()))
+    # The pytorch channel's CPU-only builds name CUDA 0.0 ('py35_cuda0.0_cudnn0.0_2'): no CUDA at all.
+    words = set(_WORDS.findall(_NO_CUDA.sub("", build.lower())))
     for marker, intent in normalise_facts().variant_markers.items():
         if marker in words:
             return marker, intent
@@ -339,7 +341,12 @@ def pip_indexes(raw: RawEnv, dropped: list[Dropped] | None = None) -> PipIndexes
         if key not in ("index_url", "extra_index_urls", "find_links"):
             if key in ("-r", "--requirement", "-c", "--constraint"):
                 dropped.append(Dropped(f"pip: {line}", "a file on the sender's machine; list its lines instead"))
-            elif key not in ("--trusted-host", "--pre", "--prefer-binary", "--no-cache-dir"):
+            elif key == "--pre":
+                # Unlocked, the recipient's pip would choose final releases only: say so.
+                dropped.append(
+                    Dropped(f"pip: {line}", "not carried: a pre-release is installed only where a pin names it")
+                )
+            elif key not in ("--trusted-host", "--prefer-binary", "--no-cache-dir"):
                 dropped.append(Dropped(f"pip: {line}", "a pip option kbundle does not carry"))
             continue
         url, had = strip_credentials(value)
@@ -401,6 +408,10 @@ def normalise(env: RawEnv, available: Availability | None = None) -> NormalisedE
             changed.append(Changed(spec.raw, found.to.text, found.reason))
             spec = found.to
         kept, variant = normalise_conda_spec(spec)
+        if "://" in spec.raw and kept.text != spec.raw:
+            changed.append(
+                Changed(spec.raw, kept.text, "a package file's URL, for one platform: its version, from the channels")
+            )
         if variant:
             variants.append(variant)
         python = _python_version(spec) or python
