@@ -279,6 +279,13 @@ def test_a_bundle_differing_by_one_pip_package_builds_only_that_group_and_the_fi
         log = (Path(data["workdir"]) / ".kbundle" / "build.log").read_text()
         assert "# ---- step packages: " in log and "#   FROM kbundle-steps/python:" in log, log[-3000:]
         assert "installing only the pip wheels of the others (3 of 4)" in stderr, stderr
+        assert [(s["name"], s["built"]) for s in data["steps"]] == [
+            ("base", False),
+            ("cuda", False),
+            ("framework", False),
+            ("python", False),
+            ("packages", True),
+        ] and data["installed"] is True, data
         assert "installed 3 wheel(s) with pip" in stderr, stderr
         # The image is whole: the CUDA wheel's files (from its step) and its metadata, pip check
         # content, and the file list recorded at build time is what the image holds.
@@ -327,6 +334,7 @@ def test_a_notebook_only_change_builds_only_the_final_image_and_installs_nothing
         edited = data["image"]
         assert edited != first["image"] and data["built"] is True, proc.stderr
         assert "nothing to install" in proc.stderr, proc.stderr
+        assert data["installed"] is False and not any(s["built"] for s in data["steps"]), data
         assert not re.search(r"installed \d+ conda packages|byte-compil|step \w+: built", proc.stderr), proc.stderr
         assert chain_of(docker_client, edited) == chain_of(docker_client, first["image"])
         assert not set(chain_of(docker_client, edited)) - before
@@ -341,14 +349,25 @@ def test_a_notebook_only_change_builds_only_the_final_image_and_installs_nothing
         remove_with_steps(docker_client, first["image"])
 
 
-def test_a_locked_pip_section_downloads_while_conda_installs(world, run_env, index, tmp_path):
+def test_a_locked_pip_section_downloads_while_conda_installs(world, run_env, index, tmp_path, docker_client):
     """The wheels of a locked pip: section need nothing of the conda side: their download starts
     before conda's install ends (image/make.py `_early_wheels`), not after it. The index stamps the
     wheel's GET; the run's own line saying conda is installed is stamped as it arrives."""
     name = f"kbl-early-{uuid.uuid4().hex[:6]}"
     bundle = _pack(world, run_env, index, tmp_path / "p", name, ["kbsmall-b==1.0"])
     env = dict(run_env, KBUNDLE_CACHE_DIR=str(tmp_path / "cold-cache"))  # conda unpacks and links it all
-    args = [KBUNDLE, "run", bundle, "--base-image", world["base_image"], "--gpus", "none", "--yes", "--rebuild"]
+    args = [
+        KBUNDLE,
+        "run",
+        bundle,
+        "--base-image",
+        world["base_image"],
+        "--gpus",
+        "none",
+        "--yes",
+        "--rebuild",
+        "--json",
+    ]
     (tmp_path / "run").mkdir()
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -356,7 +375,7 @@ def test_a_locked_pip_section_downloads_while_conda_installs(world, run_env, ind
         env=env,
         cwd=tmp_path / "run",
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,  # one small JSON object, read once stderr ends
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -365,7 +384,9 @@ def test_a_locked_pip_section_downloads_while_conda_installs(world, run_env, ind
         lines.append(line)
         if conda_done is None and re.search(r"installed \d+ conda packages", line):
             conda_done = time.monotonic()
+    data = json.loads(proc.stdout.read() or "{}")
     assert proc.wait(timeout=600) == 0, "".join(lines)
+    remove_with_steps(docker_client, data["image"])
     got = [t for path, t in index.times if path.endswith("kbsmall_b-1.0-py3-none-any.whl") and t > started]
     assert conda_done is not None and got, "".join(lines)
     assert got[-1] < conda_done, (got[-1] - conda_done, "".join(lines))

@@ -58,6 +58,8 @@ class RunResult:
     image_ref: Optional[str] = None  # --image: the pinned reference the kernel's image came from
     slurm: Any = None  # --slurm: the job's options the kernel was registered with
     native: Optional[dict[str, Any]] = None  # --native: prefix, reused, install_seconds, virtual_packages
+    steps: list[dict[str, Any]] = field(default_factory=list)  # the environment's step images: name, tag, built
+    installed: bool = False  # whether this run installed (part of) the environment on the host
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,4 +84,6 @@ class RunResult:
             "image_ref": self.image_ref,
             "slurm": dataclasses.asdict(self.slurm) if self.slurm is not None else None,
             "native": dict(self.native) if self.native is not None else None,
+            "steps": [dict(step) for step in self.steps],
+            "installed": self.installed,
         }

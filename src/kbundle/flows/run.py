@@ -175,6 +175,8 @@ def _run_image(options: RunOptions, gpus, arrival: Arrival, console, undo) -> Ru
         pip_resolved=make.recorded_pins(bundle, arrival.content_hash),
         pulled=image.pulled,
         image_ref=image.ref,
+        steps=[{"name": s.name, "tag": s.tag, "built": s.built} for s in image.steps],
+        installed=image.installed,
     )
 
 

@@ -11,9 +11,11 @@ pushes):
   by a hash of its packages and of everything under it, then the bundle's own small image on the
   last one, under its content tag. The steps' tags are worked out before anything is installed
   when the pip resolution is known (locked, or recorded by this bundle's last build): when the
-  engine has every step, nothing is installed and only the final image is built. Otherwise the
+  engine has every step, nothing is installed and only the final image is built; when it has the
+  bottom ones, only the other groups' wheels are installed (image/partial.py). Otherwise the
   environment is resolved (image/env.py), installed into a build context with the pip: section's
-  wheels (image/wheels.py, image/pipinstall.py), byte-compiled (image/bytecode.py), split into
+  wheels (image/wheels.py, image/pipinstall.py; a locked section's downloads start while conda
+  installs), byte-compiled (image/bytecode.py), split into
   layers (image/layers.py), and each step the engine lacks is built from its own small context
   (its Dockerfile and its group's folder) under a lock of its own (two bundles may share it).
   `--use-bundled-dockerfile` builds the shipped Dockerfile in one build of one context, as before.
