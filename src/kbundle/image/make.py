@@ -723,11 +723,22 @@ def _early_wheels(bundle, content_hash: str, partial) -> Optional[_Early]:
     return None if future is None else _Early(future, meter, started)
 
 
-def _fetched(early: _Early, status):
-    """The early fetch's WheelSet, its progress shown on `status` until it is done."""
-    early.meter.on_change = status.update
-    status.update(early.meter.line())
-    return early.future.result()
+def _fetch_wheels(console, doing: str, early: Optional[_Early], fetch_now: Callable[[Meter], Any]):
+    """The wheels, under a status line that counts their downloads: the early fetch's (its
+    progress shown from now on), or `fetch_now(meter)`'s."""
+    t0 = early.started if early is not None else time.perf_counter()
+    with console.status(doing) as status:
+        if early is not None:
+            meter = early.meter
+            meter.on_change = status.update
+            status.update(meter.line())
+            fetched = early.future.result()
+        else:
+            meter = Meter("downloading wheels", on_change=status.update)
+            fetched = fetch_now(meter)
+        took = time.perf_counter() - t0
+        finish(status, f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {took:.1f} s")
+    return fetched
 
 
 def _install_conda(resolved, env_dir: Path, console) -> None:
@@ -761,21 +772,16 @@ def _install_pip(
     indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
     builder = sourcebuild.ContainerBuilder(client, image, env_dir)
     recorded = wheels.recorded_resolution(content_hash)
-    t0 = early.started if early is not None else time.perf_counter()
-    with console.status(f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}") as status:
-        if early is not None:
-            meter, fetched = early.meter, _fetched(early, status)
-        else:
-            meter = Meter("downloading wheels", on_change=status.update)
-            glibc = wheels.glibc_of(target_of(bundle))
-            locked = bool(bundle.manifest.pip_locked)
-            fetched = wheels.fetch(
-                bundle.pip, python, indexes, glibc, builder, recorded, meter, locked=locked, conda_env=env_dir
-            )
-        finish(
-            status,
-            f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
-        )
+    glibc = wheels.glibc_of(target_of(bundle))
+    locked = bool(bundle.manifest.pip_locked)
+    fetched = _fetch_wheels(
+        console,
+        f"fetching {len(bundle.pip)} pip requirement(s) as wheels for CPython {python}",
+        early,
+        lambda meter: wheels.fetch(
+            bundle.pip, python, indexes, glibc, builder, recorded, meter, locked=locked, conda_env=env_dir
+        ),
+    )
     lines = fetched.resolution or tuple(p.text for p in fetched.pins)
     t0 = time.perf_counter()
     with console.status(f"installing {len(lines)} wheel(s) into the environment, without network") as status:
@@ -801,18 +807,13 @@ def _install_pip_partly(
 
     python = bundle.python or resolved.python_version()
     glibc = wheels.glibc_of(target_of(bundle))
-    t0 = early.started if early is not None else time.perf_counter()
-    with console.status(f"fetching {len(partial.install)} pip wheel(s) for CPython {python}") as status:
-        if early is not None:
-            meter, fetched = early.meter, _fetched(early, status)
-        else:
-            meter = Meter("downloading wheels", on_change=status.update)
-            indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
-            fetched = wheels.fetch(partial.install, python, indexes, glibc, None, None, meter, locked=True)
-        finish(
-            status,
-            f"fetched {len(fetched.files)} wheel(s) ({size(meter.bytes)} downloaded) in {time.perf_counter() - t0:.1f} s",
-        )
+    indexes = PipIndexes.from_dict(bundle.manifest.pip_indexes)
+    fetched = _fetch_wheels(
+        console,
+        f"fetching {len(partial.install)} pip wheel(s) for CPython {python}",
+        early,
+        lambda meter: wheels.fetch(partial.install, python, indexes, glibc, None, None, meter, locked=True),
+    )
     site = env_dir / "lib" / f"python{resolved.python_version()}" / "site-packages"
     for wheel in wheels.cached_unread(partial.skipped, python, glibc) or ():
         partialmod.place_metadata(wheel, site)
