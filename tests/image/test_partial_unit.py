@@ -139,3 +139,23 @@ def test_overlaid_lets_the_upper_layer_win():
     assert sorted(partial.overlaid(lower, upper)) == sorted(
         ["f 3 lib/a.py", "f 9 lib/b.py", "l 7 bin/python", "f 1 lib/c with space.py"]
     )
+
+
+def test_a_damaged_skipped_wheel_means_the_whole_install_and_leaves_the_cache(tmp_path):
+    """A cached wheel whose metadata fails its CRC is removed (the whole install then fetches it
+    again), rather than failing this run and every later one."""
+    from kbundle.image import healing
+    from kbundle.image.make import _skipped_metadata
+
+    good = _wheel(tmp_path, {"a-1.dist-info/METADATA": b"Name: a\n"})
+    good = good.rename(tmp_path / "a-1-py3-none-any.whl")
+    bad = _wheel(tmp_path, {"b-1.dist-info/METADATA": b"Name: b\n" * 50})
+    data = bytearray(bad.read_bytes())
+    at = data.index(b"Name: b")
+    data[at : at + 7] = b"Name: c"
+    bad.write_bytes(bytes(data))
+    healing.drain()
+    assert [sorted(map(str, m)) for m in _skipped_metadata([good])] == [["a-1.dist-info/METADATA"]]
+    assert _skipped_metadata([good, bad]) is None
+    assert good.exists() and not bad.exists()
+    assert any(bad.name in line and "damaged" in line for line in healing.drain())

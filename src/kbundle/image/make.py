@@ -342,7 +342,7 @@ def _build_chain(client, bundle, request: ImageRequest, resolved, key, parts, lo
             return _final(
                 client, bundle, request, key, parts, outcomes, ctx, env_files, log, console, undo, installed=False
             )
-        partial = _partial(client, bundle, resolved, known, steps, key.base_id, parts, console)
+        partial = _partial(client, bundle, resolved, known, steps, key.base_id, console)
         done = _assemble(
             ctx,
             bundle,
@@ -367,7 +367,7 @@ def _build_chain(client, bundle, request: ImageRequest, resolved, key, parts, lo
         return _final(client, bundle, request, key, parts, outcomes, ctx, env_files, log, console, undo, installed=True)
 
 
-def _partial(client, bundle, resolved, known, steps, base_id: str, parts, console):
+def _partial(client, bundle, resolved, known, steps, base_id: str, console):
     """image/partial.py's plan, when the engine has the chain's bottom steps and the cache holds
     the wheels of their groups (only their metadata is read); else None: install everything."""
     from kbundle.facts import layer_groups
@@ -388,7 +388,9 @@ def _partial(client, bundle, resolved, known, steps, base_id: str, parts, consol
     python = bundle.python or resolved.python_version()
     if found is None or not python:
         return None
-    if wheels.cached_unread(found.skipped, python, wheels.glibc_of(target_of(bundle))) is None:
+    cached = wheels.cached_unread(found.skipped, python, wheels.glibc_of(target_of(bundle)))
+    metadata = _skipped_metadata(cached) if cached is not None else None
+    if metadata is None:
         return None
     names = ", ".join(s.name for s in steps[: len(found.present)])
     console.print(
@@ -396,7 +398,24 @@ def _partial(client, bundle, resolved, known, steps, base_id: str, parts, consol
         f"({len(found.install)} of {len(found.lines)})",
         soft_wrap=True,
     )
-    return found
+    return dataclasses.replace(found, metadata=metadata)
+
+
+def _skipped_metadata(wheels_found) -> Optional[tuple]:
+    """Each skipped wheel's metadata, read now; None when one is damaged: it is removed from the
+    cache, and the whole install fetches it again (the cache heals, as on a hash mismatch)."""
+    from kbundle.image import healing
+    from kbundle.image import partial as partialmod
+
+    read = []
+    for wheel in wheels_found:
+        try:
+            read.append(partialmod.read_metadata(wheel))
+        except KbundleError:
+            healing.note(f"wheel {wheel.name} in kbundle's cache was damaged: removed, fetched again")
+            wheel.unlink(missing_ok=True)
+            return None
+    return tuple(read)
 
 
 def _partial_env_files(client, ctx: Path, steps, partial) -> str:
@@ -815,8 +834,8 @@ def _install_pip_partly(
         lambda meter: wheels.fetch(partial.install, python, indexes, glibc, None, None, meter, locked=True),
     )
     site = env_dir / "lib" / f"python{resolved.python_version()}" / "site-packages"
-    for wheel in wheels.cached_unread(partial.skipped, python, glibc) or ():
-        partialmod.place_metadata(wheel, site)
+    for files in partial.metadata:
+        partialmod.write_metadata(files, site)
     t0 = time.perf_counter()
     with console.status(f"installing {len(partial.install)} wheel(s) into the environment, without network") as status:
         installed = pipinstall.install(client, image, env_dir, fetched.files, partial.install, judged=partial.lines)

@@ -36,6 +36,7 @@ class Partial:
     install: tuple[str, ...]  # the resolution's lines whose group is built: fetched and installed
     skipped: tuple[str, ...]  # the lines whose group is on the engine: only their metadata is placed
     lines: tuple[str, ...]  # the whole resolution, as pip check judges it and the record keeps it
+    metadata: tuple = ()  # each skipped wheel's read_metadata, read before anything is installed
 
 
 def decide(
@@ -76,26 +77,37 @@ def decide(
 
 
 def place_metadata(wheel: Path, site_packages: Path) -> str:
-    """The wheel's `<name>-<version>.dist-info/` into `site_packages`, nothing else; its folder name.
+    """The wheel's `<name>-<version>.dist-info/` into `site_packages`, nothing else; its folder name."""
+    return write_metadata(read_metadata(wheel), site_packages)
 
-    The members are read through zipfile, whose CRC check catches a damaged cache entry; the
-    wheel's RECORD lists every one of them, so they belong to the wheel's own group."""
+
+def read_metadata(wheel: Path) -> dict[PurePosixPath, bytes]:
+    """The wheel's `<name>-<version>.dist-info/` files, by path. Read through zipfile, whose CRC
+    check catches a damaged cache entry (KbundleError); the wheel's RECORD lists every one of them,
+    so they belong to the wheel's own group."""
     try:
         with zipfile.ZipFile(wheel) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
             folder = _dist_info_folder(members, wheel.name)
+            found = {}
             for member in members:
                 path = PurePosixPath(member.filename)
-                if path.parts[0] != folder:
-                    continue
-                _check_member(path, member, wheel.name)
-                dest = site_packages.joinpath(*path.parts)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(archive.read(member))
-                os.chmod(dest, 0o644)
+                if path.parts[0] == folder:
+                    _check_member(path, member, wheel.name)
+                    found[path] = archive.read(member)
+            return found
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise KbundleError(f"cannot read the metadata of {wheel.name} in kbundle's cache: {exc}") from None
-    return folder
+
+
+def write_metadata(files: dict[PurePosixPath, bytes], site_packages: Path) -> str:
+    """`read_metadata`'s files into `site_packages`; their folder's name."""
+    for path, data in files.items():
+        dest = site_packages.joinpath(*path.parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        os.chmod(dest, 0o644)
+    return next(iter(files)).parts[0]
 
 
 def _dist_info_folder(members, name: str) -> str:
